@@ -1,0 +1,45 @@
+"""Typed errors. Each carries the exit code the CLI maps it to (see README, "Exit codes").
+
+Messages are one line and show what was expected and what was found.
+"""
+from __future__ import annotations
+
+
+class SappError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(SappError, ValueError):
+    """Bad options or bad input (a model file, a shard, a block size): exit 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An invalid configuration value."""
+
+
+class ModelLoadError(UsageError):
+    """The model file could not be loaded safely."""
+
+
+class DataError(UsageError):
+    """A data shard is unreadable or does not fit the model."""
+
+
+class GeometryError(UsageError):
+    """A block shape does not fit a layer and the policy is ``error``."""
+
+
+class VerificationFailed(SappError):
+    """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3."""
+
+    exit_code = 3
+
+
+class AccuracyGateFailed(SappError):
+    """The accuracy drop exceeds ``--max-accuracy-drop``: exit 4."""
+
+    exit_code = 4
