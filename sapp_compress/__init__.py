@@ -1,1 +1,26 @@
+"""sapp-compress: SequentialAttention++ block pruning for PyTorch, exported to block-sparse ONNX.
+
+The Python API (the CLI is a thin layer over it):
+
+- :func:`prune` -- fine-tune a copy of a model with block pruning; returns it folded, with the block
+  manifest (``sapp_compress.api``).
+- :class:`PruneConfig`, :class:`TrainConfig`, :class:`BlockSpec` -- frozen, validated configs.
+- :data:`METHODS` -- the pruning-method registry (sapp, acdc, magnitude, gmp, powerprop).
+"""
 __version__ = "0.1.0"
+
+from .config import BlockSpec, PruneConfig, TrainConfig  # noqa: E402
+
+__all__ = ["__version__", "BlockSpec", "PruneConfig", "TrainConfig", "prune", "METHODS", "PruneResult"]
+
+
+def __getattr__(name):  # lazy: keep `import sapp_compress` light for the CLI's --help
+    if name in ("prune", "PruneResult"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "METHODS":
+        from .methods import METHODS
+
+        return METHODS
+    raise AttributeError(name)

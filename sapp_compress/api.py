@@ -1,0 +1,143 @@
+"""The Python API: ``prune`` fine-tunes a copy of a model with block pruning and returns it folded.
+
+    >>> from sapp_compress import prune, PruneConfig, TrainConfig
+    >>> from calib_data.shards import load_shard
+    >>> result = prune(model, load_shard("calib_data/digits.npz"),
+    ...                PruneConfig(block="8", sparsity=0.8), TrainConfig(steps=600))
+    >>> result.model          # plain nn.Module, pruned blocks exactly 0.0
+    >>> result.layers         # the block manifest for the ONNX converters
+
+Data flows once: plan layers -> attach masks -> fine-tune (method + schedule) -> fold -> evaluate.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib_data.shards import Shard
+from converters.manifest import LayerBlocks
+
+from .config import PruneConfig, TrainConfig
+from .errors import ConfigError, DataError, GeometryError
+from .geometry import SkippedLayer, plan_layers
+from .masks import fold
+from .methods import METHODS
+from .tasks import Task, infer_task
+from .training import Progress, fine_tune, predict, resolve_device, to_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    Attributes:
+        model: a folded deep copy (no parametrizations), pruned blocks exactly 0.0, eval mode, on CPU.
+        dense_model: the model given, untouched, eval mode, on CPU.
+        layers: the block manifest, one entry per pruned weight, with the folded weight filled in.
+        skipped: weight-bearing layers left dense, each with its reason.
+        metrics: ``{"dense": ..., "pruned_torch": ...}``, the task's metrics on the evaluation shard.
+    """
+
+    model: nn.Module
+    dense_model: nn.Module
+    layers: list[LayerBlocks]
+    skipped: list[SkippedLayer]
+    task: Task
+    train_shard: Shard
+    eval_shard: Shard
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    device: str = "cpu"
+    seconds: float = 0.0
+    total_steps: int = 0
+
+    @property
+    def achieved_block_sparsity(self) -> float:
+        """Fraction of pruned layers' weights in dropped blocks (from the masks)."""
+        total = sum(int(np.prod(lb.weight_shape)) for lb in self.layers)
+        zero = sum(int((lb.weight == 0).sum()) for lb in self.layers if lb.weight is not None)
+        return zero / total if total else 0.0
+
+
+def check_fits(model: nn.Module, shard: Shard) -> np.ndarray:
+    """Run ``model`` on two samples of ``shard``; a failure becomes a one-line :class:`DataError`."""
+    sample = tuple(x[:2] for x in shard.inputs)
+    try:
+        with torch.no_grad():
+            out = model.eval()(*to_tensors(sample, torch.device("cpu")))
+    except Exception as e:  # noqa: BLE001 -- any failure here means the data does not fit the model
+        shapes = ", ".join(f"{tuple(x.shape[1:])} {x.dtype}" for x in shard.inputs)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
+    if not isinstance(out, torch.Tensor):
+        raise DataError(f"model output: expected one tensor, got {type(out).__name__}")
+    return out.float().numpy()
+
+
+def prune(
+    model: nn.Module,
+    train: Shard,
+    prune_cfg: PruneConfig,
+    train_cfg: TrainConfig = TrainConfig(),
+    *,
+    eval_shard: Shard | None = None,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Fine-tune a copy of ``model`` with block pruning on ``train`` and return it folded.
+
+    Without ``eval_shard``, ``train_cfg.eval_fraction`` of ``train`` is held out (``Shard.split``). Without
+    labels in the shard, the copy is distilled from ``model`` (its outputs are the targets).
+
+    Raises:
+        ConfigError: unknown method or bad method options.
+        DataError: the shard does not fit the model, or its labels do not fit the task.
+        GeometryError: no layer can be pruned with this block (with the reasons), or ``indivisible="error"``.
+    """
+    t0 = time.perf_counter()
+    if prune_cfg.method not in METHODS:
+        raise ConfigError(f"method: expected one of {sorted(METHODS)}, got {prune_cfg.method!r}")
+    dense = copy.deepcopy(model).cpu().eval()
+    torch.manual_seed(train_cfg.seed)
+    out = check_fits(dense, train)
+    task = infer_task(train.y, out)
+    if eval_shard is None:
+        train, eval_shard = train.split(train_cfg.eval_fraction, train_cfg.seed)
+    else:
+        check_fits(dense, eval_shard)
+        if eval_shard.y is not None:
+            infer_task(eval_shard.y, out)
+
+    student = copy.deepcopy(dense)
+    plans, skipped = plan_layers(student, prune_cfg)
+    if not plans:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Linear or Conv layer"
+        raise GeometryError(f"no layer can be pruned at block {prune_cfg.block}: {reasons}")
+
+    device = resolve_device(train_cfg.device)
+    total_steps = train_cfg.total_steps(len(train))
+    method = METHODS[prune_cfg.method](prune_cfg, plans, total_steps)
+    student.to(device)
+    teacher = copy.deepcopy(dense).to(device) if task.distill else None
+
+    cpu = torch.device("cpu")
+    dense_out = predict(dense, eval_shard, cpu)
+    metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
+    log.info("pruning %d layers with %s for %d steps on %s", len(plans), prune_cfg.method, total_steps, device)
+    outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress)
+
+    student.to(cpu).eval()
+    manifest = fold(method.layers)
+    metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
+    return PruneResult(
+        model=student, dense_model=dense, layers=manifest, skipped=skipped, task=task,
+        train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
+        device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
+    )

@@ -1,0 +1,262 @@
+"""Block geometry: one documented 2-D view per layer type, behind a registry.
+
+Every block computation (norms, expansion of per-block scalars, padding) goes through a :class:`BlockView`,
+and indivisible shapes are handled here and nowhere else.
+
+Views (rows are always the output side; a block is ``br`` rows x ``bc`` cols of the view):
+
+- ``linear`` -- ``nn.Linear`` weight ``[O, I]`` as is.
+- ``conv_channel`` -- conv weight ``[O, C, *taps]`` (groups = 1) as ``[O, C]``: a block is ``br`` output
+  channels x ``bc`` input channels with all their taps. This is what runs fast in ONNX Runtime
+  (Gather of input channels + grouped Conv).
+- ``conv_tap`` -- the paper's view: ``[O, taps*C]`` with column ``(tap)*C + c``, i.e. the transpose of
+  TF's ``(kh*kw*C) x O`` kernel matrix. A block is ``br`` outputs x ``bc`` input channels at one tap (when
+  ``bc`` divides ``C``).
+
+With ``indivisible="pad"`` the view is padded with zeros up to a multiple of the block for the arithmetic;
+edge blocks are then partial.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .config import BlockSpec, PruneConfig
+from .errors import GeometryError
+
+
+class BlockView:
+    """Maps a weight tensor to its 2-D block grid and back.
+
+    Subclasses define :meth:`sq_view` (the squared weight summed onto the 2-D view) and :meth:`from_view`
+    (broadcast a 2-D ``[rows, cols]`` tensor back onto the weight's shape).
+    """
+
+    layout: ClassVar[str]
+
+    def __init__(self, weight_shape: tuple[int, ...], block: BlockSpec) -> None:
+        self.weight_shape = tuple(int(d) for d in weight_shape)
+        self.block = block
+        self.rows, self.cols = self.view_shape(self.weight_shape)
+        self.grid = (math.ceil(self.rows / block.rows), math.ceil(self.cols / block.cols))
+        self.padded = self.rows % block.rows != 0 or self.cols % block.cols != 0
+
+    @staticmethod
+    def view_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def sq_view(self, w: torch.Tensor) -> torch.Tensor:
+        """``[rows, cols]``: squared weights summed over what the view folds together."""
+        raise NotImplementedError
+
+    def from_view(self, m: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``[rows, cols]`` onto a tensor broadcastable against the weight."""
+        raise NotImplementedError
+
+    @property
+    def n_blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def block_norms(self, w: torch.Tensor) -> torch.Tensor:
+        """Frobenius norm of every block, ``[R, C]``."""
+        sq = self.sq_view(w.detach().float())
+        R, C = self.grid
+        br, bc = self.block.rows, self.block.cols
+        if self.padded:
+            sq = nn.functional.pad(sq, (0, C * bc - self.cols, 0, R * br - self.rows))
+        return sq.reshape(R, br, C, bc).sum(dim=(1, 3)).sqrt()
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-block values ``[R, C]`` -> a tensor broadcastable against the weight."""
+        br, bc = self.block.rows, self.block.cols
+        m = v.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+        if self.padded:
+            m = m[: self.rows, : self.cols]
+        return self.from_view(m)
+
+    def scale(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``w * expand(v)``. Unpadded views take a reshape-broadcast path (one multiply, no copy of the
+        expanded mask), which keeps the masked forward cheap."""
+        return w * self.expand(v)
+
+
+class LinearView(BlockView):
+    layout = "linear"
+
+    @staticmethod
+    def view_shape(weight_shape):
+        return weight_shape[0], weight_shape[1]
+
+    def sq_view(self, w):
+        return w * w
+
+    def from_view(self, m):
+        return m
+
+    def scale(self, w, v):
+        if self.padded:
+            return w * self.expand(v)
+        R, C = self.grid
+        br, bc = self.block.rows, self.block.cols
+        return (w.reshape(R, br, C, bc) * v.reshape(R, 1, C, 1)).reshape(w.shape)
+
+
+class ConvChannelView(BlockView):
+    layout = "conv_channel"
+
+    @staticmethod
+    def view_shape(weight_shape):
+        return weight_shape[0], weight_shape[1]
+
+    def sq_view(self, w):
+        return (w * w).flatten(2).sum(dim=2)
+
+    def from_view(self, m):
+        return m.reshape(*m.shape, *([1] * (len(self.weight_shape) - 2)))
+
+    def scale(self, w, v):
+        if self.padded:
+            return w * self.expand(v)
+        R, C = self.grid
+        br, bc = self.block.rows, self.block.cols
+        taps = w[0, 0].numel()
+        return (w.reshape(R, br, C, bc, taps) * v.reshape(R, 1, C, 1, 1)).reshape(w.shape)
+
+
+class ConvTapView(BlockView):
+    layout = "conv_tap"
+
+    @staticmethod
+    def view_shape(weight_shape):
+        return weight_shape[0], int(math.prod(weight_shape[1:]))
+
+    def _perm(self) -> tuple[int, ...]:
+        nd = len(self.weight_shape)
+        return (0, *range(2, nd), 1)  # [O, C, *taps] -> [O, *taps, C]
+
+    def sq_view(self, w):
+        return (w * w).permute(self._perm()).reshape(self.rows, self.cols)
+
+    def from_view(self, m):
+        o, c, *taps = self.weight_shape
+        nd = len(self.weight_shape)
+        inv = (0, nd - 1, *range(1, nd - 1))  # [O, *taps, C] -> [O, C, *taps]
+        return m.reshape(o, *taps, c).permute(inv)
+
+
+#: layout name -> view class.
+VIEWS: dict[str, type[BlockView]] = {v.layout: v for v in (LinearView, ConvChannelView, ConvTapView)}
+
+
+def _linear_layout(module: nn.Module, cfg: PruneConfig) -> tuple[str | None, str]:
+    return "linear", ""
+
+
+def _conv_layout(module: nn.Module, cfg: PruneConfig) -> tuple[str | None, str]:
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return None, f"{kind} conv (groups={module.groups}) is left dense"
+    return ("conv_channel" if cfg.conv_layout == "channel" else "conv_tap"), ""
+
+
+#: module type -> rule choosing its view (or a reason to leave it dense).
+LAYER_RULES: dict[type, Callable[[nn.Module, PruneConfig], tuple[str | None, str]]] = {
+    nn.Linear: _linear_layout,
+    nn.Conv1d: _conv_layout,
+    nn.Conv2d: _conv_layout,
+}
+
+#: weight-bearing module types that are recognised but never pruned, with the reason shown in the report.
+UNSUPPORTED: dict[type, str] = {
+    nn.Embedding: "embedding tables are not pruned",
+    nn.EmbeddingBag: "embedding tables are not pruned",
+    nn.MultiheadAttention: "fused attention input projection (in_proj_weight) is not pruned",
+    nn.ConvTranspose1d: "transposed conv is not supported",
+    nn.ConvTranspose2d: "transposed conv is not supported",
+    nn.Conv3d: "3-D conv is not supported",
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A weight chosen for pruning: its full name, owning module and block view."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    view: BlockView
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "reason": self.reason}
+
+
+def _rule_for(module: nn.Module):
+    for cls in type(module).__mro__:
+        if cls in LAYER_RULES:
+            return LAYER_RULES[cls]
+    return None
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], p) for p in patterns)
+
+
+def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+    """Choose the weights to prune and give a reason for every weight-bearing layer left dense.
+
+    Raises:
+        GeometryError: with ``indivisible="error"``, for the first layer the block does not divide.
+    """
+    plans: list[LayerPlan] = []
+    skipped: list[SkippedLayer] = []
+    for mname, module in model.named_modules():
+        wname = f"{mname}.weight" if mname else "weight"
+        rule = _rule_for(module)
+        if rule is None:
+            reason = next((r for c, r in UNSUPPORTED.items() if isinstance(module, c)), None)
+            if reason:
+                skipped.append(SkippedLayer(wname if not isinstance(module, nn.MultiheadAttention)
+                                            else f"{mname}.in_proj_weight", reason))
+            continue
+        if cfg.include and not _matches(wname, cfg.include):
+            skipped.append(SkippedLayer(wname, "not matched by --include"))
+            continue
+        if cfg.exclude and _matches(wname, cfg.exclude):
+            skipped.append(SkippedLayer(wname, "matched by --exclude"))
+            continue
+        layout, reason = rule(module, cfg)
+        if layout is None:
+            skipped.append(SkippedLayer(wname, reason))
+            continue
+        view = VIEWS[layout](tuple(module.weight.shape), cfg.block)
+        if view.rows < cfg.block.rows or view.cols < cfg.block.cols:
+            skipped.append(SkippedLayer(
+                wname, f"block {cfg.block} larger than the {view.rows}x{view.cols} {layout} view"))
+            continue
+        if view.padded and cfg.indivisible != "pad":
+            msg = f"block {cfg.block} does not divide the {view.rows}x{view.cols} {layout} view"
+            if cfg.indivisible == "error":
+                raise GeometryError(f"{wname}: {msg} (use --indivisible skip or pad)")
+            skipped.append(SkippedLayer(wname, msg))
+            continue
+        if view.n_blocks < cfg.min_blocks:
+            skipped.append(SkippedLayer(
+                wname, f"{view.n_blocks} blocks of {cfg.block}, fewer than min_blocks={cfg.min_blocks}"))
+            continue
+        if cfg.balanced and round(cfg.density * view.grid[1]) < 1:
+            skipped.append(SkippedLayer(
+                wname, f"balanced selection keeps round({cfg.density:g} * {view.grid[1]}) = 0 blocks per row"))
+            continue
+        plans.append(LayerPlan(wname, mname, module, view))
+    return plans, skipped

@@ -1,0 +1,162 @@
+"""Block masks and method reparametrizations, as stacked ``torch.nn.utils.parametrize`` parametrizations.
+
+For each pruned weight the chain is ``original -> [BlockPowerProp] -> BlockMask -> weight``:
+
+- :class:`BlockPowerProp` (Powerpropagation's group form): ``W_b = ||V_b||_F * V_b``; its ``right_inverse``
+  sets ``V_b = W_b / sqrt(||W_b||_F)``, so registering it leaves the weight unchanged.
+- :class:`BlockMask`: ``W_eff = W * expand(M * A)`` with ``M`` the 0/1 block mask (a buffer) and, for SA++,
+  ``A = clip(n * softmax(L), d, 1/d)`` from trainable per-block logits ``L`` (zero at start, so ``A = 1``).
+
+:class:`MaskedLayer` is the one owner of a layer's mask state: methods change masks only through it, and
+:func:`fold` removes every parametrization, leaving plain weights whose pruned blocks are exactly 0.0 and
+that compute exactly what the masked model did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from converters.manifest import LayerBlocks
+
+from .geometry import BlockView, LayerPlan
+
+
+class BlockPowerProp(nn.Module):
+    """``W = V * expand(||V_b||_F)`` (group Powerpropagation, which equals group LASSO, Lemma 2.3)."""
+
+    def __init__(self, view: BlockView) -> None:
+        super().__init__()
+        self.view = view
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        norms = self.view.sq_view(v)
+        R, C = self.view.grid
+        br, bc = self.view.block.rows, self.view.block.cols
+        if self.view.padded:
+            norms = nn.functional.pad(norms, (0, C * bc - self.view.cols, 0, R * br - self.view.rows))
+        n = norms.reshape(R, br, C, bc).sum(dim=(1, 3)).clamp_min(1e-24).sqrt()
+        return self.view.scale(v, n.to(v.dtype))
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        n = self.view.block_norms(w).clamp_min(1e-12).rsqrt()
+        return self.view.scale(w, n.to(w.dtype))
+
+
+class BlockMask(nn.Module):
+    """``W_eff = W * expand(M * A)``; ``A = 1`` without attention.
+
+    Attributes:
+        mask: ``[R, C]`` float buffer of 0/1.
+        logits: ``[R, C]`` parameter (attention only).
+    """
+
+    def __init__(self, view: BlockView, attention: bool = False, density: float = 1.0) -> None:
+        super().__init__()
+        self.view = view
+        self.register_buffer("mask", torch.ones(view.grid))
+        self.clip = (density, 1.0 / density)
+        if attention:
+            self.logits = nn.Parameter(torch.zeros(view.grid))
+        else:
+            self.logits = None
+
+    def attention(self) -> torch.Tensor:
+        """``clip(n * softmax(L), d, 1/d)`` over all blocks of the layer (mean 1 before clipping)."""
+        if self.logits is None:
+            return torch.ones_like(self.mask)
+        n = self.logits.numel()
+        a = n * torch.softmax(self.logits.flatten().float(), dim=0).reshape(self.logits.shape)
+        return a.clamp(*self.clip)
+
+    def block_scale(self) -> torch.Tensor:
+        return self.mask * self.attention() if self.logits is not None else self.mask
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.view.scale(w, self.block_scale().to(w.dtype))
+
+
+@dataclass
+class MaskedLayer:
+    """A pruned weight and its parametrizations; the owner of its mask state."""
+
+    plan: LayerPlan
+    masker: BlockMask
+    powerprop: BlockPowerProp | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def view(self) -> BlockView:
+        return self.plan.view
+
+    @property
+    def original(self) -> nn.Parameter:
+        """The trained tensor at the root of the chain (``W``, or ``V`` under Powerpropagation)."""
+        return self.plan.module.parametrizations.weight.original
+
+    def pre_mask_weight(self) -> torch.Tensor:
+        """The weight before masking (``W``, or ``||V_b|| V_b``), detached."""
+        with torch.no_grad():
+            w = self.original
+            return self.powerprop(w) if self.powerprop is not None else w
+
+    def alive(self) -> torch.Tensor:
+        return self.masker.mask > 0
+
+    def set_mask(self, keep: torch.Tensor) -> None:
+        self.masker.mask.copy_(keep.to(self.masker.mask.dtype))
+
+    def revive(self, zero: bool) -> None:
+        """Start of a dense phase: every block is active again; with ``zero``, pruned blocks restart at 0."""
+        if zero:
+            with torch.no_grad():
+                self.original.copy_(self.view.scale(self.original, self.masker.mask.to(self.original.dtype)))
+        self.masker.mask.fill_(1.0)
+
+
+def attach(plans: list[LayerPlan], *, attention: bool, powerprop: bool, density: float) -> list[MaskedLayer]:
+    """Register the parametrizations on every planned layer (powerprop first, then the mask)."""
+    layers = []
+    for p in plans:
+        pp = None
+        if powerprop:
+            pp = BlockPowerProp(p.view)
+            parametrize.register_parametrization(p.module, "weight", pp)
+        m = BlockMask(p.view, attention=attention, density=density).to(p.module.weight.device)
+        parametrize.register_parametrization(p.module, "weight", m)
+        layers.append(MaskedLayer(p, m, pp))
+    return layers
+
+
+def fold(layers: list[MaskedLayer]) -> list[LayerBlocks]:
+    """Remove the parametrizations, leaving plain weights (pruned blocks exactly +0.0), and return the
+    block manifest. The folded weight is the parametrized forward's value, so outputs do not change."""
+    manifest = []
+    for layer in layers:
+        module = layer.plan.module
+        keep = layer.alive().detach().clone()
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        with torch.no_grad():
+            w = module.weight
+            zero = layer.view.expand((~keep).to(w.dtype)).expand_as(w) > 0
+            w.masked_fill_(zero, 0.0)  # turns -0.0 (from W * 0 with W < 0) into +0.0
+        manifest.append(LayerBlocks(
+            name=layer.name,
+            layout=layer.view.layout,
+            weight_shape=tuple(w.shape),
+            block=(layer.view.block.rows, layer.view.block.cols),
+            kept=keep.cpu().numpy().astype(bool),
+            padded=layer.view.padded,
+            weight=w.detach().float().cpu().numpy().astype(np.float32),
+        ))
+    return manifest
+
+
+def is_parametrized(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())

@@ -1,0 +1,181 @@
+"""The fine-tuning loop: one flat loop in a fixed order.
+
+Each step: (1) the method applies the mask events due (and says whether a phase boundary was crossed, which
+resets the optimizer state); (2) LR from the cosine schedule; (3) forward under autocast on CUDA; (4) loss
+against labels or the teacher's outputs; (5) backward; (6) coupled l2 penalty added to the gradients of the
+masked weights (and the SA++ logits); (7) gradient clipping; (8) optimizer step; (9) progress event.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib_data.shards import Shard
+
+from .config import TrainConfig
+from .methods import PruningMethod
+from .schedules import cosine_lr
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without one is a usage error."""
+    from .errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast on CUDA where supported (fp16 otherwise, or as asked); nothing on CPU."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def to_tensors(arrays: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """numpy -> torch with the dtypes models expect: floats as float32, integers as int64."""
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = t.float() if np.issubdtype(a.dtype, np.floating) else t.long()
+        out.append(t.to(device, non_blocking=True))
+    return tuple(out)
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless shuffled mini-batches over ``n`` samples, a fresh permutation per epoch; the last, short
+    batch of an epoch is dropped when the shard holds at least one full batch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        stop = n - n % batch_size if n >= batch_size else n
+        for i in range(0, stop, batch_size):
+            yield perm[i : i + batch_size]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    """Model outputs on a whole shard, in eval mode, as float32 numpy."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for i in range(0, len(shard), batch_size):
+        xs = to_tensors(tuple(x[i : i + batch_size] for x in shard.inputs), device)
+        outs.append(model(*xs).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outs, axis=0)
+
+
+@dataclass
+class TrainOutcome:
+    history: list[dict]
+    seconds: float
+    steps: int
+
+
+def _param_groups(model: nn.Module, method: PruningMethod) -> tuple[list, list, list]:
+    logits = [layer.masker.logits for layer in method.layers if layer.masker.logits is not None]
+    masked = [layer.original for layer in method.layers]
+    special = {id(p) for p in logits + masked}
+    rest = [p for p in model.parameters() if id(p) not in special and p.requires_grad]
+    return masked, logits, rest
+
+
+def fine_tune(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    method: PruningMethod,
+    task: Task,
+    train: Shard,
+    cfg: TrainConfig,
+    device: torch.device,
+    total_steps: int,
+    progress: Progress | None = None,
+) -> TrainOutcome:
+    """Fine-tune ``model`` (already parametrized by ``method``) for ``total_steps`` steps."""
+    masked, logits, rest = _param_groups(model, method)
+    opt = torch.optim.Adam([{"params": masked}, {"params": logits}, {"params": rest}], lr=cfg.lr)
+    logit_decay = getattr(method.options, "logit_decay", True)
+    autocast, amp_dtype = autocast_for(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    batches = batch_indices(len(train), cfg.batch_size, cfg.seed)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    loss_ema = None
+    for step in range(total_steps):
+        if method.begin_step(step) and method.options.reset_optimizer:
+            opt.state.clear()
+        lr = cfg.lr * cosine_lr(step / max(1, total_steps), cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = next(batches)
+        xs = to_tensors(tuple(x[idx] for x in train.inputs), device)
+        with autocast:
+            out = model(*xs)
+            if task.distill:
+                with torch.no_grad():
+                    target = teacher(*xs).float()
+            else:
+                target = to_tensors((train.y[idx],), device)[0]
+            loss = task.loss(out, target, cfg.distill_temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        _coupled_decay(method, cfg.weight_decay, logit_decay)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        if progress is not None and (step % cfg.log_every == 0 or step == total_steps - 1):
+            phase = method.phases[method._entered].kind
+            row = {"event": "step", "step": step + 1, "total": total_steps, "phase": phase,
+                   "loss": loss_ema, "lr": lr}
+            history.append(row)
+            progress(row)
+    method.finish()
+    return TrainOutcome(history, time.perf_counter() - t0, total_steps)
+
+
+@torch.no_grad()
+def _coupled_decay(method: PruningMethod, wd: float, logit_decay: bool) -> None:
+    """grad += wd * (W masked) for every pruned weight (and wd * L for the logits): an l2 penalty in the
+    objective, on the weights the mask multiplies. Pruned blocks get no decay, so frozen blocks stay as
+    they were and can come back with their values in the next dense phase."""
+    if wd <= 0:
+        return
+    for layer in method.layers:
+        w = layer.original
+        if w.grad is not None:
+            w.grad.add_(layer.view.scale(w, layer.masker.mask.to(w.dtype)), alpha=wd)
+        L = layer.masker.logits
+        if logit_decay and L is not None and L.grad is not None:
+            L.grad.add_(L, alpha=wd)
