@@ -79,10 +79,52 @@ class BlockView:
             m = m[: self.rows, : self.cols]
         return self.from_view(m)
 
+    def blocked(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` (weight-shaped) reshaped to ``[R, br, C, rest]`` so that a block is ``[i, :, j, :]``, or
+        None where the view is not a plain reshape (padding, the tap layout)."""
+        return None
+
     def scale(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``w * expand(v)``. Unpadded views take a reshape-broadcast path (one multiply, no copy of the
-        expanded mask), which keeps the masked forward cheap."""
-        return w * self.expand(v)
+        """``w * expand(v)``. Where the view is a reshape, one broadcast multiply without materialising the
+        expanded mask, which keeps the masked forward cheap."""
+        b = self.blocked(w)
+        if b is None:
+            return w * self.expand(v)
+        return _BlockScale.apply(w, v, b.shape)
+
+    @torch.no_grad()
+    def add_scaled_(self, out: torch.Tensor, w: torch.Tensor, v: torch.Tensor, alpha: float) -> None:
+        """``out += alpha * w * expand(v)`` in place (one fused pass where the view is a reshape)."""
+        bo, bw = self.blocked(out), self.blocked(w)
+        if bo is None or bw is None or not out.is_contiguous():
+            out.add_(self.scale(w, v), alpha=alpha)
+        else:
+            bo.addcmul_(bw, v.reshape(self.grid[0], 1, self.grid[1], 1), value=alpha)
+
+
+class _BlockScale(torch.autograd.Function):
+    """``w * v`` broadcast over blocks, with a hand-written backward: autograd's generic broadcast
+    reduction for ``dL/dv`` is about 2x slower than ``(g * w).sum`` over the block axes on CPU, and this
+    product sits on every training step of every pruned layer."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        ctx.save_for_backward(w, v)
+        ctx.shape = shape
+        vb = v.reshape(shape[0], 1, shape[2], 1)
+        return (w.reshape(shape) * vb).reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, v = ctx.saved_tensors
+        shape = ctx.shape
+        gb = g.reshape(shape)
+        gw = gv = None
+        if ctx.needs_input_grad[0]:
+            gw = (gb * v.reshape(shape[0], 1, shape[2], 1)).reshape(w.shape)
+        if ctx.needs_input_grad[1]:
+            gv = (gb * w.reshape(shape)).sum(3).sum(1).to(v.dtype)
+        return gw, gv, None
 
 
 class LinearView(BlockView):
@@ -98,12 +140,10 @@ class LinearView(BlockView):
     def from_view(self, m):
         return m
 
-    def scale(self, w, v):
+    def blocked(self, t):
         if self.padded:
-            return w * self.expand(v)
-        R, C = self.grid
-        br, bc = self.block.rows, self.block.cols
-        return (w.reshape(R, br, C, bc) * v.reshape(R, 1, C, 1)).reshape(w.shape)
+            return None
+        return t.reshape(self.grid[0], self.block.rows, self.grid[1], self.block.cols)
 
 
 class ConvChannelView(BlockView):
@@ -119,13 +159,10 @@ class ConvChannelView(BlockView):
     def from_view(self, m):
         return m.reshape(*m.shape, *([1] * (len(self.weight_shape) - 2)))
 
-    def scale(self, w, v):
+    def blocked(self, t):
         if self.padded:
-            return w * self.expand(v)
-        R, C = self.grid
-        br, bc = self.block.rows, self.block.cols
-        taps = w[0, 0].numel()
-        return (w.reshape(R, br, C, bc, taps) * v.reshape(R, 1, C, 1, 1)).reshape(w.shape)
+            return None
+        return t.reshape(self.grid[0], self.block.rows, self.grid[1], -1)
 
 
 class ConvTapView(BlockView):

@@ -1,0 +1,112 @@
+"""Contract tests, run against every registered method."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calib_data.shards import Shard
+from sapp_compress import PruneConfig, TrainConfig, prune
+from sapp_compress.geometry import plan_layers
+from sapp_compress.masks import attach, fold, is_parametrized
+from sapp_compress.methods import METHODS, select_top_k
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _shard(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 64)).astype(np.float32)
+    y = (x[:, :10].argmax(1)).astype(np.int64)
+    return Shard(inputs=(x,), y=y, source="synthetic")
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["free", "balanced"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_kept_counts_and_zero_blocks(method, balanced):
+    cfg = PruneConfig(block="8", sparsity=0.8, method=method, balanced=balanced)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = prune(model, _shard(), cfg, TrainConfig(steps=40, batch_size=32, lr=1e-3))
+    # the input model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not is_parametrized(res.model)
+    names = [lb.name for lb in res.layers]
+    assert names == ["0.weight", "2.weight"]
+    assert {s.name: s.reason for s in res.skipped}["4.weight"].startswith("block 8x8 does not divide")
+    for lb in res.layers:
+        R, C = lb.kept.shape
+        if balanced:
+            assert (lb.kept.sum(axis=1) == round(0.2 * C)).all()
+        else:
+            assert lb.n_kept == round(0.2 * R * C)
+        w = dict(res.model.named_parameters())[lb.name].detach().numpy()
+        blocks = w.reshape(R, 8, C, 8)
+        dead = ~lb.kept
+        assert (blocks.transpose(0, 2, 1, 3)[dead] == 0.0).all()          # pruned blocks exactly zero
+        assert not np.signbit(blocks.transpose(0, 2, 1, 3)[dead]).any()   # and +0.0
+        assert (np.abs(blocks.transpose(0, 2, 1, 3)[lb.kept]).sum(axis=(1, 2)) > 0).all()
+        np.testing.assert_array_equal(lb.weight, w)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_folded_model_computes_what_the_masked_model_did(method):
+    cfg = PruneConfig(block="8", sparsity=0.6, method=method)
+    model = _model()
+    plans, _ = plan_layers(model, cfg)
+    m = METHODS[method](cfg, plans, total_steps=10)
+    with torch.no_grad():
+        for layer in m.layers:  # a trained-looking state: random logits, a random mask
+            if layer.masker.logits is not None:
+                layer.masker.logits.normal_()
+    m.finish()
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        masked = model(x)
+    fold(m.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
+
+
+def test_sapp_at_initialisation_is_identity():
+    model = _model()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        ref = model(x)
+    cfg = PruneConfig(block="8", sparsity=0.8)
+    plans, _ = plan_layers(model, cfg)
+    layers = attach(plans, attention=True, powerprop=False, density=cfg.density)
+    assert all(torch.equal(l.masker.attention(), torch.ones(l.view.grid)) for l in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+def test_powerprop_reparametrization_leaves_weights_unchanged():
+    model = _model()
+    w0 = model[0].weight.detach().clone()
+    plans, _ = plan_layers(model, PruneConfig(block="8", sparsity=0.8))
+    attach(plans, attention=False, powerprop=True, density=0.2)
+    torch.testing.assert_close(model[0].weight, w0, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_clipped_to_density_range():
+    model = _model()
+    plans, _ = plan_layers(model, PruneConfig(block="8", sparsity=0.75))
+    layer = attach(plans, attention=True, powerprop=False, density=0.25)[0]
+    with torch.no_grad():
+        layer.masker.logits.normal_(std=10.0)
+    a = layer.masker.attention()
+    assert a.min() >= 0.25 - 1e-6 and a.max() <= 4.0 + 1e-6
+
+
+def test_select_top_k_ties_monotone_and_rows():
+    score = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    tie = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    alive = torch.ones(2, 4, dtype=torch.bool)
+    keep = select_top_k(score, tie, alive, 2, per_row=True)
+    assert keep.tolist() == [[False, True, True, False], [True, False, True, False]]
+    alive[0, 1] = False
+    keep = select_top_k(score, tie, alive, 3, per_row=False)
+    assert keep.sum() == 3 and not keep[0, 1]

@@ -1,0 +1,40 @@
+"""Planted support recovery: a linear teacher with 20 % of its 8x8 blocks non-zero, inputs spanning two
+orders of magnitude, a student = teacher + heavy dense noise (30x the mean |teacher weight|), fine-tuned at
+s = 0.8 for 560 Adam steps (lr 1e-2, coupled l2 1e-2). SA++ must recover >= 95 % of the planted blocks on
+each of 3 seeds.
+
+Measured when written (3 seeds each; this test prints them again with -s):
+    sapp 0.98 / 0.99 / 1.00; acdc 0.29 / 0.32 / 0.40; magnitude 0.26 / 0.37 / 0.39;
+    gmp 0.27 / 0.32 / 0.34; powerprop 0.67 / 0.72 / 0.69.
+Only SA++ is asserted; the baselines are measured and reported, not ranked.
+"""
+import pytest
+import torch
+
+from planted import planted_problem, recovery
+from sapp_compress import PruneConfig, TrainConfig, prune
+from sapp_compress.methods import METHODS
+
+NOISE = 30.0
+SEEDS = (0, 1, 2)
+
+
+def _recover(method: str, seed: int) -> float:
+    torch.manual_seed(seed)
+    student, shard, planted = planted_problem(seed, noise=NOISE)
+    res = prune(student, shard, PruneConfig(block="8", sparsity=0.8, method=method, min_blocks=1),
+                TrainConfig(steps=560, batch_size=128, lr=1e-2, weight_decay=1e-2, seed=seed, grad_clip=None))
+    assert res.layers[0].n_kept == planted.sum()
+    return recovery(res.layers[0].kept, planted)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sapp_recovers_planted_blocks(seed):
+    assert _recover("sapp", seed) >= 0.95
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"sapp"}))
+def test_baselines_measured(method, capsys):
+    rec = [_recover(method, s) for s in SEEDS]  # _recover asserts the exact kept count
+    with capsys.disabled():
+        print(f"\nplanted recovery {method}: " + " / ".join(f"{r:.2f}" for r in rec))
