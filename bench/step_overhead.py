@@ -28,15 +28,15 @@ from sapp_compress import PruneConfig, TrainConfig, zoo  # noqa: E402
 from sapp_compress.geometry import plan_layers  # noqa: E402
 from sapp_compress.methods import METHODS  # noqa: E402
 from sapp_compress.tasks import Task  # noqa: E402
-from sapp_compress.training import batch_indices, fine_tune, to_tensors  # noqa: E402
+from sapp_compress.training import BatchPlan, fine_tune, to_tensors  # noqa: E402
 
 
 def plain_steps(model, task, shard, cfg, device, steps):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batches = batch_indices(len(shard), cfg.batch_size, cfg.seed)
+    batches = BatchPlan(len(shard), cfg.batch_size, cfg.seed)
     model.train()
-    for _ in range(steps):
-        idx = next(batches)
+    for step in range(steps):
+        idx = batches(step)
         xs = to_tensors(tuple(x[idx] for x in shard.inputs), device)
         y = to_tensors((shard.y[idx],), device)[0]
         loss = task.loss(model(*xs), y)

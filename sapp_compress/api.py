@@ -12,6 +12,7 @@ Data flows once: plan layers -> attach masks -> fine-tune (method + schedule) ->
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 from calib_data.shards import Shard
 from converters.manifest import LayerBlocks
 
+from .checkpoint import Checkpointer, fingerprint
 from .config import PruneConfig, TrainConfig
 from .errors import ConfigError, DataError, GeometryError
 from .geometry import SkippedLayer, plan_layers
@@ -82,6 +84,17 @@ def check_fits(model: nn.Module, shard: Shard) -> np.ndarray:
     return out.float().numpy()
 
 
+def _checkpointer(prune_cfg: PruneConfig, train_cfg: TrainConfig, total_steps: int, train: Shard,
+                  model: nn.Module) -> Checkpointer | None:
+    if not train_cfg.checkpoint_dir:
+        return None
+    run = dataclasses.replace(train_cfg, checkpoint_dir=None, resume=False, device="auto", log_every=0)
+    fp = fingerprint(prune=repr(prune_cfg), train=repr(run), steps=total_steps, n=len(train),
+                     params=[(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+    every = train_cfg.checkpoint_every or max(1, total_steps // 20)
+    return Checkpointer(train_cfg.checkpoint_dir, every, train_cfg.resume, fp)
+
+
 def prune(
     model: nn.Module,
     train: Shard,
@@ -131,7 +144,8 @@ def prune(
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
     log.info("pruning %d layers with %s for %d steps on %s", len(plans), prune_cfg.method, total_steps, device)
-    outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress)
+    outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
+                        checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
 
     student.to(cpu).eval()
     manifest = fold(method.layers)

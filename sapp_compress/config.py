@@ -124,6 +124,8 @@ class TrainConfig:
         warmup: fraction of the budget with linear LR warm-up; cosine decay after.
         amp: mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``, ``off``.
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
+        checkpoint_dir / checkpoint_every / resume: write a checkpoint every ``checkpoint_every`` steps
+            (0: every 5 % of the budget) and, with ``resume``, continue from the one found there.
     """
 
     steps: int | None = None
@@ -139,6 +141,9 @@ class TrainConfig:
     eval_fraction: float = 0.2
     distill_temperature: float = 1.0
     log_every: int = 50
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -159,6 +164,10 @@ class TrainConfig:
             raise ConfigError(f"device: expected one of {DEVICES}, got {self.device!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp: expected auto|bf16|fp16|off, got {self.amp!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every: expected >= 0 steps, got {self.checkpoint_every!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume: needs a checkpoint directory (--checkpoint-dir)")
         if not (0.0 < self.eval_fraction < 1.0):
             raise ConfigError(f"eval_fraction: expected 0 < f < 1, got {self.eval_fraction!r}")
 

@@ -104,6 +104,18 @@ class PruningMethod:
         weight."""
         return layer.view.block_norms(layer.pre_mask_weight())
 
+    def state_dict(self) -> dict:
+        """The schedule position (masks and logits live in the model's state)."""
+        return {"entered": self._entered, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["total_steps"] != self.total_steps:
+            raise ConfigError(f"method state: expected a budget of {self.total_steps} steps, got {state['total_steps']}")
+        self._entered = int(state["entered"])
+
+    def masks(self) -> list[torch.Tensor]:
+        return [layer.masker.mask for layer in self.layers]
+
     @property
     def current_phase(self) -> int:
         """Index of the phase the last :meth:`begin_step` entered (-1 before the first step)."""

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from torch import nn
 
 from calib_data.shards import Shard
 
+from . import distributed
+from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .methods import PruningMethod
 from .schedules import cosine_lr
@@ -60,15 +62,30 @@ def to_tensors(arrays: tuple[np.ndarray, ...], device: torch.device) -> tuple[to
     return tuple(out)
 
 
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled mini-batches over ``n`` samples, a fresh permutation per epoch; the last, short
-    batch of an epoch is dropped when the shard holds at least one full batch."""
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(n)
-        stop = n - n % batch_size if n >= batch_size else n
-        for i in range(0, stop, batch_size):
-            yield perm[i : i + batch_size]
+class BatchPlan:
+    """The mini-batch of every step as a pure function of ``(seed, step)``.
+
+    Epoch ``e`` visits the samples in the order ``default_rng([seed, e]).permutation(n)``; the last, short
+    batch of an epoch is dropped when the shard holds at least one full global batch. Resuming at step ``t``
+    needs nothing but ``t``. Under data parallelism each of ``world`` ranks takes its own ``batch_size``
+    slice of a global batch of ``batch_size * world``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.batch_size = batch_size
+        self.global_batch = min(batch_size * world, n) if n >= world else n
+        self.per_epoch = max(1, n // self.global_batch)
+        self._epoch, self._perm = -1, np.arange(0)
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        batch = self._perm[i * self.global_batch : (i + 1) * self.global_batch]
+        if self.world == 1:
+            return batch
+        return np.array_split(batch, self.world)[self.rank]
 
 
 @torch.no_grad()
@@ -110,33 +127,49 @@ def fine_tune(
     total_steps: int,
     progress: Progress | None = None,
     stop: int | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainOutcome:
     """Fine-tune ``model`` (already parametrized by ``method``) over a budget of ``total_steps`` steps.
 
     ``stop`` ends the loop early (the schedule still spans ``total_steps``); the masks are then left where
-    the schedule had them, which is what the step-time benchmark needs."""
+    the schedule had them, which is what the step-time benchmark needs. Under torchrun the model is wrapped
+    in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
+    phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint."""
     masked, logits, rest = _param_groups(model, method)
     opt = torch.optim.Adam([{"params": masked}, {"params": logits}, {"params": rest}], lr=cfg.lr)
     logit_decay = getattr(method.options, "logit_decay", True)
     autocast, amp_dtype = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    batches = batch_indices(len(train), cfg.batch_size, cfg.seed)
+    info = distributed.current()
+    batches = BatchPlan(len(train), cfg.batch_size, cfg.seed, info.rank, info.world)
+    net = model
+    if info.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     history: list[dict] = []
+    start = 0
+    state = checkpointer.load() if checkpointer else None
+    if state is not None:
+        start = _restore(state, model, opt, method, scaler, history)
+        log.info("resumed from %s at step %d", checkpointer.path, start)
     t0 = time.perf_counter()
     model.train()
     if teacher is not None:
         teacher.eval()
     stop = total_steps if stop is None else min(stop, total_steps)
-    for step in range(stop):
-        if method.begin_step(step) and method.options.reset_optimizer:
-            reset_optimizer_state(opt)
+    for step in range(start, stop):
+        if method.begin_step(step):
+            if method.options.reset_optimizer:
+                reset_optimizer_state(opt)
+            if info.active:
+                distributed.check_same_masks(method.masks(), f"step {step + 1}")
         lr = cfg.lr * cosine_lr(step / max(1, total_steps), cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = next(batches)
+        idx = batches(step)
         xs = to_tensors(tuple(x[idx] for x in train.inputs), device)
         with autocast:
-            out = model(*xs)
+            out = net(*xs)
             if task.distill:
                 with torch.no_grad():
                     target = teacher(*xs).float()
@@ -165,9 +198,39 @@ def fine_tune(
             history.append(row)
             if progress is not None:
                 progress(row)
+        if checkpointer is not None and checkpointer.due(step + 1, total_steps):
+            checkpointer.save(_snapshot(step + 1, model, opt, method, scaler, history))
     if stop == total_steps:
         method.finish()
+        if info.active:
+            distributed.check_same_masks(method.masks(), "the end of fine-tuning")
     return TrainOutcome(history, time.perf_counter() - t0, stop)
+
+
+def _snapshot(next_step, model, opt, method, scaler, history) -> dict:
+    return {
+        "step": next_step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "method": method.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": history,
+    }
+
+
+def _restore(state, model, opt, method, scaler, history) -> int:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    history.extend(state["history"])
+    return int(state["step"])
 
 
 @torch.no_grad()

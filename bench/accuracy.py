@@ -1,0 +1,139 @@
+"""Accuracy benchmark: every method x block x sparsity x seed on shipped data, same budget, same seeds.
+
+Each cell fine-tunes the same pretrained dense model (trained once per task by ``pretrain``, cached under
+bench/results/models/) with one method and writes one JSON line to bench/results/accuracy.jsonl. Cells already
+in the file are skipped, so the suite runs in pieces and resumes after an interruption.
+
+    python bench/accuracy.py --tasks digits_mlp --methods sapp,acdc --blocks 8 --sparsities 0.8 --seeds 0,1,2
+    python bench/accuracy.py --all          # the full grid (hours on 2 cores)
+
+Tasks (shipped data only):
+- ``digits_cnn``: ResCNN (width 64, 2 residual blocks, BatchNorm) on 8x8 handwritten digits.
+- ``digits_mlp``: MLP 64-512-512-10 on handwritten digits (a wider MLP than the shipped example).
+- ``ctr``: CTRNet (26 categorical fields x 8-d embeddings + 13 dense -> 256 -> 128 -> 1) on the synthetic CTR
+  shard, pruning only the first dense layer (``mlp.0``, 256 x 221, padded) as the paper did on Criteo;
+  metrics log-loss and AUC.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from calib_data.shards import load_shard, shipped_shard  # noqa: E402
+from sapp_compress import PruneConfig, TrainConfig, prune, zoo  # noqa: E402
+from sapp_compress.methods import METHODS  # noqa: E402
+from sapp_compress.tasks import infer_task  # noqa: E402
+from sapp_compress.training import fine_tune, predict  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+TASKS = {
+    # name: (shard, builder, pretrain TrainConfig, fine-tune TrainConfig, PruneConfig extras)
+    "digits_cnn": ("digits_img", lambda: zoo.ResCNN(1, 64, 2, 10),
+                   dict(steps=1500, batch_size=64, lr=2e-3), dict(steps=600, batch_size=64, lr=1e-3), {}),
+    "digits_mlp": ("digits", lambda: zoo.mlp([64, 512, 512, 10]),
+                   dict(steps=2000, batch_size=64, lr=1e-3), dict(steps=600, batch_size=64, lr=1e-3), {}),
+    "ctr": ("ctr", lambda: zoo.CTRNet(),
+            dict(steps=3000, batch_size=256, lr=2e-3), dict(steps=900, batch_size=256, lr=1e-3),
+            {"include": ("mlp.0.weight",), "indivisible": "pad"}),
+}
+
+
+def pretrain(task: str) -> torch.nn.Module:
+    """Train the dense model once (seed 0) on the training split and cache it."""
+    path = RESULTS / "models" / f"{task}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    shard_name, build, pre, _, _ = TASKS[task]
+    train, _ = load_shard(shipped_shard(shard_name)).split(0.2, 0)
+    torch.manual_seed(0)
+    model = build()
+    out = predict(model, train.subset(np.arange(2)), torch.device("cpu"))
+    t = infer_task(train.y, out)
+    cfg = TrainConfig(**pre, weight_decay=0.0)
+    # Plain dense training, sharing the engine's data path, loss and LR schedule.
+    from sapp_compress.training import BatchPlan, to_tensors
+    from sapp_compress.schedules import cosine_lr
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = BatchPlan(len(train), cfg.batch_size, 0)
+    model.train()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * cosine_lr(step / cfg.steps, 0.05)
+        idx = batches(step)
+        xs = to_tensors(tuple(x[idx] for x in train.inputs), torch.device("cpu"))
+        y = to_tensors((train.y[idx],), torch.device("cpu"))[0]
+        loss = t.loss(model(*xs), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return model
+
+
+def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict) -> dict:
+    shard_name, _, _, ft, extra = TASKS[task]
+    model = pretrain(task)
+    shard = load_shard(shipped_shard(shard_name))
+    cfg = PruneConfig(block=str(block), sparsity=sparsity, method=method, method_options=options, **extra)
+    t0 = time.perf_counter()
+    res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
+    return {
+        "task": task, "method": method, "block": block, "sparsity": sparsity, "seed": seed,
+        "options": options, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
+        "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def key(r: dict) -> tuple:
+    return (r["task"], r["method"], r["block"], r["sparsity"], r["seed"], json.dumps(r.get("options", {}), sort_keys=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default=",".join(sorted(METHODS)))
+    ap.add_argument("--blocks", default="4,8,16")
+    ap.add_argument("--sparsities", default="0.7,0.8,0.9,0.95")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--options", default="{}", help="JSON method options (ablations)")
+    ap.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+    options = json.loads(args.options)
+    grid = itertools.product(args.tasks.split(","), args.methods.split(","),
+                             [int(b) for b in args.blocks.split(",")],
+                             [float(s) for s in args.sparsities.split(",")], [int(s) for s in args.seeds.split(",")])
+    for task, method, block, sparsity, seed in grid:
+        k = (task, method, block, sparsity, seed, json.dumps(options, sort_keys=True))
+        if k in done:
+            continue
+        row = run_cell(task, method, block, sparsity, seed, options)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "
+              f"score {row['pruned']['score']:.4f} (dense {row['dense']['score']:.4f}) {row['seconds']:.1f}s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
