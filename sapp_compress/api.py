@@ -26,6 +26,7 @@ from converters.manifest import LayerBlocks
 
 from .checkpoint import Checkpointer, fingerprint
 from .config import PruneConfig, TrainConfig
+from .distributed import mask_digest
 from .errors import ConfigError, DataError, GeometryError
 from .geometry import SkippedLayer, plan_layers
 from .masks import fold
@@ -60,6 +61,11 @@ class PruneResult:
     device: str = "cpu"
     seconds: float = 0.0
     total_steps: int = 0
+
+    @property
+    def mask_digest(self) -> str:
+        """sha256 over the final block masks in layer order: equal digests, equal masks."""
+        return mask_digest([torch.from_numpy(lb.kept) for lb in self.layers])
 
     @property
     def achieved_block_sparsity(self) -> float:
