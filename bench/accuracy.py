@@ -32,7 +32,7 @@ from calib_data.shards import load_shard, shipped_shard  # noqa: E402
 from sapp_compress import PruneConfig, TrainConfig, prune, zoo  # noqa: E402
 from sapp_compress.methods import METHODS  # noqa: E402
 from sapp_compress.tasks import infer_task  # noqa: E402
-from sapp_compress.training import fine_tune, predict  # noqa: E402
+from sapp_compress.training import predict, train_dense  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -43,7 +43,7 @@ TASKS = {
     "digits_mlp": ("digits", lambda: zoo.mlp([64, 512, 512, 10]),
                    dict(steps=2000, batch_size=64, lr=1e-3), dict(steps=600, batch_size=64, lr=1e-3), {}),
     "ctr": ("ctr", lambda: zoo.CTRNet(),
-            dict(steps=3000, batch_size=256, lr=2e-3), dict(steps=900, batch_size=256, lr=1e-3),
+            dict(steps=400, batch_size=256, lr=2e-3), dict(steps=300, batch_size=256, lr=5e-4),
             {"include": ("mlp.0.weight",), "indivisible": "pad"}),
 }
 
@@ -59,25 +59,7 @@ def pretrain(task: str) -> torch.nn.Module:
     model = build()
     out = predict(model, train.subset(np.arange(2)), torch.device("cpu"))
     t = infer_task(train.y, out)
-    cfg = TrainConfig(**pre, weight_decay=0.0)
-    # Plain dense training, sharing the engine's data path, loss and LR schedule.
-    from sapp_compress.training import BatchPlan, to_tensors
-    from sapp_compress.schedules import cosine_lr
-
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batches = BatchPlan(len(train), cfg.batch_size, 0)
-    model.train()
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * cosine_lr(step / cfg.steps, 0.05)
-        idx = batches(step)
-        xs = to_tensors(tuple(x[idx] for x in train.inputs), torch.device("cpu"))
-        y = to_tensors((train.y[idx],), torch.device("cpu"))[0]
-        loss = t.loss(model(*xs), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_dense(model, train, t, **pre)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model, path)
     return model

@@ -36,7 +36,7 @@ def diabetes() -> dict:
                          "y": ((y - y.mean()) / y.std()).astype(np.float32)}}
 
 
-def ctr(n: int = 20000, n_cat: int = 26, vocab: int = 100, n_dense: int = 13) -> dict:
+def ctr(n: int = 60000, n_cat: int = 26, vocab: int = 100, n_dense: int = 13) -> dict:
     """Synthetic click-through data shaped like Criteo (26 categorical fields, 13 dense counts).
 
     Categories are Zipf-like (a few values dominate each field, as in real logs). The click probability is a

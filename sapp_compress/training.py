@@ -207,6 +207,27 @@ def fine_tune(
     return TrainOutcome(history, time.perf_counter() - t0, stop)
 
 
+def train_dense(model: nn.Module, train: Shard, task: Task, *, steps: int, batch_size: int, lr: float,
+                seed: int = 0, warmup: float = 0.05) -> nn.Module:
+    """Plain dense training (Adam, cosine LR, the engine's data path and losses), for the example models
+    and the benchmarks' pretrained baselines. Returns ``model`` in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = BatchPlan(len(train), batch_size, seed)
+    model.train()
+    cpu = torch.device("cpu")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step / steps, warmup)
+        idx = batches(step)
+        xs = to_tensors(tuple(x[idx] for x in train.inputs), cpu)
+        loss = task.loss(model(*xs), to_tensors((train.y[idx],), cpu)[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def _snapshot(next_step, model, opt, method, scaler, history) -> dict:
     return {
         "step": next_step,
