@@ -1,0 +1,24 @@
+"""converters: PyTorch -> ONNX export and the rewrites that store only the kept blocks.
+
+Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`export_onnx`.
+
+    proto = export_onnx(model, (x,))                       # dense, dynamic batch
+    result = convert(proto, layers, fmt="auto")            # per-layer formulation, timed in ORT
+    verify(result.model, {"x": x_np}, [torch_out_np])      # checker + ORT vs PyTorch; raises on mismatch
+    measure_sparsity(result.model)                         # from the weights in the final bytes
+"""
+from .convert import FORMATS, ConversionResult, LayerOutcome, convert
+from .errors import ConverterError, VerificationError, WeightNotFound
+from .export import export_onnx
+from .formulations import FORMULATIONS
+from .inspect import SparsityReport, measure_sparsity
+from .manifest import LayerBlocks
+from .ops import OP_HANDLERS
+from .runtime import run_onnx
+from .verify import Verification, check, verify
+
+__all__ = [
+    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
+    "LayerOutcome", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
+    "convert", "export_onnx", "measure_sparsity", "run_onnx", "verify",
+]

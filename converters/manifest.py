@@ -118,3 +118,30 @@ def dump_manifest(layers: list[LayerBlocks]) -> str:
 
 def load_manifest(text: str) -> list[LayerBlocks]:
     return [LayerBlocks.from_json(d) for d in json.loads(text)]
+
+
+def view_of(lb: LayerBlocks, w: np.ndarray) -> np.ndarray:
+    """The 2-D view of weight ``w`` (PyTorch layout), with a trailing taps axis for ``conv_channel``:
+    ``linear`` -> [O, I]; ``conv_channel`` -> [O, C, taps]; ``conv_tap`` -> [O, taps*C]."""
+    o = w.shape[0]
+    if lb.layout == "linear":
+        return w
+    if lb.layout == "conv_channel":
+        return w.reshape(o, w.shape[1], -1)
+    perm = (0, *range(2, w.ndim), 1)
+    return w.transpose(perm).reshape(o, -1)
+
+
+def element_mask(lb: LayerBlocks) -> np.ndarray:
+    """Boolean array of the weight's shape (PyTorch layout): True inside kept blocks."""
+    br, bc = lb.block
+    rows, cols = lb.view_shape
+    m = np.kron(lb.kept, np.ones((br, bc), dtype=bool)).astype(bool)[:rows, :cols]
+    shape = lb.weight_shape
+    if lb.layout == "linear":
+        return m
+    if lb.layout == "conv_channel":
+        return np.broadcast_to(m.reshape(*m.shape, *([1] * (len(shape) - 2))), shape).copy()
+    o, c, *taps = shape
+    inv = (0, len(shape) - 1, *range(1, len(shape) - 1))
+    return m.reshape(o, *taps, c).transpose(inv).copy()

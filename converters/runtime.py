@@ -1,0 +1,59 @@
+"""Running ONNX models in ONNX Runtime: sessions, batched inference, interleaved timing."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def session(model: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True
+            ) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, inputs: dict[str, np.ndarray], *, batch_size: int = 256, threads: int | None = None,
+             optimize: bool = True, sess: ort.InferenceSession | None = None) -> list[np.ndarray]:
+    """All outputs of ``model`` on ``inputs`` (first axis = samples), run ``batch_size`` rows at a time."""
+    sess = sess or session(model, threads=threads, optimize=optimize)
+    n = len(next(iter(inputs.values())))
+    outs: list[list[np.ndarray]] = []
+    for i in range(0, n, batch_size):
+        feed = {k: np.ascontiguousarray(v[i : i + batch_size]) for k, v in inputs.items()}
+        outs.append(sess.run(None, feed))
+    return [np.concatenate([o[j] for o in outs], axis=0) for j in range(len(outs[0]))]
+
+
+def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,
+                     budget_s: float = 0.4, min_rounds: int = 5, max_rounds: int = 25) -> dict[str, float]:
+    """Median latency (ms) of each session on ``feed``: warm-up, then rounds that run every session in turn
+    (so drift hits all alike), each measurement a small loop sized to last about a millisecond."""
+    for s in sessions.values():
+        for _ in range(2):
+            s.run(None, feed)
+    reps = {}
+    for k, s in sessions.items():
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        reps[k] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[k]):
+                s.run(None, feed)
+            samples[k].append((time.perf_counter() - t0) / reps[k] * 1e3)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in samples.items()}

@@ -1,0 +1,77 @@
+"""Checks on the final bytes: the ONNX checker, then ONNX Runtime (graph optimizations off and on) against
+the pruned PyTorch model's outputs on real inputs.
+
+An output passes when ``max|onnx - torch| <= atol + rtol * max|torch|``: the relative part is scaled to the
+output's magnitude, so logits of size 30 and probabilities of size 1 get comparable tolerances. Top-1
+agreement is reported for classifiers (a near-tie may flip legitimately, so it does not gate).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .errors import VerificationError
+from .runtime import run_onnx, session
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float | None
+    passed: bool
+    atol: float
+    rtol: float
+    per_session: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """``onnx.checker.check_model(full_check=True)`` on the serialised model; raises VerificationError."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise VerificationError(f"the ONNX checker rejects the model: {str(e).splitlines()[0]}") from None
+    return proto
+
+
+def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expected: list[np.ndarray], *,
+           atol: float = 1e-4, rtol: float = 1e-3, classifier: bool = False, threads: int | None = None
+           ) -> Verification:
+    """Compare ORT (optimizations disabled, then enabled) with ``expected``. Raises VerificationError
+    (carrying the :class:`Verification`) when any output of either session is out of tolerance."""
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    check(data)
+    per = {}
+    worst_abs, worst_rel, agree = 0.0, 0.0, None
+    ok = True
+    for label, opt in (("optimizations_off", False), ("optimizations_on", True)):
+        outs = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=opt))
+        if len(outs) != len(expected):
+            raise VerificationError(f"ONNX model has {len(outs)} outputs, PyTorch {len(expected)}")
+        rows = []
+        for o, e in zip(outs, expected):
+            o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
+            if o.shape != e.shape:
+                raise VerificationError(f"output shape {o.shape} differs from PyTorch's {e.shape}")
+            d = float(np.max(np.abs(o - e))) if o.size else 0.0
+            scale = float(np.max(np.abs(e))) if e.size else 0.0
+            rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+            ok &= d <= atol + rtol * scale
+            worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, rel)
+            rows.append({"max_abs_diff": d, "max_rel_diff": rel})
+        if classifier and expected[0].ndim >= 2 and expected[0].shape[-1] > 1:
+            a = float(np.mean(outs[0].argmax(-1) == expected[0].argmax(-1)))
+            agree = a if agree is None else min(agree, a)
+        per[label] = rows
+    result = Verification(worst_abs, worst_rel, agree, bool(ok), atol, rtol, per)
+    if not result.passed:
+        raise VerificationError(
+            f"ONNX Runtime differs from the pruned PyTorch model: max abs diff {worst_abs:.3g}, max rel diff "
+            f"{worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|output|)", result)
+    return result
