@@ -115,7 +115,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class TrainConfig:
     """The fine-tuning budget and optimiser.
 
-    Exactly one of ``steps`` / ``epochs`` sets the budget; with neither, ``epochs = 10``.
+    Exactly one of ``steps`` / ``epochs`` sets the budget; with neither, 10 epochs but at least 300 steps
+    (small shards need more passes for the phase schedule to have room).
 
     Attributes:
         weight_decay: a *coupled* l2 penalty (added to the loss gradient) on the masked weights and, with
@@ -175,6 +176,7 @@ class TrainConfig:
         """The budget in optimiser steps for a shard of ``n_samples`` training samples."""
         if self.steps is not None:
             return self.steps
-        epochs = 10.0 if self.epochs is None else float(self.epochs)
         per_epoch = max(1, -(-n_samples // self.batch_size))
-        return max(1, int(round(epochs * per_epoch)))
+        if self.epochs is None:
+            return max(300, 10 * per_epoch)
+        return max(1, int(round(float(self.epochs) * per_epoch)))

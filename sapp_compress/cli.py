@@ -1,0 +1,184 @@
+"""The ``sapp-compress`` command: a thin click layer over :func:`sapp_compress.pipeline.compress`.
+
+Exit codes: 0 success; 1 unexpected failure; 2 bad usage or input; 3 ONNX Runtime differs from the pruned
+PyTorch model beyond tolerance; 4 accuracy gate failed; 130 interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import BlockSpec, CONV_LAYOUTS, INDIVISIBLE_POLICIES, DEFAULT_MIN_BLOCKS
+from .errors import SappError
+
+log = logging.getLogger("sapp_compress")
+
+
+class BlockType(click.ParamType):
+    """``8`` (8x8) or ``RxC`` (rows = outputs x cols = inputs of the layer's 2-D view)."""
+
+    name = "B|RxC"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, BlockSpec):
+            return value
+        try:
+            return BlockSpec.parse(value)
+        except SappError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _methods() -> list[str]:
+    from .methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _formats() -> list[str]:
+    from converters import FORMATS
+
+    return list(FORMATS)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (CI logs)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, ev: dict) -> None:
+        if self.quiet or ev.get("event") != "step":
+            return
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=ev["total"], desc="fine-tune", unit="step", file=sys.stderr, leave=False)
+            self.bar.n = ev["step"]
+            self.bar.set_postfix(phase=ev["phase"], loss=f"{ev['loss']:.4f}", refresh=False)
+            self.bar.refresh()
+        elif time.monotonic() - self.last > 5.0 or ev["step"] == ev["total"]:
+            self.last = time.monotonic()
+            click.echo(f"fine-tune step {ev['step']}/{ev['total']} phase {ev['phase']} loss {ev['loss']:.4f}",
+                       err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the ONNX model.")
+@click.option("--block", default="8", type=BlockType(), show_default=True,
+              help="Block shape: B (BxB) or RxC (rows = outputs, cols = inputs of the layer's 2-D view).")
+@click.option("--sparsity", default=0.8, type=float, show_default=True,
+              help="Fraction of blocks removed in each pruned layer, 0 < s < 1.")
+@click.option("--method", default="sapp", type=click.Choice(_methods()), show_default=True,
+              help="Pruning method: SA++ or one of the paper's baselines.")
+@click.option("--data", type=click.Path(path_type=Path), help="Training shard (.npz). Default: a shipped shard that fits.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation shard. Default: held out from --data.")
+@click.option("--epochs", type=float, help="Fine-tuning budget in epochs (default 10, at least 300 steps).")
+@click.option("--steps", type=int, help="Fine-tuning budget in optimizer steps (instead of --epochs).")
+@click.option("--batch-size", default=64, type=int, show_default=True, help="Mini-batch size (per process).")
+@click.option("--lr", default=1e-3, type=float, show_default=True, help="Peak learning rate (Adam, cosine, warm-up).")
+@click.option("--weight-decay", default=1e-4, type=float, show_default=True,
+              help="Coupled l2 on the masked weights and SA++ logits.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+              help="Where to fine-tune; auto = CUDA when available.")
+@click.option("--amp", default="auto", type=click.Choice(["auto", "bf16", "fp16", "off"]), show_default=True,
+              help="Mixed precision on CUDA.")
+@click.option("--seed", default=0, type=int, show_default=True, help="Seed for data order, split and init.")
+@click.option("--onnx-format", default="auto", type=click.Choice(_formats()), show_default=True,
+              help="How pruned layers are stored; auto times the candidates per layer in ORT.")
+@click.option("--export-batch-size", default=1, type=int, show_default=True,
+              help="Batch size auto times formulations at (your serving batch).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
+@click.option("--max-accuracy-drop", type=float,
+              help="Gate: fail (exit 4) if dense score - ONNX score exceeds this (0.01 = one point).")
+@click.option("--atol", default=1e-4, type=float, show_default=True, help="ORT vs PyTorch absolute tolerance.")
+@click.option("--rtol", default=1e-3, type=float, show_default=True,
+              help="ORT vs PyTorch tolerance relative to max|output|.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (also on failure).")
+@click.option("--save-torch", type=click.Path(path_type=Path), help="Also save the pruned, folded nn.Module here.")
+@click.option("--trust-model", is_flag=True, help="Load MODEL with the full unpickler (runs its code: trusted files only).")
+@click.option("--arch", help="module:callable building the model when MODEL is a state_dict.")
+@click.option("--balanced/--no-balanced", default=False, show_default=True,
+              help="Keep the same number of blocks in every block-row (fastest ONNX graph).")
+@click.option("--min-blocks", default=DEFAULT_MIN_BLOCKS, type=int, show_default=True,
+              help="Leave layers with fewer blocks dense.")
+@click.option("--indivisible", default="skip", type=click.Choice(INDIVISIBLE_POLICIES), show_default=True,
+              help="When the block does not divide a layer: leave it dense, pad, or fail.")
+@click.option("--include", multiple=True, help="Only prune weights matching this pattern (repeatable).")
+@click.option("--exclude", multiple=True, help="Never prune weights matching this pattern (repeatable).")
+@click.option("--conv-layout", default="channel", type=click.Choice(CONV_LAYOUTS), show_default=True,
+              help="Conv blocks over channels (fast in ORT) or over the paper's (kh*kw*C) x O view.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Write periodic checkpoints here.")
+@click.option("--checkpoint-every", default=0, type=int, help="Steps between checkpoints (0: every 5 %).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
+@click.version_option(__version__, "--version")
+def main(model, output, block, sparsity, method, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
+         device, amp, seed, onnx_format, export_batch_size, threads, max_accuracy_drop, atol, rtol, report,
+         save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
+         checkpoint_dir, checkpoint_every, resume, quiet, verbose):
+    """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
+
+    \b
+    Example:
+      sapp-compress model.pt --block 8 --sparsity 0.8 -o model.onnx --max-accuracy-drop 0.01
+    """
+    logging.basicConfig(level=logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                        logging.INFO if verbose else logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    progress = Progress(quiet)
+    try:
+        from .config import PruneConfig, TrainConfig
+        from .pipeline import OutputConfig, compress, summary
+
+        prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, balanced=balanced,
+                                min_blocks=min_blocks, indivisible=indivisible, include=include, exclude=exclude,
+                                conv_layout=conv_layout)
+        train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                device=device, amp=amp, seed=seed,
+                                checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                                checkpoint_every=checkpoint_every, resume=resume)
+        out = OutputConfig(output=output, report=report, save_torch=save_torch, onnx_format=onnx_format,
+                           max_accuracy_drop=max_accuracy_drop, atol=atol, rtol=rtol, threads=threads,
+                           export_batch_size=export_batch_size)
+        result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
+                          trust_model=trust_model, arch=arch, progress=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 -- every failure becomes one line and its exit code
+        progress.close()
+        if isinstance(e, SystemExit):
+            raise
+        from .pipeline import exit_code_of
+
+        code = exit_code_of(e)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if code == 1 and verbose:
+            traceback.print_exc()
+        click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)
+        sys.exit(code)
+    progress.close()
+    if not quiet and result.get("onnx_bytes"):
+        click.echo(summary(result), err=True)
+        click.echo(f"wrote {output}", err=True)
+
+
+if __name__ == "__main__":
+    main()

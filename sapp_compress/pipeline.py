@@ -1,0 +1,275 @@
+"""The whole job, as one function the CLI wraps: load -> data -> prune (fine-tune) -> export -> rewrite ->
+verify in ORT -> accuracy gate -> write outputs -> report.
+
+Outputs are atomic: the ONNX file (and ``save_torch``) are written under temporary names in their target
+directories and renamed only once every check has passed, so a failed or interrupted run leaves no output
+behind. The report, when asked for, is written in every case and says how the run ended.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib_data.shards import Shard, load_shard, shipped_shards
+
+from . import distributed
+from .api import PruneResult, check_fits, prune
+from .config import PruneConfig, TrainConfig
+from .errors import AccuracyGateFailed, DataError, SappError, UsageError, VerificationFailed
+from .loading import load_model
+from .report import empty_report, summary, write_json
+from .training import to_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how they are checked.
+
+    Attributes:
+        onnx_format: ``auto`` or a formulation name (``converters.FORMATS``).
+        max_accuracy_drop: the gate, in score units (0.01 = one accuracy point); None: no gate.
+        atol / rtol: ORT vs pruned PyTorch tolerance: ``max|diff| <= atol + rtol * max|output|``.
+        export_batch_size: the batch size ``auto`` times formulations at (set it to your serving batch).
+        verify_samples: evaluation samples compared between ORT and PyTorch.
+    """
+
+    output: Path
+    report: Path | None = None
+    save_torch: Path | None = None
+    onnx_format: str = "auto"
+    max_accuracy_drop: float | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    threads: int | None = None
+    export_batch_size: int = 1
+    verify_samples: int = 1024
+
+    def __post_init__(self) -> None:
+        from converters import FORMATS
+
+        if self.onnx_format not in FORMATS:
+            raise UsageError(f"onnx format: expected one of {FORMATS}, got {self.onnx_format!r}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
+        if self.atol < 0 or self.rtol < 0:
+            raise UsageError(f"atol/rtol: expected >= 0, got {self.atol}/{self.rtol}")
+        if self.export_batch_size < 1 or self.verify_samples < 1:
+            raise UsageError("export batch size and verify samples: expected positive integers")
+
+
+def exit_code_of(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, SappError):
+        return e.exit_code
+    from converters import VerificationError
+
+    if isinstance(e, VerificationError):
+        return 3
+    return 1
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail before hours of fine-tuning, not after: the directory must exist and take a file."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{what} {path}: is a directory, expected a file path")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot write there ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def _staged(final: Path):
+    """A temporary path next to ``final``; renamed onto it by :func:`_commit`, removed if never committed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def choose_shard(model: nn.Module, data: Path | None) -> Shard:
+    """The given shard, or the first shipped shard whose inputs the model accepts."""
+    if data is not None:
+        return load_shard(data)
+    for name, path in shipped_shards().items():
+        shard = load_shard(path)
+        try:
+            check_fits(model, shard)
+        except DataError:
+            continue
+        log.info("no --data given: using the shipped shard %s", name)
+        return shard
+    raise DataError("no shipped shard fits this model's inputs; pass --data TRAIN.npz (see README, Data)")
+
+
+def _input_names(shard: Shard) -> list[str]:
+    return ["x"] if len(shard.inputs) == 1 else [f"x{i}" for i in range(len(shard.inputs))]
+
+
+def _rows(shard: Shard, n: int) -> tuple[np.ndarray, ...]:
+    return tuple(np.ascontiguousarray(np.asarray(x[:n])) for x in shard.inputs)
+
+
+def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
+    outcomes = {o.name: o for o in conv.layers}
+    rows = []
+    for lb in res.layers:
+        o = outcomes[lb.name]
+        rows.append({
+            "name": lb.name, "shape": list(lb.weight_shape), "block": f"{lb.block[0]}x{lb.block[1]}",
+            "layout": lb.layout, "blocks": lb.n_blocks, "kept_blocks": lb.n_kept,
+            "block_sparsity": lb.block_sparsity, "sparsity": sp.per_layer[lb.name], "balanced": lb.balanced,
+            "onnx_format": o.fmt, "reason": o.reason, "latencies_ms": o.latencies_ms,
+            "stored_bytes": o.stored_bytes, "dense_bytes": o.dense_bytes,
+        })
+    return rows
+
+
+def compress(
+    model: nn.Module | str | Path,
+    prune_cfg: PruneConfig,
+    train_cfg: TrainConfig,
+    out: OutputConfig,
+    *,
+    data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    trust_model: bool = False,
+    arch: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the whole job and return the report (also written to ``out.report`` if set).
+
+    Raises the typed error of the first failure (its ``exit_code`` is in the report too).
+    """
+    import converters
+
+    report = empty_report()
+    report["config"] = {"prune": {**asdict(prune_cfg), "block": str(prune_cfg.block)},
+                        "train": asdict(train_cfg), "output": {k: str(v) if isinstance(v, Path) else v
+                                                               for k, v in asdict(out).items()}}
+    timings = report["timings"]
+    info = distributed.init_from_env(train_cfg.device)
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[stage] = round(now - t, 3)
+        t = now
+
+    try:
+        for path, what in ((out.output, "output"), (out.report, "report"), (out.save_torch, "--save-torch")):
+            if path is not None:
+                _check_writable(Path(path), what)
+        if isinstance(model, (str, Path)):
+            model = load_model(model, trust=trust_model, arch=arch)
+        lap("load")
+        shard = choose_shard(model, Path(data) if data else None)
+        ev = load_shard(eval_data) if eval_data else None
+        report["data"] = {"train": shard.source, "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
+                          "samples": len(shard)}
+        lap("data")
+        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress)
+        lap("fine_tune")
+        report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
+                      skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,
+                      steps=res.total_steps, history=res.history)
+        report["mask_digests_per_rank"] = distributed.gather_digests(res.mask_digest)
+        report["accuracy"]["dense"] = res.metrics["dense"]["score"]
+        report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
+        report["metrics"] = dict(res.metrics)
+        if not info.is_main:
+            report["exit_code"] = 0
+            return report
+
+        names = _input_names(res.eval_shard)
+        xs = _rows(res.eval_shard, out.export_batch_size)
+        dense_proto = converters.export_onnx(res.model, to_tensors(xs, torch.device("cpu")), input_names=names)
+        report["dense_onnx_bytes"] = dense_proto.ByteSize()
+        lap("export")
+        conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=dict(zip(names, xs)),
+                                  threads=out.threads)
+        onnx_bytes = conv.model.SerializeToString()
+        sp = converters.measure_sparsity(onnx_bytes, res.layers)
+        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp))
+        lap("convert")
+
+        vx = _rows(res.eval_shard, out.verify_samples)
+        with torch.no_grad():
+            expected = res.model(*to_tensors(vx, torch.device("cpu"))).float().numpy()
+        try:
+            ver = converters.verify(onnx_bytes, dict(zip(names, vx)), [expected], atol=out.atol, rtol=out.rtol,
+                                    classifier=res.task.is_classifier, threads=out.threads)
+        except converters.VerificationError as e:
+            report["verification"] = e.result.to_json() if e.result is not None else {"passed": False}
+            raise VerificationFailed(str(e)) from None
+        report["verification"] = ver.to_json()
+        lap("verify")
+
+        full = dict(zip(names, (np.asarray(x) for x in res.eval_shard.inputs)))
+        onnx_out = converters.run_onnx(onnx_bytes, full, threads=out.threads)[0]
+        dense_out = _dense_outputs(res)
+        onnx_metrics = res.task.metrics(onnx_out, res.eval_shard.y, dense_out)
+        report["metrics"]["onnx"] = onnx_metrics
+        report["accuracy"]["onnx"] = onnx_metrics["score"]
+        lap("evaluate")
+        drop = report["accuracy"]["dense"] - report["accuracy"]["onnx"]
+        report["accuracy"]["drop"] = drop
+        if out.max_accuracy_drop is not None and drop > out.max_accuracy_drop + 1e-12:
+            raise AccuracyGateFailed(
+                f"accuracy gate failed: {res.task.score_name} dense {report['accuracy']['dense']:.4f} -> onnx "
+                f"{report['accuracy']['onnx']:.4f}, a drop of {drop:.4f} > the allowed {out.max_accuracy_drop:g}")
+
+        with contextlib.ExitStack() as stack:
+            staged_onnx = stack.enter_context(_staged(Path(out.output)))
+            staged_onnx.write_bytes(onnx_bytes)
+            staged_pt = None
+            if out.save_torch is not None:
+                staged_pt = stack.enter_context(_staged(Path(out.save_torch)))
+                torch.save(res.model, staged_pt)
+            os.replace(staged_onnx, out.output)
+            if staged_pt is not None:
+                os.replace(staged_pt, out.save_torch)
+        lap("write")
+        report["exit_code"] = 0
+        return report
+    except BaseException as e:
+        report["exit_code"] = exit_code_of(e)
+        report["error"] = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else (
+            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise
+    finally:
+        if out.report is not None and info.is_main:
+            with contextlib.suppress(OSError):
+                write_json(out.report, report)
+        distributed.shutdown()
+
+
+def _dense_outputs(res: PruneResult) -> np.ndarray:
+    from .training import predict
+
+    return predict(res.dense_model, res.eval_shard, torch.device("cpu"))
+
+
+__all__ = ["OutputConfig", "compress", "exit_code_of", "summary"]

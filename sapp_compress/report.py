@@ -1,0 +1,100 @@
+"""The run report (JSON) and its one-screen human summary.
+
+Keys (the contract, which scripts rely on; more are added freely): ``achieved_sparsity`` (measured from the
+exported ONNX weights, over the pruned layers), ``layers`` (name, shape, block, sparsity, onnx_format, and
+the converter's reason and latencies), ``accuracy`` (``dense``, ``pruned_torch``, ``onnx``: the task's
+score, null where unknown), ``verification`` (``max_abs_diff``, ``max_rel_diff``, ``top1_agreement``,
+``passed``), ``onnx_bytes``, ``dense_onnx_bytes``, ``exit_code``, ``versions``, ``timings`` (seconds per stage).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from . import __version__
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "sapp_compress": __version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def empty_report() -> dict:
+    return {
+        "exit_code": None, "error": None, "achieved_sparsity": None, "layers": [], "skipped": [],
+        "accuracy": {"dense": None, "pruned_torch": None, "onnx": None},
+        "metrics": {}, "verification": None, "onnx_bytes": None, "dense_onnx_bytes": None,
+        "versions": versions(), "timings": {}, "config": {}, "task": None, "device": None,
+        "mask_digest": None,
+    }
+
+
+def _default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic: a temporary file in the same directory, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fmt(v, digits=4):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def summary(r: dict) -> str:
+    """A one-screen summary for stderr."""
+    lines = []
+    acc = r["accuracy"]
+    if r.get("task"):
+        lines.append(f"task {r['task']} ({r.get('score_name', 'score')}): dense {_fmt(acc['dense'])}, "
+                     f"pruned torch {_fmt(acc['pruned_torch'])}, onnx {_fmt(acc['onnx'])}")
+    if r["layers"]:
+        lines.append(f"{'layer':36s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
+        for lay in r["layers"][:14]:
+            lines.append(f"{lay['name'][:36]:36s} {'x'.join(map(str, lay['shape'])):>16s} {lay['block']:>6s} "
+                         f"{lay['sparsity']:8.3f}  {lay['onnx_format']}")
+        if len(r["layers"]) > 14:
+            lines.append(f"... and {len(r['layers']) - 14} more layers (see the report)")
+    if r["skipped"]:
+        lines.append(f"left dense: {len(r['skipped'])} layer(s), e.g. {r['skipped'][0]['name']}: "
+                     f"{r['skipped'][0]['reason']}")
+    if r["achieved_sparsity"] is not None:
+        lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}")
+    if r["onnx_bytes"]:
+        lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense {r['dense_onnx_bytes'] / 1024:.1f} KiB "
+                     f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
+    v = r["verification"]
+    if v:
+        lines.append(f"ORT vs pruned torch: max abs diff {v['max_abs_diff']:.2e}, max rel diff "
+                     f"{v['max_rel_diff']:.2e}, passed {v['passed']}")
+    t = r["timings"]
+    if t:
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return "\n".join(lines)
