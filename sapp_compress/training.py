@@ -55,8 +55,10 @@ def to_tensors(arrays: tuple[np.ndarray, ...], device: torch.device) -> tuple[to
     """numpy -> torch with the dtypes models expect: floats as float32, integers as int64."""
     out = []
     for a in arrays:
-        a = np.asarray(a)
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        if not a.flags.writeable:  # memory-mapped shards are read-only; torch wants to own writable memory
+            a = a.copy()
+        t = torch.from_numpy(a)
         t = t.float() if np.issubdtype(a.dtype, np.floating) else t.long()
         out.append(t.to(device, non_blocking=True))
     return tuple(out)
