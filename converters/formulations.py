@@ -8,8 +8,8 @@ Each formulation turns a :class:`~converters.locate.Site` into a :class:`Rewrite
   ``graph.sparse_initializer`` feeding Gemm/MatMul/Conv passes ``onnx.checker`` but fails its
   ``full_check``: strict type inference gives it type ``sparse_tensor(float)``, which those ops do not
   accept. The Constant form is valid under both and runs the same in ORT.)
-- ``compact``: the kept blocks as an ordinary initializer ``[nnz, br, bc(, taps)]`` plus int64 block indices;
-  ``ConstantOfShape -> ScatterND (unique indices, no reduction) -> Transpose -> Reshape`` rebuilds the dense
+- ``compact``: the kept blocks as an ordinary initializer ``[nnz, br, bc(, taps)]`` plus one int64 linear block
+  index each; ``ConstantOfShape -> ScatterND (unique indices, no reduction) -> Transpose -> Reshape`` rebuilds the dense
   weight under the original name, and ORT constant-folds that at load. Runtime = dense, file = compact.
 - ``blocked``: only kept blocks, computed block-sparse; the op handler of the consumer
   (:mod:`converters.ops`) builds the graph.
@@ -97,20 +97,21 @@ class Compact(Formulation):
         tail = v.shape[2:]  # (taps,) for conv_channel, () otherwise
         pad = [(0, R * br - rows), (0, C * bc - cols)] + [(0, 0)] * len(tail)
         vb = np.pad(v, pad).reshape(R, br, C, bc, *tail).swapaxes(1, 2)  # [R, C, br, bc, *tail]
-        rc = np.argwhere(lb.kept).astype(np.int64)  # row-major: unique, sorted
+        rc = np.argwhere(lb.kept)  # row-major: unique, sorted
         blocks = np.ascontiguousarray(vb[rc[:, 0], rc[:, 1]]).astype(np.float32)
+        flat = (rc[:, 0] * C + rc[:, 1]).astype(np.int64)[:, None]  # 8 bytes per kept block
         n = lambda s: idx.fresh(f"{site.init_name}_{s}")  # noqa: E731
         b_name, i_name, shape_name = n("blocks"), n("block_idx"), n("grid_shape")
         zeros, scat, tr = n("zeros"), n("scatter"), n("blocked_view")
-        full_shape = (R, C, br, bc, *tail)
         perm = (0, 2, 1, 3, *range(4, 4 + len(tail)))
         nodes = [
             helper.make_node("ConstantOfShape", [shape_name], [zeros],
                              value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.0])),
             helper.make_node("ScatterND", [zeros, i_name, b_name], [scat]),  # unique indices: no reduction
-            helper.make_node("Transpose", [scat], [tr], perm=list(perm)),
         ]
-        inits = [tensor(b_name, blocks), tensor(i_name, rc), tensor(shape_name, const_i64(full_shape))]
+        inits = [tensor(b_name, blocks), tensor(i_name, flat), tensor(shape_name, const_i64((R * C, br, bc, *tail)))]
+        grid = self._reshape(nodes, inits, n, scat, (R, C, br, bc, *tail))
+        nodes.append(helper.make_node("Transpose", [grid], [tr], perm=list(perm)))
         cur = tr
         view_shape = (R * br, C * bc, *tail)
         cur = self._reshape(nodes, inits, n, cur, view_shape)
@@ -132,7 +133,7 @@ class Compact(Formulation):
         if site.stored == "IO":
             nodes.append(helper.make_node("Transpose", [final_reshape_target], [out], perm=[1, 0]))
         return Rewrite("compact", nodes=nodes, inits=inits, drop_init=site.init_name, value_tensors=[b_name],
-                       stored_bytes=blocks.nbytes + rc.nbytes)
+                       stored_bytes=blocks.nbytes + flat.nbytes)
 
     @staticmethod
     def _reshape(nodes, inits, n, src, shape, out=None):
