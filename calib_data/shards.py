@@ -21,7 +21,7 @@ from sapp_compress.errors import DataError
 
 HERE = Path(__file__).resolve().parent
 _X_RE = re.compile(r"^x(\d*)$")
-_NAN_CHECK_ROWS = 1 << 16  # float inputs are scanned for NaN/Inf in chunks of this many rows
+_NAN_CHECK_BYTES = 4 << 20  # float inputs are scanned for NaN/Inf in chunks of about this size
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,9 @@ def _input_keys(path: Path, keys: list[str]) -> list[str]:
 def _check_finite(path: Path, name: str, a: np.ndarray) -> None:
     if not np.issubdtype(a.dtype, np.floating):
         return
-    for i in range(0, a.shape[0], _NAN_CHECK_ROWS):
-        chunk = np.asarray(a[i : i + _NAN_CHECK_ROWS])
+    rows = max(1, _NAN_CHECK_BYTES // max(1, a[:1].nbytes))
+    for i in range(0, a.shape[0], rows):
+        chunk = np.asarray(a[i : i + rows])
         if not np.isfinite(chunk).all():
             bad = int(np.argwhere(~np.isfinite(chunk.reshape(chunk.shape[0], -1)))[0][0]) + i
             raise _fail(path, f"{name} has NaN or Inf values (first in sample {bad})")

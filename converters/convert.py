@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from .errors import ConverterError
+from .chain import feature_major
 from .formulations import FORMULATIONS, Rewrite
 from .graph import GraphIndex
 from .locate import Site, locate
@@ -134,7 +135,7 @@ def _choose(model: onnx.ModelProto, site: Site, shapes: dict, threads: int | Non
         m = copy.deepcopy(layer_model)
         rw = f.build(_relocate(m, lsite), GraphIndex(m.graph))
         apply(m, rw)
-        sessions[name] = session(m, threads=threads)
+        sessions[name] = session(m, threads=threads, spin=False)
         sizes[name] = rw.stored_bytes
     rng = np.random.default_rng(0)
     feed = {site.node.input[0]: rng.standard_normal(in_shape).astype(np.float32)}
@@ -183,12 +184,15 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         else:
             why = FORMULATIONS[fmt].reason_not(site)
             chosen, reason = (fmt, None) if why is None else ("dense", f"{fmt} not applicable: {why}")
+            if chosen == "dense" and reason is None:
+                reason = "dense requested"
         site = _relocate(out, site)  # earlier rewrites rebuilt the node list
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
         outcomes[lb.name] = LayerOutcome(lb.name, site.node.op_type, chosen, reason, rw.stored_bytes,
                                          lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors)
         log.info("%s: %s%s", lb.name, chosen, f" ({reason})" if reason else "")
+    feature_major(out)  # lets ORT cancel the Transposes between consecutive blocked N-D linears
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]

@@ -9,9 +9,13 @@ import onnx
 import onnxruntime as ort
 
 
-def session(model: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True
-            ) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True,
+            spin: bool = True) -> ort.InferenceSession:
+    """A CPU session. ``spin=False`` stops idle intra-op threads from busy-waiting after a run: needed when
+    several sessions are timed interleaved, or one session's spinning threads steal the cores of the next."""
     so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
