@@ -311,3 +311,31 @@ def test_exported_transformer_ffn_transposes_cancel_in_ort():
     converters.verify(res.model, {"tokens": tokens.numpy()}, [expected], atol=1e-5, rtol=1e-4)
     extra = _ort_optimized_ops(res.model)["Transpose"] - _ort_optimized_ops(dense)["Transpose"]
     assert extra == 2 * 2 + 2 * 2  # per encoder layer: out_proj in/out, FFN in/out
+
+
+@pytest.mark.parametrize("opset", [18, 20], ids=["gelu-decomposed", "gelu-op"])
+def test_exported_3d_gelu_mlp_keeps_two_transposes(opset):
+    """torch exports GELU as Div/Erf/Add/Mul/Mul (x used twice) below opset 20 and as one Gelu from 20: either
+    way the Reshape pair between the blocked layers goes and ORT cancels the inner Transposes."""
+    import torch
+
+    from converters import export_onnx
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    rng = np.random.default_rng(0)
+    layers = []
+    for name, lin in m.named_modules():
+        if isinstance(lin, torch.nn.Linear):
+            R, C = lin.weight.shape[0] // 8, lin.weight.shape[1] // 8
+            lb = LayerBlocks(f"{name}.weight", "linear", tuple(lin.weight.shape), (8, 8), _kept(rng, R, C, 2, True))
+            with torch.no_grad():
+                lin.weight.mul_(torch.from_numpy(element_mask(lb)))
+            layers.append(LayerBlocks(lb.name, "linear", lb.weight_shape, (8, 8), lb.kept,
+                                      weight=lin.weight.detach().numpy().copy()))
+    x = torch.randn(2, 5, 32)
+    dense = export_onnx(m, (x,), opset=opset)
+    res = convert(dense, layers, fmt="blocked")
+    with torch.no_grad():
+        converters.verify(res.model, {"x": x.numpy()}, [m(x).numpy()], atol=1e-6, rtol=1e-4)
+    assert _ort_optimized_ops(res.model)["Transpose"] == 2
