@@ -36,11 +36,12 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without one is a usage error."""
     from .errors import ConfigError
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False (use --device cpu or auto)")
-    return torch.device(name)
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        # an explicit index: under torchrun every rank has set its own device (distributed.init_from_env)
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def autocast_for(device: torch.device, amp: str):

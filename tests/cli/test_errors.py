@@ -190,3 +190,10 @@ def test_sigint_exits_130_and_leaves_nothing(tmp_path, mlp_path):
     import json
 
     assert json.loads(rep.read_text())["exit_code"] == 130
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean failure on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_usage_error(run_cli, tmp_path, mlp_path):
+    out = tmp_path / "m.onnx"
+    code, err = run_cli(mlp_path, "-o", out, "--device", "cuda", *FAST)
+    _assert_failed(code, err, out, 2, "cuda was asked for but torch.cuda.is_available() is False")
