@@ -65,16 +65,18 @@ def pretrain(task: str) -> torch.nn.Module:
     return model
 
 
-def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict) -> dict:
+def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict,
+             balanced: bool = False) -> dict:
     shard_name, _, _, ft, extra = TASKS[task]
     model = pretrain(task)
     shard = load_shard(shipped_shard(shard_name))
-    cfg = PruneConfig(block=str(block), sparsity=sparsity, method=method, method_options=options, **extra)
+    cfg = PruneConfig(block=str(block), sparsity=sparsity, method=method, method_options=options,
+                      balanced=balanced, **extra)
     t0 = time.perf_counter()
     res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
     return {
         "task": task, "method": method, "block": block, "sparsity": sparsity, "seed": seed,
-        "options": options, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
+        "options": {**options, **({"balanced": True} if balanced else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
         "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
         "seconds": time.perf_counter() - t0,
     }
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="JSON method options (ablations)")
     ap.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--balanced", action="store_true", help="balanced (per block-row) selection")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -102,14 +105,15 @@ def main() -> None:
     if out.exists():
         done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
     options = json.loads(args.options)
+    key_options = {**options, **({"balanced": True} if args.balanced else {})}
     grid = itertools.product(args.tasks.split(","), args.methods.split(","),
                              [int(b) for b in args.blocks.split(",")],
                              [float(s) for s in args.sparsities.split(",")], [int(s) for s in args.seeds.split(",")])
     for task, method, block, sparsity, seed in grid:
-        k = (task, method, block, sparsity, seed, json.dumps(options, sort_keys=True))
+        k = (task, method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
         if k in done:
             continue
-        row = run_cell(task, method, block, sparsity, seed, options)
+        row = run_cell(task, method, block, sparsity, seed, options, args.balanced)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "

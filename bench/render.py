@@ -111,6 +111,24 @@ def overhead_table() -> str:
     return "\n".join(out)
 
 
+def speed_table(name: str = "onnx_speed.json") -> str:
+    p = RESULTS / name
+    if not p.exists():
+        return f"(no results: run bench/onnx_speed.py --out bench/results/{name})"
+    d = json.loads(p.read_text())
+    m = d["meta"]
+    out = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, median of {m['rounds']} interleaved rounds",
+           "", "| model | B | s | N | threads | dense ms | blocked ms | speedup | FLOP limit | of limit | auto speedup "
+           "| auto: worst layer vs dense | size vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        worst = max((c["vs_dense"] for c in r["auto_layers"] if c["vs_dense"]), default=float("nan"))
+        out.append(f"| {r['case']}{'' if r['balanced'] else ' (free masks)'} | {r['block']} | {r['sparsity']} | "
+                   f"{r['batch']} | {r['threads']} | {r['dense_ms']:.2f} | {r['blocked_ms']:.2f} | "
+                   f"{r['speedup_blocked']:.2f}x | {r['flop_limit']:.0f}x | {r['fraction_of_limit']:.0%} | "
+                   f"{r['speedup_auto']:.2f}x | {worst:.2f} | {r['bytes']['blocked'] / r['bytes']['dense']:.3f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "accuracy"
     if what == "accuracy":
@@ -125,6 +143,8 @@ def main() -> None:
             print(accuracy_tables(rows, opt))
     elif what == "overhead":
         print(overhead_table())
+    elif what == "speed":
+        print(speed_table(sys.argv[2] if len(sys.argv) > 2 else "onnx_speed.json"))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def _region(idx: GraphIndex, prod: dict, u: str, width: int) -> tuple[onnx.NodeP
     return r1, [n for n in idx.graph.node if id(n) in inside]
 
 
+def _leading_only(idx: GraphIndex, shape_node: onnx.NodeProto) -> bool:
+    """The Shape's only use is ``Slice(shape, [0], [-1])`` (the leading dims), as LinearHandler emits it."""
+    users = idx.consumers.get(shape_node.output[0], [])
+    if len(users) != 1 or users[0][0].op_type != "Slice" or len(users[0][0].input) != 3:
+        return False
+    sl = users[0][0]
+    return _const_shape(idx, sl.input[1]) == [0] and _const_shape(idx, sl.input[2]) == [-1]
+
+
 def _try(idx: GraphIndex, prod: dict, r2: onnx.NodeProto) -> tuple | None:
     """(R1, region, R2, shape nodes, x1) when ``r2`` closes a removable Reshape pair, else None."""
     target = _const_shape(idx, r2.input[1])
@@ -122,6 +131,8 @@ def _try(idx: GraphIndex, prod: dict, r2: onnx.NodeProto) -> tuple | None:
     if any(n.op_type != "Shape" for n in others):
         return None
     shapes = [n for n in others if n.op_type == "Shape"]
+    if not all(_leading_only(idx, n) for n in shapes):
+        return None  # Shape(u) -> Shape(x1) keeps only the leading dims equal
     found = _region(idx, prod, u, width)
     if found is None:
         return None

@@ -339,3 +339,18 @@ def test_exported_3d_gelu_mlp_keeps_two_transposes(opset):
     with torch.no_grad():
         converters.verify(res.model, {"x": x.numpy()}, [m(x).numpy()], atol=1e-6, rtol=1e-4)
     assert _ort_optimized_ops(res.model)["Transpose"] == 2
+
+
+@pytest.mark.parametrize("balanced", [True, False], ids=["balanced", "unbalanced"])
+def test_linear_chunks_match_dense(monkeypatch, balanced):
+    """Chunked block-rows (converters.ops.chunk_rows): same numbers; balanced chunks join by Concat alone."""
+    import converters.ops as ops
+
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 8 * ops.REFERENCE_BATCH * 4)  # 1-2 block-rows per chunk
+    lb = _layer("layer.weight", "linear", (64, 48), (8, 8), balanced)
+    dense, shapes = gemm(lb)
+    res = convert(dense, [lb], fmt="blocked")
+    _check_close(res.model, dense, _feed(shapes))
+    ops_count = Counter(n.op_type for n in res.model.graph.node)
+    assert ops_count["MatMul"] >= 4 and ops_count["Concat"] == 1
+    assert ops_count["Gather"] == ops_count["MatMul"] + (0 if balanced else 1)
