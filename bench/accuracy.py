@@ -39,7 +39,7 @@ RESULTS = ROOT / "bench" / "results"
 TASKS = {
     # name: (shard, builder, pretrain TrainConfig, fine-tune TrainConfig, PruneConfig extras)
     "digits_cnn": ("digits_img", lambda: zoo.ResCNN(1, 64, 2, 10),
-                   dict(steps=1500, batch_size=64, lr=2e-3), dict(steps=600, batch_size=64, lr=1e-3), {}),
+                   dict(steps=1500, batch_size=64, lr=2e-3), dict(steps=400, batch_size=64, lr=1e-3), {}),
     "digits_mlp": ("digits", lambda: zoo.mlp([64, 512, 512, 10]),
                    dict(steps=2000, batch_size=64, lr=1e-3), dict(steps=600, batch_size=64, lr=1e-3), {}),
     "ctr": ("ctr", lambda: zoo.CTRNet(),

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from converters import convert, export_onnx, verify  # noqa: E402
-from converters.runtime import session  # noqa: E402
+from converters.runtime import interleaved_samples, session  # noqa: E402
 from sapp_compress import PruneConfig, zoo  # noqa: E402
 from sapp_compress.geometry import plan_layers  # noqa: E402
 from sapp_compress.masks import attach, fold  # noqa: E402
@@ -83,21 +82,8 @@ def optimized_ops(model_bytes: bytes, threads: int) -> dict:
 
 
 def interleaved(sessions: dict, feed: dict, rounds: int, min_s: float = 0.05) -> dict:
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    reps = {}
-    for k, s in sessions.items():
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        reps[k] = max(1, int(min_s / max(time.perf_counter() - t0, 1e-6)))
-    samples = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
-                s.run(None, feed)
-            samples[k].append((time.perf_counter() - t0) / reps[k] * 1e3)
+    """``rounds`` interleaved rounds, each sample a loop of at least ``min_s`` seconds."""
+    samples = interleaved_samples(sessions, feed, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, loop_s=min_s)
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
             for k, v in samples.items()}
 

@@ -38,10 +38,11 @@ def run_onnx(model, inputs: dict[str, np.ndarray], *, batch_size: int = 256, thr
     return [np.concatenate([o[j] for o in outs], axis=0) for j in range(len(outs[0]))]
 
 
-def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,
-                     budget_s: float = 0.4, min_rounds: int = 5, max_rounds: int = 25) -> dict[str, float]:
-    """Median latency (ms) of each session on ``feed``: warm-up, then rounds that run every session in turn
-    (so drift hits all alike), each measurement a small loop sized to last about a millisecond."""
+def interleaved_samples(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,
+                        budget_s: float = 0.4, min_rounds: int = 5, max_rounds: int = 25,
+                        loop_s: float = 1e-3) -> dict[str, list[float]]:
+    """Latency samples (ms) of each session on ``feed``: a warm-up, then rounds that run every session in
+    turn (so drift hits all alike), each sample a loop sized to last about ``loop_s``."""
     for s in sessions.values():
         for _ in range(2):
             s.run(None, feed)
@@ -49,7 +50,7 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, 
     for k, s in sessions.items():
         t0 = time.perf_counter()
         s.run(None, feed)
-        reps[k] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-6)))
+        reps[k] = max(1, int(loop_s / max(time.perf_counter() - t0, 1e-6)))
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
     rounds = 0
@@ -60,4 +61,10 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, 
                 s.run(None, feed)
             samples[k].append((time.perf_counter() - t0) / reps[k] * 1e3)
         rounds += 1
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
+                     **kwargs) -> dict[str, float]:
+    """Median latency (ms) of each session (see :func:`interleaved_samples`)."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(sessions, feed, **kwargs).items()}

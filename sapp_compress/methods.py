@@ -339,20 +339,18 @@ class GMP(PruningMethod):
 
 
 @dataclass(frozen=True)
-class PowerPropOptions(CommonOptions):
-    """Block Powerpropagation: ``W_b = ||V_b|| V_b`` throughout; dense training for ``dense``, cubic gradual
-    magnitude pruning until ``1 - final_sparse``, then sparse."""
+class PowerPropOptions(GMPOptions):
+    """Block Powerpropagation: GMP's program, with a longer dense phase for the reparametrization to
+    concentrate norm in the important blocks."""
 
     dense: float = 0.4
 
 
 @register
-class PowerProp(PruningMethod):
+class PowerProp(GMP):
+    """``W_b = ||V_b|| V_b`` throughout (group Powerpropagation = group LASSO), pruned by block norm along
+    GMP's cubic schedule."""
+
     name = "powerprop"
     powerprop = True
     Options = PowerPropOptions
-
-    def program(self) -> list[Phase]:
-        o = self.options
-        end = 1.0 - o.final_sparse
-        return [Phase("dense", 0.0, o.dense), Phase("sparsify", o.dense, end, "cubic"), Phase("sparse", end, 1.0)]

@@ -229,8 +229,7 @@ def compress(
 
         full = dict(zip(names, (np.asarray(x) for x in res.eval_shard.inputs)))
         onnx_out = converters.run_onnx(onnx_bytes, full, threads=out.threads)[0]
-        dense_out = _dense_outputs(res)
-        onnx_metrics = res.task.metrics(onnx_out, res.eval_shard.y, dense_out)
+        onnx_metrics = res.task.metrics(onnx_out, res.eval_shard.y, res.dense_eval_outputs)
         report["metrics"]["onnx"] = onnx_metrics
         report["accuracy"]["onnx"] = onnx_metrics["score"]
         lap("evaluate")
@@ -264,12 +263,6 @@ def compress(
             with contextlib.suppress(OSError):
                 write_json(out.report, report)
         distributed.shutdown()
-
-
-def _dense_outputs(res: PruneResult) -> np.ndarray:
-    from .training import predict
-
-    return predict(res.dense_model, res.eval_shard, torch.device("cpu"))
 
 
 __all__ = ["OutputConfig", "compress", "exit_code_of", "summary"]
