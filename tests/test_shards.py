@@ -76,3 +76,16 @@ def test_bad_shards(tmp_path, make, msg):
 def test_shard_protocol():
     s = Shard(inputs=(np.arange(10)[:, None],), y=None, source="t")
     assert len(s) == 10 and len(s.subset(np.array([1, 2]))) == 2
+
+
+def test_directory_of_npy_files_is_a_memory_mapped_shard(tmp_path):
+    d = tmp_path / "shard"
+    d.mkdir()
+    np.save(d / "x0.npy", np.arange(12, dtype=np.int64).reshape(6, 2))
+    np.save(d / "x1.npy", np.ones((6, 3), np.float32))
+    np.save(d / "y.npy", np.array([0, 1, 0, 1, 1, 0]))
+    s = load_shard(d)
+    assert len(s.inputs) == 2 and all(isinstance(a, np.memmap) for a in s.inputs)
+    assert s.y.tolist() == [0, 1, 0, 1, 1, 0]
+    with pytest.raises(DataError, match="expected a directory of .npy files"):
+        load_shard(tmp_path)  # holds only a sub-directory
