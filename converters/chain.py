@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx
 
 from .graph import GraphIndex, attr

@@ -159,6 +159,7 @@ def prune(
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
     return PruneResult(
         model=student, dense_model=dense, layers=manifest, skipped=skipped, task=task,
-        train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history, dense_eval_outputs=dense_out,
+        train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
+        dense_eval_outputs=dense_out,
         device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
     )

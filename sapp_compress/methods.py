@@ -275,8 +275,10 @@ class SAPP(PruningMethod):
         return ph
 
     def schedule(self, phase: Phase):
+        if phase.schedule != "exponential":
+            return SCHEDULES[phase.schedule]
         c = self.options.c
-        return lambda t: SCHEDULES["exponential"](t, c) if phase.schedule == "exponential" else SCHEDULES[phase.schedule](t)
+        return lambda t: SCHEDULES["exponential"](t, c)
 
     def scores(self, layer: MaskedLayer) -> torch.Tensor:
         # Softmax is monotone, so ranking by logits = ranking by (unclipped) attention; clipping would

@@ -12,7 +12,7 @@ from sapp_compress.geometry import VIEWS, plan_layers
 
 def _reference_blocks(view, w):
     """Block id of every weight element, computed the slow, obvious way from the view's definition."""
-    rows, cols = view.rows, view.cols
+    cols = view.cols
     br, bc = view.block.rows, view.block.cols
     ids = torch.empty(w.shape, dtype=torch.long)
     C = math.ceil(cols / bc)
