@@ -53,6 +53,9 @@ def stored_layout(site: Site, w: np.ndarray) -> np.ndarray:
 
 class Formulation:
     name: str
+    #: ORT turns this formulation into the dense op at load (constant folding / densifying), so its
+    #: runtime is the dense one by construction; ``auto`` times it but ranks it by the group's latency
+    folds_to_dense: bool = True
 
     def reason_not(self, site: Site) -> str | None:
         """Why this formulation does not apply to ``site`` (None when it does)."""
@@ -146,6 +149,7 @@ class Compact(Formulation):
 
 class Blocked(Formulation):
     name = "blocked"
+    folds_to_dense = False
 
     def reason_not(self, site):
         from .ops import OP_HANDLERS

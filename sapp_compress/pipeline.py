@@ -262,6 +262,10 @@ def compress(
         if out.report is not None and info.is_main:
             with contextlib.suppress(OSError):
                 write_json(out.report, report)
+        # Ranks > 0 finish after fine-tuning; tearing the group down while rank 0 still works on it can
+        # abort the process ("terminate called without an active exception"), so all ranks leave together.
+        with contextlib.suppress(Exception):
+            distributed.barrier()
         distributed.shutdown()
 
 
