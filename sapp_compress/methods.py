@@ -225,7 +225,8 @@ class SAPPOptions(CommonOptions):
     final sparsify of ``final_sparsify`` and a final sparse fine-tune of ``final_sparse``.
 
     ``c`` is the exponential schedule's steepness; ``logit_decay`` applies the coupled l2 penalty to the
-    attention logits too; ``sparsification=False`` is the paper's ablation (plain sparse/dense halves with
+    attention logits too; ``logit_lr`` scales the logits' learning rate (the paper trains them with the
+    weights' optimizer and schedule: 1.0); ``sparsification=False`` is the paper's ablation (plain sparse/dense halves with
     one-shot pruning, ending on a dense phase before the final one-shot prune)."""
 
     dense: float = 0.1
@@ -234,6 +235,7 @@ class SAPPOptions(CommonOptions):
     final_sparse: float = 0.15
     c: float = 4.0
     logit_decay: bool = True
+    logit_lr: float = 1.0
     sparsification: bool = True
 
 

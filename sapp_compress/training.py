@@ -139,7 +139,9 @@ def fine_tune(
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
     phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint."""
     masked, logits, rest = _param_groups(model, method)
-    opt = torch.optim.Adam([{"params": masked}, {"params": logits}, {"params": rest}], lr=cfg.lr)
+    logit_lr = getattr(method.options, "logit_lr", 1.0)
+    opt = torch.optim.Adam([{"params": masked, "lr_scale": 1.0}, {"params": logits, "lr_scale": logit_lr},
+                            {"params": rest, "lr_scale": 1.0}], lr=cfg.lr)
     logit_decay = getattr(method.options, "logit_decay", True)
     autocast, amp_dtype = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -168,7 +170,7 @@ def fine_tune(
                 distributed.check_same_masks(method.masks(), f"step {step + 1}")
         lr = cfg.lr * cosine_lr(step / max(1, total_steps), cfg.warmup)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         idx = batches(step)
         xs = to_tensors(tuple(x[idx] for x in train.inputs), device)
         with autocast:
