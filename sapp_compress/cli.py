@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import BlockSpec, CONV_LAYOUTS, INDIVISIBLE_POLICIES, DEFAULT_MIN_BLOCKS
+from .config import CONV_LAYOUTS, DEFAULT_MIN_BLOCKS, INDIVISIBLE_POLICIES, BlockSpec
 from .errors import SappError
 
 log = logging.getLogger("sapp_compress")

@@ -6,7 +6,8 @@ from torch's layers needs no flag, and a pickle that tries to run code fails to 
 A model with classes of its own needs ``trust=True`` (``--trust-model``), which uses the full unpickler and
 so runs whatever the file says: only for files you trust, with their code importable.
 
-A state_dict works too, with ``arch="module:callable"`` building the model it fits.
+A state_dict works too, with ``arch="module:callable"`` building the model it fits. A TorchScript archive is
+refused with a one-line error: its layers are not nn.Module layers that masks (parametrizations) can attach to.
 """
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None
         raise ModelLoadError(f"{path}: not a PyTorch file (torch.save writes a zip archive)")
     with zipfile.ZipFile(path) as z:
         if any(n.endswith("/constants.pkl") or n.startswith("code/") for n in z.namelist()):
-            raise ModelLoadError(f"{path}: a TorchScript archive; save the nn.Module with torch.save(module)")
+            # Masks are parametrizations of nn.Module layers, which a ScriptModule cannot hold, and the ONNX
+            # exporter cannot trace one: say what to pass instead rather than fail later with a riddle.
+            raise ModelLoadError(f"{path}: a TorchScript archive, which cannot be fine-tuned here; pass the "
+                                 "nn.Module saved with torch.save(module) (or a state_dict with --arch)")
     try:
         if trust:
             obj = torch.load(path, map_location="cpu", weights_only=False)

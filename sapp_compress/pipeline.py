@@ -25,7 +25,13 @@ from calib_data.shards import Shard, load_shard, shipped_shards
 from . import distributed
 from .api import PruneResult, check_fits, prune
 from .config import PruneConfig, TrainConfig
-from .errors import AccuracyGateFailed, DataError, SappError, UsageError, VerificationFailed
+from .errors import (
+    AccuracyGateFailed,
+    DataError,
+    SappError,
+    UsageError,
+    VerificationFailed,
+)
 from .loading import load_model
 from .report import empty_report, summary, write_json
 from .training import to_tensors

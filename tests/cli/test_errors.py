@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, one_line_error, save_npz
 
 FAST = ["--steps", "20", "--onnx-format", "compact"]
@@ -148,8 +147,9 @@ def test_forced_verification_failure_exits_3(run_cli, tmp_path, mlp_path, monkey
     """Corrupt the stored kept values after conversion: the check must catch it (exit 3), not warn."""
     import json
 
-    import converters
     from onnx import numpy_helper
+
+    import converters
 
     real = converters.convert
 
