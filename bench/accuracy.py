@@ -17,6 +17,7 @@ Tasks (shipped data only):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -65,6 +66,16 @@ def pretrain(task: str) -> torch.nn.Module:
     return model
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """A short sha256 of the pretrained weights: rows are comparable only when they fine-tuned the same
+    dense model (pretraining is re-run on a machine without the cache, and other CPUs round differently)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict,
              balanced: bool = False) -> dict:
     shard_name, _, _, ft, extra = TASKS[task]
@@ -75,7 +86,7 @@ def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, opt
     t0 = time.perf_counter()
     res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
     return {
-        "task": task, "method": method, "block": block, "sparsity": sparsity, "seed": seed,
+        "task": task, "dense_model": model_digest(model), "method": method, "block": block, "sparsity": sparsity, "seed": seed,
         "options": {**options, **({"balanced": True} if balanced else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
         "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
         "seconds": time.perf_counter() - t0,
@@ -83,7 +94,7 @@ def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, opt
 
 
 def key(r: dict) -> tuple:
-    return (r["task"], r["method"], r["block"], r["sparsity"], r["seed"], json.dumps(r.get("options", {}), sort_keys=True))
+    return (r["task"], r.get("dense_model"), r["method"], r["block"], r["sparsity"], r["seed"], json.dumps(r.get("options", {}), sort_keys=True))
 
 
 def main() -> None:
@@ -101,17 +112,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+
+    def done() -> set:
+        # re-read before every cell: several processes may share one results file (each takes what is left)
+        if not out.exists():
+            return set()
+        return {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+
     options = json.loads(args.options)
     key_options = {**options, **({"balanced": True} if args.balanced else {})}
     grid = itertools.product(args.tasks.split(","), args.methods.split(","),
                              [int(b) for b in args.blocks.split(",")],
                              [float(s) for s in args.sparsities.split(",")], [int(s) for s in args.seeds.split(",")])
+    digests = {t: model_digest(pretrain(t)) for t in args.tasks.split(",")}
     for task, method, block, sparsity, seed in grid:
-        k = (task, method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
-        if k in done:
+        k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
+        if k in done():
             continue
         row = run_cell(task, method, block, sparsity, seed, options, args.balanced)
         with out.open("a") as f:

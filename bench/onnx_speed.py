@@ -1,23 +1,26 @@
 """Compressed vs dense ONNX in ONNX Runtime on this machine: whole-model latency ratios.
 
-Cases (from the converters issue): an MLP 1024-4096-4096-1024 (ReLU) at B = 32, s = 0.9, N = 256 and at
-B = 16, s = 0.8, N = 32; a CNN of four 3x3 convs with 256 channels (14x14, ReLU) at B = 16, s = 0.8, N = 1.
+Cases: the converters issue's models (an MLP 1024-4096-4096-1024 at B = 32, s = 0.9 and B = 16, s = 0.8; a CNN of
+four 3x3 convs with 256 channels on 14x14) and the zoo at the shipped examples' sizes, each at N = 1, 32 and 256
+and 1 and 2 threads.
 Masks are random and balanced (k blocks in every block-row; ``--unbalanced`` for free masks). For each case
 and thread count the dense, blocked and auto models run interleaved in one process (rounds of dense, blocked,
 auto, ...), and the medians' ratios are reported beside the FLOP limit 1/d. The auto model's per-layer
 choices and latencies are checked against dense (no layer more than 5 % slower).
 
-    python bench/onnx_speed.py [--threads 1,2] [--unbalanced] [--out bench/results/onnx_speed.json]
+    python bench/onnx_speed.py [--threads 1,2] [--batches 1,32,256] [--cases mlp,zoo] [--unbalanced] [--out ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -40,18 +43,36 @@ def conv_stack(c: int = 256, n: int = 4) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class Case:
+    """A model, its input(s) without the batch dimension, and the (block, sparsity) pairs to measure."""
+
+    def __init__(self, name, build, inputs, configs, large=False):
+        self.name, self.build, self.inputs, self.configs, self.large = name, build, inputs, configs, large
+
+    def feed(self, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randint(0, hi, (n, *shape), generator=g) if kind == "int" else
+                     torch.randn(n, *shape, generator=g) for kind, shape, hi in self.inputs)
+
+
+F, I = "float", "int"
 CASES = [
-    # name, builder, input shape (no batch), block, sparsity, batch
-    ("mlp-1024-4096-4096-1024", lambda: zoo.mlp([1024, 4096, 4096, 1024]), (1024,), 32, 0.9, 256),
-    ("mlp-1024-4096-4096-1024", lambda: zoo.mlp([1024, 4096, 4096, 1024]), (1024,), 16, 0.8, 32),
-    ("cnn-4x conv3x3-256ch-14x14", conv_stack, (256, 14, 14), 16, 0.8, 1),
+    # the converters issue's models
+    Case("mlp-1024-4096-4096-1024", lambda: zoo.mlp([1024, 4096, 4096, 1024]), [(F, (1024,), 0)],
+         [(32, 0.9), (16, 0.8)], large=True),
+    Case("cnn-4x conv3x3-256ch-14x14", conv_stack, [(F, (256, 14, 14), 0)], [(16, 0.8)], large=True),
+    # the zoo at the shipped examples' sizes
+    Case("zoo digits_mlp 64-256-256-10", lambda: zoo.mlp([64, 256, 256, 10]), [(F, (64,), 0)], [(8, 0.8), (16, 0.8)]),
+    Case("zoo digits_cnn ResCNN w64", lambda: zoo.ResCNN(1, 64, 2, 10), [(F, (1, 8, 8), 0)], [(8, 0.8), (16, 0.8)]),
+    Case("zoo ctr CTRNet", lambda: zoo.CTRNet(), [(I, (26,), 50), (F, (13,), 0)], [(8, 0.8)]),
+    Case("zoo TransformerClassifier d64", lambda: zoo.TransformerClassifier(), [(I, (32,), 64)], [(8, 0.8), (16, 0.8)]),
 ]
 
 
 def pruned(build, block, sparsity, balanced, seed=0):
     torch.manual_seed(seed)
     model = build().eval()
-    cfg = PruneConfig(block=str(block), sparsity=sparsity, balanced=balanced, min_blocks=1)
+    cfg = PruneConfig(block=str(block), sparsity=sparsity, balanced=balanced, min_blocks=1, indivisible="pad")
     plans, _ = plan_layers(model, cfg)
     layers = attach(plans, attention=False, powerprop=False, density=cfg.density)
     g = torch.Generator().manual_seed(seed)
@@ -87,59 +108,78 @@ def interleaved(sessions: dict, feed: dict, rounds: int, min_s: float = 0.05) ->
             for k, v in samples.items()}
 
 
+def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bool, rounds: int) -> dict:
+    model, manifest = pruned(case.build, block, s, balanced=balanced)
+    xs = case.feed(n)
+    with torch.no_grad():
+        expected = model(*xs).numpy()
+    dense = export_onnx(model, xs)
+    names = [i.name for i in dense.graph.input]
+    feed = {k: x.numpy() for k, x in zip(names, xs)}
+    blocked = convert(dense, manifest, fmt="blocked").model.SerializeToString()
+    dense_b = dense.SerializeToString()
+    auto = convert(dense, manifest, fmt="auto", timing_inputs=feed, threads=threads)
+    auto_b = auto.model.SerializeToString()
+    for b in (blocked, auto_b):
+        verify(b, feed, [expected], atol=1e-4, rtol=1e-4)
+    # spin=False: an idle session's spinning intra-op threads would steal the cores of the next one
+    # (measured: 2-thread dense MLP B=16 N=32 19.1 ms interleaved with spinning, 9.2 ms without)
+    sessions = {k: session(b, threads=threads, spin=False)
+                for k, b in (("dense", dense_b), ("blocked", blocked), ("auto", auto_b))}
+    lat = interleaved(sessions, feed, rounds)
+    layer_checks = [{"name": o.name, "fmt": o.fmt, "latencies_ms": o.latencies_ms,
+                     "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms else None}
+                    for o in auto.layers]
+    pruned_w = sum(lb.weight.size for lb in manifest)
+    all_w = sum(p.numel() for p in model.parameters())
+    row = {
+        "case": case.name, "block": block, "sparsity": s, "batch": n, "threads": threads, "balanced": balanced,
+        # the FLOP limit of the pruned layers, and of the whole model if only those shrank (Amdahl)
+        "flop_limit": 1 / (1 - s),
+        "pruned_share_of_weights": pruned_w / all_w,
+        "dense_ms": lat["dense"]["median_ms"], "blocked_ms": lat["blocked"]["median_ms"],
+        "auto_ms": lat["auto"]["median_ms"],
+        "speedup_blocked": lat["dense"]["median_ms"] / lat["blocked"]["median_ms"],
+        "speedup_auto": lat["dense"]["median_ms"] / lat["auto"]["median_ms"],
+        "bytes": {"dense": len(dense_b), "blocked": len(blocked), "auto": len(auto_b)},
+        "auto_layers": layer_checks, "latency_detail": lat,
+        "ort_ops_blocked": optimized_ops(blocked, threads),
+    }
+    row["fraction_of_limit"] = row["speedup_blocked"] / row["flop_limit"]
+    row["fraction_of_limit_auto"] = row["speedup_auto"] / row["flop_limit"]
+    worst = max((c["vs_dense"] for c in layer_checks if c["vs_dense"]), default=None)
+    print(f"{case.name} B={block} s={s} N={n} threads={threads}: dense {row['dense_ms']:.3f} ms, blocked "
+          f"{row['blocked_ms']:.3f} ms ({row['speedup_blocked']:.2f}x, limit {row['flop_limit']:.0f}x), auto "
+          f"{row['auto_ms']:.3f} ms ({row['speedup_auto']:.2f}x); auto layers {[c['fmt'] for c in layer_checks]}"
+          f" worst layer vs dense {worst and round(worst, 3)}; size {len(blocked)/len(dense_b):.3f}x", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batches", default="1,32,256")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (7 for the large models at N = 256)")
+    ap.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     ap.add_argument("--unbalanced", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_speed.json"))
     args = ap.parse_args()
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
+    wanted = [w for w in args.cases.split(",") if w]
     rows = []
-    for name, build, shape, block, s, n in CASES:
-        model, manifest = pruned(build, block, s, balanced=not args.unbalanced)
-        x = torch.randn(n, *shape)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        dense = export_onnx(model, (x,))
-        feed = {"x": x.numpy()}
-        blocked = convert(dense, manifest, fmt="blocked").model.SerializeToString()
-        dense_b = dense.SerializeToString()
-        for threads in [int(t) for t in args.threads.split(",")]:
-            auto = convert(dense, manifest, fmt="auto", timing_inputs=feed, threads=threads)
-            auto_b = auto.model.SerializeToString()
-            for b in (blocked, auto_b):
-                verify(b, feed, [expected], atol=1e-4, rtol=1e-4)
-            # spin=False: an idle session's spinning intra-op threads would steal the cores of the next one
-            # (measured: 2-thread dense MLP B=16 N=32 19.1 ms interleaved with spinning, 9.2 ms without)
-            sessions = {k: session(b, threads=threads, spin=False)
-                        for k, b in (("dense", dense_b), ("blocked", blocked), ("auto", auto_b))}
-            lat = interleaved(sessions, feed, args.rounds)
-            layer_checks = [{"name": o.name, "fmt": o.fmt, "latencies_ms": o.latencies_ms,
-                             "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms else None}
-                            for o in auto.layers]
-            row = {
-                "case": name, "block": block, "sparsity": s, "batch": n, "threads": threads,
-                "balanced": not args.unbalanced, "flop_limit": 1 / (1 - s),
-                "dense_ms": lat["dense"]["median_ms"], "blocked_ms": lat["blocked"]["median_ms"],
-                "auto_ms": lat["auto"]["median_ms"],
-                "speedup_blocked": lat["dense"]["median_ms"] / lat["blocked"]["median_ms"],
-                "speedup_auto": lat["dense"]["median_ms"] / lat["auto"]["median_ms"],
-                "bytes": {"dense": len(dense_b), "blocked": len(blocked), "auto": len(auto_b)},
-                "auto_layers": layer_checks, "latency_detail": lat,
-                "ort_ops_blocked": optimized_ops(blocked, threads),
-            }
-            row["fraction_of_limit"] = row["speedup_blocked"] / row["flop_limit"]
-            rows.append(row)
-            worst = max((c["vs_dense"] for c in layer_checks if c["vs_dense"]), default=None)
-            print(f"{name} B={block} s={s} N={n} threads={threads}: dense {row['dense_ms']:.3f} ms, blocked "
-                  f"{row['blocked_ms']:.3f} ms ({row['speedup_blocked']:.2f}x, limit {row['flop_limit']:.0f}x), auto "
-                  f"{row['auto_ms']:.3f} ms ({row['speedup_auto']:.2f}x); auto layers {[c['fmt'] for c in layer_checks]}"
-                  f" worst layer vs dense {worst and round(worst, 3)}; size {len(blocked)/len(dense_b):.3f}x; "
-                  f"transposes after ORT {row['ort_ops_blocked'].get('Transpose', 0)}", flush=True)
-    meta = {"cpu": cpu, "cores": __import__("os").cpu_count(), "python": platform.python_version(),
-            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds}
+    t0 = time.strftime("%H:%M", time.gmtime())
+    for case in CASES:
+        if wanted and not any(w in case.name for w in wanted):
+            continue
+        for block, s in case.configs:
+            for n in [int(b) for b in args.batches.split(",")]:
+                for threads in [int(t) for t in args.threads.split(",")]:
+                    rounds = 7 if case.large and n >= 256 else args.rounds
+                    rows.append(measure(case, block, s, n, threads, not args.unbalanced, rounds))
+    meta = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds,
+            "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

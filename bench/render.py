@@ -19,8 +19,24 @@ PLOTS = ROOT / "bench" / "plots"
 
 
 def _rows(name: str) -> list[dict]:
-    p = RESULTS / name
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    """Rows of a results file that fine-tuned the task's current dense model (the one named by the file's
+    last row for that task); rows of an older pretrained model are dropped with a note on stderr."""
+    p = RESULTS / name if not Path(name).is_absolute() else Path(name)
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    current = {r["task"]: r.get("dense_model") for r in rows}
+    seen: set = set()
+    kept = []
+    for r in rows:  # one row per cell and seed (two processes sharing a file may both run a cell)
+        k = (r["task"], r.get("dense_model"), r["method"], r["block"], r["sparsity"], r["seed"],
+             json.dumps(r.get("options", {}), sort_keys=True))
+        if r.get("dense_model") == current[r["task"]] and k not in seen:
+            seen.add(k)
+            kept.append(r)
+    if len(kept) < len(rows):
+        print(f"note: {len(rows) - len(kept)} rows of {name} fine-tuned an older dense model or repeat a cell; "
+              "not shown",
+              file=sys.stderr)
+    return kept
 
 
 def _metric(task: str) -> tuple[str, bool]:
@@ -57,6 +73,51 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
             best = (max if higher else min)(vals, key=lambda m: vals[m][0]) if vals else "-"
             row = [f"{vals[m][0]:.4f} ± {vals[m][1]:.4f} (n={vals[m][2]})" if m in vals else "-" for m in methods]
             out.append(f"| {b} | {s:g} | " + " | ".join(row) + f" | {best} |")
+    return "\n".join(out)
+
+
+def _cells(rows: list[dict], task: str, options: str) -> dict:
+    """{(block, sparsity, method): [scores]} for one task (``ctr_auc`` reads the AUC of ``ctr``)."""
+    base, key = (("ctr", "auc") if task == "ctr_auc" else (task, _metric(task)[0]))
+    out: dict = defaultdict(list)
+    for r in rows:
+        if r["task"] == base and json.dumps(r.get("options", {}), sort_keys=True) == options:
+            out[(r["block"], r["sparsity"], r["method"])].append(r["pruned"][key])
+    return out
+
+
+def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_sparsity: float = 0.8) -> str:
+    """SA++ (with ``sapp_options``) against the best baseline (default options) in every cell with
+    B >= ``min_block`` and s >= ``min_sparsity``: a win or loss when the gap of the means exceeds the larger of
+    the two seed stds, a tie otherwise."""
+    out = []
+    tasks = sorted({r["task"] for r in rows})
+    tasks += ["ctr_auc"] if "ctr" in tasks else []
+    for task in tasks:
+        higher = task != "ctr"
+        base = _cells(rows, task, "{}")
+        mine = _cells(rows, task, sapp_options)
+        tally = {"wins": 0, "ties": 0, "loses": 0}
+        lines = []
+        for (b, s, m) in sorted(k for k in mine if k[2] == "sapp"):
+            if b < min_block or s < min_sparsity - 1e-9:
+                continue
+            rivals = {mm: v for (bb, ss, mm), v in base.items() if bb == b and ss == s and mm != "sapp"}
+            if not rivals:
+                continue
+            pick = max if higher else min
+            best = pick(rivals, key=lambda mm: statistics.mean(rivals[mm]))
+            a, r = mine[(b, s, "sapp")], rivals[best]
+            gap = (statistics.mean(a) - statistics.mean(r)) * (1 if higher else -1)
+            spread = max(statistics.pstdev(a), statistics.pstdev(r))
+            word = "wins" if gap > spread else "loses" if gap < -spread else "ties"
+            tally[word] += 1
+            lines.append(f"  - B={b} s={s:g}: SA++ {statistics.mean(a):.4f} vs best baseline {best} "
+                         f"{statistics.mean(r):.4f} -> {word} ({gap:+.4f}, seed std up to {spread:.4f}; "
+                         f"n = {len(a)} / {len(r)})")
+        out.append(f"- **{task}**: SA++ wins {tally['wins']}, ties {tally['ties']}, loses {tally['loses']} "
+                   f"of {sum(tally.values())} cells")
+        out += lines
     return "\n".join(out)
 
 
@@ -134,6 +195,8 @@ def main() -> None:
     if what == "accuracy":
         rows = _rows("accuracy.jsonl")
         print(accuracy_tables(rows))
+        print("\n### Verdict (B >= 8, s >= 0.8)\n")
+        print(verdict(rows))
         for p in accuracy_plots(rows):
             print(f"\nwrote {p.relative_to(ROOT)}")
     elif what == "ablations":
@@ -141,6 +204,9 @@ def main() -> None:
         for opt in sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows}):
             print(f"\n### options {opt}")
             print(accuracy_tables(rows, opt))
+    elif what == "verdict":  # render.py verdict FILE '{"logit_lr": 10}': SA++ with options vs baselines
+        rows = _rows(sys.argv[2])
+        print(verdict(rows, sys.argv[3] if len(sys.argv) > 3 else "{}"))
     elif what == "overhead":
         print(overhead_table())
     elif what == "speed":

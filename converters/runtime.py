@@ -40,9 +40,13 @@ def run_onnx(model, inputs: dict[str, np.ndarray], *, batch_size: int = 256, thr
 
 def interleaved_samples(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,
                         budget_s: float = 0.4, min_rounds: int = 5, max_rounds: int = 25,
-                        loop_s: float = 1e-3) -> dict[str, list[float]]:
+                        loop_s: float = 1e-3, pause_s: float = 0.0) -> dict[str, list[float]]:
     """Latency samples (ms) of each session on ``feed``: a warm-up, then rounds that run every session in
-    turn (so drift hits all alike), each sample a loop sized to last about ``loop_s``."""
+    turn (so drift hits all alike), each sample a loop sized to last about ``loop_s``.
+
+    ``pause_s`` > 0 sleeps that long before each sample and runs one untimed call: sessions left with ONNX
+    Runtime's default spinning threads then park their idle workers before the next session is timed, so
+    sessions can be timed as deployed (spinning on) without stealing each other's cores."""
     for s in sessions.values():
         for _ in range(2):
             s.run(None, feed)
@@ -56,6 +60,9 @@ def interleaved_samples(sessions: dict[str, ort.InferenceSession], feed: dict[st
     rounds = 0
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
         for k, s in sessions.items():
+            if pause_s > 0:
+                time.sleep(pause_s)
+                s.run(None, feed)
             t0 = time.perf_counter()
             for _ in range(reps[k]):
                 s.run(None, feed)

@@ -139,9 +139,11 @@ def fine_tune(
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
     phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint."""
     masked, logits, rest = _param_groups(model, method)
-    logit_lr = getattr(method.options, "logit_lr", 1.0)
-    opt = torch.optim.Adam([{"params": masked, "lr_scale": 1.0}, {"params": logits, "lr_scale": logit_lr},
-                            {"params": rest, "lr_scale": 1.0}], lr=cfg.lr)
+    logit_lr = method.logit_lr_scale(cfg.lr)
+    tensorwise = getattr(method.options, "logit_norm", "element") == "layer"
+    opt = LogitAdam([{"params": masked, "lr_scale": 1.0},
+                     {"params": logits, "lr_scale": logit_lr, "tensorwise": tensorwise},
+                     {"params": rest, "lr_scale": 1.0}], lr=cfg.lr)
     logit_decay = getattr(method.options, "logit_decay", True)
     autocast, amp_dtype = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -257,6 +259,45 @@ def _restore(state, model, opt, method, scaler, history) -> int:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     history.extend(state["history"])
     return int(state["step"])
+
+
+class LogitAdam(torch.optim.Adam):
+    """Adam, except for param groups marked ``tensorwise``: there each tensor (one layer's attention logits)
+    shares one second moment, so the step is ``lr * m / sqrt(mean(g^2))`` per layer instead of per element.
+
+    Plain Adam moves every logit by about ``lr`` per step whatever the size of its gradient, so the logits
+    rank how *consistently* a block's scale is pushed up, not how much the loss cares: a block revived as
+    zeros, whose weights have barely started to grow, gets a small but steady push and outranks the blocks
+    the model relies on (measured on a ResCNN at B = 8, s = 0.9: such blocks took 4 of the 6 kept places in a
+    layer, and held-out accuracy fell from 0.99 to 0.78). A per-layer normaliser keeps the layer's scale
+    invariance (the reason for Adam) and the relative sizes of the blocks' gradients (the importance signal
+    SA++'s theory relies on)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        held = []
+        for g in self.param_groups:
+            if g.get("tensorwise"):
+                for p in g["params"]:
+                    if p.grad is not None:
+                        held.append((p, p.grad, g))
+                        p.grad = None  # Adam skips parameters without a gradient
+        loss = super().step(closure)
+        for p, grad, g in held:
+            p.grad = grad
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            b1, b2 = g["betas"]
+            st["step"] += 1
+            t = float(st["step"])
+            st["exp_avg"].lerp_(grad, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).add_((1 - b2) * grad.float().pow(2).mean())
+            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt().add_(g["eps"])
+            p.addcdiv_(st["exp_avg"], denom.to(p.dtype), value=-g["lr"] / (1 - b1**t))
+        return loss
 
 
 @torch.no_grad()

@@ -110,3 +110,84 @@ def test_select_top_k_ties_monotone_and_rows():
     alive[0, 1] = False
     keep = select_top_k(score, tie, alive, 3, per_row=False)
     assert keep.sum() == 3 and not keep[0, 1]
+
+
+def _sapp(options, steps=600):
+    model = _model()
+    cfg = PruneConfig(block="8", sparsity=0.75, method="sapp", method_options=options)
+    plans, _ = plan_layers(model, cfg)
+    return METHODS["sapp"](cfg, plans, steps)
+
+
+def test_sapp_logit_rate_follows_the_budget_unless_given():
+    # default: the logits can travel logit_travel (4) nats at peak rate over the budget, never slower than lr
+    assert _sapp({}, steps=600).logit_lr_scale(1e-3) == pytest.approx(4 / (1e-3 * 600))
+    assert _sapp({}, steps=300).logit_lr_scale(5e-4) == pytest.approx(4 / (5e-4 * 300))
+    assert _sapp({}, steps=100_000).logit_lr_scale(1e-2) == 1.0
+    assert _sapp({"logit_travel": 4.0}, steps=400).logit_lr_scale(1e-3) == pytest.approx(10.0)
+    assert _sapp({"logit_lr": 1.0}, steps=600).logit_lr_scale(1e-3) == 1.0  # the paper's setting
+    assert METHODS["gmp"](PruneConfig(block="8", sparsity=0.75, method="gmp"),
+                          plan_layers(_model(), PruneConfig(block="8", sparsity=0.75))[0], 600).logit_lr_scale(1e-3) == 1.0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"logit_lr": 0.0}, "logit_lr: expected a positive multiple of lr, got 0.0"),
+    ({"logit_travel": -1.0}, "logit_travel: expected a positive number, got -1.0"),
+    ({"score": "norm"}, "score: expected attention|effective, got 'norm'"),
+    ({"logit_norm": "global"}, "logit_norm: expected layer|element, got 'global'"),
+])
+def test_sapp_rejects_bad_logit_options(options, message):
+    from sapp_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        _sapp(options)
+
+
+def test_sapp_effective_score_outranks_a_near_zero_block_with_a_high_logit():
+    # A block revived as zeros whose logit was pushed up (the failure plain Adam on the logits invites): by
+    # attention (the default) it ranks first; by effective norm A_b * ||W_b|| it ranks last.
+    attn, eff = _sapp({}), _sapp({"score": "effective"})
+    for m in (attn, eff):
+        layer = m.layers[0]
+        with torch.no_grad():
+            layer.original.copy_(torch.ones_like(layer.original))
+            layer.original[:8, :8] = 1e-4  # block (0, 0): near zero
+            layer.masker.logits.zero_()
+            layer.masker.logits[0, 0] = 2.0
+    a, e = attn.scores(attn.layers[0]), eff.scores(eff.layers[0])
+    assert a.flatten().argmax() == 0
+    assert e.flatten().argmin() == 0
+    # elsewhere the effective score is the block's norm times its (equal) attention
+    torch.testing.assert_close(e[1:, 1:], torch.full_like(e[1:, 1:], 8.0) * eff.layers[0].masker.attention()[1:, 1:])
+
+
+def test_logit_adam_normalises_per_tensor_and_keeps_gradient_ratios():
+    from sapp_compress.training import LogitAdam, reset_optimizer_state
+
+    def first_step(tensorwise):
+        p = nn.Parameter(torch.zeros(4))
+        q = nn.Parameter(torch.zeros(4))  # an ordinary Adam group beside it
+        opt = LogitAdam([{"params": [p], "tensorwise": tensorwise}, {"params": [q]}], lr=0.1, eps=1e-12)
+        g = torch.tensor([1.0, 0.5, 0.01, -1.0])
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        return p.detach().clone(), q.detach().clone(), opt, p, g
+
+    p_layer, q, opt, p, g = first_step(True)
+    # one bias-corrected step: -lr * g / sqrt(mean(g^2)) -- the ratios of the gradients survive
+    torch.testing.assert_close(p_layer, -0.1 * g / g.pow(2).mean().sqrt())
+    # plain Adam's first step is -lr * sign(g) for every element (the ordinary group, and tensorwise=False)
+    torch.testing.assert_close(q, -0.1 * torch.sign(g))
+    p_elem, _, _, _, _ = first_step(False)
+    torch.testing.assert_close(p_elem, -0.1 * torch.sign(g))
+    # a reset makes the next step a first step again; the state survives a state_dict round trip
+    reset_optimizer_state(opt)
+    before = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach() - before, -0.1 * g / g.pow(2).mean().sqrt())
+    clone = LogitAdam([{"params": [nn.Parameter(torch.zeros(4))], "tensorwise": True},
+                       {"params": [nn.Parameter(torch.zeros(4))]}], lr=0.1)
+    clone.load_state_dict(opt.state_dict())
+    st = clone.state[clone.param_groups[0]["params"][0]]
+    assert float(st["step"]) == 1.0 and st["exp_avg_sq"].dim() == 0
