@@ -5,6 +5,7 @@ PyTorch model beyond tolerance; 4 accuracy gate failed; 130 interrupted.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -32,6 +33,24 @@ class BlockType(click.ParamType):
             return BlockSpec.parse(value)
         except SappError as e:
             self.fail(str(e), param, ctx)
+
+
+class MethodOptionType(click.ParamType):
+    """``KEY=VALUE`` for one method option; VALUE is read as JSON (``4``, ``true``, ``"keep"``) or else as text."""
+
+    name = "KEY=VALUE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        key, sep, raw = value.partition("=")
+        if not sep or not key.strip():
+            self.fail(f"expected KEY=VALUE, got {value!r}", param, ctx)
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw
+        return key.strip(), parsed
 
 
 def _methods() -> list[str]:
@@ -85,6 +104,8 @@ class Progress:
               help="Fraction of blocks removed in each pruned layer, 0 < s < 1.")
 @click.option("--method", default="sapp", type=click.Choice(_methods()), show_default=True,
               help="Pruning method: SA++ or one of the paper's baselines.")
+@click.option("--method-option", "method_option", multiple=True, type=MethodOptionType(),
+              help="A method option, e.g. cycles=3 or logit_lr=1.0 (repeatable; see each method's Options).")
 @click.option("--data", type=click.Path(path_type=Path), help="Training shard (.npz). Default: a shipped shard that fits.")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation shard. Default: held out from --data.")
 @click.option("--epochs", type=float, help="Fine-tuning budget in epochs (default 10, at least 300 steps).")
@@ -128,7 +149,7 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
-def main(model, output, block, sparsity, method, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
+def main(model, output, block, sparsity, method, method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
          device, amp, seed, onnx_format, export_batch_size, threads, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
@@ -146,7 +167,8 @@ def main(model, output, block, sparsity, method, data, eval_data, epochs, steps,
         from .config import PruneConfig, TrainConfig
         from .pipeline import OutputConfig, compress, summary
 
-        prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, balanced=balanced,
+        prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, method_options=dict(method_option),
+                                balanced=balanced,
                                 min_blocks=min_blocks, indivisible=indivisible, include=include, exclude=exclude,
                                 conv_layout=conv_layout)
         train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -70,6 +70,20 @@ class CommonOptions:
             raise ConfigError(f"final_sparse: expected a fraction in [0, 1), got {self.final_sparse}")
 
 
+def _check_option_type(method: str, f: dataclasses.Field, value) -> None:
+    """Options come from JSON or the command line: check each against its field's type (bool, int, float,
+    str, or float | None) before the method sees it."""
+    ann = str(f.type)
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}
+    base = ann.replace(" | None", "")
+    if (value is None and "None" in ann) or base not in ok or ok[base](value):
+        return
+    raise ConfigError(f"method {method}: option {f.name}: expected {ann}, got {value!r}")
+
+
 class PruningMethod:
     """Base class: subclasses set ``name``, ``Options`` and implement :meth:`program` (and may override
     :meth:`scores`)."""
@@ -84,6 +98,9 @@ class PruningMethod:
         unknown = set(cfg.method_options) - fields
         if unknown:
             raise ConfigError(f"method {self.name}: unknown options {sorted(unknown)}; expected some of {sorted(fields)}")
+        for f in dataclasses.fields(self.Options):
+            if f.name in cfg.method_options:
+                _check_option_type(self.name, f, cfg.method_options[f.name])
         self.options = self.Options(**cfg.method_options)
         self.cfg = cfg
         self.total_steps = total_steps
@@ -271,6 +288,11 @@ class SAPPOptions(CommonOptions):
         super().__post_init__()
         if self.logit_lr is not None and not self.logit_lr > 0:
             raise ConfigError(f"logit_lr: expected a positive multiple of lr, got {self.logit_lr!r}")
+        for name in ("dense", "final_sparsify", "final_sparse"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: expected a fraction of the budget in [0, 1], got {getattr(self, name)!r}")
+        if not self.c > 0:
+            raise ConfigError(f"c: expected a positive schedule steepness, got {self.c!r}")
         if self.logit_norm not in ("layer", "element"):
             raise ConfigError(f"logit_norm: expected layer|element, got {self.logit_norm!r}")
         if self.score not in ("attention", "effective"):

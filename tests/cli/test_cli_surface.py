@@ -90,3 +90,12 @@ def test_click_usage_errors_exit_2(run_cli, tmp_path, mlp_path):
     assert code == 2 and "Missing option" in err
     code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--method", "nope")
     assert code == 2 and "Invalid value for '--method'" in err
+
+
+def test_method_options_reach_the_method_and_the_report(run_cli, tmp_path, mlp_path):
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    code, err = run_cli(mlp_path, "-o", out, "--report", rep, "--method-option", "cycles=1",
+                        "--method-option", "logit_norm=element", "--method-option", "logit_lr=1.0", *FAST)
+    assert code == 0, err
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["prune"]["method_options"] == {"cycles": 1, "logit_norm": "element", "logit_lr": 1.0}

@@ -89,6 +89,20 @@ def test_bad_block(run_cli, tmp_path, mlp_path, b):
     _assert_failed(code, err, out, 2, "block")
 
 
+@pytest.mark.parametrize("opt, match", [
+    ("bogus=1", "method sapp: unknown options ['bogus']"),
+    ("cycles=abc", "method sapp: option cycles: expected int, got 'abc'"),
+    ("cycles=2.5", "method sapp: option cycles: expected int, got 2.5"),
+    ("c=-1", "c: expected a positive schedule steepness, got -1"),
+    ("logit_lr=0", "logit_lr: expected a positive multiple of lr, got 0"),
+    ("revive", "expected KEY=VALUE, got 'revive'"),
+])
+def test_bad_method_option(run_cli, tmp_path, mlp_path, opt, match):
+    out = tmp_path / "m.onnx"
+    code, err = run_cli(mlp_path, "-o", out, "--method-option", opt, *FAST)
+    _assert_failed(code, err, out, 2, match)
+
+
 def test_block_larger_than_every_layer(run_cli, tmp_path, mlp_path):
     out = tmp_path / "m.onnx"
     code, err = run_cli(mlp_path, "-o", out, "--block", "512", *FAST)
