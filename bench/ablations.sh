@@ -24,3 +24,9 @@ for o in '{}' '{"logit_lr": 1.0}' '{"logit_travel": 8.0}' '{"logit_travel": 16.0
   python bench/accuracy.py --tasks digits_mlp,ctr --methods sapp --blocks 8,16 --sparsities 0.8,0.9,0.95 \
     --seeds 0,1,2 --options "$o" --out bench/results/logit_lr.jsonl
 done
+# 3. The logits' optimiser on the CNN (where plain Adam at a faster rate collapsed on some seeds)
+for o in '{}' '{"logit_norm": "element", "logit_travel": 16.0}' '{"logit_norm": "element", "logit_lr": 1.0}' \
+         '{"logit_lr": 1.0}'; do
+  python bench/accuracy.py --tasks digits_cnn --methods sapp --blocks 8,16 --sparsities 0.9,0.95 \
+    --seeds 0,1,2 --options "$o" --out bench/results/logit_lr.jsonl
+done

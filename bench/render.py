@@ -121,6 +121,35 @@ def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_
     return "\n".join(out)
 
 
+def options_table(rows: list[dict], baselines: list[dict] | None = None) -> str:
+    """One line per SA++ option set (rows of an ablation file), one column per (task, B, s) cell: mean ± std
+    over seeds; with ``baselines`` (the accuracy grid) a last column counts the cells where the variant is
+    ahead of the best baseline in the mean."""
+    cols = sorted({(r["task"], r["block"], r["sparsity"]) for r in rows})
+    opts = sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows}, key=lambda o: (o != "{}", o))
+    head = "| options | " + " | ".join(f"{t} B={b} s={s:g}" for t, b, s in cols) + (" | ahead of best baseline |" if baselines else " |")
+    out = [head, "|---|" + "---|" * (len(cols) + (1 if baselines else 0))]
+    for o in opts:
+        cells, ahead, total = [], 0, 0
+        for t, b, s in cols:
+            key, higher = _metric(t)
+            v = [r["pruned"][key] for r in rows if (r["task"], r["block"], r["sparsity"]) == (t, b, s)
+                 and json.dumps(r.get("options", {}), sort_keys=True) == o]
+            cells.append(f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}" if v else "-")
+            if baselines and v:  # the baselines on the same seeds
+                seeds = {r["seed"] for r in rows if (r["task"], r["block"], r["sparsity"]) == (t, b, s)
+                         and json.dumps(r.get("options", {}), sort_keys=True) == o}
+                base = _cells([r for r in baselines if r["seed"] in seeds], t, "{}")
+                rivals = [statistics.mean(x) for (bb, ss, mm), x in base.items() if (bb, ss) == (b, s) and mm != "sapp"]
+                if rivals:
+                    total += 1
+                    best = max(rivals) if higher else min(rivals)
+                    ahead += (statistics.mean(v) > best) if higher else (statistics.mean(v) < best)
+        label = "defaults" if o == "{}" else f"`{o}`"
+        out.append(f"| {label} | " + " | ".join(cells) + (f" | {ahead}/{total} |" if baselines else " |"))
+    return "\n".join(out)
+
+
 def accuracy_plots(rows: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -178,16 +207,58 @@ def speed_table(name: str = "onnx_speed.json") -> str:
         return f"(no results: run bench/onnx_speed.py --out bench/results/{name})"
     d = json.loads(p.read_text())
     m = d["meta"]
-    out = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, median of {m['rounds']} interleaved rounds",
-           "", "| model | B | s | N | threads | dense ms | blocked ms | speedup | FLOP limit | of limit | auto speedup "
-           "| auto: worst layer vs dense | size vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m.get('utc', '')} UTC, median of "
+           f"{m['rounds']} interleaved rounds (7 for the large models at N = 256)", "",
+           "| model | B | s | N | threads | dense ms | blocked ms | blocked speedup | of FLOP limit | auto speedup "
+           "| of FLOP limit | auto: worst layer vs dense | size vs dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         worst = max((c["vs_dense"] for c in r["auto_layers"] if c["vs_dense"]), default=float("nan"))
         out.append(f"| {r['case']}{'' if r['balanced'] else ' (free masks)'} | {r['block']} | {r['sparsity']} | "
-                   f"{r['batch']} | {r['threads']} | {r['dense_ms']:.2f} | {r['blocked_ms']:.2f} | "
-                   f"{r['speedup_blocked']:.2f}x | {r['flop_limit']:.0f}x | {r['fraction_of_limit']:.0%} | "
-                   f"{r['speedup_auto']:.2f}x | {worst:.2f} | {r['bytes']['blocked'] / r['bytes']['dense']:.3f} |")
+                   f"{r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | {r['blocked_ms']:.3f} | "
+                   f"{r['speedup_blocked']:.2f}x | {r['fraction_of_limit']:.0%} | {r['speedup_auto']:.2f}x | "
+                   f"{r['speedup_auto'] / r['flop_limit']:.0%} | {worst:.2f} | "
+                   f"{r['bytes']['blocked'] / r['bytes']['dense']:.3f} |")
     return "\n".join(out)
+
+
+def speed_plot(name: str = "onnx_speed.json") -> Path | None:
+    """Speedup of auto over dense against N, one panel per model and (B, s), a line per thread count, with
+    the FLOP limit 1/d and 60 % of it."""
+    p = RESULTS / name
+    if not p.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(p.read_text())["rows"]
+    panels = sorted({(r["case"], r["block"], r["sparsity"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    cols = 3
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (case, b, s) in zip(axes.flat, panels):
+        for t in sorted({r["threads"] for r in rows}):
+            pts = sorted((r["batch"], r["speedup_auto"]) for r in rows
+                         if (r["case"], r["block"], r["sparsity"], r["threads"]) == (case, b, s, t))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"auto, {t} thread(s)")
+        ax.axhline(1 / (1 - s), color="gray", ls="--", lw=1, label="FLOP limit 1/d")
+        ax.axhline(0.6 / (1 - s), color="gray", ls=":", lw=1, label="60 % of the limit")
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{case}\nB={b}, s={s}", fontsize=9)
+        ax.set_xlabel("batch N")
+        ax.set_ylabel("speedup over dense")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    out = PLOTS / name.replace(".json", ".png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def main() -> None:
@@ -199,18 +270,21 @@ def main() -> None:
         print(verdict(rows))
         for p in accuracy_plots(rows):
             print(f"\nwrote {p.relative_to(ROOT)}")
-    elif what == "ablations":
-        rows = _rows("ablations.jsonl")
-        for opt in sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows}):
-            print(f"\n### options {opt}")
-            print(accuracy_tables(rows, opt))
+    elif what == "ablations":  # the ablations, then the logits' learning-rate study
+        print(options_table(_rows("ablations.jsonl")))
+        print()
+        print(options_table(_rows("logit_lr.jsonl"), _rows("accuracy.jsonl")))
     elif what == "verdict":  # render.py verdict FILE '{"logit_lr": 10}': SA++ with options vs baselines
         rows = _rows(sys.argv[2])
         print(verdict(rows, sys.argv[3] if len(sys.argv) > 3 else "{}"))
     elif what == "overhead":
         print(overhead_table())
     elif what == "speed":
-        print(speed_table(sys.argv[2] if len(sys.argv) > 2 else "onnx_speed.json"))
+        name = sys.argv[2] if len(sys.argv) > 2 else "onnx_speed.json"
+        print(speed_table(name))
+        plot = speed_plot(name)
+        if plot:
+            print(f"\nwrote {plot.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
