@@ -3,9 +3,10 @@ orders of magnitude, a student = teacher + heavy dense noise (30x the mean |teac
 s = 0.8 for 560 Adam steps (lr 1e-2, coupled l2 1e-2). SA++ must recover >= 95 % of the planted blocks on
 each of 3 seeds.
 
-Measured when written (3 seeds each; this test prints them again with -s):
-    sapp 0.98 / 0.99 / 1.00; acdc 0.29 / 0.32 / 0.40; magnitude 0.26 / 0.37 / 0.39;
-    gmp 0.27 / 0.32 / 0.34; powerprop 0.67 / 0.72 / 0.69.
+Measured (3 seeds each; this test prints them again with -s):
+    sapp 1.00 / 1.00 / 1.00 (with plain Adam on the logits, the earlier default: 0.98 / 0.99 / 1.00; with
+    plain Adam at a 2.9x faster logit rate: 1.00 / 0.91 / 0.88); acdc 0.27 / 0.33 / 0.39;
+    magnitude 0.25 / 0.37 / 0.39; gmp 0.25 / 0.34 / 0.32; powerprop 0.67 / 0.71 / 0.70.
 Only SA++ is asserted; the baselines are measured and reported, not ranked.
 """
 import pytest
@@ -29,8 +30,11 @@ def _recover(method: str, seed: int) -> float:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_sapp_recovers_planted_blocks(seed):
-    assert _recover("sapp", seed) >= 0.95
+def test_sapp_recovers_planted_blocks(seed, capsys):
+    rec = _recover("sapp", seed)
+    with capsys.disabled():
+        print(f"\nplanted recovery sapp seed {seed}: {rec:.2f}")
+    assert rec >= 0.95
 
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"sapp"}))
