@@ -262,6 +262,17 @@ def speed_plot(name: str = "onnx_speed.json") -> Path | None:
     return out
 
 
+def planted_table() -> str:
+    p = RESULTS / "planted.jsonl"
+    rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+    out = ["| SA++ options | noise | recovered (seeds) | mean |", "|---|---|---|---|"]
+    for o, noise in sorted({(r["options"], r["noise"]) for r in rows}, key=lambda k: (k[0] != "{}", k)):
+        v = [r["recovered"] for r in sorted(rows, key=lambda r: r["seed"]) if (r["options"], r["noise"]) == (o, noise)]
+        label = "defaults" if o == "{}" else f"`{o}`"
+        out.append(f"| {label} | {noise:g} | {' / '.join(f'{x:.2f}' for x in v)} | {statistics.mean(v):.2f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "accuracy"
     if what == "accuracy":
@@ -278,6 +289,8 @@ def main() -> None:
     elif what == "verdict":  # render.py verdict FILE '{"logit_lr": 10}': SA++ with options vs baselines
         rows = _rows(sys.argv[2])
         print(verdict(rows, sys.argv[3] if len(sys.argv) > 3 else "{}"))
+    elif what == "planted":
+        print(planted_table())
     elif what == "overhead":
         print(overhead_table())
     elif what == "speed":
