@@ -101,9 +101,10 @@ def optimized_ops(model_bytes: bytes, threads: int) -> dict:
     return counts
 
 
-def interleaved(sessions: dict, feed: dict, rounds: int, min_s: float = 0.05) -> dict:
+def interleaved(sessions: dict, feed: dict, rounds: int, min_s: float = 0.05, pause_s: float = 0.0) -> dict:
     """``rounds`` interleaved rounds, each sample a loop of at least ``min_s`` seconds."""
-    samples = interleaved_samples(sessions, feed, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, loop_s=min_s)
+    samples = interleaved_samples(sessions, feed, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, loop_s=min_s,
+                                  pause_s=pause_s)
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
             for k, v in samples.items()}
 
@@ -133,7 +134,8 @@ def model_flop_limit(model: nn.Module, xs: tuple, pruned_names: set, sparsity: f
     return macs["all"] / (macs["all"] - sparsity * macs["pruned"])
 
 
-def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bool, rounds: int) -> dict:
+def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bool, rounds: int,
+            spin: bool = True) -> dict:
     model, manifest = pruned(case.build, block, s, balanced=balanced)
     xs = case.feed(n)
     with torch.no_grad():
@@ -147,11 +149,13 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     auto_b = auto.model.SerializeToString()
     for b in (blocked, auto_b):
         verify(b, feed, [expected], atol=1e-4, rtol=1e-4)
-    # spin=False: an idle session's spinning intra-op threads would steal the cores of the next one
-    # (measured: 2-thread dense MLP B=16 N=32 19.1 ms interleaved with spinning, 9.2 ms without)
-    sessions = {k: session(b, threads=threads, spin=False)
+    # Sessions as users run them (ORT's default: idle intra-op threads spin before they park). Back to back,
+    # one session's spinning threads would steal the cores of the next (measured: 2-thread dense MLP B=16
+    # N=32 19.1 ms interleaved, 9.2 ms alone), so each sample starts after a 20 ms pause and one untimed run.
+    # --no-spin times sessions with spinning off instead (no pause needed).
+    sessions = {k: session(b, threads=threads, spin=spin)
                 for k, b in (("dense", dense_b), ("blocked", blocked), ("auto", auto_b))}
-    lat = interleaved(sessions, feed, rounds)
+    lat = interleaved(sessions, feed, rounds, pause_s=0.02 if spin else 0.0)
     layer_checks = [{"name": o.name, "fmt": o.fmt, "latencies_ms": o.latencies_ms,
                      "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms else None}
                     for o in auto.layers]
@@ -159,6 +163,7 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     all_w = sum(p.numel() for p in model.parameters())
     row = {
         "case": case.name, "block": block, "sparsity": s, "batch": n, "threads": threads, "balanced": balanced,
+        "spin": spin,
         # the FLOP limit of the pruned layers, and of the whole model (Amdahl: the rest stays dense)
         "flop_limit": 1 / (1 - s),
         "model_flop_limit": model_flop_limit(model, xs, {lb.name for lb in manifest}, s),
@@ -188,6 +193,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (7 for the large models at N = 256)")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     ap.add_argument("--unbalanced", action="store_true")
+    ap.add_argument("--no-spin", action="store_true", help="time sessions with ORT's thread spinning off")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_speed.json"))
     args = ap.parse_args()
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
@@ -202,9 +208,10 @@ def main() -> None:
             for n in [int(b) for b in args.batches.split(",")]:
                 for threads in [int(t) for t in args.threads.split(",")]:
                     rounds = 7 if case.large and n >= 256 else args.rounds
-                    rows.append(measure(case, block, s, n, threads, not args.unbalanced, rounds))
+                    rows.append(measure(case, block, s, n, threads, not args.unbalanced, rounds,
+                                        spin=not args.no_spin))
     meta = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds,
+            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds, "spin": not args.no_spin,
             "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
