@@ -77,8 +77,9 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict,
-             balanced: bool = False) -> dict:
+             balanced: bool = False, lr_scale: float = 1.0) -> dict:
     shard_name, _, _, ft, extra = TASKS[task]
+    ft = {**ft, "lr": ft["lr"] * lr_scale}
     model = pretrain(task)
     shard = load_shard(shipped_shard(shard_name))
     cfg = PruneConfig(block=str(block), sparsity=sparsity, method=method, method_options=options,
@@ -87,7 +88,8 @@ def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, opt
     res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
     return {
         "task": task, "dense_model": model_digest(model), "method": method, "block": block, "sparsity": sparsity, "seed": seed,
-        "options": {**options, **({"balanced": True} if balanced else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
+        "options": {**options, **({"balanced": True} if balanced else {}),
+                    **({"lr_scale": lr_scale} if lr_scale != 1.0 else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
         "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
         "seconds": time.perf_counter() - t0,
     }
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--balanced", action="store_true", help="balanced (per block-row) selection")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the task's fine-tuning learning rate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -120,7 +123,8 @@ def main() -> None:
         return {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
 
     options = json.loads(args.options)
-    key_options = {**options, **({"balanced": True} if args.balanced else {})}
+    key_options = {**options, **({"balanced": True} if args.balanced else {}),
+                   **({"lr_scale": args.lr_scale} if args.lr_scale != 1.0 else {})}
     grid = itertools.product(args.tasks.split(","), args.methods.split(","),
                              [int(b) for b in args.blocks.split(",")],
                              [float(s) for s in args.sparsities.split(",")], [int(s) for s in args.seeds.split(",")])
@@ -129,7 +133,7 @@ def main() -> None:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
         if k in done():
             continue
-        row = run_cell(task, method, block, sparsity, seed, options, args.balanced)
+        row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "

@@ -93,6 +93,11 @@ def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_
     out = []
     tasks = sorted({r["task"] for r in rows})
     tasks += ["ctr_auc"] if "ctr" in tasks else []
+    seeds_of: dict = defaultdict(dict)
+    for r in rows:
+        for t, key in ((r["task"], _metric(r["task"])[0]),) + ((("ctr_auc", "auc"),) if r["task"] == "ctr" else ()):
+            seeds_of[(t, r["block"], r["sparsity"], r["method"],
+                      json.dumps(r.get("options", {}), sort_keys=True))][r["seed"]] = r["pruned"][key]
     for task in tasks:
         higher = task != "ctr"
         base = _cells(rows, task, "{}")
@@ -112,9 +117,15 @@ def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_
             spread = max(statistics.pstdev(a), statistics.pstdev(r))
             word = "wins" if gap > spread else "loses" if gap < -spread else "ties"
             tally[word] += 1
+            # paired by seed (same split, same data order): on how many seeds SA++ is ahead
+            sa, sr = seeds_of[(task, b, s, "sapp", sapp_options)], seeds_of[(task, b, s, best, "{}")]
+            both = sorted(set(sa) & set(sr))
+            ahead = sum(((sa[k] - sr[k]) * (1 if higher else -1)) > 0 for k in both)
+            level = sum(sa[k] == sr[k] for k in both)
             lines.append(f"  - B={b} s={s:g}: SA++ {statistics.mean(a):.4f} vs best baseline {best} "
                          f"{statistics.mean(r):.4f} -> {word} ({gap:+.4f}, seed std up to {spread:.4f}; "
-                         f"n = {len(a)} / {len(r)})")
+                         f"n = {len(a)} / {len(r)}; ahead on {ahead} of {len(both)} seeds"
+                         f"{f', level on {level}' if level else ''})")
         out.append(f"- **{task}**: SA++ wins {tally['wins']}, ties {tally['ties']}, loses {tally['loses']} "
                    f"of {sum(tally.values())} cells")
         out += lines
@@ -126,6 +137,10 @@ def options_table(rows: list[dict], baselines: list[dict] | None = None) -> str:
     over seeds; with ``baselines`` (the accuracy grid) a last column counts the cells where the variant is
     ahead of the best baseline in the mean."""
     cols = sorted({(r["task"], r["block"], r["sparsity"]) for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    if len(methods) > 1:  # several methods: one line per (method, options), the method named in the label
+        return "\n\n".join(options_table([r for r in rows if r["method"] == m], baselines).replace(
+            "| defaults |", f"| {m} |").replace("| `{", f"| {m} `{{") for m in methods)
     opts = sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows}, key=lambda o: (o != "{}", o))
     head = "| options | " + " | ".join(f"{t} B={b} s={s:g}" for t, b, s in cols) + (" | ahead of best baseline |" if baselines else " |")
     out = [head, "|---|" + "---|" * (len(cols) + (1 if baselines else 0))]
@@ -148,6 +163,27 @@ def options_table(rows: list[dict], baselines: list[dict] | None = None) -> str:
         label = "defaults" if o == "{}" else f"`{o}`"
         out.append(f"| {label} | " + " | ".join(cells) + (f" | {ahead}/{total} |" if baselines else " |"))
     return "\n".join(out)
+
+
+def best_of(rows: list[dict], seeds: set | None = None) -> list[dict]:
+    """For every (task, B, s, method): the rows of whichever option set (e.g. learning-rate scales) has the
+    best mean, relabelled as defaults, so :func:`verdict` compares every method at its own best setting.
+    Only settings run on all of ``seeds`` compete (default: the seeds every setting of the cell has)."""
+    groups: dict = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["block"], r["sparsity"], r["method"], json.dumps(r.get("options", {}), sort_keys=True))].append(r)
+    cells: dict = defaultdict(dict)
+    for (t, b, s, m, o), rs in groups.items():
+        cells[(t, b, s, m)][o] = rs
+    out = []
+    for (t, b, s, m), by_opt in cells.items():
+        common = seeds or set.intersection(*({r["seed"] for r in rs} for rs in by_opt.values()))
+        key, higher = _metric(t)
+        scored = {o: [r for r in rs if r["seed"] in common] for o, rs in by_opt.items()}
+        scored = {o: rs for o, rs in scored.items() if rs}
+        pick = (max if higher else min)(scored, key=lambda o: statistics.mean(r["pruned"][key] for r in scored[o]))
+        out += [{**r, "options": {}, "picked": pick} for r in scored[pick]]
+    return out
 
 
 def accuracy_plots(rows: list[dict]) -> list[Path]:
@@ -304,6 +340,18 @@ def main() -> None:
     elif what == "verdict":  # render.py verdict FILE '{"logit_lr": 10}': SA++ with options vs baselines
         rows = _rows(sys.argv[2])
         print(verdict(rows, sys.argv[3] if len(sys.argv) > 3 else "{}"))
+    elif what == "lr":  # the learning-rate study
+        print(options_table(_rows("lr.jsonl") + [r for r in _rows("accuracy.jsonl") if r["method"] in
+              {r2["method"] for r2 in _rows("lr.jsonl")} and (r["task"], r["block"], r["sparsity"]) in
+              {(r2["task"], r2["block"], r2["sparsity"]) for r2 in _rows("lr.jsonl")}]))
+    elif what == "lr-verdict":  # every method at its best learning-rate scale (x1 or as run in lr.jsonl)
+        lr_rows = _rows("lr.jsonl")
+        cells = {(r["task"], r["block"], r["sparsity"]) for r in lr_rows}
+        base = [r for r in _rows("accuracy.jsonl") if (r["task"], r["block"], r["sparsity"]) in cells]
+        picked = best_of(base + [r for r in lr_rows if r["options"].keys() == {"lr_scale"}])
+        print(verdict(picked))
+        print("\npicked: " + ", ".join(sorted({f"{r['task']} B={r['block']} s={r['sparsity']:g} {r['method']}: "
+                                                f"{r['picked']}" for r in picked})))
     elif what == "planted":
         print(planted_table())
     elif what == "overhead":
