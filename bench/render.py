@@ -324,6 +324,20 @@ def planted_table() -> str:
     return "\n".join(out)
 
 
+def balanced_table() -> str:
+    """Free (the accuracy grid) vs balanced selection (balanced.jsonl) for the methods and cells run."""
+    bal, acc = _rows("balanced.jsonl"), _rows("accuracy.jsonl")
+    out = ["| task | B | s | method | free | balanced |", "|---|---|---|---|---|---|"]
+    for t, b, s, m in sorted({(r["task"], r["block"], r["sparsity"], r["method"]) for r in bal}):
+        key = _metric(t)[0]
+        f = [r["pruned"][key] for r in acc if (r["task"], r["block"], r["sparsity"], r["method"]) == (t, b, s, m)
+             and not r.get("options")]
+        v = [r["pruned"][key] for r in bal if (r["task"], r["block"], r["sparsity"], r["method"]) == (t, b, s, m)]
+        cell = lambda x: f"{statistics.mean(x):.4f} ± {statistics.pstdev(x):.4f}" if x else "-"  # noqa: E731
+        out.append(f"| {t} | {b} | {s:g} | {m} | {cell(f)} | {cell(v)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "accuracy"
     if what == "accuracy":
@@ -352,6 +366,8 @@ def main() -> None:
         print(verdict(picked))
         print("\npicked: " + ", ".join(sorted({f"{r['task']} B={r['block']} s={r['sparsity']:g} {r['method']}: "
                                                 f"{r['picked']}" for r in picked})))
+    elif what == "balanced":
+        print(balanced_table())
     elif what == "planted":
         print(planted_table())
     elif what == "overhead":
