@@ -6,7 +6,10 @@ the torch.export path is what torch maintains. Its graphs keep parameter names f
 transpose MatMul weights into fresh constants, so :mod:`converters.locate` matches weights by name first
 and by value (up to transpose and a per-output-channel scale from folded BatchNorm) after.
 
-The batch axis of every input (and so of every output) is exported as dynamic.
+Axes kept dynamic: the batch axis (0) of every input, and the sequence axis (1) of 2-D integer inputs (token
+ids, attention masks). torch.export specialises an axis whose example size is 1, so the example batch must have
+at least 2 rows (``export_onnx`` refuses fewer); an axis the model's own code fixes (a reshape to a constant
+batch) is found in the exported graph and reported in one line.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import contextlib
 import copy
 import io
 import logging
+import re
 import warnings
 
 import onnx
@@ -23,6 +27,38 @@ from .errors import ConverterError
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+AXIS_NAMES = {0: "batch", 1: "sequence"}
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def dynamic_axes_for(example_inputs: tuple) -> list[tuple[int, ...]]:
+    """The axes kept dynamic per input: the batch axis, plus the sequence axis of 2-D integer inputs."""
+    out = []
+    for t in example_inputs:
+        integer = not (t.dtype.is_floating_point or t.dtype.is_complex)
+        out.append((0, 1) if integer and t.dim() == 2 else (0,))
+    return out
+
+
+def _fixed_axes(proto: onnx.ModelProto, names: list[str], axes: list[tuple[int, ...]]) -> list[str]:
+    """``"input_ids axis 1 (sequence) = 16"`` for every axis meant to be dynamic that the graph fixed."""
+    bad = []
+    by_name = {vi.name: vi for vi in proto.graph.input}
+    for name, ax in zip(names, axes):
+        vi = by_name.get(name)
+        if vi is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for a in ax:
+            if a < len(dims) and dims[a].HasField("dim_value"):
+                bad.append(f"{name} axis {a} ({AXIS_NAMES.get(a, 'dynamic')}) = {dims[a].dim_value}")
+    return bad
 
 
 def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None = None,
@@ -38,9 +74,13 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
     m = copy.deepcopy(model).cpu().eval()
     args = tuple(t.cpu() for t in example_inputs)
     n = len(args)
+    if any(t.dim() == 0 or t.shape[0] < 2 for t in args):
+        raise ConverterError("export needs an example batch of at least 2 rows: torch.export fixes an axis of "
+                             "size 1 to 1")
     input_names = input_names or (["x"] if n == 1 else [f"x{i}" for i in range(n)])
     output_names = output_names or ["y"]
-    dyn = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
+    axes = dynamic_axes_for(args)
+    dyn = tuple({a: torch.export.Dim.DYNAMIC for a in ax} for ax in axes)
     sink = io.StringIO()
     noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
     levels = [lg.level for lg in noisy]
@@ -53,11 +93,14 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
                                      output_names=output_names, dynamic_shapes=dyn, verbose=False,
                                      optimize=True, external_data=False)
     except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the message matters
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConverterError(f"torch.onnx.export failed: {msg}") from e
+        raise ConverterError(f"torch.onnx.export failed: {one_line(e)}") from e
     finally:
         for lg, lv in zip(noisy, levels):
             lg.setLevel(lv)
     proto = prog.model_proto
+    fixed = _fixed_axes(proto, input_names, axes)
+    if fixed:
+        raise ConverterError(f"the model's graph cannot keep these axes dynamic: {', '.join(fixed)} (its code "
+                             "fixes them; the ONNX model would only run at that size)")
     proto.producer_name = "sapp-compress"
     return proto

@@ -3,9 +3,10 @@
 Matching, in order, for a weight ``W`` (PyTorch layout ``[O, ...]``) from the manifest:
 
 1. an initializer named as the parameter (``"blocks.0.conv1.weight"``) holding ``W``;
-2. otherwise any initializer holding ``W``, ``W^T`` (2-D: the exporter transposes MatMul weights into new
-   constants), or ``W`` times a per-output-channel factor with ``W``'s exact zero pattern (BatchNorm folded
-   into the preceding Conv: zero blocks stay zero).
+2. otherwise any initializer holding ``W`` or ``W^T`` (2-D, square ones included: the exporter transposes
+   MatMul weights into new constants), each also up to a per-output-channel factor with ``W``'s exact zero
+   pattern (BatchNorm folded into the preceding Conv, an attention scale folded into a query projection:
+   zero blocks stay zero).
 
 Zero matches, or several (tied weights), raise :class:`WeightNotFound`: a wrong guess would rewrite the wrong
 tensor. A weight that is found but consumed by an op no handler knows is left dense with that reason.
@@ -60,21 +61,24 @@ def _per_channel_scale(a: np.ndarray, w: np.ndarray) -> bool:
     return True
 
 
-def _matches(idx: GraphIndex, lb: LayerBlocks) -> list[tuple[str, str, np.ndarray]]:
+def _matches(idx: GraphIndex, lb: LayerBlocks, cache: dict[str, np.ndarray]
+             ) -> list[tuple[str, str, np.ndarray]]:
+    """Initializers holding ``lb.weight`` as is (``"OI"``) or transposed (``"IO"``, 2-D only; a square weight
+    is tried both ways, since the exporter stores every MatMul weight transposed), each up to a
+    per-output-channel factor with the same zeros (folded BatchNorm, a folded attention scale)."""
     w = lb.weight
     found = []
     for name, t in idx.inits.items():
         dims = tuple(t.dims)
         if int(np.prod(dims)) != w.size:
             continue
-        if dims == w.shape:
-            a = idx.array(name)
-            if np.array_equal(a, w) or _per_channel_scale(a, w):
-                found.append((name, "OI", a))
-        elif w.ndim == 2 and dims == w.shape[::-1]:
-            a = idx.array(name)
-            if np.array_equal(a, w.T):
-                found.append((name, "IO", a.T))
+        if name not in cache:
+            cache[name] = idx.array(name)
+        a = cache[name]
+        if dims == w.shape and (np.array_equal(a, w) or _per_channel_scale(a, w)):
+            found.append((name, "OI", a))
+        elif w.ndim == 2 and dims == w.shape[::-1] and (np.array_equal(a.T, w) or _per_channel_scale(a.T, w)):
+            found.append((name, "IO", a.T))
     named = [f for f in found if f[0] == lb.name]
     return named or found
 
@@ -117,10 +121,11 @@ def locate(model: onnx.ModelProto, layers: list[LayerBlocks]
     """
     idx = GraphIndex(model.graph)
     sites, reasons = [], {}
+    cache: dict[str, np.ndarray] = {}
     for lb in layers:
         if lb.weight is None:
             raise WeightNotFound(f"{lb.name}: the manifest carries no weight values to match")
-        found = _matches(idx, lb)
+        found = _matches(idx, lb, cache)
         if not found:
             raise WeightNotFound(f"{lb.name}: no initializer of the exported graph holds this weight "
                                  f"(shape {lb.weight.shape}, as is, transposed or BatchNorm-scaled)")
