@@ -19,7 +19,7 @@ from onnx import helper
 from .errors import ConverterError
 from .chain import feature_major
 from .formulations import FORMULATIONS, Rewrite
-from .graph import GraphIndex
+from .graph import GraphIndex, prune_unused
 from .locate import Site, locate
 from .manifest import LayerBlocks
 from .runtime import session, time_interleaved
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FORMATS: tuple[str, ...] = ("auto", *FORMULATIONS)
 METADATA_KEY = "sapp_compress.layers"
 TIE = 0.05  # within 5 % of the fastest counts as a tie; the smallest wins
+WHOLE_MODEL_FLOOR = 0.95  # auto's whole model may not run slower than this ratio of dense
 
 
 @dataclass
@@ -43,6 +44,8 @@ class LayerOutcome:
     latencies_ms: dict[str, float] | None = None
     balanced: bool | None = None
     value_tensors: list[str] = field(default_factory=list)
+    #: ``auto``: the medians (ms) per timed input shape, e.g. ``{"8x128x768": {...}, "1x128x768": {...}}``
+    latencies_by_shape: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,8 +87,9 @@ def apply(model: onnx.ModelProto, rewrite: Rewrite) -> None:
     g.initializer.extend(rewrite.inits)
 
 
-def _single_layer(model: onnx.ModelProto, site: Site, in_shape: list[int]) -> tuple[onnx.ModelProto, Site]:
-    """A model of just the layer (its node, weight, bias) on an input of ``in_shape``, for timing."""
+def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]) -> tuple[onnx.ModelProto, Site]:
+    """A model of just the layer (its node, weight, bias) on its input, the axes that differ between
+    ``in_shapes`` symbolic, so one session times it at every size."""
     idx = GraphIndex(model.graph)
     node = copy.deepcopy(site.node)
     nodes = [node]
@@ -94,7 +98,8 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shape: list[int]) -> tu
         via = copy.deepcopy(site.via_transpose)
         nodes.insert(0, via)
     inits = [copy.deepcopy(idx.inits[n]) for n in {*node.input, *(via.input if via else [])} if n in idx.inits]
-    x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, in_shape)
+    dims = [d if all(sh[i] == d for sh in in_shapes) else f"d{i}" for i, d in enumerate(in_shapes[0])]
+    x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, dims)
     y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
     g = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
@@ -102,13 +107,36 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shape: list[int]) -> tu
     return m, Site(site.layer, site.init_name, node, site.stored, site.weight, via)
 
 
-def _input_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
-    """Static shapes of every tensor with the batch axis fixed to ``batch`` (unknown ones left out)."""
+def timing_sizes(model: onnx.ModelProto, timing_inputs: dict[str, np.ndarray] | None
+                 ) -> list[dict[str, list[int]]]:
+    """The input shapes ``auto`` times at: those of ``timing_inputs`` (every axis, batch and sequence alike),
+    then the same with batch 1 when the timing batch is larger, so that a choice holds from one row up to the
+    timing batch. Without timing inputs: batch 1, other symbolic axes unknown."""
+    if not timing_inputs:
+        return [{vi.name: [1] for vi in model.graph.input}]
+    full = {k: list(np.shape(v)) for k, v in timing_inputs.items()}
+    sizes = [full]
+    if any(len(v) and v[0] > 1 for v in full.values()):
+        sizes.append({k: [1, *v[1:]] if len(v) else v for k, v in full.items()})
+    return sizes
+
+
+def _input_shapes(model: onnx.ModelProto, feed_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Static shapes of every tensor when the graph inputs have ``feed_shapes`` (unknown ones left out).
+
+    Every axis given is fixed (a shape shorter than the input's rank fixes its leading axes), and the export's
+    symbolic annotations of inner tensors are dropped first, so that inference derives them from the inputs:
+    a transformer's activations ``[batch, sequence, features]`` need both axes known."""
     m = copy.deepcopy(model)
     for vi in m.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].dim_value:
-            dims[0].dim_value = batch
+        for d, v in zip(dims, feed_shapes.get(vi.name, [])):
+            if not d.dim_value:
+                d.Clear()
+                d.dim_value = int(v)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
     try:
         m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 -- shape inference is best effort; an unknown shape means "not timed"
@@ -121,15 +149,34 @@ def _input_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
     return out
 
 
-def _choose(model: onnx.ModelProto, site: Site, shapes: dict, threads: int | None
-            ) -> tuple[str, str | None, dict | None]:
-    """(format, reason, latencies) for ``auto``."""
+def _rank(lat: dict[str, float], applicable: dict) -> dict[str, float]:
+    """Each candidate's latency relative to the dense op's: dense, compact and sparse-initializer run the same
+    dense op after ORT loads them, so any gap between their timings is noise; they all rank at the group's best
+    time (the dense op's speed as far as this machine showed it), which is 1. (The group's median let blocked
+    through at 1.16x a dense measurement when the other two drew slow samples: ResCNN B = 16, N = 256,
+    2 threads.)"""
+    group = [n for n in lat if applicable[n].folds_to_dense]
+    g = float(min(lat[n] for n in group)) if group else float(min(lat.values()))
+    return {n: 1.0 if n in group else v / g for n, v in lat.items()}
+
+
+def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None
+            ) -> tuple[str, str | None, dict | None, dict | None]:
+    """(format, reason, latencies, latencies per timed size) for ``auto``.
+
+    Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (the timing batch,
+    then batch 1), interleaved. A candidate ranks by its worst ratio to the dense op over the sizes, so a
+    layer that gains at batch 16 but loses at batch 1 (or the reverse) stays dense-runtime. Ties within
+    :data:`TIE` of the best go to the smallest file. ``latencies`` (ms) are the timing size's, except that a
+    candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
+    time: the latency it was ranked at. The raw medians per size are the second dict."""
     applicable = {name: f for name, f in FORMULATIONS.items() if f.reason_not(site) is None}
     blocked_reason = FORMULATIONS["blocked"].reason_not(site)
-    in_shape = shapes.get(site.node.input[0])
-    if in_shape is None:
-        return "compact", "activation shape unknown, not timed: compact storage, dense runtime", None
-    layer_model, lsite = _single_layer(model, site, in_shape)
+    in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
+    if in_shapes[0] is None:
+        return "compact", "activation shape unknown, not timed: compact storage, dense runtime", None, None
+    in_shapes = [sh for sh in in_shapes if sh is not None]
+    layer_model, lsite = _single_layer(model, site, in_shapes)
     sessions, sizes = {}, {}
     for name, f in applicable.items():
         m = copy.deepcopy(layer_model)
@@ -140,26 +187,34 @@ def _choose(model: onnx.ModelProto, site: Site, shapes: dict, threads: int | Non
         sessions[name] = session(m, threads=threads)
         sizes[name] = rw.stored_bytes
     rng = np.random.default_rng(0)
-    feed = {site.node.input[0]: rng.standard_normal(in_shape).astype(np.float32)}
-    lat = time_interleaved(sessions, feed, pause_s=0.005 if (threads or 0) != 1 else 0.0)
-    # Dense, compact and sparse-initializer run the same dense op after ORT loads them, so any gap between
-    # their timings is noise: rank them all at the group's best time (the dense op's speed as far as this
-    # machine showed it), and let size decide among them. (The group's median let blocked through at 1.16x
-    # a dense measurement when the other two drew slow samples: ResCNN B = 16, N = 256, 2 threads.)
-    group = [n for n in lat if applicable[n].folds_to_dense]
-    ranked = dict(lat)
-    if group:
-        g = float(min(lat[n] for n in group))
-        ranked.update({n: g for n in group})
-    fastest = min(ranked.values())
-    ties = [n for n in ranked if ranked[n] <= fastest * (1 + TIE)]
-    pick = min(ties, key=lambda n: (sizes[n], ranked[n]))
+    per_size, worst, at = {}, {}, {}
+    for shape in in_shapes:
+        feed = {site.node.input[0]: rng.standard_normal(shape).astype(np.float32)}
+        lat = time_interleaved(sessions, feed, pause_s=0.005 if (threads or 0) != 1 else 0.0)
+        key = "x".join(map(str, shape))
+        per_size[key] = {k: round(v, 5) for k, v in lat.items()}
+        for n, r in _rank(lat, applicable).items():
+            if r > worst.get(n, -1.0):
+                worst[n], at[n] = r, key
+    best = min(worst.values())
+    ties = [n for n in worst if worst[n] <= best * (1 + TIE)]
+    pick = min(ties, key=lambda n: (sizes[n], worst[n]))
+    first = next(iter(per_size))
+    dense_ref = min(per_size[first][n] for n in per_size[first] if applicable[n].folds_to_dense) \
+        if any(applicable[n].folds_to_dense for n in per_size[first]) else None
+    latencies = {n: (per_size[first][n] if at[n] == first or dense_ref is None else round(worst[n] * dense_ref, 5))
+                 for n in per_size[first]}
     reason = None
     if pick != "blocked":
-        why = blocked_reason or (f"blocked {lat['blocked']:.3g} ms vs dense {lat['dense']:.3g} ms at "
-                                 f"{in_shape}: sparse compute does not pay here")
+        if blocked_reason:
+            why = blocked_reason
+        else:
+            b = "blocked"
+            why = (f"blocked at {worst[b]:.2f}x the dense op's time at {at[b]} ("
+                   + ", ".join(f"{k}: {v[b]:.3g} ms vs dense {v['dense']:.3g} ms" for k, v in per_size.items())
+                   + "): sparse compute does not pay at every size")
         reason = f"{pick} (smallest of the fastest); {why}"
-    return pick, reason, {k: round(v, 5) for k, v in lat.items()}
+    return pick, reason, latencies, per_size
 
 
 def _relocate(model: onnx.ModelProto, site: Site) -> Site:
@@ -169,15 +224,10 @@ def _relocate(model: onnx.ModelProto, site: Site) -> Site:
     return Site(site.layer, site.init_name, node, site.stored, site.weight, via)
 
 
-def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "auto",
-            timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None) -> ConversionResult:
-    """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
-
-    ``timing_inputs`` fix the batch size at which ``auto`` times candidates (default: batch 1).
-    The input model is not modified.
-    """
-    if fmt not in FORMATS:
-        raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
+def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple]
+           ) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
+    """``model`` (not modified) with every located layer rewritten as ``choices[name] = (fmt, reason,
+    latencies, per_size)`` says; the layers found but left dense are recorded with their reason."""
     out = copy.deepcopy(model)
     sites, unplaced = locate(out, layers)
     outcomes: dict[str, LayerOutcome] = {}
@@ -185,25 +235,85 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         lb = next(lb for lb in layers if lb.name == name)
         outcomes[name] = LayerOutcome(name, op, "dense", reason, lb.weight.nbytes, lb.weight.nbytes,
                                       balanced=lb.balanced, value_tensors=[init_name])
-    batch = len(next(iter(timing_inputs.values()))) if timing_inputs else 1
-    shapes = _input_shapes(out, batch) if fmt == "auto" else {}
     for site in sites:
         lb = site.layer
-        latencies = None
-        if fmt == "auto":
-            chosen, reason, latencies = _choose(out, site, shapes, threads)
-        else:
-            why = FORMULATIONS[fmt].reason_not(site)
-            chosen, reason = (fmt, None) if why is None else ("dense", f"{fmt} not applicable: {why}")
-            if chosen == "dense" and reason is None:
-                reason = "dense requested"
+        chosen, reason, latencies, per_size = choices[lb.name]
         site = _relocate(out, site)  # earlier rewrites rebuilt the node list
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
         outcomes[lb.name] = LayerOutcome(lb.name, site.node.op_type, chosen, reason, rw.stored_bytes,
-                                         lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors)
+                                         lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors, per_size)
         log.info("%s: %s%s", lb.name, chosen, f" ({reason})" if reason else "")
     feature_major(out)  # lets ORT cancel the Transposes between consecutive blocked N-D linears
+    prune_unused(out.graph)
+    return out, outcomes
+
+
+def _whole_model_ratios(dense: onnx.ModelProto, converted: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                        threads: int | None) -> dict[str, float]:
+    """Dense time over converted time, whole models interleaved, at each feed (key: the first input's shape)."""
+    sess = {"dense": session(dense, threads=threads), "converted": session(converted, threads=threads)}
+    out = {}
+    for feed in feeds:
+        lat = time_interleaved(sess, feed, budget_s=1.0, min_rounds=7, max_rounds=31, loop_s=0.01,
+                               pause_s=0.005 if (threads or 0) != 1 else 0.0)
+        out["x".join(map(str, np.shape(next(iter(feed.values())))))] = lat["dense"] / lat["converted"]
+    return out
+
+
+def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
+    """Switch ``names`` (blocked layers) to the smallest storage formulation that runs the dense op."""
+    store = min((f for f in FORMULATIONS.values() if f.folds_to_dense and f.name != "dense"),
+                key=lambda f: 0 if f.name == "compact" else 1).name
+    for n in names:
+        _, _, lat, per_size = choices[n]
+        choices[n] = (store, f"{store} (dense runtime): {why}", lat, per_size)
+
+
+def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "auto",
+            timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None) -> ConversionResult:
+    """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
+
+    ``auto`` times every applicable formulation per layer at the shapes of ``timing_inputs`` (all their axes;
+    default: batch 1, other symbolic axes unknown, so such layers are not timed) and at batch 1, and keeps
+    the one whose worst ratio to dense is best (ties to the smallest). With timing inputs it then times the
+    whole converted model against dense at the same sizes; where it is more than :data:`WHOLE_MODEL_FLOOR`
+    slower at one of them, the blocked layers with the least measured gain go back to dense runtime (compact
+    storage), then all of them. The input model is not modified.
+    """
+    if fmt not in FORMATS:
+        raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    probe = copy.deepcopy(model)
+    sites, _ = locate(probe, layers)
+    choices: dict[str, tuple] = {}
+    if fmt == "auto":
+        sizes = timing_sizes(model, timing_inputs)
+        shape_sets = [_input_shapes(probe, sz) for sz in sizes]
+        for site in sites:
+            choices[site.layer.name] = _choose(probe, site, shape_sets, threads)
+    else:
+        for site in sites:
+            why = FORMULATIONS[fmt].reason_not(site)
+            chosen, reason = (fmt, None) if why is None else ("dense", f"{fmt} not applicable: {why}")
+            if chosen == "dense" and reason is None:
+                reason = "dense requested"
+            choices[site.layer.name] = (chosen, reason, None, None)
+    out, outcomes = _build(model, layers, choices)
+    blocked = [n for n, c in choices.items() if c[0] == "blocked"]
+    if fmt == "auto" and timing_inputs and blocked:
+        feeds = [timing_inputs]
+        if len(sizes) > 1:
+            feeds.append({k: np.ascontiguousarray(v[:1]) for k, v in timing_inputs.items()})
+        # least gain first: the worst ratio to dense each blocked layer was ranked at
+        gain = sorted(blocked, key=lambda n: -max(_rank(v, FORMULATIONS)["blocked"] for v in choices[n][3].values()))
+        for step in (gain[: max(1, len(gain) // 2)], gain):
+            ratios = _whole_model_ratios(model, out, feeds, threads)
+            if min(ratios.values()) >= WHOLE_MODEL_FLOOR:
+                break
+            seen = ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
+            log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", seen, len(step))
+            _fallback(choices, step, f"the whole model with blocked layers ran at {seen} of dense")
+            out, outcomes = _build(model, layers, choices)
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]

@@ -48,3 +48,44 @@ def const_i64(values) -> np.ndarray:
 
 def tensor(name: str, a: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(a), name)
+
+
+def _names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` reads, subgraphs (If / Loop / Scan bodies) included: a body may
+    read an outer tensor by name without listing it."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                used |= _names_used(sub)
+    return used
+
+
+def prune_unused(graph: onnx.GraphProto) -> tuple[int, int]:
+    """Remove (in place) nodes none of whose outputs is read or a graph output, repeatedly, then the
+    initializers no node reads. Returns (nodes removed, initializers removed).
+
+    Rewrites leave such pieces behind (a flattening Reshape's shape constant once the Reshape pair between two
+    blocked linears is gone); ONNX Runtime would drop them at load and warn once per tensor."""
+    outputs = {o.name for o in graph.output}
+    removed_nodes = 0
+    while True:
+        used = _names_used(graph) | outputs
+        keep = [n for n in graph.node if any(o and o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        removed_nodes += len(graph.node) - len(keep)
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = _names_used(graph) | outputs | {i.name for i in graph.input}  # a listed input stays fed
+    inits = [t for t in graph.initializer if t.name in used]
+    removed_inits = len(graph.initializer) - len(inits)
+    if removed_inits:
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    known = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
+    known |= {i.name for i in graph.input}
+    for v in [v for v in graph.value_info if v.name not in known]:
+        graph.value_info.remove(v)
+    return removed_nodes, removed_inits

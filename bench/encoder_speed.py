@@ -1,0 +1,250 @@
+"""A BERT-base-shaped encoder, block-pruned, in stock ONNX Runtime: dense vs blocked vs auto, whole model.
+
+The model: ``transformers.BertModel`` (hidden 768, intermediate 3072, 12 heads, 4 layers, vocab 1000), random
+weights, eval mode, wrapped so that it maps ``(input_ids, attention_mask)`` to ``last_hidden_state``. All six
+linear projections of every layer (query, key, value, attention output, intermediate, output) get a random
+balanced block mask (B x B blocks, the same number kept in every block-row, sparsity s); the dropped blocks are
+zeroed in the torch weights. Export: ``converters.export_onnx`` (batch and sequence axes dynamic), conversion:
+``converters.convert`` with ``fmt="blocked"`` and ``fmt="auto"`` (timed at the first batch size of
+``--batches``).
+
+For every batch size (sequence ``--seq``) and thread count the dense, blocked and auto models run interleaved in
+one process (rounds of dense, blocked, auto, ...; median of the rounds); the speedups are ratios of medians.
+Printed with every table: the CPU model and flags, the FLOP limit (linear layers' multiply-adds only: an upper
+bound), the encoder layers' weight bytes dense vs blocked and the whole file-size ratio, and the node types in
+the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath``).
+
+    python bench/encoder_speed.py [--threads 1,2] [--batches 1,8] [--seq 128] [--rounds 15] [--out ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from converters import LayerBlocks, convert, export_onnx  # noqa: E402
+from converters.runtime import interleaved_samples, run_onnx, session  # noqa: E402
+
+PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "intermediate.dense", "output.dense")
+
+
+class Encoder(nn.Module):
+    """``(input_ids, attention_mask) -> last_hidden_state`` of the wrapped ``BertModel``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def build(hidden=768, intermediate=3072, heads=12, layers=4, vocab=1000, seed=0) -> Encoder:
+    from sapp_compress.extras import import_torchvision, require
+
+    import_torchvision()  # transformers imports torchvision, whose compiled ops may not load on a CPU torch
+    tf = require("transformers", "the encoder benchmark")
+    BertConfig, BertModel = tf.BertConfig, tf.BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                     num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=512)
+    return Encoder(BertModel(cfg, add_pooling_layer=False)).eval()
+
+
+def balanced_kept(rng: np.random.Generator, R: int, C: int, sparsity: float) -> np.ndarray:
+    """A random [R, C] block grid keeping ``round((1 - s) C)`` blocks in every block-row."""
+    k = max(1, round((1 - sparsity) * C))
+    kept = np.zeros((R, C), dtype=bool)
+    for r in range(R):
+        kept[r, rng.choice(C, k, replace=False)] = True
+    return kept
+
+
+def prune(model: Encoder, block: int, sparsity: float, seed: int = 0) -> list[LayerBlocks]:
+    """Zero the dropped blocks of every projection in place; the manifest entries of the pruned weights."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, nn.Linear) and name.endswith(PROJECTIONS)):
+            continue
+        O, I = mod.weight.shape
+        kept = balanced_kept(rng, O // block, I // block, sparsity)
+        mask = np.kron(kept, np.ones((block, block), dtype=bool))
+        with torch.no_grad():
+            mod.weight.mul_(torch.from_numpy(mask.astype(np.float32)))
+        w = mod.weight.detach().numpy().astype(np.float32).copy()
+        out.append(LayerBlocks(f"{name}.weight", "linear", (O, I), (block, block), kept, weight=w))
+    return out
+
+
+def inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    mask[0, seq - seq // 4:] = 0  # some padding, so the mask matters
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def cpu_line() -> str:
+    name = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
+                          text=True).stdout.strip()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of avx2/avx512f/avx512_vnni'}"
+
+
+def optimized_ops(model_bytes: bytes, threads: int) -> dict[str, int]:
+    """Node types of the graph ORT runs (its optimized model, saved by the session)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        m = onnx.load(so.optimized_model_filepath)
+    return dict(Counter(n.op_type for n in m.graph.node).most_common())
+
+
+def flop_limit(model: Encoder, feed: dict, pruned: set[str], sparsity: float) -> float:
+    """Whole-model limit: linear multiply-adds over those left when the pruned weights keep 1 - s (other ops,
+    attention's own products included, are not counted: an upper bound)."""
+    macs = {"all": 0.0, "pruned": 0.0}
+
+    def hook(name):
+        def f(mod, inp, out):
+            m = out.numel() * mod.in_features
+            macs["all"] += m
+            macs["pruned"] += m if f"{name}.weight" in pruned else 0
+        return f
+
+    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(*(torch.from_numpy(v) for v in feed.values()))
+    for h in hs:
+        h.remove()
+    return macs["all"] / (macs["all"] - sparsity * macs["pruned"])
+
+
+def layer_bytes(proto_bytes: bytes, names: list[str]) -> int:
+    """Bytes of the initializers named ``names`` in a serialised model."""
+    import onnx
+
+    m = onnx.load_from_string(proto_bytes)
+    want = set(names)
+    return sum(len(t.raw_data) or (np.prod(t.dims) * 4) for t in m.graph.initializer if t.name in want)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--auto-threads", type=int, default=1, help="threads auto times its candidates with")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder_speed.json"))
+    args = ap.parse_args()
+    t0 = time.strftime("%H:%M", time.gmtime())
+    cpu = cpu_line()
+    model = build(layers=args.layers)
+    manifest = prune(model, args.block, args.sparsity)
+    vocab = 1000
+    ex = inputs(2, args.seq, vocab)
+    dense = export_onnx(model, tuple(torch.from_numpy(v) for v in ex.values()),
+                        input_names=list(ex), output_names=["last_hidden_state"])
+    batches = [int(b) for b in args.batches.split(",")]
+    timing = inputs(batches[0], args.seq, vocab)
+    t = time.perf_counter()
+    blocked = convert(dense, manifest, fmt="blocked")
+    t_blocked = time.perf_counter() - t
+    t = time.perf_counter()
+    auto = convert(dense, manifest, fmt="auto", timing_inputs=timing, threads=args.auto_threads)
+    t_auto = time.perf_counter() - t
+    models = {"dense": dense.SerializeToString(), "blocked": blocked.model.SerializeToString(),
+              "auto": auto.model.SerializeToString()}
+    dense_names = [o.value_tensors[0] for o in blocked.layers]  # blocked keeps the names of the dense ones? no
+    enc_dense = sum(lb.weight.nbytes for lb in manifest)
+    enc_blocked = sum(o.stored_bytes for o in blocked.layers)
+    enc_auto = sum(o.stored_bytes for o in auto.layers)
+    del dense_names
+    limit = flop_limit(model, ex, {lb.name for lb in manifest}, args.sparsity)
+    # correctness against the pruned torch model at every measured size (and the timing check's)
+    worst = 0.0
+    for n in batches:
+        feed = inputs(n, args.seq, vocab, seed=1)
+        with torch.no_grad():
+            ref = model(*(torch.from_numpy(v) for v in feed.values())).numpy()
+        for k in ("blocked", "auto"):
+            out = run_onnx(models[k], feed, threads=2)[0]
+            worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+    print(f"CPU: {cpu}", flush=True)
+    print(f"encoder: BERT-base shape, {args.layers} layers, seq {args.seq}, B = {args.block}, s = {args.sparsity}, "
+          f"balanced random masks; FLOP limit (linears) {limit:.2f}x; max |onnx - torch| / max|torch| = "
+          f"{worst:.2e}", flush=True)
+    sizes = {k: len(v) for k, v in models.items()}
+    print(f"encoder layers' weights: dense {enc_dense / 2**20:.1f} MiB, blocked {enc_blocked / 2**20:.1f} MiB "
+          f"({enc_blocked / enc_dense:.3f}x), auto {enc_auto / enc_dense:.3f}x; whole file: blocked "
+          f"{sizes['blocked'] / sizes['dense']:.3f}x, auto {sizes['auto'] / sizes['dense']:.3f}x dense; convert "
+          f"blocked {t_blocked:.1f} s, auto {t_auto:.1f} s", flush=True)
+    print(f"auto's choices: {Counter(o.fmt for o in auto.layers)}", flush=True)
+    rows = []
+    ops = {}
+    for threads in [int(x) for x in args.threads.split(",")]:
+        ops[threads] = {k: optimized_ops(v, threads) for k, v in models.items()}
+        for n in batches:
+            feed = inputs(n, args.seq, vocab)
+            sessions = {k: session(v, threads=threads) for k, v in models.items()}
+            smp = interleaved_samples(sessions, feed, min_rounds=args.rounds, max_rounds=args.rounds, budget_s=0.0,
+                                      loop_s=0.05, pause_s=0.02)
+            med = {k: statistics.median(v) for k, v in smp.items()}
+            row = {"batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
+                   **{f"{k}_ms": med[k] for k in med},
+                   "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
+                   "samples_ms": smp}
+            rows.append(row)
+            print(f"| {n} | {n * args.seq} | {threads} | {med['dense']:.2f} | {med['blocked']:.2f} | "
+                  f"{med['auto']:.2f} | {row['speedup_blocked']:.2f}x | {row['speedup_auto']:.2f}x | "
+                  f"{limit:.2f}x |", flush=True)
+    for threads, per in ops.items():
+        for k, c in per.items():
+            print(f"ORT-optimized graph, {threads} thread(s), {k}: {sum(c.values())} nodes: "
+                  + ", ".join(f"{op} {n}" for op, n in c.items()), flush=True)
+    meta = {"cpu": cpu, "python": platform.python_version(), "onnxruntime": __import__("onnxruntime").__version__,
+            "args": vars(args), "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}", "flop_limit": limit,
+            "encoder_weight_bytes": {"dense": enc_dense, "blocked": enc_blocked, "auto": enc_auto},
+            "file_bytes": sizes, "max_rel_err": worst, "ort_ops": ops,
+            "auto_layers": [o.to_json() for o in auto.layers]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
