@@ -124,11 +124,8 @@ def _open_text(path: Path):
 
 
 def _lines(path: Path) -> list[str]:
-    try:
-        with _open_text(path) as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise _fail(path, f"expected UTF-8 text, got undecodable bytes at offset {e.start}") from None
+    with _open_text(path) as f:
+        return f.read().splitlines()
 
 
 def _text(path: Path, line: int, value: object, field: str) -> str:
@@ -193,12 +190,17 @@ def label_ids(path: Path, labels: list[tuple[str, int]], config: dict) -> tuple[
             if mapping[label] >= num_labels:
                 raise _fail(path, f"line {line}: label {label!r} is class {mapping[label]}, but the model has "
                                   f"{num_labels} labels (config.json id2label)")
-    used = {label for label, _ in labels}
     y = np.array([mapping[label] for label, _ in labels], dtype=np.int64)
-    return y, {k: v for k, v in sorted(mapping.items(), key=lambda kv: kv[1]) if k in used or named}, source
+    return y, dict(sorted(mapping.items(), key=lambda kv: kv[1])), source
 
 
 # -- the model directory ----------------------------------------------------------------------------------------
+
+def _check_model_dir(model_dir: Path) -> Path:
+    if not model_dir.is_dir():
+        raise _fail(model_dir, "expected a Hugging Face save_pretrained directory, found no such directory")
+    return model_dir
+
 
 def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
@@ -213,9 +215,7 @@ def _config(model_dir: Path) -> dict:
 
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer saved in ``model_dir`` (local files only: nothing is downloaded)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise _fail(model_dir, "expected a Hugging Face save_pretrained directory, found no such directory")
+    model_dir = _check_model_dir(Path(model_dir))
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -250,6 +250,8 @@ def _save_atomic(out: Path, arrays: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, out)
+    except OSError as e:
+        raise _fail(out, f"cannot write the shard ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -260,12 +262,14 @@ def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text
 
     Raises:
         DataError: a missing or unreadable file, a missing column or field, no rows, a label the model does
-            not know, ``max_length`` beyond the model's positions, or no tokenizer in ``model_dir``.
+            not know, ``max_length`` beyond the model's positions, no tokenizer in ``model_dir``, or an
+            output that cannot be written.
     """
     model_dir, path, out = Path(model_dir), Path(path), Path(out)
     if max_length < 1 or (limit is not None and limit < 1):
         raise DataError(f"expected max_length >= 1 and limit >= 1, got max_length={max_length}, limit={limit}")
     _check_out(out)
+    _check_model_dir(model_dir)
     texts, labels = read_texts(path, text_field=text_field, label_field=label_field, limit=limit)
     config = _config(model_dir)
     positions = config.get("max_position_embeddings")
@@ -328,6 +332,9 @@ def main(model_dir: Path, text_file: Path, out: Path, text_field: str, label_fie
     except DataError as e:
         click.echo(f"Error: {str(e).strip().splitlines()[0]}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
     if not quiet:
         click.echo(describe(result), err=True)
 

@@ -117,6 +117,8 @@ BAD = [
     ("txt-label", lambda t: _write(t / "d.txt", "a\n"), ["--label-field", "label"],
      "d.txt: a .txt file holds one text per line and no labels; use a .csv or .jsonl file for "
      "--label-field label"),
+    ("utf8", lambda t: (t / "d.txt").write_bytes(b"ok\n\xff\n") and t / "d.txt", [],
+     "d.txt: expected UTF-8 text, got undecodable bytes at offset 3"),
     ("positions", lambda t: DOCS, ["--max-length", "129"],
      "tiny_bert: max_length 129 is longer than the model's max_position_embeddings 128"),
 ]
@@ -141,6 +143,8 @@ def test_bad_model_dir_and_output_name(tmp_path):
     assert res.stderr.count("\n") == 1
     res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npy")])
     assert res.exit_code == 2 and res.stderr == "Error: o.npy: expected an output name ending in .npz, got '.npy'\n"
+    res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "no" / "o.npz")])
+    assert res.exit_code == 2 and res.stderr.startswith("Error: o.npz: expected an existing output directory")
     assert _leftovers(tmp_path) == []
 
 
@@ -161,7 +165,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         raise OSError("No space left on device")
 
     monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match=r"^t\.npz: cannot write the shard \(No space left on device\)$"):
         text_shard(MODEL, src, out)
     assert out.read_text() == "old" and _leftovers(tmp_path) == ["t.npz"]
 
