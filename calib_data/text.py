@@ -124,8 +124,9 @@ def _open_text(path: Path):
 
 
 def _lines(path: Path) -> list[str]:
-    with _open_text(path) as f:
-        return f.read().splitlines()
+    """Lines split at newlines only (``str.splitlines`` would also split inside texts, at U+2028 and the like)."""
+    with open(path, encoding="utf-8-sig") as f:
+        return f.read().split("\n")
 
 
 def _text(path: Path, line: int, value: object, field: str) -> str:

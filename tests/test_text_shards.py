@@ -73,6 +73,11 @@ def test_csv_with_a_named_text_column_quotes_and_limit(tmp_path):
                                                                   CONFIG["label2id"]["network"]]
 
 
+def test_jsonl_lines_split_at_newlines_only(tmp_path):
+    src = _write(tmp_path / "d.jsonl", '{"text": "one\u2028still one"}\r\n\r\n{"text": "two"}\r\n')
+    assert text_shard(MODEL, src, tmp_path / "d.npz").arrays["input_ids"][0] == 2
+
+
 def test_truncation_is_counted(tmp_path):
     r = text_shard(MODEL, DOCS, tmp_path / "s.npz", max_length=4, limit=10)
     assert r.filled == 10 and r.arrays["input_ids"] == (10, 4)
