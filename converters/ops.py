@@ -43,6 +43,9 @@ from .locate import Site
 MAX_BUCKETS = 4
 CHUNK_BYTES = 1 << 20  # gathered activations per linear chunk at REFERENCE_BATCH
 REFERENCE_BATCH = 32
+#: rows of activations a chunk is sized for when the linear's input is N-D (``[batch, sequence, features]``):
+#: a transformer's M = batch x sequence is hundreds to thousands of rows, not 32
+REFERENCE_TOKENS = 1024
 
 
 def buckets(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> list[np.ndarray]:
@@ -71,13 +74,14 @@ def buckets(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> list[np.ndarr
     return [g for g in reversed(groups) if len(g)]
 
 
-def chunk_rows(groups: list[np.ndarray], kept: np.ndarray, bc: int) -> list[np.ndarray]:
+def chunk_rows(groups: list[np.ndarray], kept: np.ndarray, bc: int, n_ref: int | None = None) -> list[np.ndarray]:
     """Cut every group of block-rows into consecutive pieces whose gathered activations ``[rows, k*bc, N]``
-    (k = the group's padded kept count) take at most :data:`CHUNK_BYTES` at N = :data:`REFERENCE_BATCH`."""
+    (k = the group's padded kept count) take at most :data:`CHUNK_BYTES` at N = ``n_ref`` rows of activations
+    (default :data:`REFERENCE_BATCH`)."""
     out = []
     for g in groups:
         k = max(1, int(kept[g].sum(axis=1).max()))
-        rows = max(1, CHUNK_BYTES // (k * bc * REFERENCE_BATCH * 4))
+        rows = max(1, CHUNK_BYTES // (k * bc * (n_ref or REFERENCE_BATCH) * 4))
         out += [g[i : i + rows] for i in range(0, len(g), rows)]
     return out
 
@@ -147,8 +151,12 @@ class LinearHandler:
             out_shape = b.node("Concat", [lead, b.const("o", const_i64([O]))], axis=0)
             x = b.node("Reshape", [x, b.const("flat", const_i64([-1, I]))])
         xt = b.node("Transpose", [x], perm=[1, 0])
-        xr = b.node("Reshape", [xt, b.const("cbn", const_i64([C, bc, -1]))])
-        groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc)
+        groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc, REFERENCE_TOKENS if nd_input else None)
+        if nd_input:  # feature rows gathered straight into [rows, k*bc, M]: no Reshape per chunk (see below)
+            src = xt
+            bc_c, span = b.const("bc", const_i64(bc)), b.const("span", np.arange(bc, dtype=np.int64))
+        else:
+            src = b.node("Reshape", [xt, b.const("cbn", const_i64([C, bc, -1]))])
         wv = w.reshape(R, br, C, bc)
         outs = []
         for gi, rows in enumerate(groups):
@@ -156,14 +164,22 @@ class LinearHandler:
             k = cols.shape[1]
             wg = wv[rows[:, None], :, cols, :]  # [Rb, k, br, bc]
             wg = np.where(valid[:, :, None, None], wg, 0.0).transpose(0, 2, 1, 3).reshape(len(rows), br, k * bc)
-            g = b.node("Gather", [xr, b.const(f"cols{gi}", cols)], axis=0)
-            g = b.node("Reshape", [g, b.const(f"rkn{gi}", const_i64([len(rows), k * bc, -1]))])
-            m = b.node("MatMul", [b.const(f"w{gi}", wg.astype(np.float32), weights=True), g])
-            outs.append(b.node("Reshape", [m, b.const(f"on{gi}", const_i64([len(rows) * br, -1]))]))
-        order = np.concatenate([(r[:, None] * br + np.arange(br)).reshape(-1) for r in groups])
+            if nd_input:
+                # feature index c*bc + e of every kept column, computed from the block ids by constant nodes
+                # that ORT folds at load: the file keeps 8 bytes per block, the graph one node per chunk
+                feat = b.node("Add", [b.node("Mul", [b.const(f"cols{gi}", cols[:, :, None]), bc_c]), span])
+                feat = b.node("Reshape", [feat, b.const(f"rk{gi}", const_i64([len(rows), k * bc]))])
+                g = b.node("Gather", [src, feat], axis=0)
+            else:
+                g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=0)
+                g = b.node("Reshape", [g, b.const(f"rkn{gi}", const_i64([len(rows), k * bc, -1]))])
+            outs.append(b.node("MatMul", [b.const(f"w{gi}", wg.astype(np.float32), weights=True), g]))
+        # chunks are [rows, br, N]: joined (and put back in row order) per block-row, then one Reshape
+        order = np.concatenate(groups)
         o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)
-        if not np.array_equal(order, np.arange(R * br)):
+        if not np.array_equal(order, np.arange(R)):
             o = b.node("Gather", [o, b.const("row_order", np.argsort(order).astype(np.int64))], axis=0)
+        o = b.node("Reshape", [o, b.const("on", const_i64([O, -1]))])
         final = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         y = b.node("Transpose", [o], None if (has_bias or nd_input) else final, perm=[1, 0])
