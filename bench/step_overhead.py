@@ -32,7 +32,7 @@ from sapp_compress.training import BatchPlan, fine_tune, to_tensors  # noqa: E40
 
 
 def plain_steps(model, task, shard, cfg, device, steps):
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr or 1e-3)
     batches = BatchPlan(len(shard), cfg.batch_size, cfg.seed)
     model.train()
     for step in range(steps):

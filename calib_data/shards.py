@@ -1,5 +1,6 @@
-"""Reading data shards: ``.npz`` files with ``x`` (or ``x0``, ``x1``, ... in forward-argument order) and an
-optional ``y``.
+"""Reading data shards: ``.npz`` files with ``x`` (or ``x0``, ``x1``, ... in forward-argument order), or with
+arrays named after the model's forward arguments (:data:`NAMED_INPUTS`: ``input_ids``, ``attention_mask``,
+``token_type_ids``, ``pixel_values``, ...), passed by keyword, and an optional ``y``.
 
 Every check happens in :func:`load_shard`, and each failure is a one-line :class:`DataError` naming the file
 and what was expected vs found. Uncompressed ``.npz`` members are memory-mapped (``np.load(mmap_mode="r")``
@@ -21,6 +22,11 @@ from sapp_compress.errors import DataError
 
 HERE = Path(__file__).resolve().parent
 _X_RE = re.compile(r"^x(\d*)$")
+#: forward-argument names a shard may use for its inputs (Hugging Face conventions), in the order kept.
+NAMED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
+                "input_values", "input_features")
+#: integer label value that per-token tasks ignore (Hugging Face's convention for padding positions).
+IGNORE_INDEX = -100
 _NAN_CHECK_BYTES = 4 << 20  # float inputs are scanned for NaN/Inf in chunks of about this size
 
 
@@ -31,6 +37,17 @@ class Shard:
     inputs: tuple[np.ndarray, ...]
     y: np.ndarray | None
     source: str
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            n = len(self.inputs)
+            object.__setattr__(self, "names", ("x",) if n == 1 else tuple(f"x{i}" for i in range(n)))
+
+    @property
+    def by_keyword(self) -> bool:
+        """True when the inputs are named after forward arguments (passed as keywords, not positions)."""
+        return self.names[0] in NAMED_INPUTS
 
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0])
@@ -39,7 +56,8 @@ class Shard:
         """The samples ``idx``. With ``lazy``, memory-mapped inputs stay on disk behind the index."""
         idx = np.asarray(idx)
         take = (lambda x: _Rows(x, idx) if isinstance(x, np.memmap) else x[idx]) if lazy else (lambda x: x[idx])
-        return Shard(tuple(take(x) for x in self.inputs), None if self.y is None else self.y[idx], self.source)
+        return Shard(tuple(take(x) for x in self.inputs), None if self.y is None else self.y[idx], self.source,
+                     self.names)
 
     def split(self, eval_fraction: float, seed: int) -> tuple["Shard", "Shard"]:
         """Deterministic (train, held-out) split: ``eval_fraction`` of the samples, chosen by ``seed``.
@@ -123,13 +141,19 @@ def _mmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
 
 def _input_keys(path: Path, keys: list[str]) -> list[str]:
     xs = {k: m.group(1) for k in keys if (m := _X_RE.match(k))}
+    named = [k for k in NAMED_INPUTS if k in keys]
+    if named and xs:
+        raise _fail(path, f"expected either forward-argument names ({named}) or x/x0, x1, ..., got both")
+    if named:
+        return named
     if "x" in xs and len(xs) > 1:
         raise _fail(path, f"expected either x or x0, x1, ..., got both ({sorted(xs)})")
     if "x" in xs:
         return ["x"]
     idx = sorted(int(v) for v in xs.values())
     if not idx:
-        raise _fail(path, f"expected an input array x (or x0, x1, ...), found {sorted(keys) or 'no arrays'}")
+        raise _fail(path, f"expected an input array x (or x0, x1, ..., or named {', '.join(NAMED_INPUTS[:4])}, ...), "
+                          f"found {sorted(keys) or 'no arrays'}")
     if idx != list(range(len(idx))):
         raise _fail(path, f"expected inputs x0..x{len(idx) - 1} without gaps, got {['x%d' % i for i in idx]}")
     return [f"x{i}" for i in idx]
@@ -176,8 +200,9 @@ def load_shard(path: str | Path) -> Shard:
         if y.shape[0] != n:
             raise _fail(path, f"{keys[0]} has {n} samples but y has {y.shape[0]}")
         if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-            if y.ndim != 1:
-                raise _fail(path, f"integer labels y must be 1-D [N], got shape {y.shape}")
+            if y.ndim != 1 and not (y.ndim == 2 and len(inputs[0].shape) >= 2 and y.shape[1] == inputs[0].shape[1]):
+                raise _fail(path, f"integer labels y must be [N] (or [N, T] per token, T = the inputs' second "
+                                  f"axis), got shape {y.shape}")
             y = y.astype(np.int64)
         elif np.issubdtype(y.dtype, np.floating):
             if y.ndim > 2:
@@ -186,7 +211,7 @@ def load_shard(path: str | Path) -> Shard:
             y = y.astype(np.float32)
         else:
             raise _fail(path, f"y must be int (classes) or float (regression), got dtype {y.dtype}")
-    return Shard(inputs=inputs, y=y, source=str(path))
+    return Shard(inputs=inputs, y=y, source=str(path), names=tuple(keys))
 
 
 def shipped_shards() -> dict[str, Path]:

@@ -12,6 +12,7 @@ from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
 from .formulations import FORMULATIONS
 from .inspect import SparsityReport, measure_sparsity
+from .locate import Site, locate
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
 from .runtime import run_onnx
@@ -19,6 +20,6 @@ from .verify import Verification, check, verify
 
 __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
-    "LayerOutcome", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
-    "convert", "export_onnx", "measure_sparsity", "run_onnx", "verify",
+    "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
+    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "verify",
 ]

@@ -6,8 +6,8 @@ the torch.export path is what torch maintains. Its graphs keep parameter names f
 transpose MatMul weights into fresh constants, so :mod:`converters.locate` matches weights by name first
 and by value (up to transpose and a per-output-channel scale from folded BatchNorm) after.
 
-Axes kept dynamic: the batch axis (0) of every input, and the sequence axis (1) of 2-D integer inputs (token
-ids, attention masks). torch.export specialises an axis whose example size is 1, so the example batch must have
+Axes kept dynamic: the batch axis (0) of every input, and the sequence axis (1) of inputs named as token
+inputs (:data:`TOKEN_INPUTS`: ``input_ids``, ``attention_mask``, ...). torch.export specialises an axis whose example size is 1, so the example batch must have
 at least 2 rows (``export_onnx`` refuses fewer); an axis the model's own code fixes (a reshape to a constant
 batch) is found in the exported graph and reported in one line.
 """
@@ -31,19 +31,38 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
+_STATIC = re.compile(r"static shape of (\d+) for dimension inputs\['(\w+)'\]\.shape\[(\d+)\]")
+
+
 def one_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message, without terminal colour codes."""
+    """The line that says what went wrong, without terminal colour codes: the first line of the exporter's
+    "Exception summary" when it has one (its first lines are generic advice), else the first line."""
     text = _ANSI.sub("", str(e)).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        rest = lines[lines.index("## Exception summary") + 1:]
+        lines = rest + lines if rest else lines
+    line = lines[0] if lines else type(e).__name__
+    return re.sub(r"^<class '[\w.]+'>: ", "", line)
 
 
-def dynamic_axes_for(example_inputs: tuple) -> list[tuple[int, ...]]:
-    """The axes kept dynamic per input: the batch axis, plus the sequence axis of 2-D integer inputs."""
-    out = []
-    for t in example_inputs:
-        integer = not (t.dtype.is_floating_point or t.dtype.is_complex)
-        out.append((0, 1) if integer and t.dim() == 2 else (0,))
-    return out
+def _fixed_axis_message(e: BaseException) -> str | None:
+    m = _STATIC.search(_ANSI.sub("", str(e.__cause__ or e)) + _ANSI.sub("", str(e)))
+    if m is None:
+        return None
+    size, name, axis = m.group(1), m.group(2), int(m.group(3))
+    return (f"the model's graph cannot keep axis {axis} ({AXIS_NAMES.get(axis, 'dynamic')}) of input {name} "
+            f"dynamic: its code fixes it to {size}")
+
+
+#: inputs whose axis 1 is a sequence (kept dynamic): Hugging Face's names for token inputs.
+TOKEN_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+
+
+def dynamic_axes_for(input_names: list[str], example_inputs: tuple) -> list[tuple[int, ...]]:
+    """The axes kept dynamic per input: the batch axis, plus the sequence axis of 2-D token inputs."""
+    return [(0, 1) if name in TOKEN_INPUTS and t.dim() == 2 else (0,)
+            for name, t in zip(input_names, example_inputs)]
 
 
 def _fixed_axes(proto: onnx.ModelProto, names: list[str], axes: list[tuple[int, ...]]) -> list[str]:
@@ -79,7 +98,7 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
                              "size 1 to 1")
     input_names = input_names or (["x"] if n == 1 else [f"x{i}" for i in range(n)])
     output_names = output_names or ["y"]
-    axes = dynamic_axes_for(args)
+    axes = dynamic_axes_for(input_names, args)
     dyn = tuple({a: torch.export.Dim.DYNAMIC for a in ax} for ax in axes)
     sink = io.StringIO()
     noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
@@ -93,7 +112,10 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
                                      output_names=output_names, dynamic_shapes=dyn, verbose=False,
                                      optimize=True, external_data=False)
     except Exception as e:  # noqa: BLE001 -- the exporter raises many types; the message matters
-        raise ConverterError(f"torch.onnx.export failed: {one_line(e)}") from e
+        fixed = _fixed_axis_message(e)
+        if fixed:
+            raise ConverterError(fixed) from e
+        raise ConverterError(f"torch.onnx.export failed: {one_line(e.__cause__ or e)}") from e
     finally:
         for lg, lv in zip(noisy, levels):
             lg.setLevel(lv)

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,15 +25,16 @@ from torch import nn
 from calib_data.shards import Shard
 from converters.manifest import LayerBlocks
 
+from .adapters import OutputInfo, adapt, unwrap
 from .checkpoint import Checkpointer, fingerprint
-from .config import PruneConfig, TrainConfig
+from .config import PruneConfig, TrainConfig, default_lr
 from .distributed import mask_digest
 from .errors import ConfigError, DataError, GeometryError
-from .geometry import SkippedLayer, plan_layers
+from .geometry import LayerPlan, SkippedLayer, plan_layers
 from .masks import fold
 from .methods import METHODS
 from .tasks import Task, infer_task
-from .training import Progress, fine_tune, predict, resolve_device, to_tensors
+from .training import Progress, fine_tune, predict, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ class PruneResult:
     """What :func:`prune` returns.
 
     Attributes:
-        model: a folded deep copy (no parametrizations), pruned blocks exactly 0.0, eval mode, on CPU.
-        dense_model: the model given, untouched, eval mode, on CPU.
+        model: a folded deep copy (no parametrizations), pruned blocks exactly 0.0, eval mode, on CPU; called
+            with the shard's arrays in order and returning one tensor (a :class:`~sapp_compress.adapters.ModelIO`
+            around the user's model where that needed adapting; :func:`~sapp_compress.adapters.unwrap` gives
+            the user's own class).
+        dense_model: a copy of the model given, in the same form, eval mode, on CPU.
         layers: the block manifest, one entry per pruned weight, with the folded weight filled in.
         skipped: weight-bearing layers left dense, each with its reason.
         metrics: ``{"dense": ..., "pruned_torch": ...}``, the task's metrics on the evaluation shard.
@@ -62,6 +67,10 @@ class PruneResult:
     device: str = "cpu"
     seconds: float = 0.0
     total_steps: int = 0
+    output: OutputInfo | None = None
+    lr: float = 0.0
+    lr_source: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def mask_digest(self) -> str:
@@ -78,17 +87,22 @@ class PruneResult:
 
 def check_fits(model: nn.Module, shard: Shard) -> np.ndarray:
     """Run ``model`` on two samples of ``shard``; a failure becomes a one-line :class:`DataError`."""
-    sample = tuple(x[:2] for x in shard.inputs)
-    try:
-        with torch.no_grad():
-            out = model.eval()(*to_tensors(sample, torch.device("cpu")))
-    except Exception as e:  # noqa: BLE001 -- any failure here means the data does not fit the model
-        shapes = ", ".join(f"{tuple(x.shape[1:])} {x.dtype}" for x in shard.inputs)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
-    if not isinstance(out, torch.Tensor):
-        raise DataError(f"model output: expected one tensor, got {type(out).__name__}")
-    return out.float().numpy()
+    return adapt(model, shard)[2]
+
+
+#: a fine-tune whose score ends below this fraction of the dense model's is reported as collapsed.
+COLLAPSE_FRACTION = 0.5
+
+
+def collapse_warning(task: Task, metrics: dict) -> str | None:
+    """A loud one-line warning when the pruned model kept less than :data:`COLLAPSE_FRACTION` of the dense
+    model's score on held-out data (for fidelity scores: its agreement with itself, 1.0)."""
+    dense, pruned = metrics["dense"]["score"], metrics["pruned_torch"]["score"]
+    if dense > 0 and pruned < COLLAPSE_FRACTION * dense:
+        return (f"the fine-tune collapsed: held-out {task.score_name} {pruned:.3f} against the dense model's "
+                f"{dense:.3f} (below {COLLAPSE_FRACTION:g}x); more steps (--steps), a lower --sparsity, a larger "
+                "shard or another --lr may help")
+    return None
 
 
 def _checkpointer(prune_cfg: PruneConfig, train_cfg: TrainConfig, total_steps: int, train: Shard,
@@ -110,11 +124,14 @@ def prune(
     *,
     eval_shard: Shard | None = None,
     progress: Progress | None = None,
+    before_fine_tune: Callable[[nn.Module, list[LayerPlan]], None] | None = None,
 ) -> PruneResult:
     """Fine-tune a copy of ``model`` with block pruning on ``train`` and return it folded.
 
     Without ``eval_shard``, ``train_cfg.eval_fraction`` of ``train`` is held out (``Shard.split``). Without
     labels in the shard, the copy is distilled from ``model`` (its outputs are the targets).
+    ``before_fine_tune(dense, plans)`` runs once the layers are planned and before any training: the place
+    for checks that would otherwise fail only after the fine-tune (export, weight location).
 
     Raises:
         ConfigError: unknown method or bad method options.
@@ -124,22 +141,28 @@ def prune(
     t0 = time.perf_counter()
     if prune_cfg.method not in METHODS:
         raise ConfigError(f"method: expected one of {sorted(METHODS)}, got {prune_cfg.method!r}")
-    dense = copy.deepcopy(model).cpu().eval()
+    dense, output, out = adapt(copy.deepcopy(model).cpu().eval(), train)
     torch.manual_seed(train_cfg.seed)
-    out = check_fits(dense, train)
-    task = infer_task(train.y, out)
+    task = infer_task(train.y, out, output.kind)
     if eval_shard is None:
         train, eval_shard = train.split(train_cfg.eval_fraction, train_cfg.seed)
     else:
+        if eval_shard.names != train.names:
+            raise DataError(f"{eval_shard.source}: inputs {list(eval_shard.names)} differ from the training "
+                            f"shard's {list(train.names)}")
         check_fits(dense, eval_shard)
         if eval_shard.y is not None:
-            infer_task(eval_shard.y, out)
+            infer_task(eval_shard.y, out, output.kind)
+    lr, lr_source = (train_cfg.lr, "--lr") if train_cfg.lr is not None else default_lr(unwrap(dense))
+    train_cfg = dataclasses.replace(train_cfg, lr=lr)
 
     student = copy.deepcopy(dense)
-    plans, skipped = plan_layers(student, prune_cfg)
+    plans, skipped = plan_layers(unwrap(student), prune_cfg)
     if not plans:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Linear or Conv layer"
         raise GeometryError(f"no layer can be pruned at block {prune_cfg.block}: {reasons}")
+    if before_fine_tune is not None:
+        before_fine_tune(dense, plans)
 
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
@@ -150,16 +173,21 @@ def prune(
     cpu = torch.device("cpu")
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
-    log.info("pruning %d layers with %s for %d steps on %s", len(plans), prune_cfg.method, total_steps, device)
+    log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
+             total_steps, device, lr, lr_source)
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
 
     student.to(cpu).eval()
     manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
+    warnings = [w for w in (collapse_warning(task, metrics),) if w]
+    for w in warnings:
+        log.warning("%s", w)
     return PruneResult(
         model=student, dense_model=dense, layers=manifest, skipped=skipped, task=task,
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
         dense_eval_outputs=dense_out,
         device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
+        output=output, lr=lr, lr_source=lr_source, warnings=warnings,
     )

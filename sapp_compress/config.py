@@ -122,6 +122,7 @@ class TrainConfig:
         weight_decay: a *coupled* l2 penalty (added to the loss gradient) on the masked weights and, with
             ``logit_decay``, on SA++ logits; ALGORITHM.md explains why coupled, not decoupled, decay is what
             makes the attention rank blocks by importance.
+        lr: the peak learning rate; None: the model family's default (:func:`default_lr`).
         warmup: fraction of the budget with linear LR warm-up; cosine decay after.
         amp: mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``, ``off``.
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
@@ -132,7 +133,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     warmup: float = 0.05
     grad_clip: float | None = 1.0
@@ -155,7 +156,7 @@ class TrainConfig:
             raise ConfigError(f"epochs: expected a positive number, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
-        if not (self.lr > 0):
+        if self.lr is not None and not (self.lr > 0):
             raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected >= 0, got {self.weight_decay!r}")
@@ -180,3 +181,19 @@ class TrainConfig:
         if self.epochs is None:
             return max(300, 10 * per_epoch)
         return max(1, int(round(float(self.epochs) * per_epoch)))
+
+
+#: peak learning rate by model family: (test on the model, rate, why). The first family that matches applies.
+FAMILY_LR: tuple[tuple[str, Any, float, str], ...] = (
+    ("attention", lambda m: any("attention" in type(x).__name__.lower() for x in m.modules()), 1e-4,
+     "a model with attention layers: pretrained transformers are fine-tuned at 2e-5..1e-4; 1e-3 wrecks them"),
+    ("other", lambda m: True, 1e-3, "the default for models without attention (MLPs, CNNs)"),
+)
+
+
+def default_lr(model) -> tuple[float, str]:
+    """(learning rate, which family chose it) for a model when ``--lr`` is not given."""
+    for family, test, lr, why in FAMILY_LR:
+        if test(model):
+            return lr, f"{family}: {why}"
+    raise AssertionError("FAMILY_LR ends with a catch-all")

@@ -33,6 +33,11 @@ class GeometryError(UsageError):
     """A block shape does not fit a layer and the policy is ``error``."""
 
 
+class UnsupportedModel(UsageError):
+    """The model cannot be exported to ONNX or its pruned weights cannot be found in the exported graph;
+    found before fine-tuning: exit 2."""
+
+
 class VerificationFailed(SappError):
     """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3."""
 

@@ -38,6 +38,8 @@ class BlockView:
     """
 
     layout: ClassVar[str]
+    #: the weight is stored as the transpose of its view (rows = outputs); :func:`masks.fold` transposes back
+    transposed: ClassVar[bool] = False
 
     def __init__(self, weight_shape: tuple[int, ...], block: BlockSpec) -> None:
         self.weight_shape = tuple(int(d) for d in weight_shape)
@@ -146,6 +148,24 @@ class LinearView(BlockView):
         return t.reshape(self.grid[0], self.block.rows, self.grid[1], self.block.cols)
 
 
+class LinearTransposedView(BlockView):
+    """A weight stored ``[I, O]`` (Hugging Face's ``Conv1D``, GPT-2's layers: ``y = x W + b``), viewed as the
+    ``[O, I]`` linear it is. The manifest carries it in ``linear`` layout (``W^T``)."""
+
+    layout = "linear"
+    transposed = True
+
+    @staticmethod
+    def view_shape(weight_shape):
+        return weight_shape[1], weight_shape[0]
+
+    def sq_view(self, w):
+        return (w * w).t()
+
+    def from_view(self, m):
+        return m.t()
+
+
 class ConvChannelView(BlockView):
     layout = "conv_channel"
 
@@ -189,33 +209,61 @@ class ConvTapView(BlockView):
 #: layout name -> view class.
 VIEWS: dict[str, type[BlockView]] = {v.layout: v for v in (LinearView, ConvChannelView, ConvTapView)}
 
+#: a rule's answer for one module: ``(parameter, view class)`` to prune, or ``(parameter, reason)`` to skip.
+Rule = Callable[[nn.Module, PruneConfig], tuple[str, "type[BlockView] | str"]]
 
-def _linear_layout(module: nn.Module, cfg: PruneConfig) -> tuple[str | None, str]:
-    return "linear", ""
+
+def _linear_rule(module: nn.Module, cfg: PruneConfig):
+    return "weight", LinearView
 
 
-def _conv_layout(module: nn.Module, cfg: PruneConfig) -> tuple[str | None, str]:
+def _conv1d_transposed_rule(module: nn.Module, cfg: PruneConfig):
+    return "weight", LinearTransposedView
+
+
+def _conv_rule(module: nn.Module, cfg: PruneConfig):
     if module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
-        return None, f"{kind} conv (groups={module.groups}) is left dense"
-    return ("conv_channel" if cfg.conv_layout == "channel" else "conv_tap"), ""
+        return "weight", f"{kind} conv (groups={module.groups}) is left dense"
+    return "weight", (ConvChannelView if cfg.conv_layout == "channel" else ConvTapView)
 
 
-#: module type -> rule choosing its view (or a reason to leave it dense).
-LAYER_RULES: dict[type, Callable[[nn.Module, PruneConfig], tuple[str | None, str]]] = {
-    nn.Linear: _linear_layout,
-    nn.Conv1d: _conv_layout,
-    nn.Conv2d: _conv_layout,
+def _mha_rule(module: nn.Module, cfg: PruneConfig):
+    """``nn.MultiheadAttention``'s fused ``in_proj_weight`` ``[3E, E]``: q, k and v stacked on the rows, so block
+    rows must not straddle two of them."""
+    if module.in_proj_weight is None:
+        return "q_proj_weight", "separate q/k/v projection weights are not pruned"
+    e = module.embed_dim
+    if e % cfg.block.rows:
+        return "in_proj_weight", (f"block rows {cfg.block.rows} do not divide the embedding {e}: blocks would "
+                                  "straddle the q/k/v split")
+    return "in_proj_weight", LinearView
+
+
+#: module type -> rule (the nearest class in the module's MRO wins).
+LAYER_RULES: dict[type, Rule] = {
+    nn.Linear: _linear_rule,
+    nn.Conv1d: _conv_rule,
+    nn.Conv2d: _conv_rule,
+    nn.MultiheadAttention: _mha_rule,
 }
 
+#: rules for classes of optional libraries, keyed by ``module.qualname`` so the library is never imported here.
+NAMED_RULES: dict[str, Rule] = {
+    "transformers.pytorch_utils.Conv1D": _conv1d_transposed_rule,
+}
+
+_NORM = "normalisation layers are not pruned (few parameters, no matmul)"
 #: weight-bearing module types that are recognised but never pruned, with the reason shown in the report.
 UNSUPPORTED: dict[type, str] = {
     nn.Embedding: "embedding tables are not pruned",
     nn.EmbeddingBag: "embedding tables are not pruned",
-    nn.MultiheadAttention: "fused attention input projection (in_proj_weight) is not pruned",
     nn.ConvTranspose1d: "transposed conv is not supported",
     nn.ConvTranspose2d: "transposed conv is not supported",
     nn.Conv3d: "3-D conv is not supported",
+    nn.LayerNorm: _NORM,
+    nn.GroupNorm: _NORM,
+    nn.modules.batchnorm._BatchNorm: _NORM,
 }
 
 
@@ -227,6 +275,7 @@ class LayerPlan:
     module_name: str
     module: nn.Module
     view: BlockView
+    param: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -238,11 +287,31 @@ class SkippedLayer:
         return {"name": self.name, "reason": self.reason}
 
 
-def _rule_for(module: nn.Module):
+def _rule_for(module: nn.Module) -> Rule | None:
     for cls in type(module).__mro__:
         if cls in LAYER_RULES:
             return LAYER_RULES[cls]
+        named = NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has, for parameters held by more than one module (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _tied_reason(model: nn.Module, wname: str, others: list[str]) -> str:
+    mods = dict(model.named_modules())
+    other = next(n for n in others if n != wname)
+    owner = mods.get(other.rsplit(".", 1)[0] if "." in other else "")
+    kind = "an embedding" if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) else "another layer"
+    return (f"tied to {other} ({kind}): pruning it would prune that too, and the exported graph holds it once "
+            "for both uses")
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -257,14 +326,22 @@ def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], li
     """
     plans: list[LayerPlan] = []
     skipped: list[SkippedLayer] = []
+    shared = _shared_parameters(model)
     for mname, module in model.named_modules():
-        wname = f"{mname}.weight" if mname else "weight"
         rule = _rule_for(module)
         if rule is None:
             reason = next((r for c, r in UNSUPPORTED.items() if isinstance(module, c)), None)
-            if reason:
-                skipped.append(SkippedLayer(wname if not isinstance(module, nn.MultiheadAttention)
-                                            else f"{mname}.in_proj_weight", reason))
+            if reason and getattr(module, "weight", None) is not None:
+                skipped.append(SkippedLayer(f"{mname}.weight" if mname else "weight", reason))
+            continue
+        param, what = rule(module, cfg)
+        wname = f"{mname}.{param}" if mname else param
+        if isinstance(what, str):
+            skipped.append(SkippedLayer(wname, what))
+            continue
+        weight = getattr(module, param)
+        if id(weight) in shared:
+            skipped.append(SkippedLayer(wname, _tied_reason(model, wname, shared[id(weight)])))
             continue
         if cfg.include and not _matches(wname, cfg.include):
             skipped.append(SkippedLayer(wname, "not matched by --include"))
@@ -272,11 +349,8 @@ def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], li
         if cfg.exclude and _matches(wname, cfg.exclude):
             skipped.append(SkippedLayer(wname, "matched by --exclude"))
             continue
-        layout, reason = rule(module, cfg)
-        if layout is None:
-            skipped.append(SkippedLayer(wname, reason))
-            continue
-        view = VIEWS[layout](tuple(module.weight.shape), cfg.block)
+        view = what(tuple(weight.shape), cfg.block)
+        layout = what.layout
         if view.rows < cfg.block.rows or view.cols < cfg.block.cols:
             skipped.append(SkippedLayer(
                 wname, f"block {cfg.block} larger than the {view.rows}x{view.cols} {layout} view"))
@@ -295,5 +369,5 @@ def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], li
             skipped.append(SkippedLayer(
                 wname, f"balanced selection keeps round({cfg.density:g} * {view.grid[1]}) = 0 blocks per row"))
             continue
-        plans.append(LayerPlan(wname, mname, module, view))
+        plans.append(LayerPlan(wname, mname, module, view, param))
     return plans, skipped

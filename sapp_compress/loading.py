@@ -8,6 +8,12 @@ so runs whatever the file says: only for files you trust, with their code import
 
 A state_dict works too, with ``arch="module:callable"`` building the model it fits. A TorchScript archive is
 refused with a one-line error: its layers are not nn.Module layers that masks (parametrizations) can attach to.
+
+A directory made by Hugging Face's ``save_pretrained`` (``config.json`` + weights) is built with the
+transformers class that its ``config.architectures`` names, from local files only (never the network), and
+without the repository's own code unless ``trust=True``.
+
+The sources are a registry, :data:`SOURCES`: the first whose test accepts the path loads it.
 """
 from __future__ import annotations
 
@@ -16,12 +22,14 @@ import inspect
 import re
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelLoadError
+from .extras import import_torchvision, require
 from .zoo import SAFE_CLASSES
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
@@ -49,6 +57,8 @@ def _import_callable(spec: str):
     mod, _, attr = spec.partition(":")
     if not mod or not attr:
         raise ModelLoadError(f"--arch: expected module:callable (e.g. mypkg.models:build), got {spec!r}")
+    if mod.split(".")[0] in ("torchvision", "timm"):
+        require(mod.split(".")[0], f"--arch {spec}")
     try:
         obj = importlib.import_module(mod)
         for part in attr.split("."):
@@ -60,16 +70,40 @@ def _import_callable(spec: str):
     return obj
 
 
-def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None) -> nn.Module:
-    """Load an ``nn.Module`` saved with ``torch.save(module)`` (or a state_dict, with ``arch``).
+def _load_hf_directory(path: Path, trust: bool, arch: str | None) -> nn.Module:
+    """A ``save_pretrained`` directory, built with the class its ``config.architectures`` names."""
+    transformers = require("transformers", f"{path} (a Hugging Face directory)")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types for a bad config
+        raise ModelLoadError(f"{path}/config.json: cannot read it ({_first_line(e)})") from None
+    names = list(getattr(cfg, "architectures", None) or [])
+    if arch:
+        names = [arch]
+    if not names:
+        raise ModelLoadError(f"{path}/config.json names no architectures; pass --arch with a transformers class "
+                             "name (e.g. BertForSequenceClassification)")
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        if not trust:
+            raise ModelLoadError(f"{path}: architecture {names[0]} is not a transformers class (the directory "
+                                 "brings its own code); pass --trust-model to run that code")
+        auto = getattr(cfg, "auto_map", {}) or {}
+        cls = transformers.AutoModelForSequenceClassification if "AutoModelForSequenceClassification" in auto \
+            else transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 -- missing/corrupt weights, shape mismatches, ...
+        raise ModelLoadError(f"{path}: cannot build {names[0]} from it ({_first_line(e)})") from None
+    return model.eval()
 
-    Raises:
-        ModelLoadError: missing file, not a PyTorch file, a class the safe loader does not allow (the
-            message says to pass --trust-model), a state_dict without ``arch``, or not a model at all.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _load_torch_file(path: Path, trust: bool, arch: str | None) -> nn.Module:
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path}: not a PyTorch file (torch.save writes a zip archive)")
     with zipfile.ZipFile(path) as z:
@@ -78,6 +112,8 @@ def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None
             # exporter cannot trace one: say what to pass instead rather than fail later with a riddle.
             raise ModelLoadError(f"{path}: a TorchScript archive, which cannot be fine-tuned here; pass the "
                                  "nn.Module saved with torch.save(module) (or a state_dict with --arch)")
+    if trust:
+        import_torchvision()  # a pickled torchvision/timm model imports torchvision while unpickling
     try:
         if trust:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -91,8 +127,9 @@ def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None
             raise ModelLoadError(
                 f"{path} uses {m.group(1)}, which is not a torch.nn class; pass --trust-model if you trust this "
                 "file (it then runs the file's pickle code, and the class must be importable)") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise ModelLoadError(f"{path}: cannot load it ({first[:200]})") from None
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in ("transformers", "timm"):
+            require(e.name.split(".")[0], str(path))
+        raise ModelLoadError(f"{path}: cannot load it ({_first_line(e)})") from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not arch:
             raise ModelLoadError(f"{path}: holds a state_dict, not a module; pass --arch module:callable "
@@ -109,3 +146,29 @@ def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module (save it with torch.save(module))")
     return obj.eval()
+
+
+#: (what the path is, its test, its loader): the first source whose test accepts the path loads it.
+SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path, bool, str | None], nn.Module]]] = [
+    ("Hugging Face save_pretrained directory", lambda p: p.is_dir() and (p / "config.json").is_file(),
+     _load_hf_directory),
+    ("torch.save file", lambda p: p.is_file(), _load_torch_file),
+]
+
+
+def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None) -> nn.Module:
+    """Load an ``nn.Module`` from ``path``: a ``torch.save(module)`` file (or a state_dict, with ``arch``), or
+    a Hugging Face ``save_pretrained`` directory (``arch`` may then name the transformers class).
+
+    Raises:
+        ModelLoadError: missing path, not a PyTorch file or model directory, a class the safe loader does not
+            allow (the message says to pass --trust-model), a state_dict without ``arch``, or not a model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    for _, test, loader in SOURCES:
+        if test(path):
+            return loader(path, trust, arch)
+    raise ModelLoadError(f"{path}: a directory without config.json; expected a torch.save file or a Hugging Face "
+                         "save_pretrained directory")

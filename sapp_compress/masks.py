@@ -98,7 +98,7 @@ class MaskedLayer:
     @property
     def original(self) -> nn.Parameter:
         """The trained tensor at the root of the chain (``W``, or ``V`` under Powerpropagation)."""
-        return self.plan.module.parametrizations.weight.original
+        return getattr(self.plan.module.parametrizations, self.plan.param).original
 
     def pre_mask_weight(self) -> torch.Tensor:
         """The weight before masking (``W``, or ``||V_b|| V_b``), detached."""
@@ -127,33 +127,41 @@ def attach(plans: list[LayerPlan], *, attention: bool, powerprop: bool, density:
         pp = None
         if powerprop:
             pp = BlockPowerProp(p.view)
-            parametrize.register_parametrization(p.module, "weight", pp)
-        m = BlockMask(p.view, attention=attention, density=density).to(p.module.weight.device)
-        parametrize.register_parametrization(p.module, "weight", m)
+            parametrize.register_parametrization(p.module, p.param, pp)
+        m = BlockMask(p.view, attention=attention, density=density).to(getattr(p.module, p.param).device)
+        parametrize.register_parametrization(p.module, p.param, m)
         layers.append(MaskedLayer(p, m, pp))
     return layers
 
 
 def fold(layers: list[MaskedLayer]) -> list[LayerBlocks]:
     """Remove the parametrizations, leaving plain weights (pruned blocks exactly +0.0), and return the
-    block manifest. The folded weight is the parametrized forward's value, so outputs do not change."""
+    block manifest. The folded weight is the parametrized forward's value, so outputs do not change.
+
+    A kept block whose values all ended at zero (a block revived as zeros that never moved) is recorded as
+    dropped: storing it would cost bytes and compute for nothing. A weight stored transposed
+    (``view.transposed``) enters the manifest in its view's layout (``W^T``)."""
     manifest = []
     for layer in layers:
-        module = layer.plan.module
+        module, param = layer.plan.module, layer.plan.param
         keep = layer.alive().detach().clone()
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(module, param, leave_parametrized=True)
         with torch.no_grad():
-            w = module.weight
+            w = getattr(module, param)
             zero = layer.view.expand((~keep).to(w.dtype)).expand_as(w) > 0
             w.masked_fill_(zero, 0.0)  # turns -0.0 (from W * 0 with W < 0) into +0.0
+            keep &= layer.view.block_norms(w) > 0
+        wv = w.detach().float().cpu()
+        if layer.view.transposed:
+            wv = wv.t()
         manifest.append(LayerBlocks(
             name=layer.name,
             layout=layer.view.layout,
-            weight_shape=tuple(w.shape),
+            weight_shape=tuple(wv.shape),
             block=(layer.view.block.rows, layer.view.block.cols),
             kept=keep.cpu().numpy().astype(bool),
             padded=layer.view.padded,
-            weight=w.detach().float().cpu().numpy().astype(np.float32),
+            weight=np.ascontiguousarray(wv.numpy().astype(np.float32)),
         ))
     return manifest
 

@@ -23,15 +23,18 @@ from torch import nn
 from calib_data.shards import Shard, load_shard, shipped_shards
 
 from . import distributed
+from .adapters import strip_prefix, unwrap
 from .api import PruneResult, check_fits, prune
 from .config import PruneConfig, TrainConfig
 from .errors import (
     AccuracyGateFailed,
     DataError,
     SappError,
+    UnsupportedModel,
     UsageError,
     VerificationFailed,
 )
+from .geometry import LayerPlan
 from .loading import load_model
 from .report import empty_report, summary, write_json
 from .training import to_tensors
@@ -47,7 +50,8 @@ class OutputConfig:
         onnx_format: ``auto`` or a formulation name (``converters.FORMATS``).
         max_accuracy_drop: the gate, in score units (0.01 = one accuracy point); None: no gate.
         atol / rtol: ORT vs pruned PyTorch tolerance: ``max|diff| <= atol + rtol * max|output|``.
-        export_batch_size: the batch size ``auto`` times formulations at (set it to your serving batch).
+        export_batch_size: the batch size ``auto`` times formulations at (set it to your serving batch). The
+            exporter itself always traces :data:`EXPORT_ROWS` rows, with the batch axis dynamic.
         verify_samples: evaluation samples compared between ORT and PyTorch.
     """
 
@@ -60,7 +64,7 @@ class OutputConfig:
     rtol: float = 1e-3
     threads: int | None = None
     export_batch_size: int = 1
-    verify_samples: int = 1024
+    verify_samples: int = 1024  # at least 2: verification also runs at batch 1, and never at the export's 2
 
     def __post_init__(self) -> None:
         from converters import FORMATS
@@ -71,8 +75,9 @@ class OutputConfig:
             raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
         if self.atol < 0 or self.rtol < 0:
             raise UsageError(f"atol/rtol: expected >= 0, got {self.atol}/{self.rtol}")
-        if self.export_batch_size < 1 or self.verify_samples < 1:
-            raise UsageError("export batch size and verify samples: expected positive integers")
+        if self.export_batch_size < 1 or self.verify_samples < 3:
+            raise UsageError(f"export batch size and verify samples: expected >= 1 and >= 3, got {self.export_batch_size} "
+                             f"and {self.verify_samples}")
 
 
 def exit_code_of(e: BaseException) -> int:
@@ -129,12 +134,69 @@ def choose_shard(model: nn.Module, data: Path | None) -> Shard:
     raise DataError("no shipped shard fits this model's inputs; pass --data TRAIN.npz (see README, Data)")
 
 
-def _input_names(shard: Shard) -> list[str]:
-    return ["x"] if len(shard.inputs) == 1 else [f"x{i}" for i in range(len(shard.inputs))]
-
-
 def _rows(shard: Shard, n: int) -> tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(np.asarray(x[:n])) for x in shard.inputs)
+
+
+def onnx_feed(shard: Shard, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+    """The ONNX inputs for ``arrays``, in the dtypes the exported graph takes (the exporter saw
+    :func:`to_tensors`' float32 / int64): token ids of any integer type are fed as int64."""
+    feed = {}
+    for name, a in zip(shard.names, arrays):
+        a = np.asarray(a)
+        feed[name] = a.astype(np.float32 if np.issubdtype(a.dtype, np.floating) else np.int64, copy=False)
+    return feed
+
+
+#: rows of the example batch the exporter traces: never 1, which torch.export would fix as a constant.
+EXPORT_ROWS = 2
+
+
+def export_model(model: nn.Module, shard: Shard):
+    """The dense ONNX export of ``model`` (a :func:`prune` model form) on ``EXPORT_ROWS`` rows of ``shard``,
+    its initializers named as the user's parameters. Raises :class:`UnsupportedModel` (exit 2)."""
+    import converters
+
+    if len(shard) < EXPORT_ROWS:
+        raise DataError(f"{shard.source}: the export needs at least {EXPORT_ROWS} samples, got {len(shard)}")
+    xs = to_tensors(_rows(shard, EXPORT_ROWS), torch.device("cpu"))
+    try:
+        proto = converters.export_onnx(model, xs, input_names=list(shard.names))
+    except converters.ConverterError as e:
+        raise UnsupportedModel(f"cannot export the model to ONNX: {e}") from None
+    strip_prefix(proto)
+    return proto
+
+
+def dry_manifest(plans: list[LayerPlan]) -> list:
+    """Every planned weight as the converters will see it (all blocks kept), to locate before fine-tuning."""
+    from converters.manifest import LayerBlocks
+
+    out = []
+    for p in plans:
+        w = getattr(p.module, p.param).detach().float().cpu()
+        w = w.t() if p.view.transposed else w
+        out.append(LayerBlocks(p.name, p.view.layout, tuple(w.shape), (p.view.block.rows, p.view.block.cols),
+                               np.ones(p.view.grid, dtype=bool), p.view.padded, weight=w.numpy().copy()))
+    return out
+
+
+def precheck(shard: Shard, timings: dict):
+    """What :func:`prune` runs before fine-tuning: export the dense model and find every weight to be pruned
+    in its graph, through the same code the final export and conversion use, so a model that cannot be
+    converted fails in seconds (exit 2), not after the fine-tune."""
+    import converters
+
+    def check(dense: nn.Module, plans: list[LayerPlan]) -> None:
+        t = time.perf_counter()
+        proto = export_model(dense, shard)
+        try:
+            converters.locate(proto, dry_manifest(plans))
+        except converters.ConverterError as e:
+            raise UnsupportedModel(f"cannot place the pruned weights in the exported graph: {e}") from None
+        timings["precheck"] = round(time.perf_counter() - t, 3)
+
+    return check
 
 
 def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
@@ -196,11 +258,14 @@ def compress(
         report["data"] = {"train": shard.source, "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
                           "samples": len(shard)}
         lap("data")
-        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress)
+        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
+                    before_fine_tune=precheck(shard, timings) if info.is_main else None)
         lap("fine_tune")
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
                       skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,
-                      steps=res.total_steps, history=res.history)
+                      steps=res.total_steps, history=res.history, output=res.output.to_json(),
+                      lr={"value": res.lr, "source": res.lr_source}, warnings=list(res.warnings),
+                      inputs=list(res.eval_shard.names))
         report["mask_digests_per_rank"] = distributed.gather_digests(res.mask_digest)
         report["accuracy"]["dense"] = res.metrics["dense"]["score"]
         report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
@@ -209,32 +274,42 @@ def compress(
             report["exit_code"] = 0
             return report
 
-        names = _input_names(res.eval_shard)
-        xs = _rows(res.eval_shard, out.export_batch_size)
-        dense_proto = converters.export_onnx(res.model, to_tensors(xs, torch.device("cpu")), input_names=names)
+        ev_shard = res.eval_shard
+        dense_proto = export_model(res.model, ev_shard)
         report["dense_onnx_bytes"] = dense_proto.ByteSize()
         lap("export")
-        conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=dict(zip(names, xs)),
+        timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
+        conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
                                   threads=out.threads)
         onnx_bytes = conv.model.SerializeToString()
         sp = converters.measure_sparsity(onnx_bytes, res.layers)
         report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp))
         lap("convert")
 
-        vx = _rows(res.eval_shard, out.verify_samples)
-        with torch.no_grad():
-            expected = res.model(*to_tensors(vx, torch.device("cpu"))).float().numpy()
-        try:
-            ver = converters.verify(onnx_bytes, dict(zip(names, vx)), [expected], atol=out.atol, rtol=out.rtol,
-                                    classifier=res.task.is_classifier, threads=out.threads)
-        except converters.VerificationError as e:
-            report["verification"] = e.result.to_json() if e.result is not None else {"passed": False}
-            raise VerificationFailed(str(e)) from None
-        report["verification"] = ver.to_json()
+        # verified at two batch sizes other than the export's: the evaluation rows, and a single row
+        cpu = torch.device("cpu")
+        vers = []
+        for n in (out.verify_samples, 1):
+            vx = _rows(ev_shard, n)
+            with torch.no_grad():
+                expected = res.model(*to_tensors(vx, cpu)).float().numpy()
+            try:
+                vers.append(converters.verify(onnx_bytes, onnx_feed(ev_shard, vx), [expected], atol=out.atol,
+                                              rtol=out.rtol, classifier=res.task.is_classifier,
+                                              threads=out.threads))
+            except converters.VerificationError as e:
+                report["verification"] = e.result.to_json() if e.result is not None else {"passed": False}
+                report["verification"]["batch_size"] = len(vx[0])
+                raise VerificationFailed(str(e)) from None
+        ver = vers[0].to_json()
+        ver["max_abs_diff"] = max(v.max_abs_diff for v in vers)
+        ver["max_rel_diff"] = max(v.max_rel_diff for v in vers)
+        ver["batch_sizes"] = [min(out.verify_samples, len(ev_shard)), 1]
+        ver["export_batch_size"] = EXPORT_ROWS
+        report["verification"] = ver
         lap("verify")
 
-        full = dict(zip(names, (np.asarray(x) for x in res.eval_shard.inputs)))
-        onnx_out = converters.run_onnx(onnx_bytes, full, threads=out.threads)[0]
+        onnx_out = converters.run_onnx(onnx_bytes, onnx_feed(ev_shard, tuple(ev_shard.inputs)), threads=out.threads)[0]
         onnx_metrics = res.task.metrics(onnx_out, res.eval_shard.y, res.dense_eval_outputs)
         report["metrics"]["onnx"] = onnx_metrics
         report["accuracy"]["onnx"] = onnx_metrics["score"]
@@ -252,7 +327,7 @@ def compress(
             staged_pt = None
             if out.save_torch is not None:
                 staged_pt = stack.enter_context(_staged(Path(out.save_torch)))
-                torch.save(res.model, staged_pt)
+                torch.save(unwrap(res.model), staged_pt)
             os.replace(staged_onnx, out.output)
             if staged_pt is not None:
                 os.replace(staged_pt, out.save_torch)

@@ -10,7 +10,13 @@ int in {0, 1}, width 1        BCE with logits                        accuracy at
 float                         MSE                                    R^2 (* can be negative)
 absent, width C > 1           distillation: KL(teacher || student)   top-1 agreement with the original model
 absent, width 1 / regression  distillation: MSE to teacher outputs   R^2 against the original's outputs
+absent, a feature output      distillation: MSE to teacher features  mean cosine similarity to the original's
 ============================  =====================================  ======================================
+
+Outputs with a token axis (``[N, T, C]``, a language model's logits) are scored per token: cross-entropy or
+KL over every position, top-1 accuracy or agreement over every position (labels ``-100`` are ignored). A
+*feature* output (``last_hidden_state``, ``pooler_output``, embeddings: see :mod:`sapp_compress.adapters`) is
+never scored as classes: its argmax over features means nothing.
 
 The accuracy gate compares ``score`` of the dense model with ``score`` of the ONNX model, so "accuracy" in the
 report means the task's score. For distillation tasks the dense model's score is 1 by definition (fidelity).
@@ -23,13 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calib_data.shards import IGNORE_INDEX
+
 from .errors import DataError
 
 
 @dataclass(frozen=True)
 class Task:
     """One of ``classification``, ``binary``, ``regression``, ``distill_classification``,
-    ``distill_regression``."""
+    ``distill_regression``, ``distill_features``."""
 
     name: str
     n_outputs: int
@@ -46,6 +54,7 @@ class Task:
             "regression": "r2",
             "distill_classification": "top1_fidelity",
             "distill_regression": "r2_fidelity",
+            "distill_features": "cosine_fidelity",
         }[self.name]
 
     @property
@@ -56,13 +65,14 @@ class Task:
         """Loss of model output ``out`` against ``target`` (labels, or the teacher's outputs)."""
         out = out.float()
         if self.name == "classification":
-            return F.cross_entropy(out, target)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
         if self.name == "binary":
             return F.binary_cross_entropy_with_logits(out.reshape(-1), target.float().reshape(-1))
         if self.name == "regression":
             return F.mse_loss(out.reshape(target.shape), target.float())
         if self.name == "distill_classification":
             t = temperature
+            out, target = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
             return F.kl_div(
                 F.log_softmax(out / t, dim=-1), F.log_softmax(target.float() / t, dim=-1),
                 reduction="batchmean", log_target=True,
@@ -80,11 +90,18 @@ class Task:
             if self.name == "distill_classification":
                 agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
                 return {"score": agree, "top1_fidelity": agree}
+            if self.name == "distill_features":
+                a, b = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+                cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+                cosine = float(np.mean(cos))
+                return {"score": cosine, "cosine_fidelity": cosine, "r2_fidelity": _r2(a, b),
+                        "mse_to_original": float(np.mean((a - b) ** 2))}
             r2 = _r2(out, ref)
             return {"score": r2, "r2_fidelity": r2, "mse_to_original": float(np.mean((out - ref) ** 2))}
         assert y is not None
         if self.name == "classification":
-            acc = float(np.mean(out.argmax(-1) == y))
+            keep = y != IGNORE_INDEX
+            acc = float(np.mean((out.argmax(-1) == y)[keep]))
             return {"score": acc, "accuracy": acc}
         if self.name == "binary":
             logit = out.reshape(-1)
@@ -123,14 +140,24 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def infer_task(y: np.ndarray | None, output: np.ndarray) -> Task:
-    """Pick the task from the labels' dtype/values and the model's output ``[N, width]``."""
+def infer_task(y: np.ndarray | None, output: np.ndarray, kind: str = "classes") -> Task:
+    """Pick the task from the labels' dtype/values, the model's output ``[N, (T,) width]`` and whether that
+    output holds classes or features (``kind``, from :func:`sapp_compress.adapters.adapt`)."""
     width = int(output.shape[-1]) if output.ndim > 1 else 1
+    if kind == "features":
+        if y is not None:
+            raise DataError("labels: the model's output is a feature output (not logits), which labels cannot "
+                            "score; drop y to distil the features, or use a model with a head")
+        return Task("distill_features", width)
     if y is None:
         return Task("distill_classification" if width > 1 else "distill_regression", width)
     y = np.asarray(y)
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-        lo, hi = int(y.min()), int(y.max())
+        if y.ndim == 2 and output.ndim != 3:
+            raise DataError(f"labels: per-token labels [N, T] need a per-token output [N, T, C], got output "
+                            f"shape {list(output.shape)}")
+        valid = y[y != IGNORE_INDEX] if y.ndim == 2 else y
+        lo, hi = (int(valid.min()), int(valid.max())) if valid.size else (0, 0)
         if width == 1:
             if lo < 0 or hi > 1:
                 raise DataError(f"labels: expected 0/1 for a model with one output, got values in [{lo}, {hi}]")

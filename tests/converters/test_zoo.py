@@ -86,7 +86,9 @@ def test_every_pruned_layer_is_converted_or_explained(name):
     if name == "dscnn":
         assert any("depthwise" in r for r in reasons.values())
     if name == "transformer":
-        assert any("in_proj" in n for n in reasons)
+        # the fused q/k/v projection is pruned (block rows aligned with the split) and computed blocked
+        assert {o.fmt for o in res.layers if "in_proj" in o.name} == {"blocked"}
+        assert any("norm" in n and "normalisation" in r for n, r in reasons.items())
         assert {o.op_type for o in res.layers} == {"MatMul", "Gemm"}  # 3-D linears and the out_proj
 
 
