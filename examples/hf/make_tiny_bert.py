@@ -1,6 +1,6 @@
 """Make examples/models/tiny_bert: a small, real (weak) BERT text classifier saved with save_pretrained.
 
-    python examples/hf/make_tiny_bert.py            # about a minute on a laptop CPU; needs transformers
+    python examples/hf/make_tiny_bert.py            # one to two minutes on a CPU; needs transformers
 
 It trains a WordPiece tokenizer (the tokenizers library) on calib_data/text/stdlib_docs.jsonl (first
 paragraphs of Python standard-library docstrings, labelled by module family: see calib_data/README.md), builds
@@ -62,7 +62,11 @@ def train_tokenizer(texts: list[str]):
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=SPECIAL))
-    return BertTokenizer(vocab=wp.get_vocab(), do_lower_case=True, model_max_length=128)
+    # The trainer numbers tokens in hash-map order, which changes from run to run; WordPiece only needs the
+    # set, so number it in a fixed order (special tokens first) and the model's embedding rows stay put.
+    learned = sorted(set(wp.get_vocab()) - set(SPECIAL))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + learned)}
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
 
 
 def build_model(vocab_size: int, labels: list[str], pad_id: int):
