@@ -107,26 +107,42 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]
     return m, Site(site.layer, site.init_name, node, site.stored, site.weight, via)
 
 
-def timing_sizes(model: onnx.ModelProto, timing_inputs: dict[str, np.ndarray] | None
-                 ) -> list[dict[str, list[int]]]:
-    """The input shapes ``auto`` times at: those of ``timing_inputs`` (every axis, batch and sequence alike),
-    then the same with batch 1 when the timing batch is larger, so that a choice holds from one row up to the
-    timing batch. Without timing inputs: batch 1, other symbolic axes unknown."""
+def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+    """The inputs ``auto`` times at: ``timing_inputs`` as given (every axis, batch and sequence alike), then
+    their first row when the timing batch is larger, so that a choice holds from one row up to the timing
+    batch. Empty without timing inputs."""
     if not timing_inputs:
-        return [{vi.name: [1] for vi in model.graph.input}]
-    full = {k: list(np.shape(v)) for k, v in timing_inputs.items()}
-    sizes = [full]
-    if any(len(v) and v[0] > 1 for v in full.values()):
-        sizes.append({k: [1, *v[1:]] if len(v) else v for k, v in full.items()})
-    return sizes
+        return []
+    feeds = [dict(timing_inputs)]
+    if all(np.ndim(v) and len(v) > 1 for v in timing_inputs.values()):
+        feeds.append({k: np.ascontiguousarray(v[:1]) for k, v in timing_inputs.items()})
+    return feeds
+
+
+def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: set[str]
+                       ) -> dict[str, list[int]]:
+    """Shapes of the tensors ``names`` on ``feed``, by running ``model`` once in ORT with them as extra outputs.
+
+    Shape inference cannot always derive them from the inputs' shapes: with a batch of 1, a BERT export's
+    ``Expand`` of the token-type ids leaves the batch axis unknown, and so every activation after it."""
+    m = copy.deepcopy(model)
+    have = {o.name for o in m.graph.output}
+    extra = sorted(n for n in names if n not in have)
+    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    try:
+        outs = session(m, optimize=False).run([*extra], feed)
+    except Exception as e:  # noqa: BLE001 -- an unrunnable feed means "not timed", with the reason logged
+        log.warning("timing inputs do not run through the model (%s): layers not timed", str(e).splitlines()[0])
+        return {}
+    return {n: list(np.shape(o)) for n, o in zip(extra, outs)}
 
 
 def _input_shapes(model: onnx.ModelProto, feed_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Static shapes of every tensor when the graph inputs have ``feed_shapes`` (unknown ones left out).
+    """Static shapes of every tensor when the graph inputs have ``feed_shapes`` (unknown ones left out), by
+    shape inference (used without timing inputs; with them, :func:`_shapes_by_running` is exact).
 
     Every axis given is fixed (a shape shorter than the input's rank fixes its leading axes), and the export's
-    symbolic annotations of inner tensors are dropped first, so that inference derives them from the inputs:
-    a transformer's activations ``[batch, sequence, features]`` need both axes known."""
+    symbolic annotations of inner tensors are dropped first, so that inference derives them from the inputs."""
     m = copy.deepcopy(model)
     for vi in m.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -249,16 +265,69 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
     return out, outcomes
 
 
-def _whole_model_ratios(dense: onnx.ModelProto, converted: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                        threads: int | None) -> dict[str, float]:
-    """Dense time over converted time, whole models interleaved, at each feed (key: the first input's shape)."""
-    sess = {"dense": session(dense, threads=threads), "converted": session(converted, threads=threads)}
-    out = {}
+def _whole_model_ratios(dense: onnx.ModelProto, models: dict[str, onnx.ModelProto],
+                        feeds: list[dict[str, np.ndarray]], threads: int | None) -> dict[str, dict[str, float]]:
+    """Dense time over each model's time, whole models interleaved with dense, per feed (keyed by the first
+    input's shape): ``{model: {"8x128": 1.3, "1x128": 1.6}}``."""
+    sess = {"dense": session(dense, threads=threads), **{k: session(m, threads=threads) for k, m in models.items()}}
+    out: dict[str, dict[str, float]] = {k: {} for k in models}
     for feed in feeds:
         lat = time_interleaved(sess, feed, budget_s=1.0, min_rounds=7, max_rounds=31, loop_s=0.01,
                                pause_s=0.005 if (threads or 0) != 1 else 0.0)
-        out["x".join(map(str, np.shape(next(iter(feed.values())))))] = lat["dense"] / lat["converted"]
+        key = "x".join(map(str, np.shape(next(iter(feed.values())))))
+        for k in models:
+            out[k][key] = lat["dense"] / lat[k]
     return out
+
+
+def _seen(ratios: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
+
+
+def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
+            feeds: list[dict[str, np.ndarray]], threads: int | None):
+    """The whole-model stage of ``auto`` (changes ``choices`` in place; returns the built model, outcomes).
+
+    A layer timed alone pays for its own layout changes (the Transposes around a blocked N-D linear), which in
+    the whole model cancel between consecutive blocked layers. So the per-layer picks compete, as whole models
+    timed interleaved with dense at every timing size, with the same model where every timed layer that
+    blocked applies to is blocked; the second wins only by more than :data:`TIE` at its worst size. Then
+    where the winner runs below :data:`WHOLE_MODEL_FLOOR` of dense at some size, the blocked layers with the
+    least measured gain go back to dense runtime (compact storage), then all of them."""
+    out, outcomes = _build(model, layers, choices)
+    switch = [n for n, c in choices.items() if c[0] != "blocked" and c[3] and all("blocked" in v for v in c[3].values())]
+    models = {"per-layer": out}
+    if len(switch) >= 2:  # one layer alone has no neighbour to cancel a Transpose with
+        alt = dict(choices)
+        for n in switch:
+            alt[n] = ("blocked", None, *choices[n][2:])
+        models["all-blocked"], alt_outcomes = _build(model, layers, alt)
+    ratios = _whole_model_ratios(model, models, feeds, threads)
+    score = {k: min(v.values()) for k, v in ratios.items()}
+    if "all-blocked" in score and score["all-blocked"] > score["per-layer"] * (1 + TIE):
+        why = (f"blocked: the whole model ran at {_seen(ratios['all-blocked'])} of dense with every timable layer "
+               f"blocked, {_seen(ratios['per-layer'])} with the per-layer picks")
+        for n in switch:
+            choices[n] = ("blocked", why, *choices[n][2:])
+        out, outcomes = models["all-blocked"], alt_outcomes
+        for n in switch:
+            outcomes[n].reason = why
+        current = ratios["all-blocked"]
+    else:
+        current = ratios["per-layer"]
+    blocked = [n for n, c in choices.items() if c[0] == "blocked"]
+    # least gain first: the worst ratio to dense each blocked layer was ranked at (untimed ones last)
+    gain = sorted(blocked, key=lambda n: -max((_rank(v, FORMULATIONS)["blocked"] for v in (choices[n][3] or {}).values()),
+                                              default=0.0))
+    for step in (gain[: max(1, len(gain) // 2)], gain):
+        if not blocked or min(current.values()) >= WHOLE_MODEL_FLOOR:
+            break
+        log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", _seen(current), len(step))
+        _fallback(choices, step, f"the whole model with blocked layers ran at {_seen(current)} of dense")
+        out, outcomes = _build(model, layers, choices)
+        if step is not gain:
+            current = _whole_model_ratios(model, {"m": out}, feeds, threads)["m"]
+    return out, outcomes
 
 
 def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
@@ -274,21 +343,22 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
             timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None) -> ConversionResult:
     """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
 
-    ``auto`` times every applicable formulation per layer at the shapes of ``timing_inputs`` (all their axes;
-    default: batch 1, other symbolic axes unknown, so such layers are not timed) and at batch 1, and keeps
-    the one whose worst ratio to dense is best (ties to the smallest). With timing inputs it then times the
-    whole converted model against dense at the same sizes; where it is more than :data:`WHOLE_MODEL_FLOOR`
-    slower at one of them, the blocked layers with the least measured gain go back to dense runtime (compact
-    storage), then all of them. The input model is not modified.
+    ``auto`` times every applicable formulation per layer at the shapes ``timing_inputs`` give each layer (all
+    their axes; without them: batch 1, other symbolic axes unknown, so such layers are not timed) and at batch
+    1, and keeps the one whose worst ratio to dense is best (ties to the smallest); with timing inputs the
+    whole model is then timed too (see :func:`_settle`). The input model is not modified.
     """
     if fmt not in FORMATS:
         raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
     probe = copy.deepcopy(model)
     sites, _ = locate(probe, layers)
     choices: dict[str, tuple] = {}
+    feeds: list[dict[str, np.ndarray]] = []
     if fmt == "auto":
-        sizes = timing_sizes(model, timing_inputs)
-        shape_sets = [_input_shapes(probe, sz) for sz in sizes]
+        feeds = timing_feeds(timing_inputs)
+        wanted = {site.node.input[0] for site in sites}
+        shape_sets = ([_shapes_by_running(probe, f, wanted) for f in feeds] if feeds
+                      else [_input_shapes(probe, {vi.name: [1] for vi in model.graph.input})])
         for site in sites:
             choices[site.layer.name] = _choose(probe, site, shape_sets, threads)
     else:
@@ -298,22 +368,10 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
             if chosen == "dense" and reason is None:
                 reason = "dense requested"
             choices[site.layer.name] = (chosen, reason, None, None)
-    out, outcomes = _build(model, layers, choices)
-    blocked = [n for n, c in choices.items() if c[0] == "blocked"]
-    if fmt == "auto" and timing_inputs and blocked:
-        feeds = [timing_inputs]
-        if len(sizes) > 1:
-            feeds.append({k: np.ascontiguousarray(v[:1]) for k, v in timing_inputs.items()})
-        # least gain first: the worst ratio to dense each blocked layer was ranked at
-        gain = sorted(blocked, key=lambda n: -max(_rank(v, FORMULATIONS)["blocked"] for v in choices[n][3].values()))
-        for step in (gain[: max(1, len(gain) // 2)], gain):
-            ratios = _whole_model_ratios(model, out, feeds, threads)
-            if min(ratios.values()) >= WHOLE_MODEL_FLOOR:
-                break
-            seen = ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
-            log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", seen, len(step))
-            _fallback(choices, step, f"the whole model with blocked layers ran at {seen} of dense")
-            out, outcomes = _build(model, layers, choices)
+    if fmt == "auto" and feeds and any(c[2] for c in choices.values()):
+        out, outcomes = _settle(model, layers, choices, feeds, threads)
+    else:
+        out, outcomes = _build(model, layers, choices)
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]
