@@ -2,12 +2,14 @@
 
     python examples/hf/make_tiny_bert.py            # one to two minutes on a CPU; needs transformers
 
-It trains a WordPiece tokenizer (the tokenizers library) on calib_data/text/stdlib_docs.jsonl (first
-paragraphs of Python standard-library docstrings, labelled by module family: see calib_data/README.md), builds
-a BertForSequenceClassification (hidden 64, 2 layers, 4 heads, intermediate 128, 128 positions, one class per
-label, id2label/label2id set), trains it briefly on 80 % of the rows, reports accuracy on the other 20 %, and
-saves model (safetensors) and tokenizer to examples/models/tiny_bert/. Seeds are fixed; the result is the
-same on a given machine (float sums may differ in the last bits across CPUs and thread counts).
+It learns a BERT WordPiece tokenizer (the tokenizers library's normaliser and pre-tokeniser, a vocabulary of
+1500 learned by frequency merges with a fixed tie-break) from calib_data/text/stdlib_docs.jsonl (first
+paragraphs of Python standard-library docstrings, labelled by module family: see calib_data/README.md),
+builds a BertForSequenceClassification (hidden 64, 2 layers, 4 heads, intermediate 128, 128 positions, one
+class per label, id2label/label2id set), trains it briefly on 80 % of the rows, reports accuracy on the other
+20 %, and saves model (safetensors) and tokenizer to examples/models/tiny_bert/. Seeds are fixed and the
+algorithms deterministic: a rerun on the same machine writes the same bytes (float sums may differ in the last
+bits across CPUs and thread counts).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -53,20 +56,54 @@ def read_rows() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def learn_vocab(words: Counter, size: int) -> list[str]:
+    """A WordPiece vocabulary of ``size`` tokens learned by frequency merges, as tokenizers' WordPieceTrainer
+    learns it, but with ties broken by the pair's text (that trainer breaks them in hash-map order, so its
+    vocabulary changes from run to run).
+
+    Words start as characters (``w``, ``##o``, ``##r``, ``##d``); each step merges the most frequent adjacent
+    pair (``w`` + ``##o`` -> ``wo``, ``##o`` + ``##r`` -> ``##or``) until the vocabulary has ``size`` tokens.
+    """
+    split = {w: tuple([w[0]] + ["##" + c for c in w[1:]]) for w in words}
+    vocab = {sym for syms in split.values() for sym in syms}
+    while len(vocab) + len(SPECIAL) < size:
+        pairs: Counter = Counter()
+        for w, syms in split.items():
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merged = a + b[2:]
+        vocab.add(merged)
+        for w, syms in split.items():
+            if a in syms:
+                split[w] = _merge(syms, a, b, merged)
+    return SPECIAL + sorted(vocab)
+
+
+def _merge(syms: tuple[str, ...], a: str, b: str, merged: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(syms):
+        if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(syms[i])
+            i += 1
+    return tuple(out)
+
+
 def train_tokenizer(texts: list[str]):
-    """A lower-casing BERT WordPiece tokenizer with a vocabulary learned from ``texts``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A lower-casing BERT WordPiece tokenizer with a vocabulary learned from ``texts`` (split into words by
+    the tokenizers library's BERT normaliser and pre-tokeniser, the ones the tokenizer itself uses)."""
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=SPECIAL))
-    # The trainer numbers tokens in hash-map order, which changes from run to run; WordPiece only needs the
-    # set, so number it in a fixed order (special tokens first) and the model's embedding rows stay put.
-    learned = sorted(set(wp.get_vocab()) - set(SPECIAL))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + learned)}
-    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    vocab = learn_vocab(words, VOCAB)
+    return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True, model_max_length=128)
 
 
 def build_model(vocab_size: int, labels: list[str], pad_id: int):
