@@ -180,3 +180,18 @@ def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^making a shard from text needs transformers: "
                                         r"pip install sapp-compress\[hf\]$"):
         text_shard(MODEL, _write(tmp_path / "t.txt", "a\n"), tmp_path / "t.npz")
+
+
+def test_readme_text_example_runs_word_for_word(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Text data and Hugging Face models"):readme.index("### Exit codes")]
+    line = next(s for s in section.splitlines() if s.startswith("sapp-compress-shard examples/"))
+    args = line.split()[1:]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "calib_data").symlink_to(ROOT / "calib_data")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / args[args.index("-o") + 1]
+    assert load_shard(out).y.shape == (json.loads((DOCS.parent / "MANIFEST.json").read_text())["stdlib_docs"]
+                                       ["samples"],)
