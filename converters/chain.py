@@ -184,3 +184,58 @@ def feature_major(model: onnx.ModelProto) -> int:
     if done:
         log.info("removed %d Reshape pair(s) between blocked linears", done)
     return done
+
+
+#: layout ops that are merged when they repeat: pure functions of their inputs and attributes
+SHARED_OPS = frozenset({"Shape", "Slice", "Concat", "Reshape", "Transpose"})
+
+
+def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_inputs(sub, rename)
+
+
+def share_layout(model: onnx.ModelProto) -> int:
+    """Merge repeated layout nodes (in place): same op in :data:`SHARED_OPS`, same attributes, same inputs,
+    constant inputs compared by value. Returns how many nodes were dropped.
+
+    Blocked linears that read the same tensor (a transformer's query, key and value projections) each start
+    with ``Shape -> Slice -> Concat`` (the leading shape), ``Reshape [-1, I]`` and ``Transpose``; after this
+    pass they share one transposed input. (ONNX Runtime's common-subexpression pass finds the same at load;
+    doing it here keeps the file and every other runtime's graph free of the copies.)"""
+    g = model.graph
+    const_key = {}
+    for t in g.initializer:
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        c.name = ""
+        const_key[t.name] = ("const", c.SerializeToString())
+    outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    keep = []
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type in SHARED_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 \
+                and node.output[0] not in outputs:
+            attrs = tuple(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name))
+            key = (node.op_type, tuple(const_key.get(i, i) for i in node.input), attrs)
+            if key in seen:
+                rename[node.output[0]] = seen[key]
+                continue
+            seen[key] = node.output[0]
+        keep.append(node)
+    dropped = len(g.node) - len(keep)
+    if dropped:
+        del g.node[:]
+        g.node.extend(keep)
+        _rename_inputs(g, rename)  # subgraphs may read the dropped outputs by name
+        log.info("shared %d repeated layout node(s)", dropped)
+    return dropped

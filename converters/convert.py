@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from .errors import ConverterError
-from .chain import feature_major
+from .chain import feature_major, share_layout
 from .formulations import FORMULATIONS, Rewrite
 from .graph import GraphIndex, prune_unused
 from .locate import Site, locate
@@ -261,6 +261,7 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
                                          lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors, per_size)
         log.info("%s: %s%s", lb.name, chosen, f" ({reason})" if reason else "")
     feature_major(out)  # lets ORT cancel the Transposes between consecutive blocked N-D linears
+    share_layout(out)  # one transposed input for all blocked layers that read the same tensor
     prune_unused(out.graph)
     return out, outcomes
 

@@ -238,3 +238,26 @@ def test_tiny_bert_auto_times_every_layer_at_both_sizes_and_holds():
     assert _unused_initializers(res.model) == []
     for n, t in ((1, 8), (3, 5)):
         _close(res.model, proto, _bert_feed(n, t))
+
+
+def test_layers_reading_one_tensor_share_its_transposed_copy():
+    """Three blocked projections of one input (query, key, value) read one Reshape + Transpose of it, and one
+    leading-shape computation; each keeps its own output Transpose."""
+    layers = [_layer(f"{n}.weight", (32, 32), (8, 8), seed=i) for i, n in enumerate("qkv")]
+    nodes, inits = [], {}
+    for i, lb in enumerate(layers):
+        inits[f"wt{i}"] = np.ascontiguousarray(lb.weight.T)
+        nodes.append(helper.make_node("MatMul", ["x", f"wt{i}"], [f"h{i}"]))
+    nodes += [helper.make_node("Add", ["h0", "h1"], ["s"]), helper.make_node("Mul", ["s", "h2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 32])],
+                          initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
+    dense = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    res = convert(dense, layers, fmt="blocked")
+    check(res.model)
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["Transpose"] == 1 + 3 and ops["Shape"] == 1 and ops["Slice"] == 1
+    x_users = [n.op_type for n in res.model.graph.node if "x" in n.input]
+    assert sorted(x_users) == ["Reshape", "Shape"]
+    for feed in _feeds(32):
+        _close(res.model, dense, feed)
