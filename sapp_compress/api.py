@@ -90,18 +90,34 @@ def check_fits(model: nn.Module, shard: Shard) -> np.ndarray:
     return adapt(model, shard)[2]
 
 
-#: a fine-tune whose score ends below this fraction of the dense model's is reported as collapsed.
+#: a fine-tune that keeps less than this share of the dense model's lead over a constant prediction is
+#: reported as collapsed.
 COLLAPSE_FRACTION = 0.5
 
 
-def collapse_warning(task: Task, metrics: dict) -> str | None:
+def constant_score(task: Task, y: np.ndarray | None, reference: np.ndarray) -> float:
+    """The score of the best input-independent prediction: the most frequent class (of the labels, or of the
+    dense model's top-1 for fidelity); 0 for R^2, cosine and the rest."""
+    if task.name == "classification" and y is not None:
+        classes = y[y >= 0] if y.ndim > 1 else y
+    elif task.name == "distill_classification":
+        classes = reference.argmax(-1).reshape(-1)
+    elif task.name == "binary" and y is not None:
+        classes = y.reshape(-1)
+    else:
+        return 0.0
+    return float(np.bincount(classes.astype(np.int64)).max() / max(1, classes.size))
+
+
+def collapse_warning(task: Task, metrics: dict, baseline: float) -> str | None:
     """A loud one-line warning when the pruned model kept less than :data:`COLLAPSE_FRACTION` of the dense
-    model's score on held-out data (for fidelity scores: its agreement with itself, 1.0)."""
+    model's lead over ``baseline`` (a constant prediction's score) on held-out data: e.g. a classifier whose
+    outputs no longer depend on its input."""
     dense, pruned = metrics["dense"]["score"], metrics["pruned_torch"]["score"]
-    if dense > 0 and pruned < COLLAPSE_FRACTION * dense:
+    if dense > baseline and pruned < baseline + COLLAPSE_FRACTION * (dense - baseline):
         return (f"the fine-tune collapsed: held-out {task.score_name} {pruned:.3f} against the dense model's "
-                f"{dense:.3f} (below {COLLAPSE_FRACTION:g}x); more steps (--steps), a lower --sparsity, a larger "
-                "shard or another --lr may help")
+                f"{dense:.3f}, where a constant prediction scores {baseline:.3f}; more steps (--steps), a lower "
+                "--sparsity, a larger shard or another --lr may help")
     return None
 
 
@@ -181,7 +197,8 @@ def prune(
     student.to(cpu).eval()
     manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
-    warnings = [w for w in (collapse_warning(task, metrics),) if w]
+    baseline = constant_score(task, eval_shard.y, dense_out)
+    warnings = [w for w in (collapse_warning(task, metrics, baseline),) if w]
     for w in warnings:
         log.warning("%s", w)
     return PruneResult(

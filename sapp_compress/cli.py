@@ -111,7 +111,9 @@ class Progress:
 @click.option("--epochs", type=float, help="Fine-tuning budget in epochs (default 10, at least 300 steps).")
 @click.option("--steps", type=int, help="Fine-tuning budget in optimizer steps (instead of --epochs).")
 @click.option("--batch-size", default=64, type=int, show_default=True, help="Mini-batch size (per process).")
-@click.option("--lr", default=1e-3, type=float, show_default=True, help="Peak learning rate (Adam, cosine, warm-up).")
+@click.option("--lr", default=None, type=float,
+              help="Peak learning rate (Adam, cosine, warm-up); default by model family: 1e-4 with attention "
+                   "layers (transformers), else 1e-3.")
 @click.option("--weight-decay", default=1e-4, type=float, show_default=True,
               help="Coupled l2 on the masked weights and SA++ logits.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
@@ -197,6 +199,8 @@ def main(model, output, block, sparsity, method, method_option, data, eval_data,
         click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)
         sys.exit(code)
     progress.close()
+    for w in result.get("warnings") or []:
+        click.echo(f"WARNING: {w}", err=True)
     if not quiet and result.get("onnx_bytes"):
         click.echo(summary(result), err=True)
         click.echo(f"wrote {output}", err=True)

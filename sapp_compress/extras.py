@@ -7,7 +7,8 @@ torchvision on a CPU-only torch: the torchvision wheels of the package index are
 and with a CPU build of torch their compiled ops (``torchvision::nms`` ...) fail to load; torchvision's import
 then fails because it registers fake kernels for ``nms``/``qnms``, which no longer exist. The models need none
 of those ops (only detection does), so :func:`import_torchvision` declares the two schemas (no kernels) and
-imports torchvision again: every classification model builds and runs; calling ``torchvision.ops.nms`` still
+imports torchvision again (transformers and timm import it too, so they go through :func:`require`): every
+classification model builds and runs; calling ``torchvision.ops.nms`` still
 fails, loudly. With a matching torchvision build nothing is declared.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ _declared = []  # the torch.library.Library that holds the declared schemas must
 
 def require(module: str, why: str) -> ModuleType:
     """Import ``module`` (an optional dependency) or fail with one line naming the extra to install."""
-    if module in ("torchvision", "timm"):
-        import_torchvision()
+    if module.split(".")[0] in ("torchvision", "timm", "transformers"):
+        import_torchvision()  # transformers and timm import torchvision when it is installed
     try:
         return importlib.import_module(module)
     except ImportError as e:

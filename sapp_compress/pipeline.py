@@ -8,6 +8,7 @@ behind. The report, when asked for, is written in every case and says how the ru
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import tempfile
@@ -168,17 +169,27 @@ def export_model(model: nn.Module, shard: Shard):
     return proto
 
 
-def dry_manifest(plans: list[LayerPlan]) -> list:
-    """Every planned weight as the converters will see it (all blocks kept), to locate before fine-tuning."""
+def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tuple[nn.Module, list]:
+    """A copy of ``dense`` whose planned weights hold fresh random values, and its manifest (all blocks kept).
+
+    Fresh values make every weight unique, as fine-tuned weights are: layers cloned from one another (an
+    ``nn.TransformerEncoder`` deep-copies its first layer) start identical, and locating them by value would
+    then be ambiguous before the fine-tune although it is not after it."""
     from converters.manifest import LayerBlocks
 
+    model = copy.deepcopy(dense)
+    inner = unwrap(model)
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for p in plans:
-        w = getattr(p.module, p.param).detach().float().cpu()
-        w = w.t() if p.view.transposed else w
-        out.append(LayerBlocks(p.name, p.view.layout, tuple(w.shape), (p.view.block.rows, p.view.block.cols),
-                               np.ones(p.view.grid, dtype=bool), p.view.padded, weight=w.numpy().copy()))
-    return out
+    with torch.no_grad():
+        for p in plans:
+            w = inner.get_parameter(p.name)
+            w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.dtype) * 0.02)
+            wv = w.detach().float().cpu()
+            wv = wv.t() if p.view.transposed else wv
+            out.append(LayerBlocks(p.name, p.view.layout, tuple(wv.shape), (p.view.block.rows, p.view.block.cols),
+                                   np.ones(p.view.grid, dtype=bool), p.view.padded, weight=wv.numpy().copy()))
+    return model, out
 
 
 def precheck(shard: Shard, timings: dict):
@@ -189,9 +200,10 @@ def precheck(shard: Shard, timings: dict):
 
     def check(dense: nn.Module, plans: list[LayerPlan]) -> None:
         t = time.perf_counter()
-        proto = export_model(dense, shard)
+        model, manifest = dry_run_model(dense, plans)
+        proto = export_model(model, shard)
         try:
-            converters.locate(proto, dry_manifest(plans))
+            converters.locate(proto, manifest)
         except converters.ConverterError as e:
             raise UnsupportedModel(f"cannot place the pruned weights in the exported graph: {e}") from None
         timings["precheck"] = round(time.perf_counter() - t, 3)

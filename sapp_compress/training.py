@@ -111,10 +111,23 @@ class TrainOutcome:
     steps: int
 
 
+def tied_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (a language model's output head tied to its token
+    embedding)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return {k for k, n in uses.items() if n > 1}
+
+
 def _param_groups(model: nn.Module, method: PruningMethod) -> tuple[list, list, list]:
+    """(masked weights, SA++ logits, the rest). Tied parameters are frozen: such a weight is the token
+    table and the output head at once, the planner leaves it dense for that reason, and training it on a
+    small shard would move every row of the vocabulary through the head alone; frozen, its bytes in the
+    exported model are the original's, as the report says."""
     logits = [layer.masker.logits for layer in method.layers if layer.masker.logits is not None]
     masked = [layer.original for layer in method.layers]
-    special = {id(p) for p in logits + masked}
+    special = {id(p) for p in logits + masked} | tied_parameters(model)
     rest = [p for p in model.parameters() if id(p) not in special and p.requires_grad]
     return masked, logits, rest
 
@@ -164,6 +177,7 @@ def fine_tune(
     if teacher is not None:
         teacher.eval()
     stop = total_steps if stop is None else min(stop, total_steps)
+    skipped = 0
     for step in range(start, stop):
         if method.begin_step(step):
             if method.options.reset_optimizer:
@@ -188,25 +202,35 @@ def fine_tune(
         if scaler:
             scaler.unscale_(opt)
         _coupled_decay(method, cfg.weight_decay, logit_decay)
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if scaler:
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
         else:
-            opt.step()
+            # A non-finite gradient skips the step (as AMP's scaler does) instead of writing NaN into every
+            # weight: an output channel whose block-row is all pruned, normalised by a BatchNorm in training
+            # mode, has zero variance, and each such BatchNorm multiplies the gradient by 1/sqrt(eps).
+            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if torch.isfinite(norm):
+                opt.step()
+            else:
+                skipped += 1
         # Reading the loss synchronises a GPU, so it happens only at logging steps.
         if step % cfg.log_every == 0 or step == total_steps - 1:
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise FloatingPointError(f"loss is {lv} at step {step + 1}; lower --lr")
             row = {"event": "step", "step": step + 1, "total": total_steps,
-                   "phase": method.phases[method.current_phase].kind, "loss": lv, "lr": lr}
+                   "phase": method.phases[method.current_phase].kind, "loss": lv, "lr": lr,
+                   "skipped_steps": skipped}
             history.append(row)
             if progress is not None:
                 progress(row)
         if checkpointer is not None and checkpointer.due(step + 1, total_steps):
             checkpointer.save(_snapshot(step + 1, model, opt, method, scaler, history))
+    if skipped:
+        log.warning("%d of %d steps had non-finite gradients and were skipped", skipped, stop - start)
     if stop == total_steps:
         method.finish()
         if info.active:
