@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import re
@@ -100,6 +101,9 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
     output_names = output_names or ["y"]
     axes = dynamic_axes_for(input_names, args)
     dyn = tuple({a: torch.export.Dim.DYNAMIC for a in ax} for ax in axes)
+    params = list(inspect.signature(m.forward).parameters.values())
+    if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dyn = (dyn,)  # forward(*xs): torch.export sees one argument, the tuple
     sink = io.StringIO()
     noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
     levels = [lg.level for lg in noisy]
