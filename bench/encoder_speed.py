@@ -4,9 +4,11 @@ The model: ``transformers.BertModel`` (hidden 768, intermediate 3072, 12 heads, 
 weights, eval mode, wrapped so that it maps ``(input_ids, attention_mask)`` to ``last_hidden_state``. All six
 linear projections of every layer (query, key, value, attention output, intermediate, output) get a random
 balanced block mask (B x B blocks, the same number kept in every block-row, sparsity s); the dropped blocks are
-zeroed in the torch weights. Export: ``converters.export_onnx`` (batch and sequence axes dynamic), conversion:
-``converters.convert`` with ``fmt="blocked"`` and ``fmt="auto"`` (timed at the first batch size of
-``--batches``).
+zeroed in the torch weights; biases and LayerNorm parameters are random too (BERT's initialisation makes them
+all equal, and the exporter would share one tensor among them). Export: ``converters.export_onnx`` (batch
+and sequence axes dynamic), conversion: ``converters.convert`` with ``fmt="blocked"`` and ``fmt="auto"``,
+the latter once per thread count, with timing inputs of the largest batch (auto times at that batch and at
+batch 1).
 
 For every batch size (sequence ``--seq``) and thread count the dense, blocked and auto models run interleaved in
 one process (rounds of dense, blocked, auto, ...; median of the rounds); the speedups are ratios of medians.
@@ -14,7 +16,8 @@ Printed with every table: the CPU model and flags, the FLOP limit (linear layers
 bound), the encoder layers' weight bytes dense vs blocked and the whole file-size ratio, and the node types in
 the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath``).
 
-    python bench/encoder_speed.py [--threads 1,2] [--batches 1,8] [--seq 128] [--rounds 15] [--out ...]
+    python bench/encoder_speed.py [--threads 1,2] [--batches 1,8] [--seq 128] [--rounds 15] [--repeat 2]
+                                  [--block 16] [--sparsity 0.8] [--layers 4] [--out ...]
 """
 from __future__ import annotations
 
@@ -64,7 +67,12 @@ def build(hidden=768, intermediate=3072, heads=12, layers=4, vocab=1000, seed=0)
     torch.manual_seed(seed)
     cfg = BertConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
                      num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=512)
-    return Encoder(BertModel(cfg, add_pooling_layer=False)).eval()
+    model = Encoder(BertModel(cfg, add_pooling_layer=False)).eval()
+    with torch.no_grad():  # BERT initialises every bias to 0 and LayerNorm to (1, 0): make them distinct
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.copy_(torch.randn_like(p) * 0.02 + (1.0 if "LayerNorm.weight" in name else 0.0))
+    return model
 
 
 def balanced_kept(rng: np.random.Generator, R: int, C: int, sparsity: float) -> np.ndarray:
@@ -151,15 +159,6 @@ def flop_limit(model: Encoder, feed: dict, pruned: set[str], sparsity: float) ->
     return macs["all"] / (macs["all"] - sparsity * macs["pruned"])
 
 
-def layer_bytes(proto_bytes: bytes, names: list[str]) -> int:
-    """Bytes of the initializers named ``names`` in a serialised model."""
-    import onnx
-
-    m = onnx.load_from_string(proto_bytes)
-    want = set(names)
-    return sum(len(t.raw_data) or (np.prod(t.dims) * 4) for t in m.graph.initializer if t.name in want)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
@@ -169,7 +168,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--auto-threads", type=int, default=1, help="threads auto times its candidates with")
+    ap.add_argument("--repeat", type=int, default=1, help="measure every table this many times")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder_speed.json"))
     args = ap.parse_args()
     t0 = time.strftime("%H:%M", time.gmtime())
@@ -181,67 +180,77 @@ def main() -> None:
     dense = export_onnx(model, tuple(torch.from_numpy(v) for v in ex.values()),
                         input_names=list(ex), output_names=["last_hidden_state"])
     batches = [int(b) for b in args.batches.split(",")]
-    timing = inputs(batches[0], args.seq, vocab)
+    thread_counts = [int(x) for x in args.threads.split(",")]
+    timing = inputs(max(batches), args.seq, vocab)  # auto times at this batch and at batch 1
     t = time.perf_counter()
     blocked = convert(dense, manifest, fmt="blocked")
     t_blocked = time.perf_counter() - t
-    t = time.perf_counter()
-    auto = convert(dense, manifest, fmt="auto", timing_inputs=timing, threads=args.auto_threads)
-    t_auto = time.perf_counter() - t
+    autos, t_auto = {}, {}
+    for threads in thread_counts:  # auto measures on the thread count it will run with
+        t = time.perf_counter()
+        autos[threads] = convert(dense, manifest, fmt="auto", timing_inputs=timing, threads=threads)
+        t_auto[threads] = time.perf_counter() - t
     models = {"dense": dense.SerializeToString(), "blocked": blocked.model.SerializeToString(),
-              "auto": auto.model.SerializeToString()}
-    dense_names = [o.value_tensors[0] for o in blocked.layers]  # blocked keeps the names of the dense ones? no
+              **{f"auto{t}": a.model.SerializeToString() for t, a in autos.items()}}
     enc_dense = sum(lb.weight.nbytes for lb in manifest)
-    enc_blocked = sum(o.stored_bytes for o in blocked.layers)
-    enc_auto = sum(o.stored_bytes for o in auto.layers)
-    del dense_names
+    enc = {"blocked": sum(o.stored_bytes for o in blocked.layers),
+           **{f"auto{t}": sum(o.stored_bytes for o in a.layers) for t, a in autos.items()}}
     limit = flop_limit(model, ex, {lb.name for lb in manifest}, args.sparsity)
-    # correctness against the pruned torch model at every measured size (and the timing check's)
+    # correctness against the pruned torch model at every measured batch size
     worst = 0.0
     for n in batches:
         feed = inputs(n, args.seq, vocab, seed=1)
         with torch.no_grad():
             ref = model(*(torch.from_numpy(v) for v in feed.values())).numpy()
-        for k in ("blocked", "auto"):
-            out = run_onnx(models[k], feed, threads=2)[0]
-            worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
-    print(f"CPU: {cpu}", flush=True)
-    print(f"encoder: BERT-base shape, {args.layers} layers, seq {args.seq}, B = {args.block}, s = {args.sparsity}, "
-          f"balanced random masks; FLOP limit (linears) {limit:.2f}x; max |onnx - torch| / max|torch| = "
-          f"{worst:.2e}", flush=True)
+        for k in models:
+            if k != "dense":
+                out = run_onnx(models[k], feed, threads=2)[0]
+                worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     sizes = {k: len(v) for k, v in models.items()}
-    print(f"encoder layers' weights: dense {enc_dense / 2**20:.1f} MiB, blocked {enc_blocked / 2**20:.1f} MiB "
-          f"({enc_blocked / enc_dense:.3f}x), auto {enc_auto / enc_dense:.3f}x; whole file: blocked "
-          f"{sizes['blocked'] / sizes['dense']:.3f}x, auto {sizes['auto'] / sizes['dense']:.3f}x dense; convert "
-          f"blocked {t_blocked:.1f} s, auto {t_auto:.1f} s", flush=True)
-    print(f"auto's choices: {Counter(o.fmt for o in auto.layers)}", flush=True)
+    header = [f"CPU: {cpu}",
+              f"encoder: BERT-base shape, {args.layers} layers, seq {args.seq}, B = {args.block}, s = {args.sparsity}, "
+              f"balanced random masks; FLOP limit (linears) {limit:.2f}x; max |onnx - torch| / max|torch| = "
+              f"{worst:.2e}",
+              f"encoder layers' weights: dense {enc_dense / 2**20:.1f} MiB, blocked {enc['blocked'] / 2**20:.1f} MiB "
+              f"({enc['blocked'] / enc_dense:.3f}x); whole file vs dense: "
+              + ", ".join(f"{k} {sizes[k] / sizes['dense']:.3f}x" for k in models if k != "dense")
+              + f"; convert: blocked {t_blocked:.1f} s, "
+              + ", ".join(f"auto ({t} thread(s)) {v:.1f} s" for t, v in t_auto.items())]
+    for t, a in autos.items():
+        header.append(f"auto timed at {max(batches)}x{args.seq} and 1x{args.seq}, {t} thread(s): "
+                      f"{dict(Counter(o.fmt for o in a.layers))}")
+    print("\n".join(header), flush=True)
     rows = []
-    ops = {}
-    for threads in [int(x) for x in args.threads.split(",")]:
-        ops[threads] = {k: optimized_ops(v, threads) for k, v in models.items()}
-        for n in batches:
-            feed = inputs(n, args.seq, vocab)
-            sessions = {k: session(v, threads=threads) for k, v in models.items()}
-            smp = interleaved_samples(sessions, feed, min_rounds=args.rounds, max_rounds=args.rounds, budget_s=0.0,
-                                      loop_s=0.05, pause_s=0.02)
-            med = {k: statistics.median(v) for k, v in smp.items()}
-            row = {"batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
-                   **{f"{k}_ms": med[k] for k in med},
-                   "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
-                   "samples_ms": smp}
-            rows.append(row)
-            print(f"| {n} | {n * args.seq} | {threads} | {med['dense']:.2f} | {med['blocked']:.2f} | "
-                  f"{med['auto']:.2f} | {row['speedup_blocked']:.2f}x | {row['speedup_auto']:.2f}x | "
-                  f"{limit:.2f}x |", flush=True)
+    ops = {t: {k: optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}")}
+           for t in thread_counts}
+    for rep in range(args.repeat):
+        print(f"\nrun {rep + 1} of {args.repeat}, {time.strftime('%H:%M', time.gmtime())} UTC; {cpu}\n"
+              "| batch | rows M | threads | dense ms | blocked ms | auto ms | blocked | auto | FLOP limit |\n"
+              "|---|---|---|---|---|---|---|---|---|", flush=True)
+        for threads in thread_counts:
+            for n in batches:
+                feed = inputs(n, args.seq, vocab)
+                sessions = {k: session(models[k], threads=threads) for k in ("dense", "blocked", f"auto{threads}")}
+                smp = interleaved_samples(sessions, feed, min_rounds=args.rounds, max_rounds=args.rounds,
+                                          budget_s=0.0, loop_s=0.05, pause_s=0.02)
+                med = {k.rstrip("0123456789") if k.startswith("auto") else k: statistics.median(v)
+                       for k, v in smp.items()}
+                row = {"run": rep, "batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
+                       **{f"{k}_ms": med[k] for k in med},
+                       "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
+                       "samples_ms": smp}
+                rows.append(row)
+                print(f"| {n} | {n * args.seq} | {threads} | {med['dense']:.2f} | {med['blocked']:.2f} | "
+                      f"{med['auto']:.2f} | {row['speedup_blocked']:.2f}x | {row['speedup_auto']:.2f}x | "
+                      f"{limit:.2f}x |", flush=True)
     for threads, per in ops.items():
         for k, c in per.items():
             print(f"ORT-optimized graph, {threads} thread(s), {k}: {sum(c.values())} nodes: "
                   + ", ".join(f"{op} {n}" for op, n in c.items()), flush=True)
     meta = {"cpu": cpu, "python": platform.python_version(), "onnxruntime": __import__("onnxruntime").__version__,
             "args": vars(args), "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}", "flop_limit": limit,
-            "encoder_weight_bytes": {"dense": enc_dense, "blocked": enc_blocked, "auto": enc_auto},
-            "file_bytes": sizes, "max_rel_err": worst, "ort_ops": ops,
-            "auto_layers": [o.to_json() for o in auto.layers]}
+            "encoder_weight_bytes": {"dense": enc_dense, **enc}, "file_bytes": sizes, "max_rel_err": worst,
+            "ort_ops": ops, "auto_layers": {t: [o.to_json() for o in a.layers] for t, a in autos.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
