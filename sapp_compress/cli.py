@@ -193,7 +193,9 @@ def main(model, output, block, sparsity, method, method_option, data, eval_data,
         from .pipeline import exit_code_of
 
         code = exit_code_of(e)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from converters.export import one_line
+
+        msg = one_line(e)  # the first line, without terminal colour codes
         if code == 1 and verbose:
             traceback.print_exc()
         click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)

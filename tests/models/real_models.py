@@ -120,6 +120,16 @@ def mobilenet_v3_small(tmp):
     return _torch(tmp, "mobilenet_v3_small", m, _images(labels=10), ["--balanced"])
 
 
+def torchvision_vit(tmp):
+    """torchvision's VisionTransformer: nn.MultiheadAttention (fused in_proj_weight) inside a real library."""
+    from sapp_compress.extras import require
+
+    tv = require("torchvision", "the torchvision ViT case")
+    m = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                    mlp_dim=128, num_classes=10)
+    return _torch(tmp, "tv_vit", m, _images(labels=10))
+
+
 def convnext(tmp):
     from sapp_compress.extras import require
 
@@ -160,4 +170,4 @@ def transformer_encoder(tmp):
 
 #: name -> builder(tmp_path) -> Case
 MODELS = {f.__name__: f for f in (bert, distilbert, roberta, gpt2, vit, resnet18, mobilenet_v3_small, convnext,
-                                   efficientnet, transformer_encoder)}
+                                   efficientnet, transformer_encoder, torchvision_vit)}
