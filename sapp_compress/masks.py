@@ -151,19 +151,25 @@ def fold(layers: list[MaskedLayer]) -> list[LayerBlocks]:
             zero = layer.view.expand((~keep).to(w.dtype)).expand_as(w) > 0
             w.masked_fill_(zero, 0.0)  # turns -0.0 (from W * 0 with W < 0) into +0.0
             keep &= layer.view.block_norms(w) > 0
-        wv = w.detach().float().cpu()
-        if layer.view.transposed:
-            wv = wv.t()
-        manifest.append(LayerBlocks(
-            name=layer.name,
-            layout=layer.view.layout,
-            weight_shape=tuple(wv.shape),
-            block=(layer.view.block.rows, layer.view.block.cols),
-            kept=keep.cpu().numpy().astype(bool),
-            padded=layer.view.padded,
-            weight=np.ascontiguousarray(wv.numpy().astype(np.float32)),
-        ))
+        manifest.append(manifest_entry(layer.plan, w, keep.cpu().numpy()))
     return manifest
+
+
+def manifest_entry(plan: LayerPlan, w: torch.Tensor, kept: np.ndarray) -> LayerBlocks:
+    """The manifest entry of planned weight ``w`` with block grid ``kept``: in its view's layout (a weight
+    stored transposed, ``view.transposed``, enters as ``W^T``), float32, on the CPU."""
+    wv = w.detach().float().cpu()
+    if plan.view.transposed:
+        wv = wv.t()
+    return LayerBlocks(
+        name=plan.name,
+        layout=plan.view.layout,
+        weight_shape=tuple(wv.shape),
+        block=(plan.view.block.rows, plan.view.block.cols),
+        kept=np.asarray(kept, dtype=bool),
+        padded=plan.view.padded,
+        weight=np.ascontiguousarray(wv.numpy().astype(np.float32)),
+    )
 
 
 def is_parametrized(model: nn.Module) -> bool:

@@ -36,6 +36,7 @@ from .errors import (
     VerificationFailed,
 )
 from .geometry import LayerPlan
+from .masks import manifest_entry
 from .loading import load_model
 from .report import empty_report, summary, write_json
 from .training import to_tensors
@@ -175,8 +176,6 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
     Fresh values make every weight unique, as fine-tuned weights are: layers cloned from one another (an
     ``nn.TransformerEncoder`` deep-copies its first layer) start identical, and locating them by value would
     then be ambiguous before the fine-tune although it is not after it."""
-    from converters.manifest import LayerBlocks
-
     model = copy.deepcopy(dense)
     inner = unwrap(model)
     g = torch.Generator().manual_seed(seed)
@@ -185,10 +184,7 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
         for p in plans:
             w = inner.get_parameter(p.name)
             w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.dtype) * 0.02)
-            wv = w.detach().float().cpu()
-            wv = wv.t() if p.view.transposed else wv
-            out.append(LayerBlocks(p.name, p.view.layout, tuple(wv.shape), (p.view.block.rows, p.view.block.cols),
-                                   np.ones(p.view.grid, dtype=bool), p.view.padded, weight=wv.numpy().copy()))
+            out.append(manifest_entry(p, w, np.ones(p.view.grid, dtype=bool)))
     return model, out
 
 
