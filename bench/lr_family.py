@@ -10,6 +10,7 @@ the run resumes after an interruption. Then it prints mean +- spread per rate, a
 
     python bench/lr_family.py                                   # 4 rates x 3 seeds, 150 steps each
     python bench/lr_family.py --lrs 1e-3,1e-4 --seeds 0 --steps 50
+    python bench/lr_family.py --seeds 0-9                       # more seeds (the table: those seeds)
     python bench/lr_family.py --table                           # only print the table from the results
 
 Data split: the held-out 20 % is the one ``examples/hf/make_tiny_bert.py`` held out when it trained the model
@@ -117,10 +118,20 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def seeds_of(text: str) -> list[int]:
+    """``0,1,2`` or ``0-9`` (or a mix: ``0-2,5``)."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
 def table(rows: list[dict], args, digest: str) -> None:
+    seeds = set(seeds_of(args.seeds))
     rows = [r for r in rows if r["dense_model"] == digest and r["steps"] == args.steps
             and r["batch_size"] == args.batch_size and r["sparsity"] == args.sparsity
-            and r["max_length"] == args.max_length]
+            and r["max_length"] == args.max_length and r["seed"] in seeds]
     if not rows:
         print("no results yet")
         return
@@ -145,7 +156,7 @@ def table(rows: list[dict], args, digest: str) -> None:
         pd = "-" if lr == 1e-3 or not paired else (
             f"{statistics.mean(paired):+.4f} (ahead {sum(p > 0 for p in paired)}, level "
             f"{sum(p == 0 for p in paired)}, behind {sum(p < 0 for p in paired)} of {len(paired)})")
-        print(f"| {lr:g} | {','.join(str(r['seed']) for r in rs)} | {ms([r['pruned_torch'] for r in rs])} | "
+        print(f"| {lr:g} | {len(rs)} | {ms([r['pruned_torch'] for r in rs])} | "
               f"{ms([r['onnx'] for r in rs])} | {ms([r['drop'] for r in rs])} | {pd} | "
               f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     warned = [(r["lr"], r["seed"]) for r in rows if r["warnings"]]
@@ -173,7 +184,7 @@ def families() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lrs", default="1e-3,3e-4,1e-4,3e-5")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="0,1,2 or 0-9; the table shows these seeds only")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sparsity", type=float, default=0.8)
@@ -191,7 +202,7 @@ def main() -> None:
             train, ev, split = make_shards(Path(tmp), args.max_length)
             print(f"split: {split}", flush=True)
             for lr in [float(x) for x in args.lrs.split(",")]:
-                for seed in [int(s) for s in args.seeds.split(",")]:
+                for seed in seeds_of(args.seeds):
                     k = (digest, 16, args.sparsity, args.steps, args.batch_size, args.max_length, lr, seed)
                     if k in {key(r) for r in read_rows(out)}:
                         continue
