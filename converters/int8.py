@@ -1,0 +1,273 @@
+"""int8 block-sparse linears: the kept blocks stored as int8, computed with ONNX Runtime's integer GEMMs.
+
+Notation as in :mod:`converters.ops`: W [O, I], blocks br x bc, kept grid [R, C], N rows of activations.
+
+The layer input is quantized **once** (uint8, before the Gather that replicates it ``R*k/C`` times), the
+int8 weight blocks stay constants, one batched integer matmul runs per bucket chunk, and one rescale
+follows. Two graph forms (``layout``), same numbers:
+
+``"feature"`` (activations feature-major, weights the constant *first* input)::
+
+    x [N, I] -DynamicQuantizeLinear-> xq u8, s_x, z_x
+    xq -Transpose-> [I, N] -Reshape-> [C, bc, N] -Gather(axis 0, cols [Rb, k])-> -Reshape-> [Rb, k*bc, N]
+    MatMulInteger(Wq [Rb, br, k*bc] int8, ., a_zero_point 0, b_zero_point z_x) -> int32 [Rb, br, N]
+    Concat(chunks) -Cast float-> -Mul(s_w [R, br, 1] * s_x)-> -Gather(row order)-> -Reshape [O, N]-> -Transpose->
+
+``"row"`` (activations row-major, weights the constant *second* input, which ORT can pre-pack)::
+
+    xq -Reshape-> [N, C, bc] -Gather(axis 1, cols [Rb, k])-> -Reshape [N, Rb, k*bc]-> -Transpose-> [Rb, N, k*bc]
+    com.microsoft.MatMulIntegerToFloat(., Wq^T [Rb, k*bc, br] int8, s_x, s_w [Rb, 1, br], z_x) -> [Rb, N, br]
+    Concat(chunks) -Gather(row order)-> -Transpose-> [N, R, br] -Reshape-> [N, O]
+
+(``MatMulIntegerToFloat`` needs its first input uint8 in ONNX Runtime 1.32, so the feature form cannot use
+it: the weights are that input there.)
+
+Weights: symmetric, one scale per output row (max |w| over the row's kept blocks / q_max), q in
+[-q_max, q_max]. **Saturation**: without VNNI (AVX2 only), MLAS multiplies u8 x s8 pairs with
+``vpmaddubsw``, whose int16 sum of two products saturates when ``2 * 255 * |q| > 32767``; q_max = 127
+then gives wrong answers (ORT's own S8 quantize_dynamic: 15 % error on an MLP on such a machine). With
+q_max = 63 (7-bit weights, ORT's ``reduce_range``) ``2 * 255 * 63 = 32130`` fits: exact. So
+:func:`default_weight_bits` reads the CPU flags: 8 bits with ``avx512_vnni`` / ``avx_vnni`` (the VNNI kernels
+accumulate in int32), 7 bits otherwise. The choice is recorded in :class:`Int8Rewrite` and in the node names.
+
+Activations: ``dynamic`` (DynamicQuantizeLinear: per-tensor uint8, scale (max(x,0) - min(x,0)) / 255, as ORT's
+quantize_dynamic does) or ``static`` (QuantizeLinear with a scale / zero point calibrated by
+:func:`calibrate_activation` from sample inputs; values outside the calibrated range saturate).
+
+Error (dynamic, per output ``y_o = sum_i w_oi x_i``): with ``x = s_x (xq - z_x) + e_x``, ``|e_x| <= s_x / 2``,
+and ``w = s_w[o] q + e_w``, ``|e_w| <= s_w[o] / 2``:
+``|y_o - y_hat_o| <= sum_i (|w_oi| s_x / 2 + |x_i| s_w[o] / 2 + s_x s_w[o] / 4)`` over the kept inputs of row o
+(plus float32 rounding of the rescale). The integer accumulation itself is exact (int32, and no saturation
+with the bit width chosen above). :func:`error_bound` computes this bound for given inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .formulations import Formulation, Rewrite
+from .graph import GraphIndex, const_i64
+from .locate import Site
+from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
+
+MS_DOMAIN = "com.microsoft"
+LAYOUTS = ("feature", "row")
+#: the default graph form; chosen by bench/int8_speed.py's variant comparison (see the module docstring there)
+DEFAULT_LAYOUT = "row"
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of this CPU (``/proc/cpuinfo``); empty where that file is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_vnni(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def default_weight_bits(flags: frozenset[str] | None = None) -> int:
+    """8 where the CPU has VNNI (int32 accumulation), else 7 (no int16 saturation in the AVX2 u8 x s8 kernel).
+
+    An unknown CPU (no ``/proc/cpuinfo``: another OS or architecture) gets 7: exact on every kernel."""
+    return 8 if has_vnni(flags) else 7
+
+
+def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantization of ``w [rows, cols]``: (q int8 [rows, cols], scale float32 [rows]).
+
+    ``scale = max|w_row| / q_max`` (q_max = 2**(bits-1) - 1), ``q = round(w / scale)`` (ties to even, as numpy);
+    an all-zero row gets scale 1 and q = 0."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(w).max(axis=1).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def calibrate_activation(samples: np.ndarray) -> tuple[np.float32, np.uint8]:
+    """(scale, zero point) for uint8 activations covering ``samples``' range widened to include 0, with the
+    formula of ONNX's DynamicQuantizeLinear (so static = dynamic when the range is the same)."""
+    lo = min(float(np.min(samples)), 0.0)
+    hi = max(float(np.max(samples)), 0.0)
+    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    zp = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
+    return scale, zp
+
+
+def dequantized_weight(site: Site, bits: int) -> np.ndarray:
+    """The weight [O, I] the int8 graph computes with (``s_w[o] * q``), for error analysis and tests."""
+    w = site.weight
+    q, s = quantize_rows(w, bits)
+    return q.astype(np.float32) * s[:, None]
+
+
+def error_bound(x: np.ndarray, w: np.ndarray, bits: int, x_scale: float | None = None) -> np.ndarray:
+    """Bound on |y_int8 - x @ w.T| per output ([N, O]) for dynamic quantization of ``x [N, I]`` (its scale
+    from its own range unless ``x_scale`` is given) and per-row ``bits``-bit weights (see the module
+    docstring). Float32 rounding of the fp32 reference and the rescale is not included."""
+    if x_scale is None:
+        x_scale = float(calibrate_activation(x)[0])
+    _, sw = quantize_rows(w, bits)
+    nz = (w != 0).astype(np.float64)
+    ax, aw = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64)
+    return (aw.sum(axis=1)[None, :] * x_scale / 2 + (ax @ nz.T) * sw[None, :].astype(np.float64) / 2
+            + nz.sum(axis=1)[None, :] * x_scale * sw[None, :] / 4)
+
+
+@dataclass
+class Int8Rewrite(Rewrite):
+    """A :class:`Rewrite` with what the int8 formulation chose: ``weight_bits`` (8, or 7 against the AVX2
+    saturation), ``activation`` (``"dynamic"`` or ``"static"``, with ``act_scale`` / ``act_zero_point`` when
+    static), ``layout`` (``"feature"``: MatMulInteger, ``"row"``: MatMulIntegerToFloat), ``kernel`` (the
+    integer op type) and ``vnni`` (what the CPU flags said when it was built)."""
+
+    weight_bits: int = 8
+    activation: str = "dynamic"
+    act_scale: float | None = None
+    act_zero_point: int | None = None
+    layout: str = DEFAULT_LAYOUT
+    kernel: str = ""
+    vnni: bool = False
+
+
+def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None, layout: str = DEFAULT_LAYOUT,
+                 act: tuple[float, int] | None = None, chunk_ref: int | None = None) -> Int8Rewrite:
+    """The int8 block-sparse rewrite of one linear ``site`` (Gemm x W^T + b, or MatMul on a 2-D or N-D input).
+
+    ``weight_bits``: 8 or 7 (default: :func:`default_weight_bits`). ``layout``: ``"feature"`` or ``"row"``
+    (module docstring). ``act``: ``(scale, zero_point)`` for static activation quantization (QuantizeLinear),
+    None for dynamic (DynamicQuantizeLinear). ``chunk_ref``: the batch chunks are sized for (default: a
+    quarter of :data:`converters.ops.REFERENCE_BATCH`, since uint8 activations take a quarter of the bytes of
+    fp32 ones)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    bits = default_weight_bits() if weight_bits is None else int(weight_bits)
+    if bits not in (7, 8):
+        raise ValueError(f"weight_bits: expected 7 or 8, got {bits}")
+    lb, node = site.layer, site.node
+    w = site.weight
+    O, I = w.shape
+    br, bc = lb.block
+    R, C = lb.kept.shape
+    b = _Builder(idx, f"{site.init_name}_i8w{bits}")
+    x = node.input[0]
+    nd_input = node.op_type == "MatMul"
+    if nd_input:  # [*, I] -> [M, I]; the leading shape comes back at the end
+        shp = b.node("Shape", [x])
+        lead = b.node("Slice", [shp, b.const("s0", const_i64([0])), b.const("s1", const_i64([-1]))])
+        out_shape = b.node("Concat", [lead, b.const("o", const_i64([O]))], axis=0)
+        x = b.node("Reshape", [x, b.const("flat", const_i64([-1, I]))])
+    # quantize the input once
+    if act is None:
+        xq, xs, xz = (b.name(s) for s in ("xq", "xscale", "xzp"))
+        b.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=b.name("DynamicQuantizeLinear")))
+    else:
+        xs = b.const("xscale", np.asarray(act[0], dtype=np.float32))
+        xz = b.const("xzp", np.asarray(act[1], dtype=np.uint8))
+        xq = b.node("QuantizeLinear", [x, xs, xz])
+    # weights: symmetric per output row, rows of the kept blocks only (pruned blocks are exact zeros)
+    q, sw = quantize_rows(w, bits)
+    qv = q.reshape(R, br, C, bc)
+    groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc, chunk_ref or max(1, REFERENCE_BATCH // 4))
+    order = np.concatenate(groups)
+    outs = []
+    if layout == "feature":
+        xt = b.node("Transpose", [xq], perm=[1, 0])
+        src = b.node("Reshape", [xt, b.const("cbn", const_i64([C, bc, -1]))])
+        zero = b.const("wzp", np.asarray(0, dtype=np.int8))
+        for gi, rows in enumerate(groups):
+            cols, valid = _gather_plan(lb.kept, rows)
+            k = cols.shape[1]
+            wg = qv[rows[:, None], :, cols, :]  # [Rb, k, br, bc]
+            wg = np.where(valid[:, :, None, None], wg, 0).transpose(0, 2, 1, 3).reshape(len(rows), br, k * bc)
+            g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=0)
+            g = b.node("Reshape", [g, b.const(f"rkn{gi}", const_i64([len(rows), k * bc, -1]))])
+            wname = b.const(f"w{gi}", wg.astype(np.int8), weights=True)
+            outs.append(b.node("MatMulInteger", [wname, g, zero, xz]))
+        o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)  # int32 [R', br, N]
+        o = b.node("Cast", [o], to=onnx.TensorProto.FLOAT)
+        scale = b.node("Mul", [b.const("wscale", sw.reshape(R, br, 1)[order]), xs])  # [R', br, 1]
+        o = b.node("Mul", [o, scale])
+        if not np.array_equal(order, np.arange(R)):
+            o = b.node("Gather", [o, b.const("row_order", np.argsort(order).astype(np.int64))], axis=0)
+        o = b.node("Reshape", [o, b.const("on", const_i64([O, -1]))])
+        y = b.node("Transpose", [o], perm=[1, 0])
+        kernel = "MatMulInteger"
+    else:
+        src = b.node("Reshape", [xq, b.const("ncb", const_i64([-1, C, bc]))])
+        swv = sw.reshape(R, br)
+        for gi, rows in enumerate(groups):
+            cols, valid = _gather_plan(lb.kept, rows)
+            k = cols.shape[1]
+            wg = qv[rows[:, None], :, cols, :]  # [Rb, k, br, bc]
+            wg = np.where(valid[:, :, None, None], wg, 0).transpose(0, 1, 3, 2).reshape(len(rows), k * bc, br)
+            g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=1)  # [N, Rb, k, bc]
+            g = b.node("Reshape", [g, b.const(f"nrk{gi}", const_i64([0, len(rows), k * bc]))])
+            g = b.node("Transpose", [g], perm=[1, 0, 2])  # [Rb, N, k*bc]
+            wname = b.const(f"w{gi}", np.ascontiguousarray(wg.astype(np.int8)), weights=True)
+            ws = b.const(f"wscale{gi}", swv[rows].reshape(len(rows), 1, br))
+            out = b.name("mitf")
+            b.nodes.append(helper.make_node("MatMulIntegerToFloat", [g, wname, xs, ws, xz], [out],
+                                            name=b.name("MatMulIntegerToFloat"), domain=MS_DOMAIN))
+            outs.append(out)  # [Rb, N, br] float
+        o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)
+        if not np.array_equal(order, np.arange(R)):
+            o = b.node("Gather", [o, b.const("row_order", np.argsort(order).astype(np.int64))], axis=0)
+        o = b.node("Transpose", [o], perm=[1, 0, 2])  # [N, R, br]
+        y = b.node("Reshape", [o, b.const("no", const_i64([-1, O]))])
+        kernel = "MatMulIntegerToFloat"
+    final = node.output[0]
+    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+    if has_bias:
+        y = b.node("Add", [y, node.input[2]])
+    if nd_input:
+        y = b.node("Reshape", [y, out_shape])
+    # the last node writes the layer's output name
+    b.nodes[-1].output[0] = final
+    drop = [site.via_transpose] if site.via_transpose is not None else []
+    return Int8Rewrite("blocked-int8", nodes=b.nodes, inits=b.inits, replace_node=node, drop_nodes=drop,
+                       drop_init=site.init_name, value_tensors=b.value_tensors, stored_bytes=b.stored,
+                       weight_bits=bits, activation="dynamic" if act is None else "static",
+                       act_scale=None if act is None else float(act[0]),
+                       act_zero_point=None if act is None else int(act[1]), layout=layout, kernel=kernel,
+                       vnni=has_vnni())
+
+
+def ensure_ms_opset(model: onnx.ModelProto) -> None:
+    """Add the ``com.microsoft`` opset import that the ``row`` layout's MatMulIntegerToFloat needs (in place;
+    :func:`converters.convert.apply` does not touch opset imports)."""
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
+            o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+class BlockedInt8(Formulation):
+    """Kept blocks as int8, integer block-sparse compute (:func:`blocked_int8`, defaults: dynamic activations,
+    :data:`DEFAULT_LAYOUT`, weight bits from the CPU). Linears only. A model holding its ``row`` layout needs
+    :func:`ensure_ms_opset` once after the rewrites are applied."""
+
+    name = "blocked-int8"
+    folds_to_dense = False
+
+    def reason_not(self, site):
+        if site.node.op_type not in ("Gemm", "MatMul"):
+            return f"blocked-int8 covers linears only, not {site.node.op_type}"
+        from .ops import OP_HANDLERS
+
+        return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
+
+    def build(self, site, idx):
+        return blocked_int8(site, idx)
