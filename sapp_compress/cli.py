@@ -201,8 +201,8 @@ def main(model, output, block, sparsity, method, method_option, data, eval_data,
         click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)
         sys.exit(code)
     progress.close()
-    for w in result.get("warnings") or []:
-        click.echo(f"WARNING: {w}", err=True)
+    for w in [] if quiet else result.get("warnings") or []:
+        click.echo(f"WARNING: {w}", err=True)  # also in the report's "warnings"
     if not quiet and result.get("onnx_bytes"):
         click.echo(summary(result), err=True)
         click.echo(f"wrote {output}", err=True)
