@@ -199,11 +199,12 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
             outs.append(b.node("MatMulInteger", [wname, g, zero, xz]))
         o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)  # int32 [R', br, N]
         o = b.node("Cast", [o], to=onnx.TensorProto.FLOAT)
-        scale = b.node("Mul", [b.const("wscale", sw.reshape(R, br, 1)[order]), xs])  # [R', br, 1]
-        o = b.node("Mul", [o, scale])
         if not np.array_equal(order, np.arange(R)):
             o = b.node("Gather", [o, b.const("row_order", np.argsort(order).astype(np.int64))], axis=0)
         o = b.node("Reshape", [o, b.const("on", const_i64([O, -1]))])
+        # the rescale comes after the Reshape: ORT 1.32 fuses MatMulInteger -> Cast -> Mul into
+        # MatMulIntegerToFloat, which has no kernel for an int8 first input (session creation fails)
+        o = b.node("Mul", [o, b.node("Mul", [b.const("wscale", sw.reshape(O, 1)), xs])])
         y = b.node("Transpose", [o], perm=[1, 0])
         kernel = "MatMulInteger"
     else:
