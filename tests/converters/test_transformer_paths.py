@@ -146,11 +146,15 @@ def test_prune_unused_keeps_what_subgraphs_read():
     assert [t.name for t in g.initializer] == ["c_sub"] and [n.op_type for n in g.node] == ["If"]
 
 
-def test_timing_feeds_add_batch_one():
-    x = np.zeros((8, 16), np.int64)
+def test_timing_feeds_add_batch_one_or_a_larger_batch():
+    from converters.convert import LARGE_BATCH
+
+    x = np.arange(8 * 16).reshape(8, 16)
     feeds = timing_feeds({"ids": x, "mask": x})
     assert [f["ids"].shape for f in feeds] == [(8, 16), (1, 16)]
-    assert [f["ids"].shape for f in timing_feeds({"ids": x[:1]})] == [(1, 16)]
+    one = timing_feeds({"ids": x[:1]})
+    assert [f["ids"].shape for f in one] == [(1, 16), (LARGE_BATCH, 16)]
+    assert np.array_equal(one[1]["ids"][-1], x[0])
     assert timing_feeds(None) == []
 
 
