@@ -130,16 +130,18 @@ def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], name
 
     Shape inference cannot always derive them from the inputs' shapes: with a batch of 1, a BERT export's
     ``Expand`` of the token-type ids leaves the batch axis unknown, and so every activation after it."""
+    known = {n: list(np.shape(feed[n])) for n in names if n in feed}
     m = copy.deepcopy(model)
     have = {o.name for o in m.graph.output}
-    extra = sorted(n for n in names if n not in have)
+    extra = sorted(n for n in names if n not in have and n not in feed)
     m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    outputs = [*extra, *(n for n in names if n in have)]
     try:
-        outs = session(m, optimize=False).run([*extra], feed)
+        outs = session(m, optimize=False).run(outputs, feed) if outputs else []
     except Exception as e:  # noqa: BLE001 -- an unrunnable feed means "not timed", with the reason logged
         log.warning("timing inputs do not run through the model (%s): layers not timed", str(e).splitlines()[0])
-        return {}
-    return {n: list(np.shape(o)) for n, o in zip(extra, outs)}
+        return known
+    return {**known, **{n: list(np.shape(o)) for n, o in zip(outputs, outs)}}
 
 
 def _input_shapes(model: onnx.ModelProto, feed_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
