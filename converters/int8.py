@@ -3,24 +3,36 @@
 Notation as in :mod:`converters.ops`: W [O, I], blocks br x bc, kept grid [R, C], N rows of activations.
 
 The layer input is quantized **once** (uint8, before the Gather that replicates it ``R*k/C`` times), the
-int8 weight blocks stay constants, one batched integer matmul runs per bucket chunk, and one rescale
-follows. Two graph forms (``layout``), same numbers:
+int8 weight blocks stay constants, one batched integer matmul runs per chunk of block-rows (chunks of the
+buckets of :func:`converters.ops.buckets`, cut by :func:`converters.ops.chunk_rows`), and one rescale
+follows. Graph forms (``layout``), same numbers:
 
-``"feature"`` (activations feature-major, weights the constant *first* input)::
+``"row"`` (default: weights the constant *second* input, which ORT pre-packs once at load)::
 
     x [N, I] -DynamicQuantizeLinear-> xq u8, s_x, z_x
     xq -Transpose-> [I, N] -Reshape-> [C, bc, N] -Gather(axis 0, cols [Rb, k])-> -Reshape-> [Rb, k*bc, N]
-    MatMulInteger(Wq [Rb, br, k*bc] int8, ., a_zero_point 0, b_zero_point z_x) -> int32 [Rb, br, N]
-    Concat(chunks) -Cast float-> -Mul(s_w [R, br, 1] * s_x)-> -Gather(row order)-> -Reshape [O, N]-> -Transpose->
-
-``"row"`` (activations row-major, weights the constant *second* input, which ORT can pre-pack)::
-
-    xq -Reshape-> [N, C, bc] -Gather(axis 1, cols [Rb, k])-> -Reshape [N, Rb, k*bc]-> -Transpose-> [Rb, N, k*bc]
+      -Transpose-> [Rb, N, k*bc]
     com.microsoft.MatMulIntegerToFloat(., Wq^T [Rb, k*bc, br] int8, s_x, s_w [Rb, 1, br], z_x) -> [Rb, N, br]
     Concat(chunks) -Gather(row order)-> -Transpose-> [N, R, br] -Reshape-> [N, O]
 
-(``MatMulIntegerToFloat`` needs its first input uint8 in ONNX Runtime 1.32, so the feature form cannot use
-it: the weights are that input there.)
+``"row-g1"``: the same matmul, its input gathered from ``xq [N, C, bc]`` on axis 1 (``[N, Rb, k, bc]``, then
+a Transpose of whole rows): no gain at N = 1, slower at N = 32 (the Gather copies bc bytes at a time).
+
+``"feature"`` / ``"feature-u8"`` (activations feature-major, weights the constant *first* input)::
+
+    xq -Transpose-> [I, N] -Reshape-> [C, bc, N] -Gather(axis 0)-> -Reshape-> [Rb, k*bc, N]
+    MatMulInteger(Wq [Rb, br, k*bc], ., a_zero_point, z_x) -> int32 [Rb, br, N]
+    Concat -Cast float-> -Gather(row order)-> -Reshape [O, N]-> -Mul(s_w [O, 1] * s_x)-> -Transpose->
+
+``"feature"`` stores int8 weights (S8 x U8: ORT 1.32 has no fast kernel for it: 5-15x slower than ``row``
+measured), ``"feature-u8"`` uint8 weights ``q + 128`` (zero point 128, MLAS's U8U8 kernel): ORT packs the first
+input on every call, which costs the whole int8 weight per run (2.5x slower than ``row`` at N = 1).
+``MatMulIntegerToFloat`` needs a uint8 first input in ORT 1.32, so it cannot serve the feature forms.
+
+Measured (MLP 1024-4096-4096-1024, B = 16, s = 0.8, 1 thread, Xeon with AVX-512 VNNI and AMX, a loaded
+2-core machine; ms, medians of interleaved runs): N = 1: row 0.95, row-g1 0.95, feature-u8 4.2, fp32 blocked
+1.6, ORT quantize_dynamic (S8, per channel) of the dense model 1.6; N = 32: row 4.4-6.1, row-g1 6.1-7.0,
+feature-u8 4.4-5.5, fp32 blocked 8.6, ORT dense int8 2.5 (AMX). bench/int8_speed.py has the full comparison.
 
 Weights: symmetric, one scale per output row (max |w| over the row's kept blocks / q_max), q in
 [-q_max, q_max]. **Saturation**: without VNNI (AVX2 only), MLAS multiplies u8 x s8 pairs with
@@ -55,9 +67,13 @@ from .locate import Site
 from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
 
 MS_DOMAIN = "com.microsoft"
-LAYOUTS = ("feature", "row")
+LAYOUTS = ("row", "row-g1", "feature", "feature-u8")
 #: the default graph form; chosen by bench/int8_speed.py's variant comparison (see the module docstring there)
 DEFAULT_LAYOUT = "row"
+#: the batch the chunks of block-rows are sized for (see :func:`converters.ops.chunk_rows`, which counts 4 bytes a
+#: value: at uint8 a chunk's gathered activations take a quarter of CHUNK_BYTES at this batch); measured on the
+#: MLP of bench/int8_speed.py: 8 was best at N = 1, 32 at N = 32, 16 close to both
+CHUNK_REF = REFERENCE_BATCH // 2
 
 
 @lru_cache(maxsize=1)
@@ -131,8 +147,8 @@ def error_bound(x: np.ndarray, w: np.ndarray, bits: int, x_scale: float | None =
 class Int8Rewrite(Rewrite):
     """A :class:`Rewrite` with what the int8 formulation chose: ``weight_bits`` (8, or 7 against the AVX2
     saturation), ``activation`` (``"dynamic"`` or ``"static"``, with ``act_scale`` / ``act_zero_point`` when
-    static), ``layout`` (``"feature"``: MatMulInteger, ``"row"``: MatMulIntegerToFloat), ``kernel`` (the
-    integer op type) and ``vnni`` (what the CPU flags said when it was built)."""
+    static), ``layout`` (one of :data:`LAYOUTS`), ``kernel`` (the integer op type:
+    MatMulIntegerToFloat for the row forms, MatMulInteger for the feature forms) and ``vnni`` (what the CPU flags said when it was built)."""
 
     weight_bits: int = 8
     activation: str = "dynamic"
@@ -147,11 +163,10 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
                  act: tuple[float, int] | None = None, chunk_ref: int | None = None) -> Int8Rewrite:
     """The int8 block-sparse rewrite of one linear ``site`` (Gemm x W^T + b, or MatMul on a 2-D or N-D input).
 
-    ``weight_bits``: 8 or 7 (default: :func:`default_weight_bits`). ``layout``: ``"feature"`` or ``"row"``
-    (module docstring). ``act``: ``(scale, zero_point)`` for static activation quantization (QuantizeLinear),
-    None for dynamic (DynamicQuantizeLinear). ``chunk_ref``: the batch chunks are sized for (default: a
-    quarter of :data:`converters.ops.REFERENCE_BATCH`, since uint8 activations take a quarter of the bytes of
-    fp32 ones)."""
+    ``weight_bits``: 8 or 7 (default: :func:`default_weight_bits`). ``layout``: one of :data:`LAYOUTS` (module
+    docstring). ``act``: ``(scale, zero_point)`` for static activation quantization (QuantizeLinear),
+    None for dynamic (DynamicQuantizeLinear). ``chunk_ref``: the batch the chunks are sized for (default
+    :data:`CHUNK_REF`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     bits = default_weight_bits() if weight_bits is None else int(weight_bits)
@@ -181,13 +196,14 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
     # weights: symmetric per output row, rows of the kept blocks only (pruned blocks are exact zeros)
     q, sw = quantize_rows(w, bits)
     qv = q.reshape(R, br, C, bc)
-    groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc, chunk_ref or max(1, REFERENCE_BATCH // 4))
+    groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc, chunk_ref or CHUNK_REF)
     order = np.concatenate(groups)
     outs = []
-    if layout == "feature":
+    if layout in ("feature", "feature-u8"):
         xt = b.node("Transpose", [xq], perm=[1, 0])
         src = b.node("Reshape", [xt, b.const("cbn", const_i64([C, bc, -1]))])
-        zero = b.const("wzp", np.asarray(0, dtype=np.int8))
+        u8 = layout == "feature-u8"  # weights stored q + 128 (uint8, zero point 128): MLAS's U8U8 kernel
+        zero = b.const("wzp", np.asarray(128 if u8 else 0, dtype=np.uint8 if u8 else np.int8))
         for gi, rows in enumerate(groups):
             cols, valid = _gather_plan(lb.kept, rows)
             k = cols.shape[1]
@@ -195,7 +211,8 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
             wg = np.where(valid[:, :, None, None], wg, 0).transpose(0, 2, 1, 3).reshape(len(rows), br, k * bc)
             g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=0)
             g = b.node("Reshape", [g, b.const(f"rkn{gi}", const_i64([len(rows), k * bc, -1]))])
-            wname = b.const(f"w{gi}", wg.astype(np.int8), weights=True)
+            wg = (wg.astype(np.int16) + 128).astype(np.uint8) if u8 else wg.astype(np.int8)
+            wname = b.const(f"w{gi}", wg, weights=True)
             outs.append(b.node("MatMulInteger", [wname, g, zero, xz]))
         o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)  # int32 [R', br, N]
         o = b.node("Cast", [o], to=onnx.TensorProto.FLOAT)
@@ -208,16 +225,24 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
         y = b.node("Transpose", [o], perm=[1, 0])
         kernel = "MatMulInteger"
     else:
-        src = b.node("Reshape", [xq, b.const("ncb", const_i64([-1, C, bc]))])
+        if layout == "row-g1":
+            src = b.node("Reshape", [xq, b.const("ncb", const_i64([-1, C, bc]))])
+        else:
+            src = b.node("Reshape", [b.node("Transpose", [xq], perm=[1, 0]), b.const("cbn", const_i64([C, bc, -1]))])
         swv = sw.reshape(R, br)
         for gi, rows in enumerate(groups):
             cols, valid = _gather_plan(lb.kept, rows)
             k = cols.shape[1]
             wg = qv[rows[:, None], :, cols, :]  # [Rb, k, br, bc]
             wg = np.where(valid[:, :, None, None], wg, 0).transpose(0, 1, 3, 2).reshape(len(rows), k * bc, br)
-            g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=1)  # [N, Rb, k, bc]
-            g = b.node("Reshape", [g, b.const(f"nrk{gi}", const_i64([0, len(rows), k * bc]))])
-            g = b.node("Transpose", [g], perm=[1, 0, 2])  # [Rb, N, k*bc]
+            if layout == "row-g1":
+                g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=1)  # [N, Rb, k, bc]
+                g = b.node("Reshape", [g, b.const(f"nrk{gi}", const_i64([0, len(rows), k * bc]))])
+                g = b.node("Transpose", [g], perm=[1, 0, 2])  # [Rb, N, k*bc]
+            else:
+                g = b.node("Gather", [src, b.const(f"cols{gi}", cols)], axis=0)  # [Rb, k, bc, N]
+                g = b.node("Reshape", [g, b.const(f"rkn{gi}", const_i64([len(rows), k * bc, -1]))])
+                g = b.node("Transpose", [g], perm=[0, 2, 1])  # [Rb, N, k*bc]
             wname = b.const(f"w{gi}", np.ascontiguousarray(wg.astype(np.int8)), weights=True)
             ws = b.const(f"wscale{gi}", swv[rows].reshape(len(rows), 1, br))
             out = b.name("mitf")

@@ -22,16 +22,17 @@ from onnx import TensorProto, helper, numpy_helper
 from converters import LayerBlocks, export_onnx, locate
 from converters.convert import apply
 from converters.graph import GraphIndex, prune_unused
-from converters.int8 import (BlockedInt8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
+from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
                              ensure_ms_opset, error_bound, quantize_rows)
 from converters.manifest import element_mask
-from converters.ops import buckets, chunk_rows, REFERENCE_BATCH
+from converters.ops import buckets, chunk_rows
 from converters.runtime import session
 
 from zoo_cases import build_case
 
 FLOAT_RTOL = 1e-5
-KERNEL = {"feature": "MatMulInteger", "row": "MatMulIntegerToFloat"}
+KERNEL = {"feature": "MatMulInteger", "feature-u8": "MatMulInteger", "row": "MatMulIntegerToFloat",
+          "row-g1": "MatMulIntegerToFloat"}
 
 
 def _layer(O, I, block, balanced, seed, density=0.3):
@@ -94,7 +95,7 @@ def _exact(xq, xs, xz, lb, bits):
     return (acc.astype(np.float64) * float(xs) * sw.astype(np.float64)[None, :]).astype(np.float64)
 
 
-@pytest.mark.parametrize("layout", ["row", "feature"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("balanced", [True, False])
 @pytest.mark.parametrize("graph", ["gemm", "matmul3d"])
 @pytest.mark.parametrize("bits", [8, 7])
@@ -107,7 +108,7 @@ def test_single_layer(layout, balanced, graph, bits):
     assert (rw.weight_bits, rw.layout, rw.activation, rw.kernel) == (bits, layout, "dynamic", KERNEL[layout])
     assert all(f"i8w{bits}" in n.name for n in rw.nodes)
     ops = Counter(n.op_type for n in m.graph.node)
-    chunks = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, 8, REFERENCE_BATCH // 4)
+    chunks = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, 8, CHUNK_REF)
     assert ops["DynamicQuantizeLinear"] == 1 and ops[KERNEL[layout]] == len(chunks)
     if not balanced:
         assert len(buckets(lb.kept.sum(axis=1))) > 1
@@ -115,7 +116,11 @@ def test_single_layer(layout, balanced, graph, bits):
     for t in m.graph.initializer:
         if t.name in rw.value_tensors:
             a = numpy_helper.to_array(t)
-            assert a.dtype == np.int8 and np.abs(a.astype(int)).max() <= 2 ** (bits - 1) - 1
+            assert a.dtype == (np.uint8 if layout == "feature-u8" else np.int8)
+            a = a.astype(int)
+            if layout == "feature-u8":
+                a -= 128  # stored q + 128 (uint8, zero point 128)
+            assert np.abs(a).max() <= 2 ** (bits - 1) - 1
     dq = next(n for n in m.graph.node if n.op_type == "DynamicQuantizeLinear")
     probe = session(_with_outputs(m, list(dq.output)), optimize=False)
     ref_sess, sess = session(model, optimize=False), session(m)
@@ -170,7 +175,7 @@ def test_engine_mlp(balanced):
     ops = Counter(n.op_type for n in m.graph.node)
     assert ops["DynamicQuantizeLinear"] == len(layers)
     assert ops["MatMulIntegerToFloat"] == sum(
-        len(chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, lb.block[1], REFERENCE_BATCH // 4)) for lb in layers)
+        len(chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, lb.block[1], CHUNK_REF)) for lb in layers)
     # each layer's input and output tensor names survive the rewrite
     ends = [(s.node.input[0], s.node.output[0], s.node.input[2] if len(s.node.input) > 2 else None)
             for s in sites if s.layer in layers]
