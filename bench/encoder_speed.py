@@ -17,7 +17,7 @@ bound), the encoder layers' weight bytes dense vs blocked and the whole file-siz
 the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath``).
 
     python bench/encoder_speed.py [--threads 1,2] [--batches 1,8] [--seq 128] [--rounds 15] [--repeat 2]
-                                  [--block 16] [--sparsity 0.8] [--layers 4] [--out ...]
+                                  [--block 16] [--sparsity 0.8] [--layers 4] [--compare NAME=PATH.onnx] [--out ...]
 """
 from __future__ import annotations
 
@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=1, help="measure every table this many times")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                    help="also time a saved ONNX model of the same encoder (e.g. an earlier converter's output)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder_speed.json"))
     args = ap.parse_args()
     t0 = time.strftime("%H:%M", time.gmtime())
@@ -192,6 +194,8 @@ def main() -> None:
         t_auto[threads] = time.perf_counter() - t
     models = {"dense": dense.SerializeToString(), "blocked": blocked.model.SerializeToString(),
               **{f"auto{t}": a.model.SerializeToString() for t, a in autos.items()}}
+    extra = dict(c.split("=", 1) for c in args.compare)
+    models.update({k: Path(v).read_bytes() for k, v in extra.items()})
     enc_dense = sum(lb.weight.nbytes for lb in manifest)
     enc = {"blocked": sum(o.stored_bytes for o in blocked.layers),
            **{f"auto{t}": sum(o.stored_bytes for o in a.layers) for t, a in autos.items()}}
@@ -221,16 +225,20 @@ def main() -> None:
                       f"{dict(Counter(o.fmt for o in a.layers))}")
     print("\n".join(header), flush=True)
     rows = []
-    ops = {t: {k: optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}")}
+    ops = {t: {k: optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}", *extra)}
            for t in thread_counts}
     for rep in range(args.repeat):
-        print(f"\nrun {rep + 1} of {args.repeat}, {time.strftime('%H:%M', time.gmtime())} UTC; {cpu}\n"
-              "| batch | rows M | threads | dense ms | blocked ms | auto ms | blocked | auto | FLOP limit |\n"
-              "|---|---|---|---|---|---|---|---|---|", flush=True)
+        load = os.getloadavg()[0]
+        print(f"\nrun {rep + 1} of {args.repeat}, {time.strftime('%H:%M', time.gmtime())} UTC, load average "
+              f"{load:.1f}; {cpu}\n"
+              "| batch | rows M | threads | dense ms | blocked ms | auto ms | blocked | auto | "
+              + "".join(f"{k} ms | {k} | " for k in extra) + "FLOP limit |\n"
+              "|---|---|---|---|---|---|---|---|" + "---|---|" * len(extra) + "---|", flush=True)
         for threads in thread_counts:
             for n in batches:
                 feed = inputs(n, args.seq, vocab)
-                sessions = {k: session(models[k], threads=threads) for k in ("dense", "blocked", f"auto{threads}")}
+                sessions = {k: session(models[k], threads=threads)
+                            for k in ("dense", "blocked", f"auto{threads}", *extra)}
                 smp = interleaved_samples(sessions, feed, min_rounds=args.rounds, max_rounds=args.rounds,
                                           budget_s=0.0, loop_s=0.05, pause_s=0.02)
                 med = {k.rstrip("0123456789") if k.startswith("auto") else k: statistics.median(v)
@@ -238,11 +246,13 @@ def main() -> None:
                 row = {"run": rep, "batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
                        **{f"{k}_ms": med[k] for k in med},
                        "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
+                       **{f"speedup_{k}": med["dense"] / med[k] for k in extra}, "load_average": load,
                        "samples_ms": smp}
                 rows.append(row)
                 print(f"| {n} | {n * args.seq} | {threads} | {med['dense']:.2f} | {med['blocked']:.2f} | "
                       f"{med['auto']:.2f} | {row['speedup_blocked']:.2f}x | {row['speedup_auto']:.2f}x | "
-                      f"{limit:.2f}x |", flush=True)
+                      + "".join(f"{med[k]:.2f} | {med['dense'] / med[k]:.2f}x | " for k in extra)
+                      + f"{limit:.2f}x |", flush=True)
     for threads, per in ops.items():
         for k, c in per.items():
             print(f"ORT-optimized graph, {threads} thread(s), {k}: {sum(c.values())} nodes: "
