@@ -11,8 +11,9 @@ plan / attach / fold path, no fine-tuning. 1 ORT intra-op thread, CPU EP, ORT_EN
   MinMax on 8 random batches of 4);
 - ``blocked``: the tool's fp32 output, ``converters.convert(pruned export, manifest, fmt="blocked")``;
 - ``i8_*``: :func:`converters.int8.blocked_int8` on every pruned linear of the pruned export: layouts ``row``
-  (the default), ``rowg1`` (MatMulIntegerToFloat, input gathered on axis 1) and ``featu8`` (MatMulInteger,
-  uint8 weights), dynamic (``dyn``) or static (``st``, scales calibrated on 8 random batches of 4)
+  (the default: MatMulInteger -> Cast -> Mul, which ORT fuses to MatMulIntegerToFloat), ``rowms``
+  (com.microsoft.MatMulIntegerToFloat written directly), ``rowg1`` (input gathered on axis 1) and ``featu8``
+  (MatMulInteger with the uint8 weights as first input), dynamic (``dyn``) or static (``st``, scales calibrated on 8 random batches of 4)
   activations, weight bits ``w8`` / ``w7`` (the CPU check picks one; the other is timed for its cost), chunks
   sized for 16 rows (default, :data:`converters.int8.CHUNK_REF`), 8 (``c8``) or 32 (``c32``).
 
@@ -162,6 +163,7 @@ def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passe
     bits = default_weight_bits()
     variants = {f"i8_row_dyn_w{bits}": dict(layout="row"),
                 f"i8_row_st_w{bits}": dict(layout="row", calib=calib),
+                f"i8_rowms_dyn_w{bits}": dict(layout="row-ms"),
                 f"i8_rowg1_dyn_w{bits}": dict(layout="row-g1"),
                 f"i8_featu8_dyn_w{bits}": dict(layout="feature-u8"),
                 f"i8_row_dyn_w{bits}_c8": dict(layout="row", chunk_ref=8),

@@ -12,10 +12,15 @@ follows. Graph forms (``layout``), same numbers:
     x [N, I] -DynamicQuantizeLinear-> xq u8, s_x, z_x
     xq -Transpose-> [I, N] -Reshape-> [C, bc, N] -Gather(axis 0, cols [Rb, k])-> -Reshape-> [Rb, k*bc, N]
       -Transpose-> [Rb, N, k*bc]
-    com.microsoft.MatMulIntegerToFloat(., Wq^T [Rb, k*bc, br] int8, s_x, s_w [Rb, 1, br], z_x) -> [Rb, N, br]
+    MatMulInteger(., Wq^T [Rb, k*bc, br] int8, z_x, 0) -> int32 -Cast-> -Mul(s_x * s_w [Rb, 1, br])-> [Rb, N, br]
     Concat(chunks) -Gather(row order)-> -Transpose-> [N, R, br] -Reshape-> [N, O]
 
-``"row-g1"``: the same matmul, its input gathered from ``xq [N, C, bc]`` on axis 1 (``[N, Rb, k, bc]``, then
+Standard ONNX ops only (opset 18): ONNX Runtime fuses each MatMulInteger -> Cast -> Mul into its
+``com.microsoft.MatMulIntegerToFloat`` (u8 x s8, per-column scale [Rb, 1, br]) when it loads the model.
+``"row-ms"`` writes that op directly (the model then needs the ``com.microsoft`` opset import:
+:func:`ensure_ms_opset`); measured the same speed.
+
+``"row-g1"``: the same matmuls, its input gathered from ``xq [N, C, bc]`` on axis 1 (``[N, Rb, k, bc]``, then
 a Transpose of whole rows): no gain at N = 1, slower at N = 32 (the Gather copies bc bytes at a time).
 
 ``"feature"`` / ``"feature-u8"`` (activations feature-major, weights the constant *first* input)::
@@ -27,7 +32,9 @@ a Transpose of whole rows): no gain at N = 1, slower at N = 32 (the Gather copie
 ``"feature"`` stores int8 weights (S8 x U8: ORT 1.32 has no fast kernel for it: 5-15x slower than ``row``
 measured), ``"feature-u8"`` uint8 weights ``q + 128`` (zero point 128, MLAS's U8U8 kernel): ORT packs the first
 input on every call, which costs the whole int8 weight per run (2.5x slower than ``row`` at N = 1).
-``MatMulIntegerToFloat`` needs a uint8 first input in ORT 1.32, so it cannot serve the feature forms.
+ORT's MatMulIntegerToFloat needs a uint8 first input (1.32), so it cannot serve the feature forms; worse, ORT
+fuses MatMulInteger -> Cast -> Mul into it regardless of the input types, and the session then fails to load
+for int8 weights: the feature forms rescale after a Reshape, which the fusion does not match.
 
 Measured (MLP 1024-4096-4096-1024, B = 16, s = 0.8, 1 thread, Xeon with AVX-512 VNNI and AMX, a loaded
 2-core machine; ms, medians of interleaved runs): N = 1: row 0.95, row-g1 0.95, feature-u8 4.2, fp32 blocked
@@ -67,7 +74,7 @@ from .locate import Site
 from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
 
 MS_DOMAIN = "com.microsoft"
-LAYOUTS = ("row", "row-g1", "feature", "feature-u8")
+LAYOUTS = ("row", "row-ms", "row-g1", "feature", "feature-u8")
 #: the default graph form; chosen by bench/int8_speed.py's variant comparison (see the module docstring there)
 DEFAULT_LAYOUT = "row"
 #: the batch the chunks of block-rows are sized for (see :func:`converters.ops.chunk_rows`, which counts 4 bytes a
@@ -147,8 +154,9 @@ def error_bound(x: np.ndarray, w: np.ndarray, bits: int, x_scale: float | None =
 class Int8Rewrite(Rewrite):
     """A :class:`Rewrite` with what the int8 formulation chose: ``weight_bits`` (8, or 7 against the AVX2
     saturation), ``activation`` (``"dynamic"`` or ``"static"``, with ``act_scale`` / ``act_zero_point`` when
-    static), ``layout`` (one of :data:`LAYOUTS`), ``kernel`` (the integer op type:
-    MatMulIntegerToFloat for the row forms, MatMulInteger for the feature forms) and ``vnni`` (what the CPU flags said when it was built)."""
+    static), ``layout`` (one of :data:`LAYOUTS`), ``kernel`` (the integer op type written:
+    MatMulIntegerToFloat for ``row-ms``, MatMulInteger otherwise, which ORT fuses to MatMulIntegerToFloat in
+    the row forms) and ``vnni`` (what the CPU flags said when it was built)."""
 
     weight_bits: int = 8
     activation: str = "dynamic"
@@ -245,16 +253,20 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
                 g = b.node("Transpose", [g], perm=[0, 2, 1])  # [Rb, N, k*bc]
             wname = b.const(f"w{gi}", np.ascontiguousarray(wg.astype(np.int8)), weights=True)
             ws = b.const(f"wscale{gi}", swv[rows].reshape(len(rows), 1, br))
-            out = b.name("mitf")
-            b.nodes.append(helper.make_node("MatMulIntegerToFloat", [g, wname, xs, ws, xz], [out],
-                                            name=b.name("MatMulIntegerToFloat"), domain=MS_DOMAIN))
+            if layout != "row-ms":
+                acc = b.node("MatMulInteger", [g, wname, xz, b.const(f"wzp{gi}", np.asarray(0, np.int8))])
+                out = b.node("Mul", [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, ws])])
+            else:
+                out = b.name("mitf")
+                b.nodes.append(helper.make_node("MatMulIntegerToFloat", [g, wname, xs, ws, xz], [out],
+                                                name=b.name("MatMulIntegerToFloat"), domain=MS_DOMAIN))
             outs.append(out)  # [Rb, N, br] float
         o = outs[0] if len(outs) == 1 else b.node("Concat", outs, axis=0)
         if not np.array_equal(order, np.arange(R)):
             o = b.node("Gather", [o, b.const("row_order", np.argsort(order).astype(np.int64))], axis=0)
         o = b.node("Transpose", [o], perm=[1, 0, 2])  # [N, R, br]
         y = b.node("Reshape", [o, b.const("no", const_i64([-1, O]))])
-        kernel = "MatMulIntegerToFloat"
+        kernel = "MatMulIntegerToFloat" if layout == "row-ms" else "MatMulInteger"
     final = node.output[0]
     has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
     if has_bias:
@@ -273,7 +285,7 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
 
 
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
-    """Add the ``com.microsoft`` opset import that the ``row`` layout's MatMulIntegerToFloat needs (in place;
+    """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in place;
     :func:`converters.convert.apply` does not touch opset imports)."""
     if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
             o.domain == MS_DOMAIN for o in model.opset_import):
@@ -282,8 +294,8 @@ def ensure_ms_opset(model: onnx.ModelProto) -> None:
 
 class BlockedInt8(Formulation):
     """Kept blocks as int8, integer block-sparse compute (:func:`blocked_int8`, defaults: dynamic activations,
-    :data:`DEFAULT_LAYOUT`, weight bits from the CPU). Linears only. A model holding its ``row`` layout needs
-    :func:`ensure_ms_opset` once after the rewrites are applied."""
+    :data:`DEFAULT_LAYOUT`, weight bits from the CPU). Linears only. Standard ONNX ops (opset 13+): nothing to
+    add to the model's opset imports."""
 
     name = "blocked-int8"
     folds_to_dense = False

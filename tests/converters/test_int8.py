@@ -31,8 +31,8 @@ from converters.runtime import session
 from zoo_cases import build_case
 
 FLOAT_RTOL = 1e-5
-KERNEL = {"feature": "MatMulInteger", "feature-u8": "MatMulInteger", "row": "MatMulIntegerToFloat",
-          "row-g1": "MatMulIntegerToFloat"}
+KERNEL = {"feature": "MatMulInteger", "feature-u8": "MatMulInteger", "row": "MatMulInteger",
+          "row-g1": "MatMulInteger", "row-ms": "MatMulIntegerToFloat"}
 
 
 def _layer(O, I, block, balanced, seed, density=0.3):
@@ -169,12 +169,13 @@ def test_engine_mlp(balanced):
     assert len(layers) >= 2
     bits = default_weight_bits()
     m, rewrites = _int8(proto, layers)
+    assert [(o.domain, o.version) for o in m.opset_import] == [(o.domain, o.version) for o in proto.opset_import]
     onnx.checker.check_model(m, full_check=True)
     assert m.SerializeToString() == _int8(proto, layers)[0].SerializeToString()
     assert {rw.weight_bits for rw in rewrites} == {bits}
     ops = Counter(n.op_type for n in m.graph.node)
     assert ops["DynamicQuantizeLinear"] == len(layers)
-    assert ops["MatMulIntegerToFloat"] == sum(
+    assert ops["MatMulInteger"] == sum(
         len(chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, lb.block[1], CHUNK_REF)) for lb in layers)
     # each layer's input and output tensor names survive the rewrite
     ends = [(s.node.input[0], s.node.output[0], s.node.input[2] if len(s.node.input) > 2 else None)
@@ -219,3 +220,20 @@ def test_formulation_reason_not():
     assert f.name == "blocked-int8" and f.folds_to_dense is False and f.reason_not(site) is None
     rw = f.build(site, GraphIndex(model.graph))
     assert rw.weight_bits == default_weight_bits()
+
+
+def test_ort_fuses_row_layout(tmp_path):
+    """The default layout writes MatMulInteger -> Cast -> Mul; ONNX Runtime must fuse each into
+    MatMulIntegerToFloat (its speed was measured fused)."""
+    import onnxruntime as ort
+
+    lb = _layer(32, 64, (8, 8), False, seed=2)
+    model, _ = _gemm(lb)
+    m, _ = _int8(model, [lb])
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    n = Counter(n.op_type for n in m.graph.node)["MatMulInteger"]
+    assert n >= 2 and ops["MatMulIntegerToFloat"] == n and ops["MatMulInteger"] == 0 and ops["Cast"] == 0
