@@ -15,7 +15,8 @@ plan / attach / fold path, no fine-tuning. 1 ORT intra-op thread, CPU EP, ORT_EN
   (com.microsoft.MatMulIntegerToFloat written directly), ``rowg1`` (input gathered on axis 1) and ``featu8``
   (MatMulInteger with the uint8 weights as first input), dynamic (``dyn``) or static (``st``, scales calibrated on 8 random batches of 4)
   activations, weight bits ``w8`` / ``w7`` (the CPU check picks one; the other is timed for its cost), chunks
-  sized for 16 rows (default, :data:`converters.int8.CHUNK_REF`), 8 (``c8``) or 32 (``c32``).
+  sized for 16 rows (default, :data:`converters.int8.CHUNK_REF`), 8 (``c8``) or 32 (``c32``); ``i8_compact``:
+  :func:`converters.int8.compact_int8` (int8 kept blocks in the file, dense int8 compute after ORT's folding).
 
 Every pass times all variants interleaved (rounds of every session in turn), ``--rounds`` rounds; the table is
 printed per pass, and the spread over passes is given. Errors: max |out - ref| / max |ref| on a batch of 32, ref
@@ -47,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 from converters import convert, export_onnx, locate  # noqa: E402
 from converters.convert import apply  # noqa: E402
 from converters.graph import GraphIndex, prune_unused  # noqa: E402
-from converters.int8 import (blocked_int8, calibrate_activation, cpu_flags, default_weight_bits,  # noqa: E402
-                             ensure_ms_opset)
+from converters.int8 import (blocked_int8, calibrate_activation, compact_int8, cpu_flags,  # noqa: E402
+                             default_weight_bits, ensure_ms_opset)
 from converters.runtime import interleaved_samples, session  # noqa: E402
 from sapp_compress import PruneConfig, zoo  # noqa: E402
 from sapp_compress.geometry import plan_layers  # noqa: E402
@@ -93,7 +94,8 @@ def layer_inputs(model: onnx.ModelProto, names: list[str], feed: dict) -> dict[s
 
 
 def int8_model(pruned: onnx.ModelProto, manifest, calib: list[dict] | None = None, **kw):
-    """Every located linear of ``pruned`` rewritten by blocked_int8; ``calib`` feeds: static activations."""
+    """Every located linear of ``pruned`` rewritten by blocked_int8 (compact_int8 for ``layout="compact"``);
+    ``calib`` feeds: static activations."""
     m = copy.deepcopy(pruned)
     acts = {}
     if calib is not None:
@@ -102,9 +104,13 @@ def int8_model(pruned: onnx.ModelProto, manifest, calib: list[dict] | None = Non
         samples = [layer_inputs(m, ins, f) for f in calib]
         acts = {n: calibrate_activation(np.concatenate([s[n].reshape(-1) for s in samples])) for n in ins}
     rws = []
+    compact = kw.pop("layout") == "compact"
     for lb in manifest:
         (site,), _ = locate(m, [lb])
-        rw = blocked_int8(site, GraphIndex(m.graph), act=acts.get(site.node.input[0]), **kw)
+        if compact:
+            rw = compact_int8(site, GraphIndex(m.graph), **kw)
+        else:
+            rw = blocked_int8(site, GraphIndex(m.graph), act=acts.get(site.node.input[0]), **kw)
         apply(m, rw)
         rws.append(rw)
     ensure_ms_opset(m)
@@ -166,6 +172,7 @@ def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passe
                 f"i8_rowms_dyn_w{bits}": dict(layout="row-ms"),
                 f"i8_rowg1_dyn_w{bits}": dict(layout="row-g1"),
                 f"i8_featu8_dyn_w{bits}": dict(layout="feature-u8"),
+                f"i8_compact_dyn_w{bits}": dict(layout="compact"),
                 f"i8_row_dyn_w{bits}_c8": dict(layout="row", chunk_ref=8),
                 f"i8_row_dyn_w{bits}_c32": dict(layout="row", chunk_ref=32)}
     other = 15 - bits  # the other bit width (7 <-> 8): what the CPU check did not pick, for its cost

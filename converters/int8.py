@@ -284,6 +284,48 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
                        vnni=has_vnni())
 
 
+def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None) -> Int8Rewrite:
+    """Kept blocks stored as int8, computed dense: the int8 counterpart of the ``compact`` formulation.
+
+    ``ConstantOfShape(int8 0) -> ScatterND(kept blocks, unique block ids) -> Reshape -> Transpose -> Reshape``
+    rebuilds the dense int8 ``W^T [I, O]`` (ONNX Runtime constant-folds it at load and pre-packs it), then
+    ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(s_x * s_w [O])`` (+ bias), which ORT fuses into
+    its DynamicQuantizeMatMul: the dense int8 speed of ``quantize_dynamic`` (per channel) with the block-sparse
+    file. Works on 2-D and N-D inputs (MatMulInteger broadcasts)."""
+    bits = default_weight_bits() if weight_bits is None else int(weight_bits)
+    lb, node = site.layer, site.node
+    w = site.weight
+    O, I = w.shape
+    br, bc = lb.block
+    R, C = lb.kept.shape
+    b = _Builder(idx, f"{site.init_name}_i8cw{bits}")
+    q, sw = quantize_rows(w, bits)
+    rc = np.argwhere(lb.kept)  # row-major: unique, sorted
+    blocks = np.ascontiguousarray(q.reshape(R, br, C, bc).transpose(0, 2, 1, 3)[rc[:, 0], rc[:, 1]])
+    bname = b.const("blocks", blocks.astype(np.int8), weights=True)
+    ids = b.const("block_idx", (rc[:, 0] * C + rc[:, 1]).astype(np.int64)[:, None])
+    zeros = b.name("zeros")
+    b.nodes.append(helper.make_node("ConstantOfShape", [b.const("grid", const_i64([R * C, br, bc]))], [zeros],
+                                    name=b.name("ConstantOfShape"),
+                                    value=helper.make_tensor("v", onnx.TensorProto.INT8, [1], [0])))
+    wt = b.node("ScatterND", [zeros, ids, bname])  # unique indices: no reduction
+    wt = b.node("Reshape", [wt, b.const("rcbb", const_i64([R, C, br, bc]))])
+    wt = b.node("Transpose", [wt], perm=[1, 3, 0, 2])  # [C, bc, R, br]
+    wt = b.node("Reshape", [wt, b.const("io", const_i64([I, O]))])
+    xq, xs, xz = (b.name(s) for s in ("xq", "xscale", "xzp"))
+    b.nodes.append(helper.make_node("DynamicQuantizeLinear", [node.input[0]], [xq, xs, xz],
+                                    name=b.name("DynamicQuantizeLinear")))
+    acc = b.node("MatMulInteger", [xq, wt, xz, b.const("wzp", np.asarray(0, np.int8))])
+    y = b.node("Mul", [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, b.const("wscale", sw)])])
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        y = b.node("Add", [y, node.input[2]])
+    b.nodes[-1].output[0] = node.output[0]
+    drop = [site.via_transpose] if site.via_transpose is not None else []
+    return Int8Rewrite("compact-int8", nodes=b.nodes, inits=b.inits, replace_node=node, drop_nodes=drop,
+                       drop_init=site.init_name, value_tensors=b.value_tensors, stored_bytes=b.stored,
+                       weight_bits=bits, layout="dense", kernel="MatMulInteger", vnni=has_vnni())
+
+
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
     """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in place;
     :func:`converters.convert.apply` does not touch opset imports)."""
@@ -309,3 +351,24 @@ class BlockedInt8(Formulation):
 
     def build(self, site, idx):
         return blocked_int8(site, idx)
+
+
+class CompactInt8(Formulation):
+    """Kept blocks as int8, dense int8 compute after ORT folds the weight at load (:func:`compact_int8`).
+    Its runtime is the dense *int8* op's, not the dense fp32 one's: ``folds_to_dense`` is False so that
+    ``auto`` times it like any other candidate."""
+
+    name = "compact-int8"
+    folds_to_dense = False
+
+    def reason_not(self, site):
+        if site.node.op_type not in ("Gemm", "MatMul"):
+            return f"compact-int8 covers linears only, not {site.node.op_type}"
+        if site.layer.layout != "linear":
+            return f"layout {site.layer.layout} on a {site.node.op_type}"
+        if site.layer.padded:
+            return "the block does not divide the weight (padded)"
+        return None
+
+    def build(self, site, idx):
+        return compact_int8(site, idx)

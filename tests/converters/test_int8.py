@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converters import LayerBlocks, export_onnx, locate
 from converters.convert import apply
 from converters.graph import GraphIndex, prune_unused
-from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
+from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, CompactInt8, compact_int8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
                              ensure_ms_opset, error_bound, quantize_rows)
 from converters.manifest import element_mask
 from converters.ops import buckets, chunk_rows
@@ -237,3 +237,45 @@ def test_ort_fuses_row_layout(tmp_path):
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     n = Counter(n.op_type for n in m.graph.node)["MatMulInteger"]
     assert n >= 2 and ops["MatMulIntegerToFloat"] == n and ops["MatMulInteger"] == 0 and ops["Cast"] == 0
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("graph", ["gemm", "matmul3d"])
+def test_compact_int8(balanced, graph, tmp_path):
+    """compact-int8: int8 kept blocks in the file, one dense integer matmul at run time (DynamicQuantizeMatMul
+    after ORT's folding and fusion); same bound and exactness as the blocked form."""
+    import onnxruntime as ort
+
+    lb = _layer(48, 64, (8, 8), balanced, seed=4)
+    model, bias = (_gemm if graph == "gemm" else _matmul_3d)(lb)
+    f = CompactInt8()
+    (site,), _ = locate(model, [lb])
+    assert f.name == "compact-int8" and f.folds_to_dense is False and f.reason_not(site) is None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    (site,), _ = locate(m, [lb])
+    rw = compact_int8(site, GraphIndex(m.graph), weight_bits=8)
+    apply(m, rw)
+    prune_unused(m.graph)
+    onnx.checker.check_model(m, full_check=True)
+    kept_bytes = int(lb.kept.sum()) * (64 + 8) + 48 * 4  # int8 blocks, int64 block ids, fp32 row scales
+    assert kept_bytes <= rw.stored_bytes <= kept_bytes + 80  # + shape constants and the zero point
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ops["DynamicQuantizeMatMul"] == 1 and ops["ScatterND"] == 0
+    dq = next(n for n in m.graph.node if n.op_type == "DynamicQuantizeLinear")
+    probe = session(_with_outputs(m, list(dq.output)), optimize=False)
+    ref_sess = session(model, optimize=False)
+    rng = np.random.default_rng(9)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 64) if graph == "gemm" else (n, 5, 64)).astype(np.float32)
+        (ref,) = ref_sess.run(None, {"x": x})
+        (y,) = sess.run(None, {"x": x})
+        tol_f = FLOAT_RTOL * np.abs(ref).max()
+        bound = error_bound(x.reshape(-1, 64), lb.weight, 8).reshape(ref.shape)
+        assert np.all(np.abs(y - ref) <= bound + tol_f)
+        _, xq, xs, xz = probe.run(None, {"x": x})
+        assert np.max(np.abs(y - (_exact(xq, xs, xz, lb, 8).reshape(ref.shape) + bias))) <= tol_f
