@@ -38,6 +38,7 @@ from calib_data.text import text_shard  # noqa: E402
 from sapp_compress import api  # noqa: E402
 from sapp_compress.adapters import unwrap  # noqa: E402
 from sapp_compress.config import PruneConfig, TrainConfig, default_lr  # noqa: E402
+from sapp_compress.geometry import plan_layers  # noqa: E402
 from sapp_compress.loading import load_model  # noqa: E402
 from sapp_compress.pipeline import OutputConfig, compress  # noqa: E402
 
@@ -164,6 +165,38 @@ def table(rows: list[dict], args, digest: str) -> None:
         print(f"runs with warnings (lr, seed): {warned}")
 
 
+@torch.no_grad()
+def without_fine_tune(ev: Path, sparsity: float) -> None:
+    """How much the pruned layers matter to this model: held-out accuracy of the pretrained model with the
+    layers compress() prunes (B = 16) block-pruned by magnitude (the top blocks by L2 norm kept, as many per
+    layer as the runs keep), and with those layers zeroed, both with no fine-tune at all."""
+    arrays = dict(np.load(ev))
+    y = arrays.pop("y")
+    feed = {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def acc(model) -> float:
+        return float((model.eval()(**feed).logits.argmax(-1).numpy() == y).mean())
+
+    dense = load_model(MODEL)
+    plans, _ = plan_layers(dense, PruneConfig(block="16", sparsity=sparsity))
+    print(f"\nwithout fine-tuning ({len(plans)} layers pruned: {', '.join(p.name for p in plans)}):")
+    print(f"  dense                         {acc(dense):.4f}")
+    for how in ("magnitude blocks", "zeroed"):
+        model = load_model(MODEL)
+        kept = dropped = 0
+        for p in plans:
+            w = model.get_parameter(p.name)
+            o, i = w.shape
+            blocks = w.reshape(o // 16, 16, i // 16, 16).permute(0, 2, 1, 3)  # [rows, cols, 16, 16] view
+            norms = blocks.pow(2).sum((-1, -2)).flatten()
+            keep = int(round((1 - sparsity) * norms.numel())) if how == "magnitude blocks" else 0
+            mask = torch.zeros_like(norms, dtype=torch.bool)
+            mask[norms.argsort(descending=True)[:keep]] = True
+            blocks.mul_(mask.reshape(o // 16, i // 16, 1, 1))
+            kept, dropped = kept + keep, dropped + norms.numel() - keep
+        print(f"  {how:29s} {acc(model):.4f}  ({dropped} of {kept + dropped} blocks dropped)")
+
+
 def families() -> None:
     """The rate the family rule gives each shipped example model when --lr is not given."""
     print("\ndefault_lr on the shipped example models (what the CLI uses without --lr):")
@@ -191,27 +224,27 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "lr_family.jsonl"))
-    ap.add_argument("--table", action="store_true", help="only print the table and the families")
+    ap.add_argument("--table", action="store_true", help="no new runs: the no-fine-tune check, the table and the families")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = model_digest(MODEL)
-    if not args.table:
-        with tempfile.TemporaryDirectory(prefix="lr_family_") as tmp:
-            train, ev, split = make_shards(Path(tmp), args.max_length)
-            print(f"split: {split}", flush=True)
-            for lr in [float(x) for x in args.lrs.split(",")]:
-                for seed in seeds_of(args.seeds):
-                    k = (digest, 16, args.sparsity, args.steps, args.batch_size, args.max_length, lr, seed)
-                    if k in {key(r) for r in read_rows(out)}:
-                        continue
-                    row = run_one(train, ev, split, args, lr, seed, digest)
-                    with out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"lr {lr:g} seed {seed}: dense {row['dense']:.4f} torch {row['pruned_torch']:.4f} "
-                          f"onnx {row['onnx']:.4f} drop {row['drop']:+.4f} ({row['seconds']:.0f} s)"
-                          f"{' WARN ' + '; '.join(row['warnings']) if row['warnings'] else ''}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lr_family_") as tmp:
+        train, ev, split = make_shards(Path(tmp), args.max_length)
+        print(f"split: {split}", flush=True)
+        without_fine_tune(ev, args.sparsity)
+        for lr in [float(x) for x in args.lrs.split(",")]:
+            for seed in seeds_of(args.seeds):
+                k = (digest, 16, args.sparsity, args.steps, args.batch_size, args.max_length, lr, seed)
+                if args.table or k in {key(r) for r in read_rows(out)}:
+                    continue
+                row = run_one(train, ev, split, args, lr, seed, digest)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"lr {lr:g} seed {seed}: dense {row['dense']:.4f} torch {row['pruned_torch']:.4f} "
+                      f"onnx {row['onnx']:.4f} drop {row['drop']:+.4f} ({row['seconds']:.0f} s)"
+                      f"{' WARN ' + '; '.join(row['warnings']) if row['warnings'] else ''}", flush=True)
     table(read_rows(out), args, digest)
     families()
 
