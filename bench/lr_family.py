@@ -35,8 +35,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from calib_data.text import text_shard  # noqa: E402
-from sapp_compress import api  # noqa: E402
-from sapp_compress.adapters import unwrap  # noqa: E402
 from sapp_compress.config import PruneConfig, TrainConfig, default_lr  # noqa: E402
 from sapp_compress.geometry import plan_layers  # noqa: E402
 from sapp_compress.loading import load_model  # noqa: E402
@@ -46,19 +44,6 @@ RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "examples" / "models" / "tiny_bert"
 TEXT = ROOT / "calib_data" / "text" / "stdlib_docs.jsonl"
 SPLIT_SEED, HELD_OUT = 20261201, 0.2  # examples/hf/make_tiny_bert.py's SEED and HELD_OUT
-
-
-def _check_fits_unwrapped(model, shard):
-    return _check_fits(unwrap(model), shard)
-
-
-# Work-around, this script only: prune() checks an evaluation shard with check_fits(dense, eval_shard), where
-# dense is already the ModelIO wrapper (positional inputs), so a shard of named inputs (input_ids, ...) given
-# as --eval-data fails with "ModelIO.forward() got an unexpected keyword argument". The check runs the model
-# on two rows and changes nothing; unwrapping first (a no-op on an unwrapped model) lets it pass. Everything
-# else -- fine-tune, export, conversion, verification, the ONNX evaluation -- is compress()'s own code.
-_check_fits = api.check_fits
-api.check_fits = _check_fits_unwrapped
 
 
 def model_digest(path: Path) -> str:

@@ -166,7 +166,7 @@ def prune(
         if eval_shard.names != train.names:
             raise DataError(f"{eval_shard.source}: inputs {list(eval_shard.names)} differ from the training "
                             f"shard's {list(train.names)}")
-        check_fits(dense, eval_shard)
+        check_fits(unwrap(dense), eval_shard)
         if eval_shard.y is not None:
             infer_task(eval_shard.y, out, output.kind)
     lr, lr_source = (train_cfg.lr, "--lr") if train_cfg.lr is not None else default_lr(unwrap(dense))

@@ -199,3 +199,14 @@ def test_collapsing_fine_tune_warns(tmp_path):
     assert code == 0, out
     assert rep["warnings"] and "the fine-tune collapsed" in rep["warnings"][0]
     assert "the fine-tune collapsed" in out
+
+
+def test_named_input_eval_shard(tmp_path):
+    """--eval-data with named inputs (input_ids, attention_mask) is checked and scored like the training shard."""
+    case = MODELS["bert"](tmp_path)
+    half = {k: v[24:] for k, v in case.arrays.items()}
+    np.savez(tmp_path / "eval.npz", **half)
+    case.arrays = {k: v[:24] for k, v in case.arrays.items()}
+    code, out, rep = run(case, tmp_path, *FAST, "--eval-data", tmp_path / "eval.npz")
+    assert code == 0, out
+    assert rep["data"]["eval"] == str(tmp_path / "eval.npz")
