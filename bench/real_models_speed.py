@@ -25,14 +25,16 @@ nn.MultiheadAttention's in_proj / out_proj, which its module calls without going
 Those hooks also give the Linear/Conv-only limit (``flop_limit_layers``).
 
 A model that fails anywhere on this path is recorded with the stage, the exception and where it was raised,
-and the run goes on with the next model.
+and the run goes on with the next model. ``--rss-cap-gb`` turns "the kernel's OOM killer ends the run" into
+such a record: past that resident memory a MemoryError is raised in the main thread, with its stack.
 
-    python bench/real_models_speed.py [--models resnet18,gpt2,...] [--batches 1,16] [--threads 1]
+    python bench/real_models_speed.py [--models resnet18,gpt2,gpt2:4,...] [--batches 1,16] [--threads 1]
         [--repeat 2] [--out bench/results/real_models_speed.json]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -40,6 +42,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -162,22 +165,70 @@ def transformer_encoder(layers=None):
 
 MODELS = {f.__name__: f for f in (resnet18, mobilenet_v3_small, convnext_tiny, convnext_nano, efficientnet_b0,
                                    distilbert, roberta, gpt2, vit, transformer_encoder)}
-DEFAULT = "resnet18,mobilenet_v3_small,convnext_tiny,efficientnet_b0,distilbert,roberta,gpt2,vit,transformer_encoder"
+#: ``name:N`` builds the model with N layers (roberta and vit default to 4, the others to their library default).
+#: The reduced variants stand beside the requested sizes because the converter's memory grows with every layer
+#: it rewrites (about one copy of all initializers per rewritten layer; see BENCHMARKS.md), so the full sizes of
+#: the large-vocabulary text models do not convert within --rss-cap-gb 11 on a 23 GiB machine.
+DEFAULT = ("resnet18,mobilenet_v3_small,convnext_nano,efficientnet_b0,distilbert,distilbert:2,roberta:4,roberta:2,"
+           "gpt2,gpt2:2,vit:4,transformer_encoder")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 class Failed(Exception):
     def __init__(self, stage: str, e: BaseException):
         tb = traceback.extract_tb(e.__traceback__)
+        if isinstance(e, MemoryError) and GUARD is not None and GUARD.stack:
+            tb = GUARD.stack
+            e = MemoryError(f"resident memory passed the --rss-cap-gb {GUARD.cap:g} GB (peak so far "
+                            f"{peak_rss_gb():.1f} GB); main thread was at {tb[-1].filename}:{tb[-1].lineno}")
         own = [f for f in tb if "/sapp_compress/" in f.filename or "/converters/" in f.filename]
         where = own[-1] if own else (tb[-1] if tb else None)
         self.record = {
             "stage": stage, "error": f"{type(e).__name__}: {str(e).strip()}"[:2000],
             "where": f"{os.path.relpath(where.filename, ROOT)}:{where.lineno} in {where.name}" if where else None,
             "raised_at": f"{os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno} in {tb[-1].name}" if tb else None,
-            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))[-6000:],
+            "traceback": ("".join(traceback.format_list(tb)) if isinstance(e, MemoryError) else
+                          "".join(traceback.format_exception(type(e), e, e.__traceback__)))[-6000:],
         }
         super().__init__(f"{stage}: {self.record['error']}")
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class RssGuard(threading.Thread):
+    """Raises MemoryError in the main thread when this process's resident memory passes ``cap_gb`` (instead of
+    the kernel's OOM killer ending the whole run), noting the main thread's stack at that moment."""
+
+    def __init__(self, cap_gb: float):
+        super().__init__(daemon=True)
+        self.cap, self.main = cap_gb, threading.main_thread().ident
+        self.stack: list | None = None
+        self.armed = True
+
+    def run(self):
+        while True:
+            time.sleep(0.1)
+            if self.armed and rss_gb() > self.cap:
+                frame = sys._current_frames().get(self.main)
+                self.stack = traceback.extract_stack(frame) if frame is not None else []
+                del frame  # a held frame would keep the converter's protos (all of its callers' locals) alive
+                self.armed = False
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main), ctypes.py_object(MemoryError))
+
+    def rearm(self):
+        self.stack, self.armed = None, True
+
+
+GUARD: RssGuard | None = None
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Stage:
@@ -191,6 +242,7 @@ class Stage:
 
     def __exit__(self, et, e, tb):
         self.log[self.name] = round(time.perf_counter() - self.t, 2)
+        self.log.setdefault("peak_rss_gb", {})[self.name] = round(peak_rss_gb(), 2)
         if e is not None and not isinstance(e, Failed):
             raise Failed(self.name, e) from e
         return False
@@ -312,9 +364,13 @@ def cpu_line() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def prepare(name: str, layers: int | None, threads: list[int], workdir: Path, seed: int = 0) -> dict:
-    """Build, mask, export, convert and verify one model; the ONNX files are left in ``workdir``."""
-    row: dict = {"model": name, "stage_s": {}}
+def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict:
+    """Build, mask, export, convert and verify one model (``name`` or ``name:layers``); the ONNX files are left
+    in ``workdir``."""
+    name, _, nl = spec.partition(":")
+    layers = int(nl) if nl else None
+    release()
+    row: dict = {"model": spec, "stage_s": {}, "rss_before_gb": round(rss_gb(), 2)}
     log = row["stage_s"]
     torch.manual_seed(seed)
     try:
@@ -346,21 +402,22 @@ def prepare(name: str, layers: int | None, threads: list[int], workdir: Path, se
                 expected = wrapped(*xs1).float().numpy()
         with Stage("export", log):
             dense = pipeline.export_model(wrapped, shard)
-        del model, inner
-        files = {"dense": workdir / f"{name}.dense.onnx"}
+        del model, inner, wrapped, plans
+        gc.collect()
+        files = {"dense": workdir / f"{name}{layers or ''}.dense.onnx"}
         files["dense"].write_bytes(dense.SerializeToString())
         feed16 = pipeline.onnx_feed(shard, tuple(np.asarray(x[:ROWS]) for x in shard.inputs))
         feed1 = pipeline.onnx_feed(shard, tuple(np.asarray(x[:1]) for x in shard.inputs))
         with Stage("convert_blocked", log):
             res = converters.convert(dense, manifest, fmt="blocked")
-            files["blocked"] = workdir / f"{name}.blocked.onnx"
+            files["blocked"] = workdir / f"{name}{layers or ''}.blocked.onnx"
             files["blocked"].write_bytes(res.model.SerializeToString())
             row["blocked_formats"] = _formats(res)
             del res
         for t in threads:
             with Stage(f"convert_auto_t{t}", log):
                 res = converters.convert(dense, manifest, fmt="auto", timing_inputs=feed16, threads=t)
-                files[f"auto_t{t}"] = workdir / f"{name}.auto_t{t}.onnx"
+                files[f"auto_t{t}"] = workdir / f"{name}{layers or ''}.auto_t{t}.onnx"
                 files[f"auto_t{t}"].write_bytes(res.model.SerializeToString())
                 row[f"auto_t{t}_formats"] = _formats(res)
                 row[f"auto_t{t}_layers"] = [o.to_json() for o in res.layers]
@@ -377,12 +434,28 @@ def prepare(name: str, layers: int | None, threads: list[int], workdir: Path, se
                 row.setdefault("verify", {})[k] = {"max_abs_diff": v.max_abs_diff, "max_rel_diff": v.max_rel_diff}
         row["files"] = {k: str(f) for k, f in files.items()}
         row["feeds"] = {1: feed1, ROWS: feed16}
-    except Failed as f:
+    except (Failed, MemoryError) as f:
+        if isinstance(f, MemoryError):
+            f = Failed("between stages", f)
         row["failed"] = f.record
+        row["failed"]["peak_rss_gb"] = round(peak_rss_gb(), 2)
         print(f"  FAILED at {f.record['stage']}: {f.record['error'][:400]}\n    where: {f.record['where']}",
               flush=True)
-    gc.collect()
+    release()
+    row["rss_after_gb"] = round(rss_gb(), 2)
+    if GUARD is not None:
+        GUARD.rearm()
     return row
+
+
+def release() -> None:
+    """Collect, and hand freed heap back to the OS (glibc keeps it otherwise, and the RSS guard would then count
+    the previous model's freed protobuf arenas against the next model)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _formats(res) -> dict:
@@ -484,7 +557,8 @@ def _reason_kind(reason: str) -> str:
 def detail(rows: list[dict], passes: list[list[dict]]) -> str:
     """Dense latencies per pass, auto's formats, and what the FLOP counter saw outside the pruned layers."""
     lines = ["| model | dense ms per pass (N=1 / N=16, 1st thread count) | auto layer formats | blocked layer formats "
-             "| GFLOP at N=1: total / Linear+Conv / pruned | skipped layers |", "|---|---|---|---|---|---|"]
+             "| GFLOP at N=1: total / Linear+Conv / pruned | skipped layers | convert s blocked / auto, peak RSS GB |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "failed" in row:
             continue
@@ -501,42 +575,49 @@ def detail(rows: list[dict], passes: list[list[dict]]) -> str:
             reasons[key] = reasons.get(key, 0) + 1
         lines.append(f"| {row['model']} | {'; '.join(per)} | {auto} | {row['blocked_formats']} | "
                      f"{fl['total_flops']/1e9:.2f} / {fl['layer_flops']/1e9:.2f} / {fl['pruned_flops']/1e9:.2f} | "
-                     f"{'; '.join(f'{v} {k}' for k, v in reasons.items()) or '-'} |")
+                     f"{'; '.join(f'{v} {k}' for k, v in reasons.items()) or '-'} | "
+                     f"{row['stage_s'].get('convert_blocked', 0):.0f} / "
+                     f"{sum(v for k, v in row['stage_s'].items() if k.startswith('convert_auto')):.0f}, "
+                     f"{max(row['stage_s']['peak_rss_gb'].values()):.1f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=DEFAULT)
-    ap.add_argument("--layers", default="", help="name=N,...: layer counts (vit, roberta default 4)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", default="1")
     ap.add_argument("--repeat", type=int, default=2, help="passes of the timing over all models")
     ap.add_argument("--min-rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of interleaved rounds per (model, batch)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_models_speed.json"))
+    ap.add_argument("--rss-cap-gb", type=float, default=11.0,
+                    help="record a model as failed (MemoryError, with its stack) past this resident memory")
     ap.add_argument("--md", default="", help="also write the tables (markdown) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = [m for m in args.models.split(",") if m]
-    layers = {k: int(v) for k, v in (kv.split("=") for kv in args.layers.split(",") if kv)}
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     if max(batches) > ROWS:
         raise SystemExit(f"batches up to {ROWS}")
     machine = cpu_line()
+    global GUARD
+    if args.rss_cap_gb > 0:
+        GUARD = RssGuard(args.rss_cap_gb)
+        GUARD.start()
     print(machine, flush=True)
     t_start = time.time()
     meta = {"machine": machine, "python": platform.python_version(), "block": BLOCK, "sparsity": SPARSITY,
             "balanced": True, "batches": batches, "threads": threads, "seq": SEQ, "repeat": args.repeat,
-            "min_rounds": args.min_rounds, "budget_s": args.budget, "layers": layers,
+            "min_rounds": args.min_rounds, "budget_s": args.budget, "rss_cap_gb": args.rss_cap_gb,
             "command": "python bench/real_models_speed.py " + " ".join(sys.argv[1:]),
             "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="real_models_") as d:
         rows = []
         for name in names:
             print(f"== {name}", flush=True)
-            rows.append(prepare(name, layers.get(name), threads, Path(d)))
+            rows.append(prepare(name, threads, Path(d)))
         passes = []
         for p in range(args.repeat):
             print(f"== timing pass {p + 1}/{args.repeat}", flush=True)
