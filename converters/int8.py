@@ -130,13 +130,6 @@ def calibrate_activation(samples: np.ndarray) -> tuple[np.float32, np.uint8]:
     return scale, zp
 
 
-def dequantized_weight(site: Site, bits: int) -> np.ndarray:
-    """The weight [O, I] the int8 graph computes with (``s_w[o] * q``), for error analysis and tests."""
-    w = site.weight
-    q, s = quantize_rows(w, bits)
-    return q.astype(np.float32) * s[:, None]
-
-
 def error_bound(x: np.ndarray, w: np.ndarray, bits: int, x_scale: float | None = None) -> np.ndarray:
     """Bound on |y_int8 - x @ w.T| per output ([N, O]) for dynamic quantization of ``x [N, I]`` (its scale
     from its own range unless ``x_scale`` is given) and per-row ``bits``-bit weights (see the module
