@@ -36,10 +36,22 @@ ORT's MatMulIntegerToFloat needs a uint8 first input (1.32), so it cannot serve 
 fuses MatMulInteger -> Cast -> Mul into it regardless of the input types, and the session then fails to load
 for int8 weights: the feature forms rescale after a Reshape, which the fusion does not match.
 
-Measured (MLP 1024-4096-4096-1024, B = 16, s = 0.8, 1 thread, Xeon with AVX-512 VNNI and AMX, a loaded
-2-core machine; ms, medians of interleaved runs): N = 1: row 0.95, row-g1 0.95, feature-u8 4.2, fp32 blocked
-1.6, ORT quantize_dynamic (S8, per channel) of the dense model 1.6; N = 32: row 4.4-6.1, row-g1 6.1-7.0,
-feature-u8 4.4-5.5, fp32 blocked 8.6, ORT dense int8 2.5 (AMX). bench/int8_speed.py has the full comparison.
+Measured (bench/int8_speed.py -> bench/results/int8_speed.json: MLP 1024-4096-4096-1024 + ReLU, random balanced
+masks, 1 thread, Xeon with AVX-512 VNNI and AMX, a loaded 2-core machine; ranges of the medians of 3 interleaved
+passes, ms; dense fp32 16-17 at N = 1, 30-38 at N = 32):
+
+======================  ===========  ===========  ===========  ===========
+                         B16 s.8 N=1  B16 s.8 N=32 B32 s.9 N=1  B32 s.9 N=32
+======================  ===========  ===========  ===========  ===========
+row (default)            1.8-2.0      5.2-6.1      0.73-0.81    2.5-3.0
+fp32 blocked             2.6-2.8      12-16        1.2-1.3      5.0-7.3
+ORT's best int8, dense   2.4-2.5      3.4-4.0      2.4-2.6      3.5-3.8
+compact-int8             2.7-3.7      3.4-4.5      2.5-3.4      4.2-5.4
+======================  ===========  ===========  ===========  ===========
+
+row-g1 matches row at N = 1 and is 1.6x slower at N = 32 (B = 16); feature-u8 is 2.5-3.5x slower at N = 1.
+At B = 16, N = 32, most of row's time is moving activations (profile: Transpose 0.8 ms, Gather 0.4 ms, the
+integer matmuls 1.0 ms), while ORT's dense int8 GEMM runs on AMX at ~10x dense fp32.
 
 Weights: symmetric, one scale per output row (max |w| over the row's kept blocks / q_max), q in
 [-q_max, q_max]. **Saturation**: without VNNI (AVX2 only), MLAS multiplies u8 x s8 pairs with
