@@ -79,11 +79,10 @@ def prune_unused(graph: onnx.GraphProto) -> tuple[int, int]:
         del graph.node[:]
         graph.node.extend(keep)
     used = _names_used(graph) | outputs | {i.name for i in graph.input}  # a listed input stays fed
-    inits = [t for t in graph.initializer if t.name in used]
-    removed_inits = len(graph.initializer) - len(inits)
-    if removed_inits:
-        del graph.initializer[:]
-        graph.initializer.extend(inits)
+    unused = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+    for i in reversed(unused):  # in place: re-adding the kept ones would copy every weight
+        del graph.initializer[i]
+    removed_inits = len(unused)
     known = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
     known |= {i.name for i in graph.input}
     for v in [v for v in graph.value_info if v.name not in known]:
