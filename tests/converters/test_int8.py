@@ -279,3 +279,34 @@ def test_compact_int8(balanced, graph, tmp_path):
         assert np.all(np.abs(y - ref) <= bound + tol_f)
         _, xq, xs, xz = probe.run(None, {"x": x})
         assert np.max(np.abs(y - (_exact(xq, xs, xz, lb, 8).reshape(ref.shape) + bias))) <= tol_f
+
+
+@pytest.mark.parametrize("case", ["transformer", "ctr"])
+def test_through_convert_when_registered(case, monkeypatch):
+    """Registered as formulations, both int8 forms go through ``convert`` (its chain passes included) on N-D
+    MatMul linears (transformer) and a 2-D one (ctr); blocked-int8 and compact-int8 do the same integer
+    arithmetic, so their outputs agree up to float32 rounding (which can flip the rounding of a requantized
+    activation in a later layer: allowed 2e-3 of the output's scale, about one step of the input scale). Stated tolerance against PyTorch: 2 % of the
+    output's scale (the per-layer bounds compound through attention and LayerNorm)."""
+    import sys
+
+    from converters import convert
+    from converters.formulations import FORMULATIONS
+
+    from zoo_cases import feed, names_for
+
+    monkeypatch.setitem(FORMULATIONS, "blocked-int8", BlockedInt8())
+    monkeypatch.setitem(FORMULATIONS, "compact-int8", CompactInt8())
+    monkeypatch.setattr(sys.modules["converters.convert"], "FORMATS", ("auto", *FORMULATIONS))
+    model, manifest, _, xs = build_case(case, False)
+    proto = export_onnx(model, tuple(x[:2] for x in xs), input_names=names_for(xs))
+    with torch.no_grad():
+        ref = model(*xs).numpy()
+    outs = {}
+    for fmt in ("blocked-int8", "compact-int8"):
+        res = convert(proto, manifest, fmt=fmt)
+        onnx.checker.check_model(res.model, full_check=True)
+        assert {lo.fmt for lo in res.layers} == {fmt}
+        outs[fmt] = session(res.model).run(None, feed(xs))[0]
+        assert np.abs(outs[fmt] - ref).max() <= 0.02 * np.abs(ref).max()
+    assert np.abs(outs["blocked-int8"] - outs["compact-int8"]).max() <= 2e-3 * np.abs(ref).max()
