@@ -91,7 +91,8 @@ LAYOUTS = ("row", "row-ms", "row-g1", "feature", "feature-u8")
 DEFAULT_LAYOUT = "row"
 #: the batch the chunks of block-rows are sized for (see :func:`converters.ops.chunk_rows`, which counts 4 bytes a
 #: value: at uint8 a chunk's gathered activations take a quarter of CHUNK_BYTES at this batch); measured on the
-#: MLP of bench/int8_speed.py: 8 was best at N = 1, 32 at N = 32, 16 close to both
+#: MLP of bench/int8_speed.py against 8 and 32: within the noise of the best at N = 1 and 32, where 8 lost 20 %
+#: at N = 32 (B = 16)
 CHUNK_REF = REFERENCE_BATCH // 2
 
 
