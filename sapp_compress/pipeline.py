@@ -267,7 +267,8 @@ def compress(
                           "samples": len(shard)}
         lap("data")
         res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
-                    before_fine_tune=precheck(shard, timings) if info.is_main else None)
+                    # on every rank: a rank that skipped it would wait in DDP for one that failed it
+                    before_fine_tune=precheck(shard, timings))
         lap("fine_tune")
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
                       skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,
