@@ -24,11 +24,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 from real_models import MODELS, Case, _tokens, distilbert, gpt2  # noqa: E402
 
 from sapp_compress.cli import main  # noqa: E402
+from sapp_compress.errors import ModelLoadError  # noqa: E402
+from sapp_compress.extras import require  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BLOCK = 16
 FAST = ["--block", str(BLOCK), "--sparsity", "0.8", "--steps", "4", "--batch-size", "16", "--min-blocks", "1",
         "--onnx-format", "blocked"]
+
+
+#: the optional library each matrix case needs (the extras hf / vision)
+LIBRARY = {"bert": "transformers", "distilbert": "transformers", "roberta": "transformers", "gpt2": "transformers",
+           "vit": "transformers", "resnet18": "torchvision", "mobilenet_v3_small": "torchvision",
+           "torchvision_vit": "torchvision", "convnext": "timm", "efficientnet": "timm", "transformer_encoder": None}
+
+
+def needs(library: str | None) -> None:
+    """Skip when an optional library is not installed (``pip install -e ".[hf,vision]"`` installs them)."""
+    if library is None:
+        return
+    try:
+        require(library, "this test")
+    except ModelLoadError as e:
+        pytest.skip(str(e))
 
 
 def run(case: Case, tmp: Path, *args) -> tuple[int, str, dict]:
@@ -73,6 +91,7 @@ def assert_no_unused_initializers(path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_real_model_end_to_end(name, tmp_path):
+    needs(LIBRARY[name])
     case = MODELS[name](tmp_path)
     code, out, rep = run(case, tmp_path, *FAST, *(["--indivisible", "pad"] if name == "gpt2" else []))
     assert code == 0, out
@@ -91,6 +110,7 @@ def test_real_model_end_to_end(name, tmp_path):
 def test_gpt2_tied_head_stays_dense_and_its_bytes_identical(tmp_path):
     """GPT-2's lm_head is the token embedding: it is never pruned, whatever --indivisible says, the report
     says why, and the embedding in the ONNX is byte-identical to the dense model's."""
+    needs("transformers")
     case = gpt2(tmp_path)
     code, out, rep = run(case, tmp_path, *FAST, "--indivisible", "pad")
     assert code == 0, out
@@ -106,6 +126,7 @@ def test_gpt2_tied_head_stays_dense_and_its_bytes_identical(tmp_path):
 
 
 def test_int32_token_shard_runs(tmp_path):
+    needs("transformers")
     case = MODELS["bert"](tmp_path)
     case.arrays = {k: (v.astype(np.int32) if k != "y" else v) for k, v in case.arrays.items()}
     code, out, rep = run(case, tmp_path, *FAST)
@@ -116,7 +137,8 @@ def test_int32_token_shard_runs(tmp_path):
 
 def test_feature_output_is_scored_as_features(tmp_path):
     """DistilBertModel returns last_hidden_state: distilled and scored by cosine similarity, not classes."""
-    transformers = pytest.importorskip("transformers")
+    needs("transformers")
+    transformers = require("transformers", "this test")
     cfg = transformers.DistilBertConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                         max_position_embeddings=64)
     model = transformers.DistilBertModel(cfg).eval()
@@ -134,6 +156,7 @@ def test_feature_output_is_scored_as_features(tmp_path):
 def test_torch_saved_transformers_module_with_trust(tmp_path):
     """A transformers model saved with torch.save(module): loaded with --trust-model, its ModelOutput's
     logits used, and the report says so."""
+    needs("transformers")
     case = distilbert(tmp_path)
     torch.save(case.model, tmp_path / "distil.pt")
     case = Case(tmp_path / "distil.pt", case.arrays, ["--trust-model"], case.model)
@@ -203,6 +226,7 @@ def test_collapsing_fine_tune_warns(tmp_path):
 
 def test_named_input_eval_shard(tmp_path):
     """--eval-data with named inputs (input_ids, attention_mask) is checked and scored like the training shard."""
+    needs("transformers")
     case = MODELS["bert"](tmp_path)
     half = {k: v[24:] for k, v in case.arrays.items()}
     np.savez(tmp_path / "eval.npz", **half)
