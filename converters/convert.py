@@ -19,6 +19,7 @@ from onnx import helper
 from .errors import ConverterError
 from .chain import feature_major, share_layout
 from .formulations import FORMULATIONS, Rewrite
+from .int8 import FORMULATIONS as _with_int8  # noqa: F401 -- importing int8 registers its formulations
 from .graph import GraphIndex, prune_unused
 from .locate import Site, locate
 from .manifest import LayerBlocks
@@ -27,7 +28,9 @@ from .runtime import session, time_interleaved
 log = logging.getLogger(__name__)
 
 #: every choice the CLI offers: the formulations plus ``auto``.
-FORMATS: tuple[str, ...] = ("auto", *FORMULATIONS)
+FORMATS: tuple[str, ...] = ("auto", *(n for n, f in FORMULATIONS.items() if f.precision == "fp32"))
+#: ``quantize`` choices, and the weight precisions each lets ``convert`` use
+QUANTIZE: dict[str, frozenset[str]] = {"none": frozenset({"fp32"}), "int8": frozenset({"fp32", "int8"})}
 METADATA_KEY = "sapp_compress.layers"
 TIE = 0.05  # within 5 % of the fastest counts as a tie; the smallest wins
 WHOLE_MODEL_FLOOR = 0.95  # auto's whole model may not run slower than this ratio of dense
@@ -184,8 +187,8 @@ def _rank(lat: dict[str, float], applicable: dict) -> dict[str, float]:
     return {n: 1.0 if n in group else v / g for n, v in lat.items()}
 
 
-def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None
-            ) -> tuple[str, str | None, dict | None, dict | None]:
+def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None,
+            precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
     """(format, reason, latencies, latencies per timed size) for ``auto``.
 
     Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (see
@@ -194,7 +197,8 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
     :data:`TIE` of the best go to the smallest file. ``latencies`` (ms) are the timing size's, except that a
     candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
     time: the latency it was ranked at. The raw medians per size are the second dict."""
-    applicable = {name: f for name, f in FORMULATIONS.items() if f.reason_not(site) is None}
+    applicable = {name: f for name, f in FORMULATIONS.items()
+                  if f.precision in precisions and f.reason_not(site) is None}
     blocked_reason = FORMULATIONS["blocked"].reason_not(site)
     in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
     if in_shapes[0] is None:
@@ -349,7 +353,8 @@ def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
 
 
 def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "auto",
-            timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None) -> ConversionResult:
+            timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None,
+            quantize: str = "none") -> ConversionResult:
     """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
 
     ``auto`` times every applicable formulation per layer at the shapes ``timing_inputs`` give each layer (all
@@ -357,9 +362,16 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
     1 (at :data:`LARGE_BATCH` when the timing inputs have one row), and keeps the one whose worst ratio to
     dense is best (ties to the smallest); with timing inputs the whole model is then timed too (see
     :func:`_settle`). The input model is not modified.
+
+    ``quantize="int8"`` adds the int8 formulations (:mod:`converters.int8`) to what ``auto`` ranks (the
+    fastest wins, ties to the smallest, so int8 wins its ties), and turns a fixed ``blocked`` / ``compact``
+    into ``blocked-int8`` / ``compact-int8`` where they apply (linears; the others keep the fp32 format).
     """
     if fmt not in FORMATS:
         raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    if quantize not in QUANTIZE:
+        raise ConverterError(f"quantize: expected one of {tuple(QUANTIZE)}, got {quantize!r}")
+    precisions = QUANTIZE[quantize]
     probe = copy.deepcopy(model)
     sites, _ = locate(probe, layers)
     choices: dict[str, tuple] = {}
@@ -370,11 +382,15 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         shape_sets = ([_shapes_by_running(probe, f, wanted) for f in feeds] if feeds
                       else [_input_shapes(probe, {vi.name: [1] for vi in model.graph.input})])
         for site in sites:
-            choices[site.layer.name] = _choose(probe, site, shape_sets, threads)
+            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions)
     else:
         for site in sites:
-            why = FORMULATIONS[fmt].reason_not(site)
-            chosen, reason = (fmt, None) if why is None else ("dense", f"{fmt} not applicable: {why}")
+            want = fmt
+            q = f"{fmt}-int8"
+            if "int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None:
+                want = q
+            why = FORMULATIONS[want].reason_not(site)
+            chosen, reason = (want, None) if why is None else ("dense", f"{want} not applicable: {why}")
             if chosen == "dense" and reason is None:
                 reason = "dense requested"
             choices[site.layer.name] = (chosen, reason, None, None)

@@ -53,6 +53,9 @@ def stored_layout(site: Site, w: np.ndarray) -> np.ndarray:
 
 class Formulation:
     name: str
+    #: the precision of the stored weights: ``fp32``, or ``int8`` (:mod:`converters.int8`); ``convert``
+    #: considers int8 formulations only when asked to quantize
+    precision: str = "fp32"
     #: ORT turns this formulation into the dense op at load (constant folding / densifying), so its
     #: runtime is the dense one by construction; ``auto`` times it but ranks it by the group's latency
     folds_to_dense: bool = True

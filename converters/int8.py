@@ -80,7 +80,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .formulations import Formulation, Rewrite
+from .formulations import FORMULATIONS, Formulation, Rewrite
 from .graph import GraphIndex, const_i64
 from .locate import Site
 from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
@@ -347,6 +347,7 @@ class BlockedInt8(Formulation):
 
     name = "blocked-int8"
     folds_to_dense = False
+    precision = "int8"
 
     def reason_not(self, site):
         if site.node.op_type not in ("Gemm", "MatMul"):
@@ -366,6 +367,7 @@ class CompactInt8(Formulation):
 
     name = "compact-int8"
     folds_to_dense = False
+    precision = "int8"
 
     def reason_not(self, site):
         if site.node.op_type not in ("Gemm", "MatMul"):
@@ -378,3 +380,7 @@ class CompactInt8(Formulation):
 
     def build(self, site, idx):
         return compact_int8(site, idx)
+
+
+#: the int8 formulations join the registry (``convert`` offers them with ``quantize="int8"``)
+FORMULATIONS.update({f.name: f for f in (BlockedInt8(), CompactInt8())})

@@ -166,7 +166,7 @@ def test_auto_times_every_candidate_and_keeps_a_fastest(graph):
     feed = _feed(shapes)
     res = convert(dense, [lb], fmt="auto", timing_inputs=feed)
     (out,) = res.layers
-    assert set(out.latencies_ms) == set(FORMULATIONS)
+    assert set(out.latencies_ms) == {n for n, f in FORMULATIONS.items() if f.precision == "fp32"}
     assert auto_rule_holds(out)
     assert out.fmt == "blocked" or out.reason
     _check_close(res.model, dense, feed)
