@@ -52,6 +52,8 @@ class LayerOutcome:
     value_tensors: list[str] = field(default_factory=list)
     #: ``auto``: the medians (ms) per timed input shape, e.g. ``{"8x128x768": {...}, "1x128x768": {...}}``
     latencies_by_shape: dict[str, dict[str, float]] | None = None
+    #: int8 formulations: weight bits, activation scales' kind, graph layout, kernel, the CPU's VNNI flag
+    int8: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -269,8 +271,11 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
         site = _relocate(out, site)  # earlier rewrites rebuilt the node list
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
+        q = getattr(rw, "weight_bits", None) and {k: getattr(rw, k) for k in
+                                                  ("weight_bits", "activation", "layout", "kernel", "vnni")}
         outcomes[lb.name] = LayerOutcome(lb.name, site.node.op_type, chosen, reason, rw.stored_bytes,
-                                         lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors, per_size)
+                                         lb.weight.nbytes, latencies, lb.balanced, rw.value_tensors, per_size,
+                                         q or None)
         log.info("%s: %s%s", lb.name, chosen, f" ({reason})" if reason else "")
     feature_major(out)  # lets ORT cancel the Transposes between consecutive blocked N-D linears
     share_layout(out)  # one transposed input for all blocked layers that read the same tensor

@@ -39,9 +39,14 @@ class UnsupportedModel(UsageError):
 
 
 class VerificationFailed(SappError):
-    """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3."""
+    """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3. ``result`` holds
+    the measured differences for the report."""
 
     exit_code = 3
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class AccuracyGateFailed(SappError):

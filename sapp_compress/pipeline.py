@@ -55,6 +55,9 @@ class OutputConfig:
         export_batch_size: the batch size ``auto`` times formulations at (set it to your serving batch). The
             exporter itself always traces :data:`EXPORT_ROWS` rows, with the batch axis dynamic.
         verify_samples: evaluation samples compared between ORT and PyTorch.
+        quantize: ``none`` or ``int8`` (the pruned linears' kept blocks in int8: :mod:`converters.int8`).
+        int8_rtol: with int8, ORT's int8 model passes verification when ``max|int8 - torch| <= atol +
+            int8_rtol * max|torch|`` (see :func:`compress`).
     """
 
     output: Path
@@ -67,6 +70,8 @@ class OutputConfig:
     threads: int | None = None
     export_batch_size: int = 1
     verify_samples: int = 1024  # at least 2: verification also runs at batch 1, and never at the export's 2
+    quantize: str = "none"
+    int8_rtol: float = 0.1
 
     def __post_init__(self) -> None:
         from converters import FORMATS
@@ -77,6 +82,12 @@ class OutputConfig:
             raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
         if self.atol < 0 or self.rtol < 0:
             raise UsageError(f"atol/rtol: expected >= 0, got {self.atol}/{self.rtol}")
+        from converters.convert import QUANTIZE
+
+        if self.quantize not in QUANTIZE:
+            raise UsageError(f"quantize: expected one of {tuple(QUANTIZE)}, got {self.quantize!r}")
+        if not (self.int8_rtol > 0):
+            raise UsageError(f"int8 rtol: expected > 0, got {self.int8_rtol}")
         if self.export_batch_size < 1 or self.verify_samples < 3:
             raise UsageError(f"export batch size and verify samples: expected >= 1 and >= 3, got {self.export_batch_size} "
                              f"and {self.verify_samples}")
@@ -207,7 +218,46 @@ def precheck(shard: Shard, timings: dict):
     return check
 
 
+def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConfig) -> dict:
+    """ORT against the pruned PyTorch model for each (precision, bytes, atol, rtol) of ``stages``, at two batch
+    sizes other than the export's (the evaluation rows, and one row). The last stage is the artifact; the
+    result is its verification, with the earlier stages under ``stages``. Raises :class:`VerificationFailed`.
+
+    An fp32 artifact passes when ``max|ORT - torch| <= atol + rtol * max|torch|`` (``--atol``/``--rtol``). An
+    int8 artifact cannot match fp32 PyTorch to 1e-4: per-tensor uint8 activations and per-row int8 weights
+    put a relative error of about 1e-2 on each layer's output (``converters.int8.error_bound``), so its
+    tolerance is ``atol + int8_rtol * max|torch|`` (``--int8-rtol``, default 0.1), after the same masks in
+    fp32 have passed the fp32 tolerance; top-1 agreement with the fp32 pruned model is reported beside it."""
+    import converters
+
+    cpu = torch.device("cpu")
+    done = {}
+    for precision, data, atol, rtol in stages:
+        vers = []
+        for n in (out.verify_samples, 1):
+            vx = _rows(shard, n)
+            with torch.no_grad():
+                expected = res.model(*to_tensors(vx, cpu)).float().numpy()
+            try:
+                vers.append(converters.verify(data, onnx_feed(shard, vx), [expected], atol=atol, rtol=rtol,
+                                              classifier=res.task.is_classifier, threads=out.threads))
+            except converters.VerificationError as e:
+                failed = e.result.to_json() if e.result is not None else {"passed": False}
+                failed.update(batch_size=len(vx[0]), precision=precision, stages=done)
+                raise VerificationFailed(f"{precision} model: {e}", failed) from None
+        ver = vers[0].to_json()
+        ver.update(max_abs_diff=max(v.max_abs_diff for v in vers), max_rel_diff=max(v.max_rel_diff for v in vers),
+                   batch_sizes=[min(out.verify_samples, len(shard)), 1], export_batch_size=EXPORT_ROWS,
+                   precision=precision)
+        done[precision] = ver
+    final = dict(done[stages[-1][0]])
+    final["stages"] = {k: v for k, v in done.items() if k != stages[-1][0]}
+    return final
+
+
 def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
+    from converters import FORMULATIONS
+
     outcomes = {o.name: o for o in conv.layers}
     rows = []
     for lb in res.layers:
@@ -216,8 +266,9 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
             "name": lb.name, "shape": list(lb.weight_shape), "block": f"{lb.block[0]}x{lb.block[1]}",
             "layout": lb.layout, "blocks": lb.n_blocks, "kept_blocks": lb.n_kept,
             "block_sparsity": lb.block_sparsity, "sparsity": sp.per_layer[lb.name], "balanced": lb.balanced,
-            "onnx_format": o.fmt, "reason": o.reason, "latencies_ms": o.latencies_ms,
-            "stored_bytes": o.stored_bytes, "dense_bytes": o.dense_bytes,
+            "onnx_format": o.fmt, "precision": FORMULATIONS[o.fmt].precision, "reason": o.reason,
+            "latencies_ms": o.latencies_ms, "stored_bytes": o.stored_bytes, "dense_bytes": o.dense_bytes,
+            **({"int8": o.int8} if getattr(o, "int8", None) else {}),
         })
     return rows
 
@@ -289,33 +340,23 @@ def compress(
         lap("export")
         timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
         conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                  threads=out.threads)
+                                  threads=out.threads, quantize=out.quantize)
         onnx_bytes = conv.model.SerializeToString()
         sp = converters.measure_sparsity(onnx_bytes, res.layers)
         report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp))
+        report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
         lap("convert")
 
-        # verified at two batch sizes other than the export's: the evaluation rows, and a single row
-        cpu = torch.device("cpu")
-        vers = []
-        for n in (out.verify_samples, 1):
-            vx = _rows(ev_shard, n)
-            with torch.no_grad():
-                expected = res.model(*to_tensors(vx, cpu)).float().numpy()
-            try:
-                vers.append(converters.verify(onnx_bytes, onnx_feed(ev_shard, vx), [expected], atol=out.atol,
-                                              rtol=out.rtol, classifier=res.task.is_classifier,
-                                              threads=out.threads))
-            except converters.VerificationError as e:
-                report["verification"] = e.result.to_json() if e.result is not None else {"passed": False}
-                report["verification"]["batch_size"] = len(vx[0])
-                raise VerificationFailed(str(e)) from None
-        ver = vers[0].to_json()
-        ver["max_abs_diff"] = max(v.max_abs_diff for v in vers)
-        ver["max_rel_diff"] = max(v.max_rel_diff for v in vers)
-        ver["batch_sizes"] = [min(out.verify_samples, len(ev_shard)), 1]
-        ver["export_batch_size"] = EXPORT_ROWS
-        report["verification"] = ver
+        int8 = any(row["precision"] == "int8" for row in report["layers"])
+        stages = []
+        if int8:
+            # the same masks in fp32 (compact: no timing) checked at the fp32 tolerance first: it proves the
+            # weights and masks reached the graph intact, which the int8 tolerance alone could not
+            fp32 = converters.convert(dense_proto, res.layers, fmt="compact").model.SerializeToString()
+            report["bytes"]["sparse_fp32"] = len(fp32)
+            stages.append(("fp32", fp32, out.atol, out.rtol))
+        stages.append(("int8" if int8 else "fp32", onnx_bytes, out.atol, out.int8_rtol if int8 else out.rtol))
+        report["verification"] = _verify_stages(res, ev_shard, stages, out)
         lap("verify")
 
         onnx_out = converters.run_onnx(onnx_bytes, onnx_feed(ev_shard, tuple(ev_shard.inputs)), threads=out.threads)[0]
@@ -344,6 +385,8 @@ def compress(
         report["exit_code"] = 0
         return report
     except BaseException as e:
+        if isinstance(e, VerificationFailed) and e.result is not None:
+            report["verification"] = e.result
         report["exit_code"] = exit_code_of(e)
         report["error"] = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else (
             str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)

@@ -1,0 +1,60 @@
+"""--quantize int8 through the CLI: the int8 artifact is verified (fp32 stage, then the int8 tolerance), gated
+and reported; a verification it cannot pass is exit 3; a fixed format gives the same bytes for the same seed."""
+import json
+
+import onnx
+import pytest
+
+INT8 = ["--block", "8", "--sparsity", "0.8", "--steps", "30", "--quantize", "int8"]
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, mlp_path):
+    from click.testing import CliRunner
+
+    from sapp_compress.cli import main
+
+    d = tmp_path_factory.mktemp("int8")
+    res = CliRunner().invoke(main, [str(mlp_path), "-o", str(d / "m.onnx"), "--report", str(d / "r.json"),
+                                    "--onnx-format", "blocked", "--max-accuracy-drop", "0.5", *INT8])
+    return res, d
+
+
+def test_int8_end_to_end_report_and_gate(int8_run):
+    res, d = int8_run
+    assert res.exit_code == 0, res.output
+    r = json.loads((d / "r.json").read_text())
+    assert [row["precision"] for row in r["layers"]] == ["int8"] * len(r["layers"])
+    assert {row["onnx_format"] for row in r["layers"]} == {"blocked-int8"}
+    assert all(row["int8"]["weight_bits"] in (7, 8) and row["int8"]["activation"] == "dynamic" for row in r["layers"])
+    # bytes at each stage: int8 blocks take about a quarter of the fp32 blocks
+    b = r["bytes"]
+    assert b["sparse"] < b["sparse_fp32"] < b["dense_fp32"]
+    v = r["verification"]
+    assert v["precision"] == "int8" and v["passed"] and v["rtol"] == 0.1
+    assert v["stages"]["fp32"]["passed"] and v["stages"]["fp32"]["rtol"] == 1e-3
+    # the gate ran on the int8 artifact: its score is ORT's on the int8 bytes
+    assert r["accuracy"]["onnx"] is not None and r["accuracy"]["drop"] <= 0.5
+    m = onnx.load(str(d / "m.onnx"))
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in m.graph.node) == len(r["layers"])
+
+
+def test_int8_verification_failure_is_exit_3(run_cli, tmp_path, mlp_path):
+    """An int8 tolerance no int8 model can meet: the fp32 stage passes, the int8 stage fails, exit 3."""
+    rep = tmp_path / "r.json"
+    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", rep, "--onnx-format", "blocked",
+                        "--int8-rtol", "1e-9", *INT8)
+    assert code == 3, err
+    assert "Error: int8 model: ONNX Runtime differs from the pruned PyTorch model" in err
+    r = json.loads(rep.read_text())
+    assert r["verification"]["passed"] is False and r["verification"]["precision"] == "int8"
+    assert r["verification"]["stages"]["fp32"]["passed"] is True
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_fixed_format_is_byte_deterministic(run_cli, tmp_path, mlp_path, int8_run):
+    _, d = int8_run
+    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--onnx-format", "blocked",
+                        "--max-accuracy-drop", "0.5", *INT8)
+    assert code == 0, err
+    assert (tmp_path / "m.onnx").read_bytes() == (d / "m.onnx").read_bytes()
