@@ -1,0 +1,221 @@
+"""int8 accuracy: the block-sparse int8 ONNX model against the fp32 ONNX model of the SAME fine-tune.
+
+For each (task, seed): one ``sapp_compress.api.prune`` (SA++, the fine-tuning budget of bench/accuracy.py's
+TASKS), one export (``pipeline.export_model``), then two conversions with ``fmt="blocked"`` (nothing timed):
+``quantize="none"`` and ``quantize="int8"``. Both graphs run in ONNX Runtime on the evaluation shard (the
+held-out 20 % that ``prune`` splits off with the seed, as in bench/accuracy.py) and are scored with the task's
+metrics; so the two precisions share weights, masks, data and seed and differ only in the conversion.
+
+    python bench/int8_accuracy.py                        # 3 tasks x seeds 0,1,2 at B = 8, s = 0.8
+    python bench/int8_accuracy.py --tasks ctr --seeds 0  # one cell
+    python bench/int8_accuracy.py --table                # the table from the results file only
+
+Models: the shipped pretrained examples (``examples/models/*.pt``), not bench/accuracy.py's own pretrained
+task models (the MLP there is 64-512-512-10, the shipped one 64-256-256-10); the fine-tuning steps, batch, rate
+and layer selection (CTR: only ``mlp.0``, padded) are bench/accuracy.py's. Only linears have an int8
+formulation: the digits CNN's pruned convs stay fp32 in the int8 graph.
+
+One JSON line per (task, model digest, block, sparsity, seed, steps) in bench/results/int8_accuracy.jsonl;
+cells already there are skipped (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import accuracy  # noqa: E402  (bench/accuracy.py: the tasks' fine-tuning budgets and the model digest)
+
+import converters  # noqa: E402
+from calib_data.shards import load_shard, shipped_shard  # noqa: E402
+from converters import FORMULATIONS  # noqa: E402
+from converters.int8 import default_weight_bits, has_vnni  # noqa: E402
+from sapp_compress import PruneConfig, TrainConfig  # noqa: E402
+from sapp_compress.api import prune  # noqa: E402
+from sapp_compress.loading import load_model  # noqa: E402
+from sapp_compress.pipeline import export_model, onnx_feed, to_tensors  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+#: task -> shipped model file (the shard, budget and layer selection come from bench/accuracy.py's TASKS)
+MODELS = {
+    "digits_mlp": ROOT / "examples" / "models" / "digits_mlp.pt",
+    "digits_cnn": ROOT / "examples" / "models" / "digits_cnn.pt",
+    "ctr": ROOT / "examples" / "models" / "ctr_mlp.pt",
+}
+
+#: the question's tolerance: |int8 - fp32| score (accuracy) within 0.5 points; CTR log-loss within 1 % relative
+SCORE_TOL = 0.005
+LOGLOSS_REL_TOL = 0.01
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | None, threads: int) -> dict:
+    shard_name, _, _, ft, extra = accuracy.TASKS[task]
+    ft = dict(ft)
+    if steps is not None:
+        ft["steps"] = steps
+    model = load_model(MODELS[task], trust=True)
+    shard = load_shard(shipped_shard(shard_name))
+    cfg = PruneConfig(block=str(block), sparsity=sparsity, method="sapp", **extra)
+    t0 = time.perf_counter()
+    res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
+    t_prune = time.perf_counter() - t0
+
+    ev = res.eval_shard
+    proto = export_model(res.model, ev)
+    convs = {q: converters.convert(proto, res.layers, fmt="blocked", quantize=q) for q in ("none", "int8")}
+    data = {q: c.model.SerializeToString() for q, c in convs.items()}
+    feed = onnx_feed(ev, tuple(ev.inputs))
+    outs = {q: converters.run_onnx(data[q], feed, threads=threads)[0].astype(np.float64) for q in data}
+    with torch.no_grad():
+        torch_out = res.model(*to_tensors(tuple(ev.inputs), torch.device("cpu"))).float().numpy().astype(np.float64)
+    metrics = {q: res.task.metrics(outs[q], ev.y, res.dense_eval_outputs) for q in outs}
+
+    fp32, int8 = outs["none"], outs["int8"]
+    scale = float(np.abs(fp32).max())
+    layers = []
+    for lb, o32, o8 in zip(res.layers, convs["none"].layers, convs["int8"].layers):
+        layers.append({"name": lb.name, "op": o8.op_type, "shape": list(lb.weight_shape),
+                       "kept_blocks": int(lb.n_kept), "blocks": int(lb.n_blocks),
+                       "fp32_format": o32.fmt, "int8_run_format": o8.fmt,
+                       "precision": FORMULATIONS[o8.fmt].precision, "reason": o8.reason,
+                       "bytes_fp32": o32.stored_bytes, "bytes_int8_run": o8.stored_bytes,
+                       **({"int8": o8.int8} if o8.int8 else {})})
+    row = {
+        "task": task, "model": str(MODELS[task].relative_to(ROOT)), "dense_model": accuracy.model_digest(model),
+        "method": "sapp", "block": block, "sparsity": sparsity, "seed": seed, "steps": ft["steps"],
+        "batch_size": ft["batch_size"], "lr": ft["lr"], "eval_rows": len(ev), "score_name": res.task.score_name,
+        "dense": res.metrics["dense"], "pruned_torch": res.metrics["pruned_torch"],
+        "onnx_fp32": metrics["none"], "onnx_int8": metrics["int8"],
+        "bytes": {"dense_export": proto.ByteSize(), "fp32": len(data["none"]), "int8": len(data["int8"])},
+        "layers": layers, "skipped": [s.to_json() for s in res.skipped],
+        "int8_layers": [r["name"] for r in layers if r["precision"] == "int8"],
+        "max_abs_int8_minus_fp32": float(np.abs(int8 - fp32).max()), "max_abs_fp32": scale,
+        "rel_int8_vs_fp32": float(np.abs(int8 - fp32).max() / scale) if scale > 0 else 0.0,
+        "max_abs_fp32_onnx_minus_torch": float(np.abs(fp32 - torch_out).max()),
+        "top1_agree_int8_fp32": (float(np.mean(int8.argmax(-1) == fp32.argmax(-1))) if fp32.shape[-1] > 1
+                                 else float(np.mean((int8.reshape(-1) > 0) == (fp32.reshape(-1) > 0)))),
+        "achieved_block_sparsity": res.achieved_block_sparsity,
+        "weight_bits": default_weight_bits(), "vnni": has_vnni(), "cpu": cpu_model(),
+        "threads": threads, "seconds_prune": round(t_prune, 2), "seconds": round(time.perf_counter() - t0, 2),
+        "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
+    }
+    return row
+
+
+def key(r: dict) -> tuple:
+    return (r["task"], r["dense_model"], r["block"], r["sparsity"], r["seed"], r["steps"])
+
+
+def _ms(xs: list[float], fmt: str = "{:.4f}") -> str:
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.pstdev(xs))}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per (task, B, s, steps), mean ± population std over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["block"], r["sparsity"], r["steps"]), []).append(r)
+    lines = ["| task (score) | B | s | seeds | pruned torch | fp32 ONNX | int8 ONNX | int8 - fp32 (mean; worst seed) "
+             "| within target | int8 layers | max abs out diff / max abs fp32 | top-1 agree | bytes fp32 -> int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ctr_lines = []
+    for (task, b, s, steps), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        d = [r["onnx_int8"]["score"] - r["onnx_fp32"]["score"] for r in rs]
+        worst = max(d, key=abs)
+        ok_score = all(abs(x) <= SCORE_TOL + 1e-12 for x in d)
+        verdict = f"{sum(abs(x) <= SCORE_TOL + 1e-12 for x in d)}/{len(d)} seeds"
+        n8 = f"{len(rs[0]['int8_layers'])} of {len(rs[0]['layers'])}"
+        rel = max(r["rel_int8_vs_fp32"] for r in rs)
+        agree = min(r["top1_agree_int8_fp32"] for r in rs)
+        by = (f"{statistics.mean(r['bytes']['fp32'] for r in rs) / 1e3:.1f} k -> "
+              f"{statistics.mean(r['bytes']['int8'] for r in rs) / 1e3:.1f} k")
+        lines.append(f"| {task} ({rs[0]['score_name']}) | {b} | {s:g} | {seeds} | "
+                     f"{_ms([r['pruned_torch']['score'] for r in rs])} | {_ms([r['onnx_fp32']['score'] for r in rs])} | "
+                     f"{_ms([r['onnx_int8']['score'] for r in rs])} | {statistics.mean(d):+.4f}; {worst:+.4f} | "
+                     f"{verdict}{'' if ok_score else ' (no)'} | {n8} | {rel:.2e} (worst seed) | {agree:.4f} (min) | {by} |")
+        if "log_loss" in rs[0]["onnx_fp32"]:
+            ll = [(r["onnx_int8"]["log_loss"] - r["onnx_fp32"]["log_loss"]) / r["onnx_fp32"]["log_loss"] for r in rs]
+            au = [r["onnx_int8"]["auc"] - r["onnx_fp32"]["auc"] for r in rs]
+            ok = sum(abs(x) <= LOGLOSS_REL_TOL for x in ll)
+            ctr_lines.append(
+                f"| {task} | {b} | {s:g} | {seeds} | {_ms([r['pruned_torch']['log_loss'] for r in rs])} | "
+                f"{_ms([r['onnx_fp32']['log_loss'] for r in rs])} | {_ms([r['onnx_int8']['log_loss'] for r in rs])} | "
+                f"{100 * statistics.mean(ll):+.3f} %; {100 * max(ll, key=abs):+.3f} % | {ok}/{len(ll)} seeds | "
+                f"{_ms([r['onnx_fp32']['auc'] for r in rs])} | {_ms([r['onnx_int8']['auc'] for r in rs])} | "
+                f"{statistics.mean(au):+.5f}; {max(au, key=abs):+.5f} |")
+    if ctr_lines:
+        lines += ["", "| task | B | s | seeds | log-loss pruned torch | log-loss fp32 ONNX | log-loss int8 ONNX "
+                  "| int8 vs fp32, relative (mean; worst seed) | within 1 % | AUC fp32 ONNX | AUC int8 ONNX "
+                  "| AUC int8 - fp32 (mean; worst seed) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ctr_lines
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default=",".join(MODELS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--steps", type=int, default=None, help="override every task's fine-tuning steps")
+    ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    ap.add_argument("--out", default=str(RESULTS / "int8_accuracy.jsonl"))
+    ap.add_argument("--table", action="store_true", help="print the table from the results file and stop")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def rows() -> list[dict]:
+        return [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+
+    tasks = args.tasks.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.table:
+        print(f"cpu: {cpu_model()}; VNNI: {has_vnni()}; int8 weight bits: {default_weight_bits()}", flush=True)
+        for task in tasks:
+            digest = accuracy.model_digest(load_model(MODELS[task], trust=True))
+            steps = args.steps if args.steps is not None else accuracy.TASKS[task][3]["steps"]
+            for seed in seeds:
+                if (task, digest, args.block, args.sparsity, seed, steps) in {key(r) for r in rows()}:
+                    continue
+                r = run_cell(task, args.block, args.sparsity, seed, args.steps, args.threads)
+                with out.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                extra = (f" log-loss {r['onnx_fp32']['log_loss']:.4f} -> {r['onnx_int8']['log_loss']:.4f}"
+                         if "log_loss" in r["onnx_fp32"] else "")
+                print(f"{task:10s} seed={seed} {r['score_name']} torch {r['pruned_torch']['score']:.4f} "
+                      f"fp32 {r['onnx_fp32']['score']:.4f} int8 {r['onnx_int8']['score']:.4f}{extra} "
+                      f"rel {r['rel_int8_vs_fp32']:.2e} int8 layers {r['int8_layers']} {r['seconds']:.1f}s", flush=True)
+    sel = [r for r in rows() if r["task"] in tasks and r["seed"] in seeds and r["block"] == args.block
+           and r["sparsity"] == args.sparsity and (args.steps is None or r["steps"] == args.steps)]
+    print(table(sel))
+
+
+if __name__ == "__main__":
+    main()
