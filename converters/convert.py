@@ -189,6 +189,23 @@ def _rank(lat: dict[str, float], applicable: dict) -> dict[str, float]:
     return {n: 1.0 if n in group else v / g for n, v in lat.items()}
 
 
+def rank_candidates(per_size: dict[str, dict[str, float]], applicable: dict, sizes: dict[str, int]
+                    ) -> tuple[str, dict[str, float], dict[str, str]]:
+    """(pick, worst ratio to the dense op per candidate, the size where it was worst) from medians per size.
+
+    A candidate's rank is its worst ratio over the sizes (see :func:`_rank` for the dense group); ties within
+    :data:`TIE` of the best rank go to the smallest ``sizes`` (stored bytes)."""
+    worst: dict[str, float] = {}
+    at: dict[str, str] = {}
+    for key, lat in per_size.items():
+        for n, r in _rank(lat, applicable).items():
+            if r > worst.get(n, -1.0):
+                worst[n], at[n] = r, key
+    best = min(worst.values())
+    ties = [n for n in worst if worst[n] <= best * (1 + TIE)]
+    return min(ties, key=lambda n: (sizes[n], worst[n])), worst, at
+
+
 def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None,
             precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
     """(format, reason, latencies, latencies per timed size) for ``auto``.
@@ -217,18 +234,12 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
         sessions[name] = session(m, threads=threads)
         sizes[name] = rw.stored_bytes
     rng = np.random.default_rng(0)
-    per_size, worst, at = {}, {}, {}
+    per_size = {}
     for shape in in_shapes:
         feed = {site.node.input[0]: rng.standard_normal(shape).astype(np.float32)}
         lat = time_interleaved(sessions, feed, pause_s=0.005 if (threads or 0) != 1 else 0.0)
-        key = "x".join(map(str, shape))
-        per_size[key] = {k: round(v, 5) for k, v in lat.items()}
-        for n, r in _rank(lat, applicable).items():
-            if r > worst.get(n, -1.0):
-                worst[n], at[n] = r, key
-    best = min(worst.values())
-    ties = [n for n in worst if worst[n] <= best * (1 + TIE)]
-    pick = min(ties, key=lambda n: (sizes[n], worst[n]))
+        per_size["x".join(map(str, shape))] = {k: round(v, 5) for k, v in lat.items()}
+    pick, worst, at = rank_candidates(per_size, applicable, sizes)
     first = next(iter(per_size))
     dense_ref = min(per_size[first][n] for n in per_size[first] if applicable[n].folds_to_dense) \
         if any(applicable[n].folds_to_dense for n in per_size[first]) else None

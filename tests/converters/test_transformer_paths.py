@@ -265,3 +265,23 @@ def test_layers_reading_one_tensor_share_its_transposed_copy():
     assert sorted(x_users) == ["Reshape", "Shape"]
     for feed in _feeds(32):
         _close(res.model, dense, feed)
+
+
+def test_ranking_takes_the_worse_size_and_ties_go_to_the_smallest():
+    """Ranking from medians per size (no timing): blocked twice as fast at batch 8 but 20 % slower at batch 1
+    stays on the dense op; faster at both is picked; within 5 % of the best the smallest file wins."""
+    from converters import FORMULATIONS
+    from converters.convert import rank_candidates
+
+    sizes = {"blocked": 20, "compact": 21, "sparse-initializer": 60, "dense": 100}
+
+    def per_size(b8, b1):
+        return {"8x128x64": {"blocked": b8, "compact": 1.02, "sparse-initializer": 1.0, "dense": 1.01},
+                "1x128x64": {"blocked": b1, "compact": 0.1, "sparse-initializer": 0.11, "dense": 0.1}}
+
+    pick, worst, at = rank_candidates(per_size(0.5, 0.12), FORMULATIONS, sizes)
+    assert pick == "compact" and worst["blocked"] == pytest.approx(1.2) and at["blocked"] == "1x128x64"
+    pick, worst, _ = rank_candidates(per_size(0.7, 0.08), FORMULATIONS, sizes)
+    assert pick == "blocked" and worst["blocked"] == pytest.approx(0.8) and worst["dense"] == 1.0
+    pick, _, _ = rank_candidates(per_size(1.03, 0.104), FORMULATIONS, {**sizes, "blocked": 22})
+    assert pick == "compact"  # blocked within 5 % of the dense op's best but larger than compact
