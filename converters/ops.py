@@ -42,6 +42,13 @@ N-D inputs (a transformer's ``[batch, sequence, I]``, M = batch x sequence rows)
   per block); the feature ids are computed from them by constant nodes (Mul, Add, Reshape) that ONNX
   Runtime folds when it loads the model.
 
+Measured and not adopted (same single layers, 1 thread, M = 128 / 1024, speedup over dense): activations
+tokens-major as MatMul's A operand, one 2-D MatMul per block-row against the pre-packed weight block (Gather
+of [M, C, bc] on axis 1, Concat on the last axis): 768x768 1.27x / 1.02x, 3072x768 1.06x / 0.60x, 768x3072
+1.47x / 0.91x (ONNX Runtime copies the gathered 64-byte pieces one by one); Gemm(transA = 1) per block-row on
+the feature-major gather, output tokens-major (no output Transpose): 768x768 1.41x / 1.21x, 768x3072
+1.66x / 1.02x, against 1.47x / 1.34x and 2.00x / 1.09x for this graph with its output Transpose.
+
 Why blocked gains less on transformers than on MLPs (BERT-base shape, B = 16, s = 0.8, ``bench/encoder_speed.py``):
 the gathered activations are ``nnz / br`` x M floats per layer (362 MB for one encoder layer at M = 1024),
 written by the Gathers and read again when MLAS packs each small GEMM's activation operand, while the dense
