@@ -324,7 +324,9 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
     where the winner runs below :data:`WHOLE_MODEL_FLOOR` of dense at some size, the blocked layers with the
     least measured gain go back to dense runtime (compact storage), then all of them."""
     out, outcomes = _build(model, layers, choices)
-    switch = [n for n, c in choices.items() if c[0] != "blocked" and c[3] and all("blocked" in v for v in c[3].values())]
+    # fp32 picks only: a layer the user asked to quantize keeps its int8 formulation
+    switch = [n for n, c in choices.items() if c[0] != "blocked" and FORMULATIONS[c[0]].precision == "fp32"
+              and c[3] and all("blocked" in v for v in c[3].values())]
     models = {"per-layer": out}
     if len(switch) >= 2:  # one layer alone has no neighbour to cancel a Transpose with
         alt = dict(choices)
@@ -344,9 +346,11 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
         current = ratios["all-blocked"]
     else:
         current = ratios["per-layer"]
-    blocked = [n for n, c in choices.items() if c[0] == "blocked"]
-    # least gain first: the worst ratio to dense each blocked layer was ranked at (untimed ones last)
-    gain = sorted(blocked, key=lambda n: -max((_rank(v, FORMULATIONS)["blocked"] for v in (choices[n][3] or {}).values()),
+    # every layer off the dense fp32 op (blocked, and the int8 formulations) can fall back
+    blocked = [n for n, c in choices.items() if not FORMULATIONS[c[0]].folds_to_dense]
+    # least gain first: the worst ratio to dense each such layer was ranked at (untimed ones last)
+    gain = sorted(blocked, key=lambda n: -max((_rank(v, FORMULATIONS)[choices[n][0]]
+                                               for v in (choices[n][3] or {}).values() if choices[n][0] in v),
                                               default=0.0))
     for step in (gain[: max(1, len(gain) // 2)], gain):
         if not blocked or min(current.values()) >= WHOLE_MODEL_FLOOR:
