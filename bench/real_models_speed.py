@@ -113,8 +113,9 @@ def distilbert(layers=None):
     t = require("transformers", "the DistilBERT benchmark")
     cfg = t.DistilBertConfig(**({"n_layers": layers} if layers else {}))
     m = t.DistilBertForSequenceClassification(cfg)
-    return m, _tokens(cfg.vocab_size, 4), (f"HF DistilBertForSequenceClassification, default config "
-                                           f"({cfg.n_layers} layers, d {cfg.dim}, ff {cfg.hidden_dim}), seq {SEQ}")
+    return m, _tokens(cfg.vocab_size, 4), (f"HF DistilBertForSequenceClassification, "
+                                           f"{'default config' if not layers else 'default sizes'} ({cfg.n_layers} "
+                                           f"layers, d {cfg.dim}, ff {cfg.hidden_dim}), seq {SEQ}")
 
 
 def roberta(layers=None):
@@ -131,7 +132,7 @@ def gpt2(layers=None):
     cfg = t.GPT2Config(**({"n_layer": layers} if layers else {}))
     m = t.GPT2LMHeadModel(cfg)
     n = sum(p.numel() for p in m.parameters()) / 1e6
-    return m, _tokens(cfg.vocab_size, 6), (f"HF GPT2LMHeadModel, default config ({cfg.n_layer} layers, d "
+    return m, _tokens(cfg.vocab_size, 6), (f"HF GPT2LMHeadModel, {'default config' if not layers else 'default sizes'} ({cfg.n_layer} layers, d "
                                            f"{cfg.n_embd}, {n:.0f}M params; lm_head tied, dense), seq {SEQ}")
 
 
@@ -180,7 +181,7 @@ class Failed(Exception):
         if isinstance(e, MemoryError) and GUARD is not None and GUARD.stack:
             tb = GUARD.stack
             e = MemoryError(f"resident memory passed the --rss-cap-gb {GUARD.cap:g} GB (peak so far "
-                            f"{peak_rss_gb():.1f} GB); main thread was at {tb[-1].filename}:{tb[-1].lineno}")
+                            f"{peak_rss_gb():.1f} GB); main thread was at {os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno}")
         own = [f for f in tb if "/sapp_compress/" in f.filename or "/converters/" in f.filename]
         where = own[-1] if own else (tb[-1] if tb else None)
         self.record = {
@@ -557,7 +558,7 @@ def _reason_kind(reason: str) -> str:
 def detail(rows: list[dict], passes: list[list[dict]]) -> str:
     """Dense latencies per pass, auto's formats, and what the FLOP counter saw outside the pruned layers."""
     lines = ["| model | dense ms per pass (N=1 / N=16, 1st thread count) | auto layer formats | blocked layer formats "
-             "| GFLOP at N=1: total / Linear+Conv / pruned | skipped layers | convert s blocked / auto, peak RSS GB |",
+             "| GFLOP at N=1: total / Linear+Conv / pruned | skipped layers | convert s blocked / auto, process peak RSS so far GB |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "failed" in row:
