@@ -466,13 +466,17 @@ def _formats(res) -> dict:
     return out
 
 
-def time_model(row: dict, batches: list[int], threads: list[int], min_rounds: int, budget_s: float) -> list[dict]:
-    """Interleaved medians of dense, blocked and auto at every batch and thread count."""
+def time_model(row: dict, batches: list[int], threads: list[int], min_rounds: int, budget_s: float,
+               control: bool = False) -> list[dict]:
+    """Interleaved medians of dense, blocked and auto at every batch and thread count (``control``: also a
+    second session of the same dense bytes, whose ratio to the first is this measurement's noise floor)."""
     out = []
     for t in threads:
         names = ("dense", "blocked", f"auto_t{t}")
         try:
             sess = {k.split("_t")[0]: session(Path(row["files"][k]).read_bytes(), threads=t) for k in names}
+            if control:
+                sess["dense_copy"] = session(Path(row["files"]["dense"]).read_bytes(), threads=t)
         except Exception as e:  # noqa: BLE001
             rec = Failed(f"session_t{t}", e).record
             out.append({"threads": t, "failed": rec})
@@ -490,11 +494,12 @@ def time_model(row: dict, batches: list[int], threads: list[int], min_rounds: in
             med = {k: statistics.median(v) for k, v in s.items()}
             r = {"threads": t, "batch": n, "rounds": len(s["dense"]), "wall_s": round(time.perf_counter() - t0, 1),
                  "median_ms": med, "samples_ms": s,
-                 "speedup": {k: med["dense"] / med[k] for k in ("blocked", "auto")}}
+                 "speedup": {k: med["dense"] / med[k] for k in med if k != "dense"}}
             out.append(r)
             print(f"    t={t} N={n}: dense {med['dense']:.2f} ms, blocked {med['blocked']:.2f} ms "
                   f"({r['speedup']['blocked']:.2f}x), auto {med['auto']:.2f} ms ({r['speedup']['auto']:.2f}x), "
-                  f"{r['rounds']} rounds, {r['wall_s']} s", flush=True)
+                  + (f"dense copy {med['dense_copy']:.2f} ms ({r['speedup']['dense_copy']:.2f}x), " if control else "")
+                  + f"{r['rounds']} rounds, {r['wall_s']} s", flush=True)
         del sess
         gc.collect()
     return out
@@ -594,6 +599,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_models_speed.json"))
     ap.add_argument("--rss-cap-gb", type=float, default=11.0,
                     help="record a model as failed (MemoryError, with its stack) past this resident memory")
+    ap.add_argument("--control", action="store_true",
+                    help="time a second session of the dense model too (its ratio to the first is the noise floor)")
     ap.add_argument("--md", default="", help="also write the tables (markdown) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -612,6 +619,7 @@ def main() -> None:
     meta = {"machine": machine, "python": platform.python_version(), "block": BLOCK, "sparsity": SPARSITY,
             "balanced": True, "batches": batches, "threads": threads, "seq": SEQ, "repeat": args.repeat,
             "min_rounds": args.min_rounds, "budget_s": args.budget, "rss_cap_gb": args.rss_cap_gb,
+            "control": args.control,
             "command": "python bench/real_models_speed.py " + " ".join(sys.argv[1:]),
             "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="real_models_") as d:
@@ -627,7 +635,7 @@ def main() -> None:
                 if "failed" in row:
                     continue
                 print(f"  {row['model']}", flush=True)
-                for r in time_model(row, batches, threads, args.min_rounds, args.budget):
+                for r in time_model(row, batches, threads, args.min_rounds, args.budget, args.control):
                     timed.append({"model": row["model"], "pass": p + 1, **r})
             passes.append(timed)
     for row in rows:
