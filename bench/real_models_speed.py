@@ -53,6 +53,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "models"))
+from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
 import converters  # noqa: E402
 from calib_data.shards import Shard  # noqa: E402
 from converters.runtime import interleaved_samples, session  # noqa: E402
@@ -144,22 +146,8 @@ def vit(layers=None):
                                            f"{cfg.num_hidden_layers} layers, 224x224 (197 tokens)")
 
 
-class EncoderClassifier(nn.Module):
-    """Token embedding, ``nn.TransformerEncoder(batch_first=True)``, mean pool, linear head."""
-
-    def __init__(self, vocab=8000, d=512, heads=8, ff=2048, layers=4, classes=2):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.tok(x)).mean(1))
-
-
 def transformer_encoder(layers=None):
-    m = EncoderClassifier(layers=layers or 4)
+    m = EncoderClassifier(vocab=8000, d=512, heads=8, ff=2048, layers=layers or 4, classes=2)
     return m, _tokens(8000, 8, mask=False), (f"nn.TransformerEncoder(batch_first=True), d 512, 8 heads, ff 2048, "
                                              f"{layers or 4} layers, vocab 8000, seq {SEQ}")
 
