@@ -195,10 +195,7 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
     x = node.input[0]
     nd_input = node.op_type == "MatMul"
     if nd_input:  # [*, I] -> [M, I]; the leading shape comes back at the end
-        shp = b.node("Shape", [x])
-        lead = b.node("Slice", [shp, b.const("s0", const_i64([0])), b.const("s1", const_i64([-1]))])
-        out_shape = b.node("Concat", [lead, b.const("o", const_i64([O]))], axis=0)
-        x = b.node("Reshape", [x, b.const("flat", const_i64([-1, I]))])
+        x, out_shape = b.flatten_leading(x, I, O)
     # quantize the input once
     if act is None:
         xq, xs, xz = (b.name(s) for s in ("xq", "xscale", "xzp"))
@@ -340,6 +337,15 @@ def ensure_ms_opset(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
+def _linear_reason(name: str, site: Site) -> str | None:
+    """Why an int8 formulation does not apply: linears only, whole blocks (as the fp32 ``blocked`` needs)."""
+    if site.node.op_type not in ("Gemm", "MatMul"):
+        return f"{name} covers linears only, not {site.node.op_type}"
+    from .ops import OP_HANDLERS
+
+    return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
+
+
 class BlockedInt8(Formulation):
     """Kept blocks as int8, integer block-sparse compute (:func:`blocked_int8`, defaults: dynamic activations,
     :data:`DEFAULT_LAYOUT`, weight bits from the CPU). Linears only. Standard ONNX ops (opset 13+): nothing to
@@ -350,11 +356,7 @@ class BlockedInt8(Formulation):
     precision = "int8"
 
     def reason_not(self, site):
-        if site.node.op_type not in ("Gemm", "MatMul"):
-            return f"blocked-int8 covers linears only, not {site.node.op_type}"
-        from .ops import OP_HANDLERS
-
-        return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
+        return _linear_reason(self.name, site)
 
     def build(self, site, idx):
         return blocked_int8(site, idx)
@@ -370,13 +372,7 @@ class CompactInt8(Formulation):
     precision = "int8"
 
     def reason_not(self, site):
-        if site.node.op_type not in ("Gemm", "MatMul"):
-            return f"compact-int8 covers linears only, not {site.node.op_type}"
-        if site.layer.layout != "linear":
-            return f"layout {site.layer.layout} on a {site.node.op_type}"
-        if site.layer.padded:
-            return "the block does not divide the weight (padded)"
-        return None
+        return _linear_reason(self.name, site)
 
     def build(self, site, idx):
         return compact_int8(site, idx)

@@ -145,6 +145,14 @@ class _Builder:
             self.value_tensors.append(n)
         return n
 
+    def flatten_leading(self, x: str, features_in: int, features_out: int) -> tuple[str, str]:
+        """``x [*, I] -> [M, I]`` and the shape ``[*, O]`` to restore at the end (``Shape -> Slice -> Concat``,
+        the pattern :func:`converters.chain.feature_major` recognises)."""
+        shp = self.node("Shape", [x])
+        lead = self.node("Slice", [shp, self.const("s0", const_i64([0])), self.const("s1", const_i64([-1]))])
+        out_shape = self.node("Concat", [lead, self.const("o", const_i64([features_out]))], axis=0)
+        return self.node("Reshape", [x, self.const("flat", const_i64([-1, features_in]))]), out_shape
+
     def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
         out = out or self.name(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
@@ -171,10 +179,7 @@ class LinearHandler:
         x = node.input[0]
         nd_input = node.op_type == "MatMul"
         if nd_input:  # [*, I] -> [M, I]; the leading shape comes back at the end
-            shp = b.node("Shape", [x])
-            lead = b.node("Slice", [shp, b.const("s0", const_i64([0])), b.const("s1", const_i64([-1]))])
-            out_shape = b.node("Concat", [lead, b.const("o", const_i64([O]))], axis=0)
-            x = b.node("Reshape", [x, b.const("flat", const_i64([-1, I]))])
+            x, out_shape = b.flatten_leading(x, I, O)
         xt = b.node("Transpose", [x], perm=[1, 0])
         groups = chunk_rows(buckets(lb.kept.sum(axis=1)), lb.kept, bc, REFERENCE_TOKENS if nd_input else None)
         if nd_input:  # feature rows gathered straight into [rows, k*bc, M]: no Reshape per chunk (see below)
