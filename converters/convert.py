@@ -20,6 +20,8 @@ from .errors import ConverterError
 from .chain import feature_major, share_layout
 from .formulations import FORMULATIONS, Rewrite
 from .int8 import FORMULATIONS as _with_int8  # noqa: F401 -- importing int8 registers its formulations
+from .int8 import Int8Rewrite
+from . import qdq
 from .graph import GraphIndex, prune_unused
 from .locate import Site, locate
 from .manifest import LayerBlocks
@@ -206,8 +208,14 @@ def rank_candidates(per_size: dict[str, dict[str, float]], applicable: dict, siz
     return min(ties, key=lambda n: (sizes[n], worst[n])), worst, at
 
 
+def _needs_calibration(fmt: str, site: Site) -> bool:
+    """int8 convs need static activation scales (:mod:`converters.qdq`)."""
+    return site.node.op_type == "Conv" and FORMULATIONS[fmt].precision == "int8"
+
+
 def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None,
-            precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
+            precisions: frozenset[str] = QUANTIZE["none"], calibrated: bool = False
+            ) -> tuple[str, str | None, dict | None, dict | None]:
     """(format, reason, latencies, latencies per timed size) for ``auto``.
 
     Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (see
@@ -217,7 +225,8 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
     candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
     time: the latency it was ranked at. The raw medians per size are the second dict."""
     applicable = {name: f for name, f in FORMULATIONS.items()
-                  if f.precision in precisions and f.reason_not(site) is None}
+                  if f.precision in precisions and f.reason_not(site) is None
+                  and (calibrated or not _needs_calibration(name, site))}
     blocked_reason = FORMULATIONS["blocked"].reason_not(site)
     in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
     if in_shapes[0] is None:
@@ -229,6 +238,10 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
         m = copy.deepcopy(layer_model)
         rw = f.build(_relocate(m, lsite), GraphIndex(m.graph))
         apply(m, rw)
+        if isinstance(rw, Int8Rewrite) and rw.qdq_nodes:  # timed as ORT runs it: QDQ, calibrated on noise
+            calib = [{site.node.input[0]: np.random.default_rng(0).standard_normal(in_shapes[0]).astype(np.float32)}]
+            m, stored = qdq.finish(m, {site.layer.name: (lsite, rw)}, calib)
+            rw.stored_bytes = stored[site.layer.name][1]
         # timed as deployed: ORT's default thread spinning on (a layer's many small nodes gain from it at
         # 2+ threads), with a pause before each sample so the last session's spinning threads have parked
         sessions[name] = session(m, threads=threads)
@@ -265,13 +278,16 @@ def _relocate(model: onnx.ModelProto, site: Site) -> Site:
     return Site(site.layer, site.init_name, node, site.stored, site.weight, via)
 
 
-def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple]
-           ) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
+def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
+           calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
     """``model`` (not modified) with every located layer rewritten as ``choices[name] = (fmt, reason,
-    latencies, per_size)`` says; the layers found but left dense are recorded with their reason."""
+    latencies, per_size)`` says; the layers found but left dense are recorded with their reason. int8 convs
+    are then quantized by the QDQ pass (:func:`converters.qdq.finish`) with ``calibration``."""
     out = copy.deepcopy(model)
     sites, unplaced = locate(out, layers)
     outcomes: dict[str, LayerOutcome] = {}
+    int8_convs: dict[str, tuple[Site, Int8Rewrite]] = {}
+    keep_fp32: list[str] = []
     for name, (init_name, op, reason) in unplaced.items():
         lb = next(lb for lb in layers if lb.name == name)
         outcomes[name] = LayerOutcome(name, op, "dense", reason, lb.weight.nbytes, lb.weight.nbytes,
@@ -282,6 +298,10 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
         site = _relocate(out, site)  # earlier rewrites rebuilt the node list
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
+        if isinstance(rw, Int8Rewrite) and rw.qdq_nodes:
+            int8_convs[lb.name] = (site, rw)
+        else:
+            keep_fp32.append(site.node.name)
         q = getattr(rw, "weight_bits", None) and {k: getattr(rw, k) for k in
                                                   ("weight_bits", "activation", "layout", "kernel", "vnni")}
         outcomes[lb.name] = LayerOutcome(lb.name, site.node.op_type, chosen, reason, rw.stored_bytes,
@@ -291,6 +311,12 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
     feature_major(out)  # lets ORT cancel the Transposes between consecutive blocked N-D linears
     share_layout(out)  # one transposed input for all blocked layers that read the same tensor
     prune_unused(out.graph)
+    if int8_convs:
+        if not calibration:
+            raise ConverterError("int8 convolutions need calibration inputs (static activation scales)")
+        out, stored = qdq.finish(out, int8_convs, calibration, dense_nodes=model.graph.node, keep_fp32=keep_fp32)
+        for name, (values, size) in stored.items():
+            outcomes[name].value_tensors, outcomes[name].stored_bytes = values, size
     return onnx.load_from_string(out.SerializeToString()), outcomes  # a compact copy, without dead messages
 
 
@@ -313,8 +339,17 @@ def _seen(ratios: dict[str, float]) -> str:
     return ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
 
 
+def _best_fp32(per_size: dict[str, dict[str, float]]) -> str:
+    """The fp32 formulation ``auto`` would have picked from a layer's timings (ties to the smaller storage)."""
+    names = [k for k in next(iter(per_size.values())) if FORMULATIONS[k].precision == "fp32"]
+    order = {k: i for i, k in enumerate(("compact", "blocked", "sparse-initializer", "dense"))}
+    fp32 = {size: {k: v for k, v in lat.items() if k in names} for size, lat in per_size.items()}
+    return rank_candidates(fp32, {k: FORMULATIONS[k] for k in names}, {k: order.get(k, 9) for k in names})[0]
+
+
 def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
-            feeds: list[dict[str, np.ndarray]], threads: int | None):
+            feeds: list[dict[str, np.ndarray]], threads: int | None,
+            calibration: list[dict[str, np.ndarray]] | None = None):
     """The whole-model stage of ``auto`` (changes ``choices`` in place; returns the built model, outcomes).
 
     A layer timed alone pays for its own layout changes (the Transposes around a blocked N-D linear), which in
@@ -323,7 +358,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
     blocked applies to is blocked; the second wins only by more than :data:`TIE` at its worst size. Then
     where the winner runs below :data:`WHOLE_MODEL_FLOOR` of dense at some size, the blocked layers with the
     least measured gain go back to dense runtime (compact storage), then all of them."""
-    out, outcomes = _build(model, layers, choices)
+    out, outcomes = _build(model, layers, choices, calibration)
     # fp32 picks only: a layer the user asked to quantize keeps its int8 formulation
     switch = [n for n, c in choices.items() if c[0] != "blocked" and FORMULATIONS[c[0]].precision == "fp32"
               and c[3] and all("blocked" in v for v in c[3].values())]
@@ -332,7 +367,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
         alt = dict(choices)
         for n in switch:
             alt[n] = ("blocked", None, *choices[n][2:])
-        models["all-blocked"], alt_outcomes = _build(model, layers, alt)
+        models["all-blocked"], alt_outcomes = _build(model, layers, alt, calibration)
     ratios = _whole_model_ratios(model, models, feeds, threads)
     score = {k: min(v.values()) for k, v in ratios.items()}
     if "all-blocked" in score and score["all-blocked"] > score["per-layer"] * (1 + TIE):
@@ -346,6 +381,25 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
         current = ratios["all-blocked"]
     else:
         current = ratios["per-layer"]
+    # int8 convs are timed alone with QDQ boundaries they do not have in the model, and share activation
+    # scales with their neighbours: as a whole they must beat the same model with those convs in fp32
+    int8_convs = [n for n, c in choices.items() if outcomes[n].op_type == "Conv" and c[3]
+                  and FORMULATIONS[c[0]].precision == "int8"]
+    if int8_convs:
+        alt = dict(choices)
+        for n in int8_convs:
+            alt[n] = (_best_fp32(choices[n][3]), None, *choices[n][2:])
+        fp32_out, fp32_outcomes = _build(model, layers, alt, calibration)
+        r = _whole_model_ratios(model, {"int8": out, "fp32": fp32_out}, feeds, threads)
+        if min(r["fp32"].values()) > min(r["int8"].values()) * (1 + TIE):
+            why = (f"the whole model ran at {_seen(r['fp32'])} of dense with the convs in fp32, "
+                   f"{_seen(r['int8'])} with them in int8")
+            for n in int8_convs:
+                choices[n] = (alt[n][0], f"{alt[n][0]}: {why}", *choices[n][2:])
+                fp32_outcomes[n].reason = choices[n][1]
+            out, outcomes, current = fp32_out, fp32_outcomes, r["fp32"]
+        else:
+            current = r["int8"]
     # every layer off the dense fp32 op (blocked, and the int8 formulations) can fall back
     blocked = [n for n, c in choices.items() if not FORMULATIONS[c[0]].folds_to_dense]
     # least gain first: the worst ratio to dense each such layer was ranked at (untimed ones last)
@@ -357,7 +411,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
             break
         log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", _seen(current), len(step))
         _fallback(choices, step, f"the whole model with blocked layers ran at {_seen(current)} of dense")
-        out, outcomes = _build(model, layers, choices)
+        out, outcomes = _build(model, layers, choices, calibration)
         if step is not gain:
             current = _whole_model_ratios(model, {"m": out}, feeds, threads)["m"]
     return out, outcomes
@@ -374,7 +428,7 @@ def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
 
 def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "auto",
             timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None,
-            quantize: str = "none") -> ConversionResult:
+            quantize: str = "none", calibration_inputs: dict[str, np.ndarray] | None = None) -> ConversionResult:
     """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
 
     ``auto`` times every applicable formulation per layer at the shapes ``timing_inputs`` give each layer (all
@@ -385,13 +439,19 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
 
     ``quantize="int8"`` adds the int8 formulations (:mod:`converters.int8`) to what ``auto`` ranks (the
     fastest wins, ties to the smallest, so int8 wins its ties), and turns a fixed ``blocked`` / ``compact``
-    into ``blocked-int8`` / ``compact-int8`` where they apply (linears; the others keep the fp32 format).
+    into ``blocked-int8`` / ``compact-int8`` where they apply (the others keep the fp32 format). int8 convs
+    (:mod:`converters.qdq`) need static activation scales: they are calibrated on ``calibration_inputs`` (graph
+    input name -> rows; default: the timing inputs), and without either convs stay fp32. In a conv net the
+    QDQ pass also puts the unpruned convs and the ops between them in int8; ``auto`` keeps the int8 convs only
+    where the whole model is not slower than with them in fp32 (:func:`_settle`).
     """
     if fmt not in FORMATS:
         raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
     if quantize not in QUANTIZE:
         raise ConverterError(f"quantize: expected one of {tuple(QUANTIZE)}, got {quantize!r}")
     precisions = QUANTIZE[quantize]
+    calib_src = calibration_inputs or timing_inputs
+    calibration = qdq.calibration_batches(calib_src) if calib_src and "int8" in precisions else None
     probe = copy.deepcopy(model)
     sites, _ = locate(probe, layers)
     choices: dict[str, tuple] = {}
@@ -402,12 +462,13 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         shape_sets = ([_shapes_by_running(probe, f, wanted) for f in feeds] if feeds
                       else [_input_shapes(probe, {vi.name: [1] for vi in model.graph.input})])
         for site in sites:
-            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions)
+            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions, calibration is not None)
     else:
         for site in sites:
             want = fmt
             q = f"{fmt}-int8"
-            if "int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None:
+            if ("int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None
+                    and (calibration or not _needs_calibration(q, site))):
                 want = q
             why = FORMULATIONS[want].reason_not(site)
             chosen, reason = (want, None) if why is None else ("dense", f"{want} not applicable: {why}")
@@ -415,9 +476,9 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
                 reason = "dense requested"
             choices[site.layer.name] = (chosen, reason, None, None)
     if fmt == "auto" and feeds and any(c[2] for c in choices.values()):
-        out, outcomes = _settle(model, layers, choices, feeds, threads)
+        out, outcomes = _settle(model, layers, choices, feeds, threads, calibration)
     else:
-        out, outcomes = _build(model, layers, choices)
+        out, outcomes = _build(model, layers, choices, calibration)
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]

@@ -95,24 +95,32 @@ class Compact(Formulation):
     name = "compact"
 
     def build(self, site, idx):
+        return self.rewrite(site, idx)
+
+    def rewrite(self, site: Site, idx: GraphIndex, values: np.ndarray | None = None, out: str | None = None,
+                dtype=np.float32) -> Rewrite:
+        """The compact rewrite of ``values`` (default: the site's weight; PyTorch layout, pruned blocks exact
+        zeros) stored as ``dtype``, rebuilding the tensor ``out`` (default: the site's initializer name).
+        :mod:`converters.qdq` uses it for the int8 weights of a QDQ conv."""
         lb = site.layer
         br, bc = lb.block
         R, C = lb.kept.shape
         rows, cols = lb.view_shape
-        v = view_of(lb, site.weight)
+        v = view_of(lb, site.weight if values is None else values)
         tail = v.shape[2:]  # (taps,) for conv_channel, () otherwise
         pad = [(0, R * br - rows), (0, C * bc - cols)] + [(0, 0)] * len(tail)
         vb = np.pad(v, pad).reshape(R, br, C, bc, *tail).swapaxes(1, 2)  # [R, C, br, bc, *tail]
         rc = np.argwhere(lb.kept)  # row-major: unique, sorted
-        blocks = np.ascontiguousarray(vb[rc[:, 0], rc[:, 1]]).astype(np.float32)
+        blocks = np.ascontiguousarray(vb[rc[:, 0], rc[:, 1]]).astype(dtype)
         flat = (rc[:, 0] * C + rc[:, 1]).astype(np.int64)[:, None]  # 8 bytes per kept block
-        n = lambda s: idx.fresh(f"{site.init_name}_{s}")  # noqa: E731
+        base = out or site.init_name
+        n = lambda s: idx.fresh(f"{base}_{s}")  # noqa: E731
         b_name, i_name, shape_name = n("blocks"), n("block_idx"), n("grid_shape")
         zeros, scat, tr = n("zeros"), n("scatter"), n("blocked_view")
         perm = (0, 2, 1, 3, *range(4, 4 + len(tail)))
         nodes = [
             helper.make_node("ConstantOfShape", [shape_name], [zeros],
-                             value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.0])),
+                             value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [1], [0])),
             helper.make_node("ScatterND", [zeros, i_name, b_name], [scat]),  # unique indices: no reduction
         ]
         inits = [tensor(b_name, blocks), tensor(i_name, flat), tensor(shape_name, const_i64((R * C, br, bc, *tail)))]
@@ -127,7 +135,7 @@ class Compact(Formulation):
             inits += [tensor(st, const_i64([0, 0])), tensor(en, const_i64([rows, cols])), tensor(ax, const_i64([0, 1]))]
             nodes.append(helper.make_node("Slice", [cur, st, en, ax], [sliced]))
             cur = sliced
-        out = site.init_name
+        out = base
         final_reshape_target = out if site.stored == "OI" else n("weight_oi")
         if lb.layout == "conv_tap":
             o, c, *taps = lb.weight_shape
@@ -138,7 +146,7 @@ class Compact(Formulation):
             self._reshape(nodes, inits, n, cur, lb.weight_shape, out=final_reshape_target)
         if site.stored == "IO":
             nodes.append(helper.make_node("Transpose", [final_reshape_target], [out], perm=[1, 0]))
-        return Rewrite("compact", nodes=nodes, inits=inits, drop_init=site.init_name, value_tensors=[b_name],
+        return Rewrite("compact", nodes=nodes, inits=inits, drop_init=base, value_tensors=[b_name],
                        stored_bytes=blocks.nbytes + flat.nbytes)
 
     @staticmethod

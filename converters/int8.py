@@ -73,7 +73,7 @@ with the bit width chosen above). :func:`error_bound` computes this bound for gi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -171,6 +171,9 @@ class Int8Rewrite(Rewrite):
     layout: str = DEFAULT_LAYOUT
     kernel: str = ""
     vnni: bool = False
+    #: convs (:mod:`converters.qdq`): the nodes ORT's QDQ pass is to quantize for this layer, and its conv nodes
+    qdq_nodes: list[str] = field(default_factory=list)
+    qdq_convs: list[str] = field(default_factory=list)
 
 
 def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None, layout: str = DEFAULT_LAYOUT,
@@ -338,12 +341,40 @@ def ensure_ms_opset(model: onnx.ModelProto) -> None:
 
 
 def _linear_reason(name: str, site: Site) -> str | None:
-    """Why an int8 formulation does not apply: linears only, whole blocks (as the fp32 ``blocked`` needs)."""
-    if site.node.op_type not in ("Gemm", "MatMul"):
-        return f"{name} covers linears only, not {site.node.op_type}"
+    """Why an int8 formulation does not apply: linears and convs only, whole blocks (as the fp32 ``blocked``
+    needs) except for a compact conv."""
+    if site.node.op_type not in ("Gemm", "MatMul", "Conv"):
+        return f"{name} covers linears and convs only, not {site.node.op_type}"
+    if site.node.op_type == "Conv" and name == "compact-int8":
+        return None
     from .ops import OP_HANDLERS
 
     return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
+
+
+def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
+    """The first step of an int8 conv (:mod:`converters.qdq`): the fp32 graph that ORT's QDQ pass then quantizes
+    (``blocked-int8``: the fp32 ``blocked`` graph; ``compact-int8``: the dense conv, its int8 weight stored
+    compactly after the pass), with the nodes to quantize named."""
+    from .ops import OP_HANDLERS
+
+    bits = default_weight_bits()
+    common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
+    if fmt == "blocked-int8":
+        rw = OP_HANDLERS["Conv"].blocked(site, idx)
+        return Int8Rewrite(fmt, nodes=rw.nodes, inits=rw.inits, replace_node=rw.replace_node,
+                           drop_init=rw.drop_init, value_tensors=rw.value_tensors, stored_bytes=rw.stored_bytes,
+                           qdq_nodes=[n.name for n in rw.nodes],
+                           qdq_convs=[n.name for n in rw.nodes if n.op_type == "Conv"], **common)
+    node = site.node
+    if node.name:
+        return Int8Rewrite(fmt, value_tensors=[site.init_name], stored_bytes=site.weight.nbytes,
+                           qdq_nodes=[node.name], qdq_convs=[node.name], **common)
+    named = onnx.NodeProto()
+    named.CopyFrom(node)
+    named.name = idx.fresh("conv")
+    return Int8Rewrite(fmt, nodes=[named], replace_node=node, value_tensors=[site.init_name],
+                       stored_bytes=site.weight.nbytes, qdq_nodes=[named.name], qdq_convs=[named.name], **common)
 
 
 class BlockedInt8(Formulation):
@@ -359,6 +390,8 @@ class BlockedInt8(Formulation):
         return _linear_reason(self.name, site)
 
     def build(self, site, idx):
+        if site.node.op_type == "Conv":
+            return qdq_conv(self.name, site, idx)
         return blocked_int8(site, idx)
 
 
@@ -375,6 +408,8 @@ class CompactInt8(Formulation):
         return _linear_reason(self.name, site)
 
     def build(self, site, idx):
+        if site.node.op_type == "Conv":
+            return qdq_conv(self.name, site, idx)
         return compact_int8(site, idx)
 
 
