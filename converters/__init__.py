@@ -16,10 +16,10 @@ from .locate import Site, locate
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
 from .runtime import run_onnx
-from .verify import Verification, check, verify
+from .verify import Verification, check, verify, verify_kernels
 
 __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
     "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
-    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "verify",
+    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "verify", "verify_kernels",
 ]

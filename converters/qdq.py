@@ -98,7 +98,9 @@ def quantize_qdq(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
     with tempfile.TemporaryDirectory(prefix="sapp_qdq_") as d, _quiet():
         out = Path(d) / "qdq.onnx"
         try:
-            quantize_static(copy_of(model), out, _Reader(calibration), quant_format=QuantFormat.QDQ,
+            src = copy_of(model)
+            prune_unused(src.graph)  # ORT's calibration session would warn about every unused initializer
+            quantize_static(src, out, _Reader(calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QDQ_OPS), per_channel=True, reduce_range=weight_bits == 7,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=sorted(set(nodes)), calibrate_method=CalibrationMethod.MinMax,

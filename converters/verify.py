@@ -75,3 +75,38 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
             f"ONNX Runtime differs from the pruned PyTorch model: max abs diff {worst_abs:.3g}, max rel diff "
             f"{worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|output|)", result)
     return result
+
+
+def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], *, atol: float = 1e-4,
+                   rtol: float = 0.02, threads: int | None = None) -> Verification:
+    """An int8 model's integer kernels against its own quantization reference.
+
+    With graph optimizations off, ONNX Runtime runs an int8 graph op by op as written: QuantizeLinear /
+    DequantizeLinear and the float op between them, MatMulInteger with its zero points, DynamicQuantizeLinear:
+    the fake-quantized computation the stored scales define. With them on, it runs the fused integer kernels
+    it deploys (QLinearConv, QGemm, MatMulIntegerToFloat, ...). The two differ only by requantization rounding
+    (a quantization step here and there), so a larger difference is a wrong kernel or fusion: e.g. the int16
+    saturation of u8 x s8 products on a CPU without VNNI. Passes when ``max|on - off| <= atol + rtol *
+    max|off|`` on every output. Raises VerificationError."""
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    ref = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=False))
+    got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True))
+    rows, ok, worst_abs, worst_rel = [], True, 0.0, 0.0
+    for o, e in zip(got, ref):
+        o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
+        d = float(np.max(np.abs(o - e))) if o.size else 0.0
+        scale = float(np.max(np.abs(e))) if e.size else 0.0
+        rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+        ok &= d <= atol + rtol * scale
+        worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, rel)
+        rows.append({"max_abs_diff": d, "max_rel_diff": rel})
+    agree = None
+    if ref and ref[0].ndim >= 2 and ref[0].shape[-1] > 1:
+        agree = float(np.mean(np.asarray(got[0]).argmax(-1) == np.asarray(ref[0]).argmax(-1)))
+    result = Verification(worst_abs, worst_rel, agree, bool(ok), atol, rtol, {"optimizations_on_vs_off": rows})
+    if not result.passed:
+        raise VerificationError(
+            f"ONNX Runtime's int8 kernels differ from the model's own quantization reference: max abs diff "
+            f"{worst_abs:.3g}, max rel diff {worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|reference|)",
+            result)
+    return result

@@ -92,8 +92,12 @@ def summary(r: dict) -> str:
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
     v = r["verification"]
     if v:
-        lines.append(f"ORT vs pruned torch: max abs diff {v['max_abs_diff']:.2e}, max rel diff "
-                     f"{v['max_rel_diff']:.2e}, passed {v['passed']}")
+        k = (v.get("stages") or {}).get("int8_kernels")
+        if k:
+            lines.append(f"ORT int8 kernels vs the model's quantization reference: max rel diff "
+                         f"{k['max_rel_diff']:.2e}, passed {k['passed']}")
+        lines.append(f"ORT{' int8' if v.get('precision') == 'int8' else ''} vs pruned torch: max abs diff "
+                     f"{v['max_abs_diff']:.2e}, max rel diff {v['max_rel_diff']:.2e}, passed {v['passed']}")
     t = r["timings"]
     if t:
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
