@@ -14,8 +14,9 @@ metrics; so the two precisions share weights, masks, data and seed and differ on
 Models: the shipped pretrained examples (``examples/models/*.pt``), not bench/accuracy.py's own pretrained
 task models (the MLP there is 64-512-512-10, the shipped one 64-256-256-10); the fine-tuning steps, batch, rate
 and layer selection (CTR: only ``mlp.0``, padded) are bench/accuracy.py's; ``ctr_mlp02`` adds ``mlp.2`` (see
-MODELS). Only linears with whole blocks have an int8 formulation: the digits CNN's pruned convs and CTR's padded
-``mlp.0`` stay fp32 in the int8 graph. The shipped models were trained on the rows ``Shard.split(0.2, 0)`` keeps
+MODELS). The digits CNN's convs take the static (QDQ) int8 form, calibrated on 64 training rows as the CLI
+does (rows before 2026-12 predate int8 convs: they kept the CNN in fp32); CTR's padded ``mlp.0`` has no int8
+formulation and stays fp32. The shipped models were trained on the rows ``Shard.split(0.2, 0)`` keeps
 for training, so for seeds other than 0 the evaluation rows include rows the dense model was trained on (as in
 bench/accuracy.py, whose pretraining uses the same split); both precisions see the same rows.
 
@@ -48,7 +49,7 @@ from converters.int8 import has_vnni  # noqa: E402
 from sapp_compress import PruneConfig, TrainConfig  # noqa: E402
 from sapp_compress.api import prune  # noqa: E402
 from sapp_compress.loading import load_model  # noqa: E402
-from sapp_compress.pipeline import export_model, onnx_feed, to_tensors  # noqa: E402
+from sapp_compress.pipeline import calibration_feed, export_model, onnx_feed, to_tensors  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -96,7 +97,9 @@ def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | Non
 
     ev = res.eval_shard
     proto = export_model(res.model, ev)
-    convs = {q: converters.convert(proto, res.layers, fmt="blocked", quantize=q) for q in ("none", "int8")}
+    calib = calibration_feed(res.train_shard)  # as the CLI: int8 convs' static scales from the training rows
+    convs = {q: converters.convert(proto, res.layers, fmt="blocked", quantize=q, calibration_inputs=calib)
+             for q in ("none", "int8")}
     data = {q: c.model.SerializeToString() for q, c in convs.items()}
     feed = onnx_feed(ev, tuple(ev.inputs))
     outs = {q: converters.run_onnx(data[q], feed, threads=threads)[0].astype(np.float64) for q in data}

@@ -6,6 +6,10 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
     result = convert(proto, layers, fmt="auto")            # per-layer formulation, timed in ORT
     verify(result.model, {"x": x_np}, [torch_out_np])      # checker + ORT vs PyTorch; raises on mismatch
     measure_sparsity(result.model)                         # from the weights in the final bytes
+
+    # int8: linears dynamic (converters.int8), convs static in ORT's QDQ form (converters.qdq)
+    result = convert(proto, layers, fmt="auto", quantize="int8", calibration_inputs={"x": rows})
+    verify_kernels(result.model, {"x": x_np})              # ORT's int8 kernels vs the graph's own reference
 """
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
 from .errors import ConverterError, VerificationError, WeightNotFound

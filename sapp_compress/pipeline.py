@@ -170,6 +170,14 @@ def onnx_feed(shard: Shard, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndar
 #: rows of the training shard that calibrate the static activation scales of int8 convs
 CALIBRATION_ROWS = 64
 
+def calibration_feed(shard: Shard, rows: int | None = None) -> dict[str, np.ndarray]:
+    """ONNX inputs of ``rows`` (default :data:`CALIBRATION_ROWS`) rows spread evenly over ``shard``: the data
+    the static activation scales of int8 convs are calibrated on (a shard sorted by class still covers all)."""
+    n = min(len(shard), rows or CALIBRATION_ROWS)
+    pick = np.unique(np.linspace(0, len(shard) - 1, n).astype(np.int64))
+    return onnx_feed(shard, tuple(np.ascontiguousarray(np.asarray(x)[pick]) for x in shard.inputs))
+
+
 #: rows of the example batch the exporter traces: never 1, which torch.export would fix as a constant.
 EXPORT_ROWS = 2
 
@@ -365,10 +373,10 @@ def compress(
         lap("export")
         timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
         calibration = None
-        if out.quantize == "int8":  # static activation scales of int8 convs: rows spread over the training shard
-            pick = np.unique(np.linspace(0, len(shard) - 1, min(len(shard), CALIBRATION_ROWS)).astype(np.int64))
-            calibration = onnx_feed(shard, tuple(np.ascontiguousarray(np.asarray(x)[pick]) for x in shard.inputs))
-            report["calibration"] = {"rows": int(len(pick)), "source": "training shard, evenly spaced rows"}
+        if out.quantize == "int8":  # static activation scales of int8 convs
+            calibration = calibration_feed(res.train_shard)
+            report["calibration"] = {"rows": int(len(next(iter(calibration.values())))),
+                                     "source": "training rows (the evaluation rows held out), evenly spaced"}
         conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
                                   threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
         onnx_bytes = conv.model.SerializeToString()
