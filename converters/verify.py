@@ -77,19 +77,54 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
     return result
 
 
+def float_reference(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """``model`` with every ``MatMulInteger`` computed in float: ``(float(A) - float(a_zero)) @ (float(B) -
+    float(b_zero))``, cast to int32. Exact (an int32 sum of u8 x s8 products stays within float32's 24-bit
+    mantissa up to a few thousand terms, and rounds by ~1e-7 relative beyond), so it is the integer matmul's
+    definition, free of the kernels' int16 pair sums that saturate on a CPU without VNNI."""
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(onnx.load_from_string(model) if isinstance(model, bytes) else model)
+    nodes = []
+    for i, n in enumerate(m.graph.node):
+        if n.op_type != "MatMulInteger" or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        ins = list(n.input) + [""] * (4 - len(n.input))
+        f = []
+        for j, (x, z) in enumerate(((ins[0], ins[2]), (ins[1], ins[3]))):
+            xf = f"{n.output[0]}__ref{i}_{j}"
+            nodes.append(helper.make_node("Cast", [x], [xf], to=TensorProto.FLOAT))
+            if z:
+                zf, xs = xf + "_z", xf + "_s"
+                nodes.append(helper.make_node("Cast", [z], [zf], to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Sub", [xf, zf], [xs]))
+                xf = xs
+            f.append(xf)
+        mm = f"{n.output[0]}__ref{i}_mm"
+        nodes.append(helper.make_node("MatMul", f, [mm]))
+        nodes.append(helper.make_node("Cast", [mm], [n.output[0]], to=TensorProto.INT32))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
 def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], *, atol: float = 1e-4,
                    rtol: float = 0.02, threads: int | None = None) -> Verification:
     """An int8 model's integer kernels against its own quantization reference.
 
-    With graph optimizations off, ONNX Runtime runs an int8 graph op by op as written: QuantizeLinear /
-    DequantizeLinear and the float op between them, MatMulInteger with its zero points, DynamicQuantizeLinear:
-    the fake-quantized computation the stored scales define. With them on, it runs the fused integer kernels
-    it deploys (QLinearConv, QGemm, MatMulIntegerToFloat, ...). The two differ only by requantization rounding
-    (a quantization step here and there), so a larger difference is a wrong kernel or fusion: e.g. the int16
-    saturation of u8 x s8 products on a CPU without VNNI. Passes when ``max|on - off| <= atol + rtol *
-    max|off|`` on every output. Raises VerificationError."""
+    The reference is the model run by ONNX Runtime with graph optimizations off, op by op as written, with its
+    integer matmuls in float (:func:`float_reference`): QuantizeLinear / DequantizeLinear and the float op
+    between them, DynamicQuantizeLinear: the fake-quantized computation the stored scales define. The model
+    itself runs with optimizations on: the fused integer kernels ORT deploys (QLinearConv, QGemm,
+    MatMulIntegerToFloat, ...). The two differ only by requantization rounding (a quantization step here and
+    there), so a larger difference is a wrong kernel or fusion: e.g. the int16 saturation of u8 x s8 products
+    on a CPU without VNNI. Passes when ``max|model - reference| <= atol + rtol * max|reference|`` on every
+    output. Raises VerificationError."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    ref = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=False))
+    ref_data = float_reference(data).SerializeToString()
+    ref = run_onnx(ref_data, inputs, sess=session(ref_data, threads=threads, optimize=False))
     got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True))
     rows, ok, worst_abs, worst_rel = [], True, 0.0, 0.0
     for o, e in zip(got, ref):

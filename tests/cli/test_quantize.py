@@ -35,7 +35,7 @@ def test_int8_end_to_end_report_and_gate(int8_run):
     v = r["verification"]
     assert v["precision"] == "int8" and v["passed"] and v["rtol"] == 0.2
     assert v["stages"]["fp32"]["passed"] and v["stages"]["fp32"]["rtol"] == 1e-3
-    assert v["stages"]["int8_kernels"]["passed"] and v["stages"]["int8_kernels"]["rtol"] == 0.05
+    assert v["stages"]["int8_kernels"]["passed"] and v["stages"]["int8_kernels"]["rtol"] == 0.1
     # the gate ran on the int8 artifact: its score is ORT's on the int8 bytes
     assert r["accuracy"]["onnx"] is not None and r["accuracy"]["drop"] <= 0.5
     m = onnx.load(str(d / "m.onnx"))

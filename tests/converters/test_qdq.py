@@ -97,3 +97,41 @@ def test_auto_times_int8_convs():
             assert {"blocked-int8", "compact-int8", "blocked", "compact"} <= set(lo.latencies_ms)
     out = session(res.model).run(None, x)[0]
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_float_reference_is_the_integer_matmul():
+    """The kernel check's reference computes MatMulInteger in float: exact against int64 numpy at the extremes
+    (u8 255 against s8 +-127, where the AVX2 kernels' int16 pair sums would saturate), and no integer matmul
+    is left in it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.verify import float_reference
+
+    rng = np.random.default_rng(0)
+    a = rng.choice(np.array([0, 255], np.uint8), size=(4, 512))
+    b = rng.choice(np.array([-127, 127], np.int8), size=(512, 8))
+    za, zb = np.uint8(3), np.int8(0)
+    g = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 8])],
+        initializer=[numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.asarray(za), "za"),
+                     numpy_helper.from_array(np.asarray(zb), "zb")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    ref = float_reference(m)
+    assert "MatMulInteger" not in [n.op_type for n in ref.graph.node]
+    onnx.checker.check_model(ref, full_check=True)
+    exact = (a.astype(np.int64) - int(za)) @ b.astype(np.int64)
+    got = session(ref, optimize=False).run(None, {"a": a})[0]
+    assert got.dtype == np.int32 and np.array_equal(got, exact)
+
+
+def test_kernel_check_on_dynamic_linears():
+    """The MLP's blocked-int8 linears (DynamicQuantizeLinear -> MatMulInteger, fused by ORT into
+    MatMulIntegerToFloat) against their float reference: float32 rounding only (1e-5 of the output's scale)."""
+    model, manifest, _, xs = build_case("mlp", True)
+    proto = export_onnx(model, tuple(x[:2] for x in xs), input_names=names_for(xs))
+    res = convert(proto, manifest, fmt="blocked", quantize="int8")
+    assert {lo.fmt for lo in res.layers} == {"blocked-int8"}
+    v = verify_kernels(res.model, feed(xs), atol=0.0, rtol=1e-5)
+    assert v.passed
