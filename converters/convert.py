@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -115,7 +115,7 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]
     g = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
-    return m, Site(site.layer, site.init_name, node, site.stored, site.weight, via)
+    return m, Site(site.layer, site.init_name, node, site.stored, site.weight, via, site.act)
 
 
 def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
@@ -150,6 +150,37 @@ def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], name
         log.warning("timing inputs do not run through the model (%s): layers not timed", str(e).splitlines()[0])
         return known
     return {**known, **{n: list(np.shape(o)) for n, o in zip(outputs, outs)}}
+
+
+def _calibrate_inputs(model: onnx.ModelProto, sites: list[Site], calibration: list[dict[str, np.ndarray]]
+                      ) -> dict[str, tuple[float, int]]:
+    """The uint8 (scale, zero point) of every pruned linear's input over the calibration feeds (their min / max
+    widened to 0, :func:`converters.int8.calibrate_activation`), by running ``model`` with those inputs as extra
+    outputs: what the static int8 linears quantize with."""
+    from .int8 import calibrate_activation
+
+    names = sorted({s.node.input[0] for s in sites if s.node.op_type in ("Gemm", "MatMul")})
+    if not names:
+        return {}
+    m = copy.deepcopy(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+                          if n not in have and n not in {i.name for i in m.graph.input})
+    sess = session(m, optimize=False)
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for feed in calibration:
+        fetch = [n for n in names if n not in feed]
+        got = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
+        for n in names:
+            v = feed[n] if n in feed else got[n]
+            lo[n] = min(lo.get(n, 0.0), float(np.min(v)))
+            hi[n] = max(hi.get(n, 0.0), float(np.max(v)))
+    out = {}
+    for n in names:
+        scale, zp = calibrate_activation(np.asarray([lo[n], hi[n]], np.float32))
+        out[n] = (float(scale), int(zp))
+    return out
 
 
 def _input_shapes(model: onnx.ModelProto, feed_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -282,11 +313,12 @@ def _relocate(model: onnx.ModelProto, site: Site) -> Site:
     """The same site with its node objects taken from ``model``'s current node list."""
     node = next(n for n in model.graph.node if n == site.node)
     via = next(n for n in model.graph.node if n == site.via_transpose) if site.via_transpose else None
-    return Site(site.layer, site.init_name, node, site.stored, site.weight, via)
+    return Site(site.layer, site.init_name, node, site.stored, site.weight, via, site.act)
 
 
 def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
-           calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
+           calibration: list[dict[str, np.ndarray]] | None = None, acts: dict[str, tuple[float, int]] | None = None
+           ) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
     """``model`` (not modified) with every located layer rewritten as ``choices[name] = (fmt, reason,
     latencies, per_size)`` says; the layers found but left dense are recorded with their reason. int8 convs
     are then quantized by the QDQ pass (:func:`converters.qdq.finish`) with ``calibration``."""
@@ -302,7 +334,7 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
     for site in sites:
         lb = site.layer
         chosen, reason, latencies, per_size = choices[lb.name]
-        site = _relocate(out, site)  # earlier rewrites rebuilt the node list
+        site = replace(_relocate(out, site), act=(acts or {}).get(site.node.input[0]))  # rewrites rebuilt the nodes
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
         if isinstance(rw, Int8Rewrite) and rw.qdq_nodes:
@@ -356,7 +388,7 @@ def _best_fp32(per_size: dict[str, dict[str, float]]) -> str:
 
 def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
             feeds: list[dict[str, np.ndarray]], threads: int | None,
-            calibration: list[dict[str, np.ndarray]] | None = None):
+            calibration: list[dict[str, np.ndarray]] | None = None, acts: dict | None = None):
     """The whole-model stage of ``auto`` (changes ``choices`` in place; returns the built model, outcomes).
 
     A layer timed alone pays for its own layout changes (the Transposes around a blocked N-D linear), which in
@@ -365,7 +397,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
     blocked applies to is blocked; the second wins only by more than :data:`TIE` at its worst size. Then
     where the winner runs below :data:`WHOLE_MODEL_FLOOR` of dense at some size, the blocked layers with the
     least measured gain go back to dense runtime (compact storage), then all of them."""
-    out, outcomes = _build(model, layers, choices, calibration)
+    out, outcomes = _build(model, layers, choices, calibration, acts)
     # fp32 picks only: a layer the user asked to quantize keeps its int8 formulation
     switch = [n for n, c in choices.items() if c[0] != "blocked" and FORMULATIONS[c[0]].precision == "fp32"
               and c[3] and all("blocked" in v for v in c[3].values())]
@@ -374,7 +406,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
         alt = dict(choices)
         for n in switch:
             alt[n] = ("blocked", None, *choices[n][2:])
-        models["all-blocked"], alt_outcomes = _build(model, layers, alt, calibration)
+        models["all-blocked"], alt_outcomes = _build(model, layers, alt, calibration, acts)
     ratios = _whole_model_ratios(model, models, feeds, threads)
     score = {k: min(v.values()) for k, v in ratios.items()}
     if "all-blocked" in score and score["all-blocked"] > score["per-layer"] * (1 + TIE):
@@ -396,7 +428,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
         alt = dict(choices)
         for n in int8_convs:
             alt[n] = (_best_fp32(choices[n][3]), None, *choices[n][2:])
-        fp32_out, fp32_outcomes = _build(model, layers, alt, calibration)
+        fp32_out, fp32_outcomes = _build(model, layers, alt, calibration, acts)
         r = _whole_model_ratios(model, {"int8": out, "fp32": fp32_out}, feeds, threads)
         if min(r["fp32"].values()) > min(r["int8"].values()) * (1 + TIE):
             why = (f"the whole model ran at {_seen(r['fp32'])} of dense with the convs in fp32, "
@@ -418,7 +450,7 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
             break
         log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", _seen(current), len(step))
         _fallback(choices, step, f"the whole model with blocked layers ran at {_seen(current)} of dense")
-        out, outcomes = _build(model, layers, choices, calibration)
+        out, outcomes = _build(model, layers, choices, calibration, acts)
         if step is not gain:
             current = _whole_model_ratios(model, {"m": out}, feeds, threads)["m"]
     return out, outcomes
@@ -461,6 +493,8 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
     calibration = qdq.calibration_batches(calib_src) if calib_src and "int8" in precisions else None
     probe = copy.deepcopy(model)
     sites, _ = locate(probe, layers)
+    acts = _calibrate_inputs(probe, sites, calibration) if calibration else {}
+    sites = [replace(site, act=acts.get(site.node.input[0])) for site in sites]
     choices: dict[str, tuple] = {}
     feeds: list[dict[str, np.ndarray]] = []
     if fmt == "auto":
@@ -483,9 +517,9 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
                 reason = "dense requested"
             choices[site.layer.name] = (chosen, reason, None, None)
     if fmt == "auto" and feeds and any(c[2] for c in choices.values()):
-        out, outcomes = _settle(model, layers, choices, feeds, threads, calibration)
+        out, outcomes = _settle(model, layers, choices, feeds, threads, calibration, acts)
     else:
-        out, outcomes = _build(model, layers, choices, calibration)
+        out, outcomes = _build(model, layers, choices, calibration, acts)
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]

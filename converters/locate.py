@@ -36,6 +36,8 @@ class Site:
         weight: the weight as the graph holds it, brought back to PyTorch layout (BatchNorm scaling and
             all); its pruned blocks are exact zeros.
         via_transpose: a Transpose node between initializer and MatMul, removed by the blocked rewrite.
+        act: the calibrated uint8 (scale, zero point) of the consumer's input, for static int8 activations
+            (``convert`` sets it from its calibration inputs; None: not calibrated).
     """
 
     layer: LayerBlocks
@@ -44,6 +46,7 @@ class Site:
     stored: str
     weight: np.ndarray
     via_transpose: onnx.NodeProto | None = None
+    act: tuple[float, int] | None = None
 
 
 def _per_channel_scale(a: np.ndarray, w: np.ndarray) -> bool:

@@ -310,3 +310,37 @@ def test_through_convert_when_registered(case, monkeypatch):
         outs[fmt] = session(res.model).run(None, feed(xs))[0]
         assert np.abs(outs[fmt] - ref).max() <= 0.02 * np.abs(ref).max()
     assert np.abs(outs["blocked-int8"] - outs["compact-int8"]).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_static_formulations_through_convert(case, monkeypatch):
+    """With calibration inputs, the static forms (QuantizeLinear with the calibrated scale instead of
+    DynamicQuantizeLinear) join the candidates: within 2 % of the output's scale of PyTorch (the calibration rows
+    are the evaluated rows, so nothing saturates), their int8 record says static with its scale, and auto times
+    them. Without calibration they do not apply."""
+    import sys
+
+    from converters import convert
+    from converters.formulations import FORMULATIONS
+
+    from zoo_cases import feed, names_for
+
+    monkeypatch.setattr(sys.modules["converters.convert"], "FORMATS", ("auto", *FORMULATIONS))
+    model, manifest, _, xs = build_case(case, False)
+    proto = export_onnx(model, tuple(x[:2] for x in xs), input_names=names_for(xs))
+    with torch.no_grad():
+        ref = model(*xs).numpy()
+    x = feed(xs)
+    for fmt in ("blocked-int8-static", "compact-int8-static"):
+        res = convert(proto, manifest, fmt=fmt, quantize="int8", calibration_inputs=x)
+        assert {lo.fmt for lo in res.layers} == {fmt}
+        assert all(lo.int8["activation"] == "static" for lo in res.layers)
+        assert not any(n.op_type == "DynamicQuantizeLinear" for n in res.model.graph.node)
+        out = session(res.model).run(None, x)[0]
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+    site = locate(proto, manifest[:1])[0][0]
+    assert FORMULATIONS["blocked-int8-static"].reason_not(site).startswith("no calibrated activation range")
+    res = convert(proto, manifest, fmt="auto", quantize="int8", timing_inputs={k: v[:8] for k, v in x.items()},
+                  calibration_inputs=x, threads=1)
+    assert all({"blocked-int8-static", "compact-int8-static", "blocked-int8"} <= set(lo.latencies_ms)
+               for lo in res.layers)
