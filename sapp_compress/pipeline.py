@@ -216,10 +216,15 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
     return model, out
 
 
-def precheck(shard: Shard, timings: dict):
+#: rows the pre-check's int8 dry run calibrates on (a dry run: the scales do not matter, the pass must run)
+PRECHECK_CALIBRATION_ROWS = 8
+
+
+def precheck(shard: Shard, timings: dict, quantize: str = "none"):
     """What :func:`prune` runs before fine-tuning: export the dense model and find every weight to be pruned
     in its graph, through the same code the final export and conversion use, so a model that cannot be
-    converted fails in seconds (exit 2), not after the fine-tune."""
+    converted fails in seconds (exit 2), not after the fine-tune. With ``quantize="int8"`` the int8 rewrites
+    (ONNX Runtime's QDQ pass over the convs included) run once on that graph too."""
     import converters
 
     def check(dense: nn.Module, plans: list[LayerPlan]) -> None:
@@ -230,6 +235,12 @@ def precheck(shard: Shard, timings: dict):
             converters.locate(proto, manifest)
         except converters.ConverterError as e:
             raise UnsupportedModel(f"cannot place the pruned weights in the exported graph: {e}") from None
+        if quantize == "int8":
+            try:
+                converters.convert(proto, manifest, fmt="compact", quantize="int8",
+                                   calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
+            except converters.ConverterError as e:
+                raise UnsupportedModel(f"cannot quantize the model to int8: {e}") from None
         timings["precheck"] = round(time.perf_counter() - t, 3)
 
     return check
@@ -354,7 +365,7 @@ def compress(
         lap("data")
         res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
                     # on every rank: a rank that skipped it would wait in DDP for one that failed it
-                    before_fine_tune=precheck(shard, timings))
+                    before_fine_tune=precheck(shard, timings, out.quantize))
         lap("fine_tune")
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
                       skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,

@@ -102,3 +102,24 @@ def test_int8_kernel_check_failure_is_exit_3(run_cli, tmp_path, cnn_path):
     assert r["verification"]["passed"] is False and r["verification"]["precision"] == "int8_kernels"
     assert r["verification"]["stages"]["fp32"]["passed"] is True
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_failure_is_found_before_the_fine_tune(run_cli, tmp_path, cnn_path, monkeypatch):
+    """A model the int8 pass cannot take fails in the pre-check (exit 2, one line), not after a 100000-step
+    fine-tune: the QDQ pass is made to fail as ONNX Runtime's quantizer would on a graph it does not support."""
+    import time
+
+    import converters.qdq
+    from converters import ConverterError
+
+    def refuse(*a, **k):
+        raise ConverterError("ONNX Runtime's QDQ quantization failed: unsupported graph")
+
+    monkeypatch.setattr(converters.qdq, "quantize_qdq", refuse)
+    t = time.perf_counter()
+    code, err = run_cli(cnn_path, "-o", tmp_path / "m.onnx", "--block", "8", "--sparsity", "0.8",
+                        "--steps", "100000", "--quantize", "int8")
+    assert code == 2, err
+    assert time.perf_counter() - t < 60
+    assert "cannot quantize the model to int8: ONNX Runtime's QDQ quantization failed" in err
+    assert not (tmp_path / "m.onnx").exists()
