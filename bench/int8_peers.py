@@ -8,7 +8,8 @@ engine's plan / attach / fold path, no fine-tuning), each timed at the issue's t
 - ``mlp``: MLP 1024-4096-4096-1024 with ReLU (``zoo.mlp``), batch 1 and 32;
 - ``resnet18``: torchvision resnet18, 224x224, every conv with 16-divisible channels pruned, batch 1 and 8;
 - ``encoder``: the BERT-base-shaped encoder of ``bench/encoder_speed.py`` (4 layers, 768 / 3072, all six
-  projections per layer pruned), sequences of 128, batch 1 and 8.
+  projections per layer pruned), sequences of 128, batch 1 and 8;
+- ``mobilenet_v3_small``, ``efficientnet_b0`` (not run by default): as resnet18 (torchvision / timm, 224x224).
 
 Columns, all from the same dense fp32 export (its pruned blocks zero, so the same runtime as dense), timed in
 one process, interleaved, 1 ORT thread, medians of ``--rounds`` rounds, ``--passes`` passes with fresh sessions:
@@ -62,13 +63,13 @@ def _mlp():
     return dense, manifest, rows, (1, 32), "MLP 1024-4096-4096-1024"
 
 
-def _resnet18():
+def _convnet(builder: str):
     import real_models_speed as rms
 
     from sapp_compress import adapters, pipeline
 
     torch.manual_seed(0)
-    model, shard, config = rms.resnet18()
+    model, shard, config = getattr(rms, builder)()
     model.eval()
     wrapped, _, _ = adapters.adapt(model, shard)
     _, _, manifest = rms.random_masks(adapters.unwrap(wrapped), 0)
@@ -89,7 +90,9 @@ def _encoder():
     return dense, manifest, rows, (1, 8), "BERT-base-shaped encoder, 4 layers, sequence 128"
 
 
-MODELS = {"mlp": _mlp, "resnet18": _resnet18, "encoder": _encoder}
+MODELS = {"mlp": _mlp, "resnet18": lambda: _convnet("resnet18"), "encoder": _encoder,
+          "mobilenet_v3_small": lambda: _convnet("mobilenet_v3_small"),
+          "efficientnet_b0": lambda: _convnet("efficientnet_b0")}
 
 
 class _Reader:
@@ -157,7 +160,7 @@ def run_model(name: str, rounds: int, passes: int, log) -> dict:
                       "int8_vs_ort_best": med[best] / med["tool_int8"] if best else None,
                       "int8_vs_tool_fp32": med["tool_fp32"] / med["tool_int8"]}
             log(name, f"pass {p} batch {n}:", ", ".join(f"{k} {med['dense'] / v:.2f}x" for k, v in med.items()),
-                f"| int8 vs ORT best ({best}) {out[n]['int8_vs_ort_best']:.2f}x")
+                f"| int8 vs ORT best ({best}) " + (f"{out[n]['int8_vs_ort_best']:.2f}x" if best else "-"))
         res["passes"].append(out)
         del sess
     return res
@@ -173,12 +176,14 @@ def table(results: dict) -> list[str]:
 
             def rng(f):
                 vals = [f(p) for p in ps if f(p) is not None]
+                if not vals:
+                    return "-"
                 lo, hi = min(vals), max(vals)
                 return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
             dense_ms = statistics.median(p["median_ms"]["dense"] for p in ps)
             lines.append(f"| {name} | {n} | {dense_ms:.1f} | "
                          + " | ".join(rng(lambda p, k=k: p["speedup"][k]) for k in cols[1:])
-                         + f" | {rng(lambda p: p['int8_vs_ort_best'])} ({ps[0]['ort_best']}) | "
+                         + f" | {rng(lambda p: p['int8_vs_ort_best'])} ({ps[0]['ort_best'] or 'no ORT int8 within 5e-2'}) | "
                          + f"{rng(lambda p: p['int8_vs_tool_fp32'])} |")
         lines.append(f"| {name} | file | | " + " | ".join(f"{r['size_ratio'][k]:.3f}" for k in cols[1:]) + " | | |")
         lines.append(f"| {name} | err | | " + " | ".join(f"{r['max_rel_err'][k]:.1e}" for k in cols[1:]) + " | | |")
