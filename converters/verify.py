@@ -30,6 +30,19 @@ class Verification:
         return asdict(self)
 
 
+def _compare(outs, expected, atol: float, rtol: float) -> tuple[list[dict], bool]:
+    """Per output: max |out - expected| and that over max |expected|; passed when every output has
+    ``max|diff| <= atol + rtol * max|expected|``."""
+    rows, ok = [], True
+    for o, e in zip(outs, expected):
+        o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
+        d = float(np.max(np.abs(o - e))) if o.size else 0.0
+        scale = float(np.max(np.abs(e))) if e.size else 0.0
+        rows.append({"max_abs_diff": d, "max_rel_diff": d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))})
+        ok &= d <= atol + rtol * scale
+    return rows, ok
+
+
 def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
     """``onnx.checker.check_model(full_check=True)`` on the serialised model; raises VerificationError."""
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
@@ -54,17 +67,13 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
         outs = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=opt))
         if len(outs) != len(expected):
             raise VerificationError(f"ONNX model has {len(outs)} outputs, PyTorch {len(expected)}")
-        rows = []
         for o, e in zip(outs, expected):
-            o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
-            if o.shape != e.shape:
-                raise VerificationError(f"output shape {o.shape} differs from PyTorch's {e.shape}")
-            d = float(np.max(np.abs(o - e))) if o.size else 0.0
-            scale = float(np.max(np.abs(e))) if e.size else 0.0
-            rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
-            ok &= d <= atol + rtol * scale
-            worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, rel)
-            rows.append({"max_abs_diff": d, "max_rel_diff": rel})
+            if np.shape(o) != np.shape(e):
+                raise VerificationError(f"output shape {np.shape(o)} differs from PyTorch's {np.shape(e)}")
+        rows, passed = _compare(outs, expected, atol, rtol)
+        ok &= passed
+        worst_abs = max([worst_abs, *(r["max_abs_diff"] for r in rows)])
+        worst_rel = max([worst_rel, *(r["max_rel_diff"] for r in rows)])
         if classifier and expected[0].ndim >= 2 and expected[0].shape[-1] > 1:
             a = float(np.mean(outs[0].argmax(-1) == expected[0].argmax(-1)))
             agree = a if agree is None else min(agree, a)
@@ -126,15 +135,9 @@ def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]
     ref_data = float_reference(data).SerializeToString()
     ref = run_onnx(ref_data, inputs, sess=session(ref_data, threads=threads, optimize=False))
     got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True))
-    rows, ok, worst_abs, worst_rel = [], True, 0.0, 0.0
-    for o, e in zip(got, ref):
-        o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
-        d = float(np.max(np.abs(o - e))) if o.size else 0.0
-        scale = float(np.max(np.abs(e))) if e.size else 0.0
-        rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
-        ok &= d <= atol + rtol * scale
-        worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, rel)
-        rows.append({"max_abs_diff": d, "max_rel_diff": rel})
+    rows, ok = _compare(got, ref, atol, rtol)
+    worst_abs = max([0.0, *(r["max_abs_diff"] for r in rows)])
+    worst_rel = max([0.0, *(r["max_rel_diff"] for r in rows)])
     agree = None
     if ref and ref[0].ndim >= 2 and ref[0].shape[-1] > 1:
         agree = float(np.mean(np.asarray(got[0]).argmax(-1) == np.asarray(ref[0]).argmax(-1)))
