@@ -234,3 +234,25 @@ def test_named_input_eval_shard(tmp_path):
     code, out, rep = run(case, tmp_path, *FAST, "--eval-data", tmp_path / "eval.npz")
     assert code == 0, out
     assert rep["data"]["eval"] == str(tmp_path / "eval.npz")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet", "distilbert", "vit"])
+def test_real_model_int8(name, tmp_path):
+    """``--quantize int8`` on library models: exit 0, every pruned layer int8 (convs in the static QDQ form with the
+    rest of a conv net, linears dynamic), the three verification stages passed, and ORT's int8 kernels within
+    the default kernel tolerance of the model's own quantization reference."""
+    needs(LIBRARY[name])
+    case = MODELS[name](tmp_path)
+    args = [a if a != "blocked" else "compact" for a in FAST]
+    code, out, rep = run(case, tmp_path, *args, "--quantize", "int8")
+    assert code == 0, out
+    assert rep["layers"] and all(lay["precision"] == "int8" for lay in rep["layers"])
+    for lay in rep["layers"]:
+        conv = len(lay["shape"]) > 2
+        assert lay["int8"]["activation"] == ("static" if conv else "dynamic"), lay["name"]
+    ver = rep["verification"]
+    assert ver["passed"] and ver["precision"] == "int8"
+    assert ver["stages"]["fp32"]["passed"] and ver["stages"]["int8_kernels"]["passed"]
+    assert rep["bytes"]["sparse"] < rep["bytes"]["sparse_fp32"]
+    print(f"{name} int8: kernels {ver['stages']['int8_kernels']['max_rel_diff']:.2e}, vs torch "
+          f"{ver['max_rel_diff']:.2e}, size {rep['bytes']['sparse'] / rep['bytes']['dense_fp32']:.3f}")
