@@ -94,6 +94,8 @@ DEFAULT_LAYOUT = "row"
 #: MLP of bench/int8_speed.py against 8 and 32: within the noise of the best at N = 1 and 32, where 8 lost 20 %
 #: at N = 32 (B = 16)
 CHUNK_REF = REFERENCE_BATCH // 2
+#: int8 blocked convs gather their input channels channels-last (:meth:`converters.ops.ConvHandler.blocked`)
+CHANNELS_LAST_GATHER = True
 
 
 @lru_cache(maxsize=1)
@@ -370,7 +372,7 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
     bits = default_weight_bits()
     common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
     if fmt == "blocked-int8":
-        rw = OP_HANDLERS["Conv"].blocked(site, idx)
+        rw = OP_HANDLERS["Conv"].blocked(site, idx, channels_last_gather=CHANNELS_LAST_GATHER)
         return Int8Rewrite(fmt, nodes=rw.nodes, inits=rw.inits, replace_node=rw.replace_node,
                            drop_init=rw.drop_init, value_tensors=rw.value_tensors, stored_bytes=rw.stored_bytes,
                            qdq_nodes=[n.name for n in rw.nodes],

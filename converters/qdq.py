@@ -9,8 +9,9 @@ leaving int8. So the int8 conv formulations are not per-layer graphs like the in
 (:mod:`converters.int8`) but one whole-graph pass after the per-layer rewrites:
 
 1. every pruned conv that ``convert`` put in int8 is first rewritten in fp32: ``blocked-int8`` as the fp32
-   ``blocked`` graph (Gather of the kept input channels, grouped Conv on the kept blocks), ``compact-int8`` as
-   the dense conv;
+   ``blocked`` graph (Gather of the kept input channels, channels-last so that ORT's NHWC layout needs no
+   Transpose around it: :meth:`converters.ops.ConvHandler.blocked`; grouped Conv on the kept blocks),
+   ``compact-int8`` as the dense conv;
 2. :func:`quantize_qdq` runs ONNX Runtime's ``quantize_static`` (QDQ, per-output-channel symmetric int8
    weights, uint8 activations, MinMax calibration on the inputs given, weights 7-bit on a CPU without VNNI:
    see :func:`converters.int8.default_weight_bits`) over the conv-net ops of the graph (:data:`QDQ_OPS`) except
