@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 #: Sigmoid and Mul (SiLU, squeeze-excite gates) are in: without them efficientnet_b0's int8 graph leaves int8
 #: around every gate and ran at 0.70x dense fp32 (batch 1 and 8, 1 thread), with them 1.06x / 1.32x (output
 #: error 6.6e-2 -> 7.9e-2 of its scale, random weights). HardSwish has no int8 kernel in ORT: mobilenet_v3's
-#: int8 graph stays at 0.7x dense either way, and ``auto`` keeps its convs fp32. MatMul is left out: the pruned linears have their own int8
-#: formulations, and the rest of a transformer is not a conv net.
+#: int8 graph stays at 0.7x dense either way, and ``auto`` keeps its convs fp32. MatMul is left out: the pruned
+#: linears have their own int8 formulations, and the rest of a transformer is not a conv net.
 QDQ_OPS = ("Conv", "Gemm", "Relu", "Clip", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Gather",
            "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Split",
            "Sigmoid", "HardSigmoid", "Mul", "LeakyRelu")
@@ -190,7 +190,8 @@ def finish(model: onnx.ModelProto, layers: dict[str, tuple[Site, "Int8Rewrite"]]
     ``layers``: the int8 convs (layer name -> (site, rewrite)). ``dense_nodes``: the nodes of the dense export;
     when it is a conv net (none of :data:`NOT_CONV_NET`), those of :data:`QDQ_OPS` types are quantized too (the
     rest of the model in int8), except the pruned layers' consumers named in ``keep_fp32`` (convs the tool
-    left in an fp32 formulation, and the pruned linears). Returns the model and, per layer, its value tensors and stored bytes."""
+    left in an fp32 formulation, and the pruned linears). Returns the model and, per layer, its value tensors
+    and stored bytes."""
     from .int8 import default_weight_bits
 
     dense_nodes = list(dense_nodes)
