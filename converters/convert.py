@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from .errors import ConverterError
@@ -132,6 +133,17 @@ def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, 
     return feeds
 
 
+def _probe(model: onnx.ModelProto, names: set[str]) -> tuple[ort.InferenceSession, list[str], set[str]]:
+    """A session of ``model`` (unoptimized) that also outputs the inner tensors ``names``, the names it outputs
+    (the graph inputs among ``names`` are not: they are the feed), and those graph inputs."""
+    m = copy.deepcopy(model)
+    inputs = {i.name for i in m.graph.input} & set(names)
+    have = {o.name for o in m.graph.output}
+    extra = sorted(n for n in names if n not in have and n not in inputs)
+    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    return session(m, optimize=False), [*extra, *sorted(n for n in names if n in have)], inputs
+
+
 def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: set[str]
                        ) -> dict[str, list[int]]:
     """Shapes of the tensors ``names`` on ``feed``, by running ``model`` once in ORT with them as extra outputs.
@@ -139,13 +151,9 @@ def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], name
     Shape inference cannot always derive them from the inputs' shapes: with a batch of 1, a BERT export's
     ``Expand`` of the token-type ids leaves the batch axis unknown, and so every activation after it."""
     known = {n: list(np.shape(feed[n])) for n in names if n in feed}
-    m = copy.deepcopy(model)
-    have = {o.name for o in m.graph.output}
-    extra = sorted(n for n in names if n not in have and n not in feed)
-    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
-    outputs = [*extra, *(n for n in names if n in have)]
+    sess, outputs, _ = _probe(model, {n for n in names if n not in feed})
     try:
-        outs = session(m, optimize=False).run(outputs, feed) if outputs else []
+        outs = sess.run(outputs, feed) if outputs else []
     except Exception as e:  # noqa: BLE001 -- an unrunnable feed means "not timed", with the reason logged
         log.warning("timing inputs do not run through the model (%s): layers not timed", str(e).splitlines()[0])
         return known
@@ -154,30 +162,22 @@ def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], name
 
 def _calibrate_inputs(model: onnx.ModelProto, sites: list[Site], calibration: list[dict[str, np.ndarray]]
                       ) -> dict[str, tuple[float, int]]:
-    """The uint8 (scale, zero point) of every pruned linear's input over the calibration feeds (their min / max
+    """The uint8 (scale, zero point) of every pruned layer's input over the calibration feeds (their min / max
     widened to 0, :func:`converters.int8.calibrate_activation`), by running ``model`` with those inputs as extra
-    outputs: what the static int8 linears quantize with."""
+    outputs: what the static int8 linears quantize with, and for convs the sign that int8 can be calibrated
+    (ORT's QDQ pass calibrates them itself)."""
     from .int8 import calibrate_activation
 
-    names = sorted({s.node.input[0] for s in sites if s.node.op_type in ("Gemm", "MatMul")})
-    if not names:
-        return {}
-    m = copy.deepcopy(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
-                          if n not in have and n not in {i.name for i in m.graph.input})
-    sess = session(m, optimize=False)
+    sess, outputs, inputs = _probe(model, {s.node.input[0] for s in sites})
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
     for feed in calibration:
-        fetch = [n for n in names if n not in feed]
-        got = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
-        for n in names:
-            v = feed[n] if n in feed else got[n]
+        got = {**dict(zip(outputs, sess.run(outputs, feed) if outputs else [])), **{n: feed[n] for n in inputs}}
+        for n, v in got.items():
             lo[n] = min(lo.get(n, 0.0), float(np.min(v)))
             hi[n] = max(hi.get(n, 0.0), float(np.max(v)))
     out = {}
-    for n in names:
+    for n in lo:
         scale, zp = calibrate_activation(np.asarray([lo[n], hi[n]], np.float32))
         out[n] = (float(scale), int(zp))
     return out
@@ -239,14 +239,8 @@ def rank_candidates(per_size: dict[str, dict[str, float]], applicable: dict, siz
     return min(ties, key=lambda n: (sizes[n], worst[n])), worst, at
 
 
-def _needs_calibration(fmt: str, site: Site) -> bool:
-    """int8 convs need static activation scales (:mod:`converters.qdq`)."""
-    return site.node.op_type == "Conv" and FORMULATIONS[fmt].precision == "int8"
-
-
 def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None,
-            precisions: frozenset[str] = QUANTIZE["none"], calibrated: bool = False
-            ) -> tuple[str, str | None, dict | None, dict | None]:
+            precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
     """(format, reason, latencies, latencies per timed size) for ``auto``.
 
     Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (see
@@ -256,8 +250,7 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
     candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
     time: the latency it was ranked at. The raw medians per size are the second dict."""
     applicable = {name: f for name, f in FORMULATIONS.items()
-                  if f.precision in precisions and f.reason_not(site) is None
-                  and (calibrated or not _needs_calibration(name, site))}
+                  if f.precision in precisions and f.reason_not(site) is None}
     blocked_reason = FORMULATIONS["blocked"].reason_not(site)
     in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
     if in_shapes[0] is None:
@@ -351,8 +344,6 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
     share_layout(out)  # one transposed input for all blocked layers that read the same tensor
     prune_unused(out.graph)
     if int8_convs:
-        if not calibration:
-            raise ConverterError("int8 convolutions need calibration inputs (static activation scales)")
         out, stored = qdq.finish(out, int8_convs, calibration, dense_nodes=model.graph.node, keep_fp32=keep_fp32)
         for name, (values, size) in stored.items():
             outcomes[name].value_tensors, outcomes[name].stored_bytes = values, size
@@ -503,13 +494,12 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         shape_sets = ([_shapes_by_running(probe, f, wanted) for f in feeds] if feeds
                       else [_input_shapes(probe, {vi.name: [1] for vi in model.graph.input})])
         for site in sites:
-            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions, calibration is not None)
+            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions)
     else:
         for site in sites:
             want = fmt
             q = f"{fmt}-int8"
-            if ("int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None
-                    and (calibration or not _needs_calibration(q, site))):
+            if "int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None:
                 want = q
             why = FORMULATIONS[want].reason_not(site)
             chosen, reason = (want, None) if why is None else ("dense", f"{want} not applicable: {why}")

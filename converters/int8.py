@@ -75,6 +75,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -94,8 +95,6 @@ DEFAULT_LAYOUT = "row"
 #: MLP of bench/int8_speed.py against 8 and 32: within the noise of the best at N = 1 and 32, where 8 lost 20 %
 #: at N = 32 (B = 16)
 CHUNK_REF = REFERENCE_BATCH // 2
-#: int8 blocked convs gather their input channels channels-last (:meth:`converters.ops.ConvHandler.blocked`)
-CHANNELS_LAST_GATHER = True
 
 
 @lru_cache(maxsize=1)
@@ -372,7 +371,8 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
     bits = default_weight_bits()
     common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
     if fmt == "blocked-int8":
-        rw = OP_HANDLERS["Conv"].blocked(site, idx, channels_last_gather=CHANNELS_LAST_GATHER)
+        # channels-last: no Transpose pair around the Gather in ORT's NHWC int8 graph (ConvHandler.blocked)
+        rw = OP_HANDLERS["Conv"].blocked(site, idx, channels_last_gather=True)
         return Int8Rewrite(fmt, nodes=rw.nodes, inits=rw.inits, replace_node=rw.replace_node,
                            drop_init=rw.drop_init, value_tensors=rw.value_tensors, stored_bytes=rw.stored_bytes,
                            qdq_nodes=[n.name for n in rw.nodes],
@@ -388,40 +388,38 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
                        stored_bytes=site.weight.nbytes, qdq_nodes=[named.name], qdq_convs=[named.name], **common)
 
 
-class BlockedInt8(Formulation):
-    """Kept blocks as int8, integer block-sparse compute (:func:`blocked_int8`, defaults: dynamic activations,
-    :data:`DEFAULT_LAYOUT`, weight bits from the CPU). Linears only. Standard ONNX ops (opset 13+): nothing to
-    add to the model's opset imports."""
+class _Int8(Formulation):
+    """The int8 forms of ``blocked`` / ``compact``: linears with dynamic activation scales (``_linear``:
+    :func:`blocked_int8` or :func:`compact_int8`, weight bits from the CPU; standard ONNX ops, nothing to add
+    to the model's opset imports), convs in ORT's QDQ form (:func:`qdq_conv`, static scales: they need
+    calibration inputs, which ``convert`` signals through :attr:`Site.act`). ``folds_to_dense`` is False for
+    both: even ``compact-int8`` runs the dense *int8* op, not the dense fp32 one, so ``auto`` times it."""
 
-    name = "blocked-int8"
     folds_to_dense = False
     precision = "int8"
+    _linear: Callable[..., Int8Rewrite]
 
     def reason_not(self, site):
+        if site.node.op_type == "Conv" and site.act is None:
+            return "int8 convs need calibration inputs (static activation scales)"
         return _linear_reason(self.name, site)
 
     def build(self, site, idx):
         if site.node.op_type == "Conv":
             return qdq_conv(self.name, site, idx)
-        return blocked_int8(site, idx)
+        return type(self)._linear(site, idx)
 
 
-class CompactInt8(Formulation):
-    """Kept blocks as int8, dense int8 compute after ORT folds the weight at load (:func:`compact_int8`).
-    Its runtime is the dense *int8* op's, not the dense fp32 one's: ``folds_to_dense`` is False so that
-    ``auto`` times it like any other candidate."""
+class BlockedInt8(_Int8):
+    """Kept blocks as int8, integer block-sparse compute (:func:`blocked_int8`, :data:`DEFAULT_LAYOUT`)."""
 
-    name = "compact-int8"
-    folds_to_dense = False
-    precision = "int8"
+    name, _linear = "blocked-int8", blocked_int8
 
-    def reason_not(self, site):
-        return _linear_reason(self.name, site)
 
-    def build(self, site, idx):
-        if site.node.op_type == "Conv":
-            return qdq_conv(self.name, site, idx)
-        return compact_int8(site, idx)
+class CompactInt8(_Int8):
+    """Kept blocks as int8, dense int8 compute after ORT folds the weight at load (:func:`compact_int8`)."""
+
+    name, _linear = "compact-int8", compact_int8
 
 
 class _Static(Formulation):

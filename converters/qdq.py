@@ -105,7 +105,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
     with tempfile.TemporaryDirectory(prefix="sapp_qdq_") as d, _quiet():
         out = Path(d) / "qdq.onnx"
         try:
-            src = copy_of(model)
+            src = _copy(model)
             prune_unused(src.graph)  # ORT's calibration session would warn about every unused initializer
             quantize_static(src, out, _Reader(calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QDQ_OPS), per_channel=True, reduce_range=weight_bits == 7,
@@ -114,8 +114,6 @@ def quantize_qdq(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            # a Gemm's output stays float (ORT's QGemm has a float output)
                                            "OpTypesToExcludeOutputQuantization": ["Gemm"]})
-        except ConverterError:
-            raise
         except Exception as e:  # noqa: BLE001 -- the quantizer's own errors, reduced to one line
             raise ConverterError(f"ONNX Runtime's QDQ quantization failed: {str(e).strip().splitlines()[0]}") from e
         q = onnx.load(str(out))
@@ -124,7 +122,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
     return q
 
 
-def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     c = onnx.ModelProto()
     c.CopyFrom(model)
     return c
@@ -152,16 +150,16 @@ def conv_weight(model: onnx.ModelProto, conv_name: str) -> str | None:
 def compact_weights(model: onnx.ModelProto, sites: dict[str, Site]) -> dict[str, Rewrite]:
     """Store the int8 weight of every conv in ``sites`` (conv node name -> its site, weight dense with exact zero
     blocks) as its kept blocks (in place). Returns the compact rewrite per conv name (value tensors, bytes)."""
+    from .convert import apply  # convert imports this module
+
     out = {}
     for conv_name, site in sites.items():
         init_name = conv_weight(model, conv_name)
         if init_name is None:
             continue
         idx = GraphIndex(model.graph)
-        q = onnx.numpy_helper.to_array(idx.inits[init_name])
+        q = idx.array(init_name)
         rw = Compact().rewrite(site, idx, values=q, out=init_name, dtype=q.dtype)
-        from .convert import apply
-
         apply(model, rw)
         out[conv_name] = rw
     prune_unused(model.graph)
@@ -192,8 +190,6 @@ def finish(model: onnx.ModelProto, layers: dict[str, tuple[Site, "Int8Rewrite"]]
     rest of the model in int8), except the pruned layers' consumers named in ``keep_fp32`` (convs the tool
     left in an fp32 formulation, and the pruned linears). Returns the model and, per layer, its value tensors
     and stored bytes."""
-    from .int8 import default_weight_bits
-
     dense_nodes = list(dense_nodes)
     nodes = {n for _, rw in layers.values() for n in rw.qdq_nodes}
     if dense_nodes and not any(n.op_type in NOT_CONV_NET for n in dense_nodes):
@@ -201,8 +197,7 @@ def finish(model: onnx.ModelProto, layers: dict[str, tuple[Site, "Int8Rewrite"]]
         inits = {t.name for t in model.graph.initializer}
         nodes |= {n.name for n in dense_nodes if n.op_type in QDQ_OPS and n.name and n.name not in keep
                   and (n.op_type != "Gemm" or (len(n.input) > 1 and n.input[1] in inits))}
-    bits = {rw.weight_bits for _, rw in layers.values()} or {default_weight_bits()}
-    q = quantize_qdq(model, calibration, nodes, weight_bits=min(bits))
+    q = quantize_qdq(model, calibration, nodes, weight_bits=min(rw.weight_bits for _, rw in layers.values()))
     compact = {rw.qdq_convs[0]: site for site, rw in layers.values() if rw.fmt == "compact-int8"}
     packed = compact_weights(q, compact)
     out = {}

@@ -246,6 +246,14 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none"):
     return check
 
 
+def _stage_failed(e, model: str, stage: str, batch_size: int, done: dict) -> None:
+    """Raise :class:`VerificationFailed` for verification stage ``stage`` of the ``model`` (precision) artifact,
+    with the stages passed before it."""
+    failed = e.result.to_json() if e.result is not None else {"passed": False}
+    failed.update(batch_size=batch_size, precision=stage, stages=done)
+    raise VerificationFailed(f"{model} model: {e}", failed) from None
+
+
 def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConfig) -> dict:
     """ORT against the pruned PyTorch model for each (precision, bytes, atol, rtol) of ``stages``, at two batch
     sizes other than the export's (the evaluation rows, and one row). The last stage is the artifact; the
@@ -275,9 +283,7 @@ def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConf
                 k = converters.verify_kernels(data, onnx_feed(shard, vx), atol=atol, rtol=out.int8_kernel_rtol,
                                               threads=out.threads)
             except converters.VerificationError as e:
-                failed = e.result.to_json() if e.result is not None else {"passed": False}
-                failed.update(batch_size=len(vx[0]), precision="int8_kernels", stages=done)
-                raise VerificationFailed(f"int8 model: {e}", failed) from None
+                _stage_failed(e, "int8", "int8_kernels", len(vx[0]), done)
             done["int8_kernels"] = {**k.to_json(), "batch_sizes": [len(vx[0])], "precision": "int8_kernels"}
         vers = []
         for n in (out.verify_samples, 1):
@@ -288,9 +294,7 @@ def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConf
                 vers.append(converters.verify(data, onnx_feed(shard, vx), [expected], atol=atol, rtol=rtol,
                                               classifier=res.task.is_classifier, threads=out.threads))
             except converters.VerificationError as e:
-                failed = e.result.to_json() if e.result is not None else {"passed": False}
-                failed.update(batch_size=len(vx[0]), precision=precision, stages=done)
-                raise VerificationFailed(f"{precision} model: {e}", failed) from None
+                _stage_failed(e, precision, precision, len(vx[0]), done)
         ver = vers[0].to_json()
         ver.update(max_abs_diff=max(v.max_abs_diff for v in vers), max_rel_diff=max(v.max_rel_diff for v in vers),
                    batch_sizes=[min(out.verify_samples, len(shard)), 1], export_batch_size=EXPORT_ROWS,
