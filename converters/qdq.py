@@ -1,8 +1,9 @@
 """int8 convolutions in ONNX Runtime's QDQ form, with the pruned convs block-sparse or compactly stored.
 
 ORT runs an int8 convolution fastest as ``DequantizeLinear -> Conv -> QuantizeLinear`` with constant int8
-weights, which it fuses into ``QLinearConv`` at load (``ConvInteger``, the dynamic form, is 3-4x slower than
-fp32 on the CPUs measured). QLinearConv needs the scale of its input *and* of its output, so int8 convs need
+weights, which it fuses into ``QLinearConv`` at load (``ConvInteger``, the dynamic form: ORT's dynamic int8 of resnet18
+ran at 0.17-0.19x dense fp32 with int8 weights, 0.65-0.73x with uint8 weights, on a Xeon with AVX-512 VNNI and
+AMX, BENCHMARKS.md section 14). QLinearConv needs the scale of its input *and* of its output, so int8 convs need
 static activation scales, calibrated on sample inputs; consecutive quantized ops (Conv, Relu folded into the
 scale, Add, pooling, the channel Gather of a blocked conv) then pass uint8 tensors to each other without
 leaving int8. So the int8 conv formulations are not per-layer graphs like the int8 linears
@@ -53,10 +54,11 @@ if TYPE_CHECKING:
 #: (its classifier) when its weight is a constant, its output left in float: uint8 logits were 12 % of the
 #: logit scale off on the digits CNN (max |int8 - fp32| / max |fp32|, 359 rows), a float output 2.8 %.
 #: Sigmoid and Mul (SiLU, squeeze-excite gates) are in: without them efficientnet_b0's int8 graph leaves int8
-#: around every gate and ran at 0.70x dense fp32 (batch 1 and 8, 1 thread), with them 1.06x / 1.32x (output
-#: error 6.6e-2 -> 7.9e-2 of its scale, random weights). HardSwish has no int8 kernel in ORT: mobilenet_v3's
-#: int8 graph stays at 0.7x dense either way, and ``auto`` keeps its convs fp32. MatMul is left out: the pruned
-#: linears have their own int8 formulations, and the rest of a transformer is not a conv net.
+#: around every gate and ran at 0.70x dense fp32 (batch 1 and 8, 1 thread, Xeon with AVX-512 VNNI and AMX),
+#: with them 1.06x / 1.32x (output error 6.6e-2 -> 7.9e-2 of its scale, random weights). HardSwish has no
+#: int8 kernel in ORT: mobilenet_v3's int8 graph stays at 0.7x dense either way, and ``auto`` keeps its convs
+#: fp32. MatMul is left out: the pruned linears have their own int8 formulations, and the rest of a transformer
+#: is not a conv net.
 QDQ_OPS = ("Conv", "Gemm", "Relu", "Clip", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Gather",
            "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Split",
            "Sigmoid", "HardSigmoid", "Mul", "LeakyRelu")

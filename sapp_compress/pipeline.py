@@ -267,9 +267,9 @@ def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConf
 
     1. ``fp32``: the same masks in fp32 at the fp32 tolerance (the weights and masks reached the graph intact);
     2. ``int8_kernels``: ORT's integer kernels against the model's own quantize / dequantize reference
-       (:func:`converters.verify_kernels`, ``--int8-kernel-rtol``, default 0.1; measured 6e-4 to 1.6e-2 on six
-       library models, 4.5e-2 on efficientnet_b0): the int8 computation is the one the stored scales define,
-       e.g. no saturating kernel;
+       (:func:`converters.verify_kernels`, ``--int8-kernel-rtol``, default 0.1; measured 6e-4 to 1.6e-2 on five
+       library models and the digits CNN, 4.5e-2 on efficientnet_b0): the int8 computation is the one the
+       stored scales define, e.g. no saturating kernel;
     3. the int8 artifact against PyTorch at ``atol + int8_rtol * max|torch|`` (``--int8-rtol``, default 0.2):
        the quantization error stays within bounds. Top-1 agreement with the fp32 pruned model is reported."""
     import converters
