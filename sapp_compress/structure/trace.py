@@ -482,14 +482,14 @@ def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib:
                 if act and ia is not None and ia.param:
                     tr.g.role(x, "consumer")
     outs: list[tuple[torch.Tensor, bool]] = []
-    for x, is_param in [(x, ia.param) for x in la] + [(y, ib.param) for y in lb]:
-        from_a = any(x is z for z in la)
+    weight = (ia is not None and ia.param) != (ib is not None and ib.param)  # activations times a weight
+    for x, is_param, from_a in [(x, ia.param, True) for x in la] + [(y, ib.param, False) for y in lb]:
         k_axis = -1 if from_a else -2
-        kept = [d for d in range(nd) if d - nd != k_axis and x.shape[d] > 1]
         if x.shape[k_axis] > 1:
-            if not kept:
-                continue  # consumed: the contraction makes new channels
-            first = x.narrow(k_axis, 0, 1)
+            kept = [d for d in range(nd) if d - nd != k_axis and x.shape[d] > 1]
+            if not kept or (weight and not is_param):
+                continue  # consumed: a weight's contraction makes new channels
+            first = x.narrow(k_axis, 0, 1)  # q @ k^T: a head's dims are one unit with the head
             tr.g.join(first, x)
             x = first
         outs.append((x, is_param))  # a: [.., n, 1]; b: [.., 1, m]: both broadcast to [.., n, m]
@@ -808,7 +808,7 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
     tracer = Tracer(graph, params)
     hooks = [m.register_forward_pre_hook(_opaque_module(tracer, type(m).__name__))
              for m in model.modules() if isinstance(m, nn.RNNBase)]
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     grads = {id(p): p.requires_grad for p in model.parameters()}
     model.eval()
     try:
@@ -827,7 +827,8 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
             h.remove()
         for p in model.parameters():
             p.requires_grad_(grads[id(p)])
-        model.train(was)
+        for m, mode in modes.items():
+            m.training = mode
     return graph
 
 
