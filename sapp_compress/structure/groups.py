@@ -100,6 +100,48 @@ class StructurePlan:
         return next(f for f in self.families if f.name == name)
 
 
+@dataclass
+class StructureResult:
+    """A structured prune's outcome: each family's kept units, and the tensors' sizes before and after.
+
+    Attributes:
+        keep: family name -> boolean over its units.
+        sizes_before / sizes_after: tensor name -> number of elements (parameters and buffers).
+        parity: the smaller model's largest output difference from the masked model, as a share of its scale.
+    """
+
+    families: list[GroupFamily]
+    keep: dict[str, np.ndarray]
+    sizes_before: dict[str, int]
+    sizes_after: dict[str, int]
+    parity: float = 0.0
+
+    def tensors(self) -> list[str]:
+        return sorted({t for f in self.families for t in f.tensors()})
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Share of the families' tensors' elements removed (weights, biases, norm parameters)."""
+        names = self.tensors()
+        before = sum(self.sizes_before[n] for n in names)
+        return 1.0 - sum(self.sizes_after[n] for n in names) / before if before else 0.0
+
+    def parameters(self) -> tuple[int, int]:
+        return sum(self.sizes_before.values()), sum(self.sizes_after.values())
+
+    def rows(self) -> list[dict]:
+        """One report row per family."""
+        out = []
+        for f in self.families:
+            k = self.keep[f.name]
+            names = f.tensors()
+            out.append({**f.to_json(), "kept_units": int(k.sum()), "sparsity": 1.0 - float(k.mean()),
+                        "kept": [int(i) for i in np.flatnonzero(k)],
+                        "elements": {"before": sum(self.sizes_before[n] for n in names),
+                                     "after": sum(self.sizes_after[n] for n in names)}})
+        return out
+
+
 def _module_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0] if "." in tensor else ""
 
@@ -249,5 +291,5 @@ def select(plan: StructurePlan, include: tuple[str, ...] = (), exclude: tuple[st
     return StructurePlan(kept, whole, plan.ops)
 
 
-__all__ = ["GroupFamily", "StructurePlan", "WholeAxis", "build", "discover", "select"]
+__all__ = ["GroupFamily", "StructurePlan", "StructureResult", "WholeAxis", "build", "discover", "select"]
 _ = os

@@ -266,10 +266,14 @@ def rule(*names: str):
 
 
 def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | None = None) -> Info | None:
-    """Elementwise: labels of the operands are joined position by position. Activations dominate: the
-    result is an activation label; parameters only: one label per parameter axis."""
+    """Elementwise: labels of the operands are joined position by position. ``infos`` has one entry per tensor
+    operand (None: an unlabelled tensor that is not a parameter, i.e. data). Data dominates: with any operand
+    that is not made of parameters only, the result is an activation with one label; otherwise one label per
+    parameter axis."""
     acts = [align(lab, ndim) for i in infos if i is not None and not i.param for lab in i.labels]
     params = [align(lab, ndim) for i in infos if i is not None and i.param for lab in i.labels]
+    if any(i is None or not i.param for i in infos) and not acts and params:
+        acts = [params.pop(0)]  # data times a parameter (an input scaled per channel): an activation
     if acts:
         out = acts[0]
         for other in acts[1:]:
@@ -470,20 +474,21 @@ def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib:
     nd = max(a.dim() + va, b.dim() + vb, 2)
     la = [align(lab.unsqueeze(0) if va else lab, nd) for lab in (ia.labels if ia else [])]
     lb = [align(lab.unsqueeze(-1) if vb else lab, nd) for lab in (ib.labels if ib else [])]
-    act = (ia is not None and not ia.param) or (ib is not None and not ib.param)
+    a_param, b_param = ia is not None and ia.param, ib is not None and ib.param
+    act = not (a_param and b_param)  # an unlabelled operand that is not a parameter is data
     for x in la:
         if x.shape[-1] == 1:
             continue
         for y in lb:
             if y.shape[-2] > 1:
                 tr.g.join(x.unsqueeze(-1), y.unsqueeze(-3))
-                if act and ib is not None and ib.param:
+                if not a_param and b_param:
                     tr.g.role(y, "consumer")
-                if act and ia is not None and ia.param:
+                if a_param and not b_param:
                     tr.g.role(x, "consumer")
     outs: list[tuple[torch.Tensor, bool]] = []
-    weight = (ia is not None and ia.param) != (ib is not None and ib.param)  # activations times a weight
-    for x, is_param, from_a in [(x, ia.param, True) for x in la] + [(y, ib.param, False) for y in lb]:
+    weight = a_param != b_param  # activations times a weight
+    for x, is_param, from_a in [(x, a_param, True) for x in la] + [(y, b_param, False) for y in lb]:
         k_axis = -1 if from_a else -2
         if x.shape[k_axis] > 1:
             kept = [d for d in range(nd) if d - nd != k_axis and x.shape[d] > 1]
