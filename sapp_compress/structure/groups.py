@@ -115,6 +115,7 @@ class StructureResult:
     sizes_before: dict[str, int]
     sizes_after: dict[str, int]
     parity: float = 0.0
+    buffers: frozenset[str] = frozenset()
 
     def tensors(self) -> list[str]:
         return sorted({t for f in self.families for t in f.tensors()})
@@ -127,7 +128,9 @@ class StructureResult:
         return 1.0 - sum(self.sizes_after[n] for n in names) / before if before else 0.0
 
     def parameters(self) -> tuple[int, int]:
-        return sum(self.sizes_before.values()), sum(self.sizes_after.values())
+        """The model's parameter count before and after (buffers not counted)."""
+        return (sum(v for k, v in self.sizes_before.items() if k not in self.buffers),
+                sum(v for k, v in self.sizes_after.items() if k not in self.buffers))
 
     def rows(self) -> list[dict]:
         """One report row per family."""
