@@ -46,7 +46,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from converters import convert, export_onnx, locate  # noqa: E402
-from converters.convert import apply  # noqa: E402
+from converters.rewrite import apply  # noqa: E402
 from converters.graph import GraphIndex, prune_unused  # noqa: E402
 from converters.int8 import (blocked_int8, calibrate_activation, compact_int8, cpu_flags,  # noqa: E402
                              default_weight_bits, ensure_ms_opset)

@@ -17,15 +17,15 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import ConverterError
-from .chain import feature_major, share_layout
-from .formulations import FORMULATIONS, Rewrite
-from .int8 import FORMULATIONS as _with_int8  # noqa: F401 -- importing int8 registers its formulations
-from .int8 import Int8Rewrite
 from . import qdq
+from .chain import feature_major, share_layout
+from .errors import ConverterError
+from .formulations import FORMULATIONS
 from .graph import GraphIndex, prune_unused
+from .int8 import Int8Rewrite, calibrate_activation  # importing int8 also registers its formulations
 from .locate import Site, locate
 from .manifest import LayerBlocks
+from .rewrite import apply
 from .runtime import session, time_interleaved
 
 log = logging.getLogger(__name__)
@@ -69,34 +69,6 @@ class ConversionResult:
 
     def to_json(self) -> dict:
         return {"layers": [lo.to_json() for lo in self.layers]}
-
-
-def apply(model: onnx.ModelProto, rewrite: Rewrite) -> None:
-    """Apply one rewrite to ``model`` in place. The replaced initializer is always removed: blocked
-    rewrites were its only consumer (``locate`` checks), and compact / sparse-initializer rewrites produce
-    a tensor of the same name."""
-    g = model.graph
-    nodes = list(g.node)
-    if rewrite.replace_node is not None:
-        pos = next(i for i, n in enumerate(nodes) if n is rewrite.replace_node)
-        nodes[pos : pos + 1] = rewrite.nodes
-    else:
-        nodes = rewrite.nodes + nodes
-    dropped = {id(n) for n in rewrite.drop_nodes}
-    nodes = [copy.deepcopy(n) for n in nodes if id(n) not in dropped]
-    del g.node[:]
-    g.node.extend(nodes)
-    if rewrite.drop_init:
-        # deleted in place: re-adding the others would copy every weight into the model's protobuf arena,
-        # which frees nothing until the whole model goes (2 GB kept alive for a 4-layer BERT-base)
-        for i in reversed([i for i, t in enumerate(g.initializer) if t.name == rewrite.drop_init]):
-            del g.initializer[i]
-        # a stale type annotation of the old dense tensor would contradict its new producer
-        for field_ in (g.value_info, g.input):
-            stale = [v for v in field_ if v.name == rewrite.drop_init]
-            for v in stale:
-                field_.remove(v)
-    g.initializer.extend(rewrite.inits)
 
 
 def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]) -> tuple[onnx.ModelProto, Site]:
@@ -166,8 +138,6 @@ def _calibrate_inputs(model: onnx.ModelProto, sites: list[Site], calibration: li
     widened to 0, :func:`converters.int8.calibrate_activation`), by running ``model`` with those inputs as extra
     outputs: what the static int8 linears quantize with, and for convs the sign that int8 can be calibrated
     (ORT's QDQ pass calibrates them itself)."""
-    from .int8 import calibrate_activation
-
     sess, outputs, inputs = _probe(model, {s.node.input[0] for s in sites})
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}

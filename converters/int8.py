@@ -81,10 +81,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .formulations import FORMULATIONS, Formulation, Rewrite
+from .formulations import FORMULATIONS, Formulation
 from .graph import GraphIndex, const_i64
 from .locate import Site
-from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
+from .ops import OP_HANDLERS, REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
+from .rewrite import Rewrite
 
 MS_DOMAIN = "com.microsoft"
 LAYOUTS = ("row", "row-ms", "row-g1", "feature", "feature-u8")
@@ -344,7 +345,7 @@ def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
 
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
     """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in place;
-    :func:`converters.convert.apply` does not touch opset imports)."""
+    :func:`converters.rewrite.apply` does not touch opset imports)."""
     if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
             o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -357,8 +358,6 @@ def _linear_reason(name: str, site: Site) -> str | None:
         return f"{name} covers linears and convs only, not {site.node.op_type}"
     if site.node.op_type == "Conv" and name == "compact-int8":
         return None
-    from .ops import OP_HANDLERS
-
     return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
 
 
@@ -366,8 +365,6 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
     """The first step of an int8 conv (:mod:`converters.qdq`): the fp32 graph that ORT's QDQ pass then quantizes
     (``blocked-int8``: the fp32 ``blocked`` graph; ``compact-int8``: the dense conv, its int8 weight stored
     compactly after the pass), with the nodes to quantize named."""
-    from .ops import OP_HANDLERS
-
     bits = default_weight_bits()
     common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
     if fmt == "blocked-int8":
