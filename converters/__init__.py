@@ -10,7 +10,12 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
     # int8: linears dynamic (converters.int8), convs static in ORT's QDQ form (converters.qdq)
     result = convert(proto, layers, fmt="auto", quantize="int8", calibration_inputs={"x": rows})
     verify_kernels(result.model, {"x": x_np})              # ORT's int8 kernels vs the graph's own reference
+
+    # auto's timings cached per machine; a previous conversion's choices replayed (no timing, same bytes)
+    result = convert(proto, layers, fmt="auto", timing_inputs={"x": x_np}, cache=TimingCache.open())
+    again = convert(proto, layers, plan=result.plan)
 """
+from .cache import TimingCache, TimingKey
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
 from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
@@ -19,11 +24,13 @@ from .inspect import SparsityReport, measure_sparsity
 from .locate import Site, locate
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
+from .plan import LayerChoice, Plan, PlanError, PlanMismatch
 from .runtime import run_onnx
 from .verify import Verification, check, verify, verify_kernels
 
 __all__ = [
-    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
-    "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
-    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "verify", "verify_kernels",
+    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks", "LayerChoice",
+    "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport", "TimingCache", "TimingKey",
+    "Verification", "VerificationError", "WeightNotFound", "check", "convert", "export_onnx", "locate",
+    "measure_sparsity", "run_onnx", "verify", "verify_kernels",
 ]
