@@ -4,6 +4,10 @@
 for, or with ``auto`` the fastest measured in ONNX Runtime on this machine, ties going to the smallest), apply
 the rewrites, and record per layer what was chosen and why. The result carries, in its metadata, which tensors
 hold each layer's values, so the achieved sparsity can be measured from the final bytes.
+
+``auto``'s measurements go through a per-machine timing cache (:mod:`converters.cache`, :mod:`converters.timing`),
+so the same model and masks on the same machine give the same choices and bytes; the result's plan
+(:mod:`converters.plan`) replays them with no timing at all.
 """
 from __future__ import annotations
 

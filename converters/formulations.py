@@ -17,7 +17,6 @@ Each formulation turns a :class:`~converters.locate.Site` into a :class:`Rewrite
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from .graph import GraphIndex, const_i64, tensor
