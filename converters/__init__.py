@@ -14,9 +14,13 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
     # auto's timings cached per machine; a previous conversion's choices replayed (no timing, same bytes)
     result = convert(proto, layers, fmt="auto", timing_inputs={"x": x_np}, cache=TimingCache.open())
     again = convert(proto, layers, plan=result.plan)
+
+    # a smaller dense graph (structured pruning) in ORT's own int8 forms, the fastest measured
+    whole = quantize_whole(proto, timing_inputs={"x": x_np}, calibration_inputs={"x": rows})
 """
 from .cache import TimingCache, TimingKey
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
+from .dense_int8 import WholeInt8, quantize_whole
 from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
 from .formulations import FORMULATIONS
@@ -31,6 +35,6 @@ from .verify import Verification, check, verify, verify_kernels
 __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks", "LayerChoice",
     "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport", "TimingCache", "TimingKey",
-    "Verification", "VerificationError", "WeightNotFound", "check", "convert", "export_onnx", "locate",
-    "measure_sparsity", "run_onnx", "verify", "verify_kernels",
+    "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check", "convert", "export_onnx", "locate",
+    "measure_sparsity", "quantize_whole", "run_onnx", "verify", "verify_kernels",
 ]

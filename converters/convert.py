@@ -500,6 +500,11 @@ def _replay(sites: list[Site], plan: Plan, precisions: frozenset[str]) -> dict[s
         if why is not None:
             raise PlanMismatch(f"{c.name}: the plan's format {c.onnx_format} does not apply here: {why}")
         choices[site.layer.name] = (c.onnx_format, c.reason, None, None)
+    eight = [c.name for c in plan.layers if c.weight_bits == 8]
+    if eight and default_weight_bits() != 8:
+        log.warning("the plan stores %d layer(s) with 8-bit int8 weights (written on a CPU with VNNI); this CPU has "
+                    "no VNNI, where ONNX Runtime's u8 x s8 kernels can saturate 8-bit weights (the int8 kernel "
+                    "check measures it)", len(eight))
     return choices
 
 

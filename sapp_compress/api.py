@@ -34,7 +34,8 @@ from .geometry import LayerPlan, SkippedLayer, plan_layers
 from .masks import fold
 from .methods import METHODS
 from .tasks import Task, infer_task
-from .training import Progress, fine_tune, predict, resolve_device
+from .structure.groups import StructureResult
+from .training import Progress, fine_tune, predict, resolve_device, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ class PruneResult:
     lr: float = 0.0
     lr_source: str = ""
     warnings: list[str] = field(default_factory=list)
+    structure: StructureResult | None = None
 
     @property
     def mask_digest(self) -> str:
-        """sha256 over the final block masks in layer order: equal digests, equal masks."""
+        """sha256 over the final block masks in layer order (with ``structure="channels"``, over the families'
+        kept units): equal digests, equal masks."""
+        if self.structure is not None:
+            return mask_digest([torch.from_numpy(k) for k in self.structure.keep.values()])
         return mask_digest([torch.from_numpy(lb.kept) for lb in self.layers])
 
     @property
@@ -173,7 +178,14 @@ def prune(
     train_cfg = dataclasses.replace(train_cfg, lr=lr)
 
     student = copy.deepcopy(dense)
-    plans, skipped = plan_layers(unwrap(student), prune_cfg)
+    cpu = torch.device("cpu")
+    if prune_cfg.structure == "channels":
+        from .structure.plan import plan_families
+
+        example = to_tensors(tuple(x[:2] for x in train.inputs), cpu)
+        plans, skipped, _ = plan_families(student, unwrap(student), example, prune_cfg, inner_of=unwrap)
+    else:
+        plans, skipped = plan_layers(unwrap(student), prune_cfg)
     if not plans:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Linear or Conv layer"
         raise GeometryError(f"no layer can be pruned at block {prune_cfg.block}: {reasons}")
@@ -186,7 +198,6 @@ def prune(
     student.to(device)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
 
-    cpu = torch.device("cpu")
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
@@ -195,7 +206,12 @@ def prune(
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
 
     student.to(cpu).eval()
-    manifest = fold(method.layers)
+    structure = None
+    if prune_cfg.structure == "channels":
+        manifest = []
+        structure = _remove_units(student, plans, method.layers, eval_shard)
+    else:
+        manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
     baseline = constant_score(task, eval_shard.y, dense_out)
     warnings = [w for w in (collapse_warning(task, metrics, baseline),) if w]
@@ -206,5 +222,30 @@ def prune(
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
         dense_eval_outputs=dense_out,
         device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
-        output=output, lr=lr, lr_source=lr_source, warnings=warnings,
+        output=output, lr=lr, lr_source=lr_source, warnings=warnings, structure=structure,
     )
+
+
+def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard) -> StructureResult:
+    """Fold the families' masks, then remove the pruned units from the model (it gets smaller); the smaller
+    model must compute what the masked one did."""
+    from .structure.gates import fold as fold_families
+    from .structure.plan import PARITY_RTOL
+    from .structure.remove import max_rel_diff, remove
+
+    keep = fold_families(masked)
+    families = [p.family for p in plans]
+    inner = unwrap(student)
+    sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    rows = tuple(x[: min(8, len(eval_shard))] for x in eval_shard.inputs)
+    xs = to_tensors(rows, torch.device("cpu"))
+    with torch.no_grad():
+        before = student(*xs)
+    remove(inner, families, keep)
+    with torch.no_grad():
+        after = student(*xs)
+    d = max_rel_diff(before, after)
+    if not d <= PARITY_RTOL:
+        raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their scale")
+    after_sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    return StructureResult(families, keep, sizes, after_sizes, d)
