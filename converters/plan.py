@@ -104,6 +104,9 @@ class Plan:
             raise PlanError("expected a sapp-compress report (a JSON object with a list of layers)")
         if not report["layers"]:
             raise PlanError("the report lists no converted layer (the run ended before its conversion)")
+        if report.get("structure"):
+            raise PlanError("the report is of a structured run (--structure channels): it has no block-sparse "
+                            "formulations to replay")
         missing = [str(r.get("name", "?")) for r in report["layers"] if not isinstance(r, dict) or "plan" not in r]
         if missing:
             raise PlanError(f"layers without a plan: {_few(missing)} (a report of an older version, before plans)")
