@@ -248,4 +248,4 @@ def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard) -> Struc
     if not d <= PARITY_RTOL:
         raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their scale")
     after_sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
-    return StructureResult(families, keep, sizes, after_sizes, d)
+    return StructureResult(families, keep, sizes, after_sizes, d, frozenset(n for n, _ in inner.named_buffers()))

@@ -111,6 +111,8 @@ class PruningMethod:
         )
         self._bounds = [(round(p.start * total_steps), round(p.end * total_steps)) for p in self.phases]
         self._entered = -1  # index of the last phase entered
+        #: layer name -> its own target sparsity (default: ``cfg.sparsity`` for every layer)
+        self.targets: dict[str, float] = {}
 
     # --- the two extension points -------------------------------------------------------------------
     def program(self) -> list[Phase]:
@@ -195,12 +197,18 @@ class PruningMethod:
             self._enter(self._entered + 1)
         self._prune_to(1.0)
 
+    def target(self, layer) -> float:
+        """The sparsity ``layer`` ends at: ``--sparsity``, unless :attr:`targets` names the layer (a per-layer
+        width chosen by a latency-aware allocation)."""
+        return self.targets.get(layer.name, self.cfg.sparsity)
+
     def kept_count(self, layer: MaskedLayer, frac: float) -> int:
-        """Blocks to keep (per block-row when balanced) at ``frac`` of the target sparsity."""
+        """Blocks (or units) to keep (per block-row when balanced) at ``frac`` of the layer's target sparsity."""
         R, C = layer.grid
-        s = self.cfg.sparsity * frac
+        target = self.target(layer)
+        s = target * frac
         n = C if self.cfg.balanced else R * C
-        return max(1, int(round((1.0 - s) * n))) if frac < 1.0 else int(round((1.0 - self.cfg.sparsity) * n))
+        return max(1, int(round((1.0 - s) * n))) if frac < 1.0 else int(round((1.0 - target) * n))
 
     @torch.no_grad()
     def _prune_to(self, frac: float) -> None:

@@ -115,6 +115,7 @@ class StructureResult:
     sizes_before: dict[str, int]
     sizes_after: dict[str, int]
     parity: float = 0.0
+    buffers: frozenset[str] = frozenset()
 
     def tensors(self) -> list[str]:
         return sorted({t for f in self.families for t in f.tensors()})
@@ -127,7 +128,9 @@ class StructureResult:
         return 1.0 - sum(self.sizes_after[n] for n in names) / before if before else 0.0
 
     def parameters(self) -> tuple[int, int]:
-        return sum(self.sizes_before.values()), sum(self.sizes_after.values())
+        """The model's parameter count before and after (buffers not counted)."""
+        return (sum(v for k, v in self.sizes_before.items() if k not in self.buffers),
+                sum(v for k, v in self.sizes_after.items() if k not in self.buffers))
 
     def rows(self) -> list[dict]:
         """One report row per family."""
@@ -157,22 +160,24 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _kind(model: nn.Module, producers: tuple[Key, ...], per_unit: int) -> str:
-    t = model.get_parameter(producers[0][0]) if producers else None
-    conv = t is not None and t.dim() > 2
+    weights = [model.get_parameter(t) for t, _ in producers if model.get_parameter(t).dim() >= 2]
+    conv = bool(weights) and weights[0].dim() > 2
     if conv:
         return "conv groups" if per_unit > 1 else "channels"
     return "heads" if per_unit > 1 else "neurons"
 
 
 def _reason_of(blocked: str | None, residual: str | None, roles: set[str], n_units: int) -> str:
-    if blocked:
-        return blocked
+    if "rows" in roles:
+        return "the rows of an embedding table (one per token, position or type)"
     if residual:
         return "the residual stream: its channels are added to other layers' channels; its width stays"
+    if blocked:
+        return blocked
     if "producer" not in roles:
         return "input features of the model (no layer makes these channels)"
     if "consumer" not in roles:
-        return "no later layer consumes these channels"
+        return "the selected output does not depend on these channels (no later layer uses them)"
     if n_units < 2:
         return "all its channels are tied together (a normalisation, softmax or reduction over them)"
     return "left whole"
@@ -221,7 +226,8 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
             per_unit = dict(sig)[producers[0]]
             kind = _kind(model, producers, per_unit)
             mods = sorted({_module_of(t) for t, _ in producers + consumers})
-            name = f"{_common_prefix(mods) or mods[0]} ({kind})"
+            makers = sorted({_module_of(t) for t, _ in producers})
+            name = f"{_common_prefix(mods) or _common_prefix(makers) or makers[0]} ({kind})"
             families.append(GroupFamily(name, kind, tuple(u for _, u in sorted(units, key=lambda x: x[0])),
                                         producers, consumers, channelwise))
             covered.update(sig_keys)

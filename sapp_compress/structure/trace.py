@@ -555,6 +555,9 @@ def _embedding(tr, name, func, args, kwargs, out):
     if iw is None or not iw.param:
         return
     cols = [lab for lab in iw.labels if lab.dim() == 2 and lab.shape[1] > 1]
+    for lab in iw.labels:
+        if lab.dim() == 2 and lab.shape[0] > 1:
+            tr.g.role(lab, "rows")
     if cols:
         lab = align(cols[0].reshape(-1), out.dim())
         tr.g.role(lab, "producer")
