@@ -38,6 +38,8 @@ class Site:
         via_transpose: a Transpose node between initializer and MatMul, removed by the blocked rewrite.
         act: the calibrated uint8 (scale, zero point) of the consumer's input, for static int8 activations
             (``convert`` sets it from its calibration inputs; None: not calibrated).
+        weight_bits: the int8 formulations' weight bit width (``convert`` sets it when it replays a plan;
+            None: this CPU's :func:`converters.int8.default_weight_bits`).
     """
 
     layer: LayerBlocks
@@ -47,6 +49,7 @@ class Site:
     weight: np.ndarray
     via_transpose: onnx.NodeProto | None = None
     act: tuple[float, int] | None = None
+    weight_bits: int | None = None
 
 
 def _per_channel_scale(a: np.ndarray, w: np.ndarray) -> bool:

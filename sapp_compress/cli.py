@@ -130,6 +130,12 @@ class Progress:
 @click.option("--export-batch-size", default=1, type=int, show_default=True,
               help="Batch size auto times formulations at (your serving batch).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
+@click.option("--plan", "plan", type=click.Path(path_type=Path),
+              help="Replay the per-layer choices in this earlier run's report (no timing; same bytes for the same "
+                   "masks).")
+@click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
+              help="Reuse auto's timings measured on this machine (--no-cache: measure again and refresh them). "
+                   "Location: $SAPP_COMPRESS_CACHE, else $XDG_CACHE_HOME or ~/.cache, sapp-compress/.")
 @click.option("--quantize", default="none", type=click.Choice(["none", "int8"]), show_default=True,
               help="int8: the pruned layers' kept blocks stored and computed in int8 (linears: dynamic activation "
                    "scales; convs: static, calibrated on the training shard, with the rest of a conv net), where "
@@ -165,7 +171,7 @@ class Progress:
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
 def main(model, output, block, sparsity, structure, method, method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
-         device, amp, seed, onnx_format, export_batch_size, threads, quantize, int8_rtol, int8_kernel_rtol, max_accuracy_drop, atol, rtol, report,
+         device, amp, seed, onnx_format, export_batch_size, threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
     """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
@@ -195,7 +201,7 @@ def main(model, output, block, sparsity, structure, method, method_option, data,
         out = OutputConfig(output=output, report=report, save_torch=save_torch, onnx_format=onnx_format,
                            max_accuracy_drop=max_accuracy_drop, atol=atol, rtol=rtol, threads=threads,
                            export_batch_size=export_batch_size, quantize=quantize, int8_rtol=int8_rtol,
-                           int8_kernel_rtol=int8_kernel_rtol)
+                           int8_kernel_rtol=int8_kernel_rtol, plan=plan, cache="use" if use_cache else "refresh")
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:

@@ -61,6 +61,10 @@ class OutputConfig:
         int8_kernel_rtol: with int8, ORT's integer kernels (graph optimizations on) must match the model's own
             quantize / dequantize reference (optimizations off) to ``atol + int8_kernel_rtol * max|reference|``
             (:func:`converters.verify_kernels`).
+        plan: a previous run's report whose per-layer choices are replayed instead of ``auto``'s timing
+            (:class:`converters.Plan`; needs ``onnx_format="auto"``).
+        cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing, write),
+            ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
     """
 
     output: Path
@@ -76,12 +80,20 @@ class OutputConfig:
     quantize: str = "none"
     int8_rtol: float = 0.2
     int8_kernel_rtol: float = 0.1
+    plan: Path | None = None
+    cache: str = "use"
 
     def __post_init__(self) -> None:
         from converters import FORMATS
+        from converters.cache import MODES
 
         if self.onnx_format not in FORMATS:
             raise UsageError(f"onnx format: expected one of {FORMATS}, got {self.onnx_format!r}")
+        if self.plan is not None and self.onnx_format != "auto":
+            raise UsageError(f"--plan replays auto's choices: expected --onnx-format auto with it, got "
+                             f"{self.onnx_format!r}")
+        if self.cache not in MODES:
+            raise UsageError(f"cache: expected one of {MODES}, got {self.cache!r}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
         if self.atol < 0 or self.rtol < 0:
@@ -216,15 +228,42 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
     return model, out
 
 
+def load_plan(path: Path, quantize: str):
+    """The plan of the report at ``path`` (:class:`converters.Plan`), checked against ``quantize``. Raises
+    :class:`UsageError` (exit 2)."""
+    import json
+
+    import converters
+    from converters.convert import QUANTIZE
+
+    try:
+        plan = converters.Plan.from_report(json.loads(Path(path).read_text()))
+    except OSError as e:
+        raise UsageError(f"--plan {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: not JSON ({e})") from None
+    except converters.PlanError as e:
+        raise UsageError(f"--plan {path}: {e}") from None
+    need = {c.name: c.onnx_format for c in plan.layers
+            if converters.FORMULATIONS.get(c.onnx_format) is not None
+            and converters.FORMULATIONS[c.onnx_format].precision not in QUANTIZE[quantize]}
+    if need:
+        name, fmt = next(iter(need.items()))
+        raise UsageError(f"--plan {path}: {len(need)} layer(s) in int8 (e.g. {name}: {fmt}): expected --quantize "
+                         f"int8 as the run that wrote it, got --quantize {quantize}")
+    return plan
+
+
 #: rows the pre-check's int8 dry run calibrates on (a dry run: the scales do not matter, the pass must run)
 PRECHECK_CALIBRATION_ROWS = 8
 
 
-def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: float = 0.5):
+def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: float = 0.5, plan=None):
     """What :func:`prune` runs before fine-tuning: export the dense model and find every weight to be pruned
     in its graph, through the same code the final export and conversion use, so a model that cannot be
     converted fails in seconds (exit 2), not after the fine-tune. With ``quantize="int8"`` the int8 rewrites
-    (ONNX Runtime's QDQ pass over the convs included) run once on that graph too."""
+    (ONNX Runtime's QDQ pass over the convs included) run once on that graph too. With a ``plan`` to replay,
+    its layers, shapes and blocks must be the ones to be pruned (its masks are checked after the fine-tune)."""
     import converters
 
     def check(dense: nn.Module, plans: list[LayerPlan]) -> None:
@@ -234,6 +273,11 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: floa
             timings["precheck"] = round(time.perf_counter() - t, 3)
             return
         model, manifest = dry_run_model(dense, plans)
+        if plan is not None:
+            try:
+                plan.check(manifest, masks=False)
+            except converters.PlanError as e:
+                raise UsageError(f"--plan: {e}") from None
         proto = export_model(model, shard)
         try:
             converters.locate(proto, manifest)
@@ -335,6 +379,7 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
     from converters import FORMULATIONS
 
     outcomes = {o.name: o for o in conv.layers}
+    plans = {c.name: c.to_json() for c in conv.plan.layers}
     rows = []
     for lb in res.layers:
         o = outcomes[lb.name]
@@ -344,7 +389,7 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
             "block_sparsity": lb.block_sparsity, "sparsity": sp.per_layer[lb.name], "balanced": lb.balanced,
             "onnx_format": o.fmt, "precision": FORMULATIONS[o.fmt].precision, "reason": o.reason,
             "latencies_ms": o.latencies_ms, "stored_bytes": o.stored_bytes, "dense_bytes": o.dense_bytes,
-            **({"int8": o.int8} if getattr(o, "int8", None) else {}),
+            **({"int8": o.int8} if getattr(o, "int8", None) else {}), "plan": plans[lb.name],
         })
     return rows
 
@@ -421,6 +466,10 @@ def compress(
         for path, what in ((out.output, "output"), (out.report, "report"), (out.save_torch, "--save-torch")):
             if path is not None:
                 _check_writable(Path(path), what)
+        if out.plan is not None and prune_cfg.structure != "blocks":
+            raise UsageError(f"--plan replays block-sparse formulations: expected --structure blocks with it, got "
+                             f"{prune_cfg.structure}")
+        plan = load_plan(out.plan, out.quantize) if out.plan is not None else None
         if isinstance(model, (str, Path)):
             model = load_model(model, trust=trust_model, arch=arch)
         lap("load")
@@ -431,7 +480,7 @@ def compress(
         lap("data")
         res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
                     # on every rank: a rank that skipped it would wait in DDP for one that failed it
-                    before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity))
+                    before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity, plan))
         lap("fine_tune")
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
                       skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,
@@ -460,12 +509,19 @@ def compress(
         if res.structure is not None:
             onnx_bytes, int8 = _convert_structured(res, dense_proto, out, timing_feed, calibration, report)
         else:
-            conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                      threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
+            cache = converters.TimingCache.open(out.cache)
+            try:
+                conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
+                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration,
+                                          cache=cache, plan=plan)
+            except converters.PlanError as e:
+                raise UsageError(f"--plan {out.plan}: {e}") from None
             onnx_bytes = conv.model.SerializeToString()
             sp = converters.measure_sparsity(onnx_bytes, res.layers)
             report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall,
                           layers=_layer_rows(res, conv, sp))
+            report["plan"] = {**conv.timing, "plan": str(out.plan) if plan is not None else None,
+                              "cache": str(cache.root) if cache is not None else None, "cache_mode": out.cache}
             report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
             int8 = any(row["precision"] == "int8" for row in report["layers"])
         lap("convert")
