@@ -416,7 +416,7 @@ def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed:
     model, fmt = proto, "dense"
     if out.quantize == "int8":
         whole = converters.quantize_whole(proto, timing_inputs=timing_feed, calibration_inputs=calibration,
-                                          threads=out.threads)
+                                          threads=out.threads, cache=converters.TimingCache.open(out.cache))
         report["int8"] = whole.to_json()
         model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
         if whole.form == "fp32":
