@@ -18,7 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import time
 
-from .runtime import session
+from .cache import TimingCache, TimingKey
+from .runtime import session, time_interleaved
+from .timing import graph_digest
 
 
 @dataclass(frozen=True)
@@ -135,4 +137,40 @@ def time_specs(specs: list[OpSpec], *, threads: int | None = None, rounds: int =
     return out
 
 
-__all__ = ["OpSpec", "SpecCache", "op_graph", "time_specs"]
+class OpCache:
+    """:class:`SpecCache` over the timing cache: one entry per op and shape (kind ``op``), keyed like every
+    measurement (threads, the machine, the converters' code)."""
+
+    def __init__(self, cache: TimingCache, threads: int | None) -> None:
+        self.cache, self.threads = cache, int(threads or 0)
+
+    def _key(self, spec: OpSpec) -> TimingKey:
+        return TimingKey("op", spec.kind, spec.key(), str(spec.dims[0]), "", "", "fp32", self.threads)
+
+    def get(self, spec: OpSpec) -> float | None:
+        v = self.cache.get(self._key(spec))
+        return None if v is None else float(v["ms"])
+
+    def put(self, spec: OpSpec, ms: float) -> None:
+        self.cache.put(self._key(spec), {"ms": ms})
+
+
+def model_ms(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int | None = None,
+             cache: TimingCache | None = None, precision: str = "fp32") -> dict[str, float]:
+    """Median latency (ms) of whole models on ``feed``, timed interleaved, through ``cache`` (kind
+    ``model_latency``, one entry per set of graphs: their digests, the feed's shapes, the threads)."""
+    digests = {k: graph_digest(m) for k, m in models.items()}
+    shapes = ";".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
+    key = TimingKey("model_latency", ",".join(f"{k}:{d}" for k, d in sorted(digests.items())), shapes,
+                    str(len(next(iter(feed.values())))), "", ",".join(sorted(models)), precision, int(threads or 0))
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return {k: float(v) for k, v in hit.items()}
+    sessions = {k: session(m, threads=threads, spin=False) for k, m in models.items()}
+    out = {k: round(v, 4) for k, v in time_interleaved(sessions, feed, min_rounds=7, max_rounds=15, budget_s=2.0).items()}
+    if cache is not None:
+        cache.put(key, out)
+    return out
+
+
+__all__ = ["OpCache", "OpSpec", "SpecCache", "model_ms", "op_graph", "time_specs"]

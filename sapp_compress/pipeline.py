@@ -82,6 +82,7 @@ class OutputConfig:
     int8_kernel_rtol: float = 0.1
     plan: Path | None = None
     cache: str = "use"
+    accept_missed_target: bool = False
 
     def __post_init__(self) -> None:
         from converters import FORMATS
@@ -430,6 +431,76 @@ def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed:
     return onnx_bytes, precision == "int8"
 
 
+#: ``--target-speedup``: a measured speed-up below this share of the target gets one corrective round, then exit 5
+TARGET_TOLERANCE = 0.9
+
+
+def _measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputConfig, feed: dict,
+                     calibration) -> dict:
+    """The written model against the dense model (fp32), timed interleaved at the serving batch on this machine
+    (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model."""
+    import onnx
+
+    import converters
+    from converters.latency import model_ms
+
+    cache = converters.TimingCache.open(out.cache)
+    graphs = {"dense": original, "pruned": onnx.load_from_string(artifact)}
+    ort_form = None
+    if int8:
+        whole = converters.quantize_whole(original, timing_inputs=feed, calibration_inputs=calibration,
+                                          threads=out.threads, cache=cache)
+        ort_form = whole.form
+        if whole.form != "fp32":
+            graphs["ort_int8"] = whole.model
+    ms = model_ms(graphs, feed, threads=out.threads, cache=cache, precision="int8" if int8 else "fp32")
+    row = {"batch": len(next(iter(feed.values()))), "threads": out.threads, "ms": ms,
+           "measured": ms["dense"] / ms["pruned"]}
+    if "ort_int8" in ms:
+        row.update(vs_ort_int8=ms["ort_int8"] / ms["pruned"], ort_int8_form=ort_form)
+    return row
+
+
+def _reach_target(res: PruneResult, original, proto, onnx_bytes: bytes, int8: bool, cfg: PruneConfig,
+                  out: OutputConfig, feed: dict, calibration, report: dict):
+    """``--target-speedup``: measure the written model; if it misses the target by more than 10 %, one corrective
+    round (re-allocate with the prediction corrected by the measurement, remove the lowest-norm units of the
+    families that must shrink from the folded model, export and measure again); then :class:`TargetMissed`
+    (exit 5) unless ``--accept-missed-target``. Returns the final (bytes, int8, fp32 proto)."""
+    from .errors import TargetMissed
+    from .structure.allocate import shrink
+
+    st = res.structure
+    widths = {f.name: int(st.keep[f.name].sum()) for f in st.families}
+    rows = []
+    for attempt in range(2):
+        table = st.speed["table"]
+        m = _measure_speedup(original, proto, onnx_bytes, int8, out, feed, calibration)
+        m.update(widths=widths, predicted=table.dense_ms / table.predict(widths), round=attempt)
+        rows.append(m)
+        if m["measured"] >= TARGET_TOLERANCE * cfg.target_speedup or attempt == 1:
+            break
+        widths = shrink(res, table, widths, cfg.target_speedup, m["ms"]["dense"], m["ms"]["pruned"])
+        report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
+        report["metrics"]["pruned_torch"] = res.metrics["pruned_torch"]
+        report["mask_digest"] = res.mask_digest
+        proto = export_model(res.model, res.eval_shard)
+        onnx_bytes, int8 = _convert_structured(res, proto, out, feed, calibration, report)
+    final = rows[-1]
+    report["target_speedup"] = {"target": cfg.target_speedup, "predicted": final["predicted"],
+                                "measured": final["measured"], **({"vs_ort_int8": final["vs_ort_int8"]}
+                                                                   if "vs_ort_int8" in final else {}),
+                                "batch": final["batch"], "threads": out.threads, "rounds": rows,
+                                "allocations": st.speed["allocations"], "table": st.speed["table"].to_json()}
+    if final["measured"] < TARGET_TOLERANCE * cfg.target_speedup:
+        msg = (f"target not reached: measured {final['measured']:.2f}x against the target {cfg.target_speedup:g}x "
+               f"(batch {final['batch']}, after one corrective round)")
+        if not out.accept_missed_target:
+            raise TargetMissed(msg + "; --accept-missed-target writes the model anyway")
+        report.setdefault("warnings", []).append(msg)
+    return onnx_bytes, int8, proto
+
+
 def compress(
     model: nn.Module | str | Path,
     prune_cfg: PruneConfig,
@@ -478,7 +549,13 @@ def compress(
         report["data"] = {"train": shard.source, "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
                           "samples": len(shard)}
         lap("data")
-        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
+        speed = None
+        if prune_cfg.target_speedup:
+            from .structure.allocate import SpeedTarget
+
+            speed = SpeedTarget(prune_cfg.target_speedup, out.export_batch_size, out.threads,
+                                "int8" if out.quantize == "int8" else "fp32", out.cache)
+        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress, speed=speed,
                     # on every rank: a rank that skipped it would wait in DDP for one that failed it
                     before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity, plan))
         lap("fine_tune")
@@ -497,8 +574,8 @@ def compress(
 
         ev_shard = res.eval_shard
         dense_proto = export_model(res.model, ev_shard)
-        report["dense_onnx_bytes"] = (dense_proto.ByteSize() if res.structure is None
-                                      else export_model(res.dense_model, ev_shard).ByteSize())
+        original = dense_proto if res.structure is None else export_model(res.dense_model, ev_shard)
+        report["dense_onnx_bytes"] = original.ByteSize()
         lap("export")
         timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
         calibration = None
@@ -508,6 +585,9 @@ def compress(
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
         if res.structure is not None:
             onnx_bytes, int8 = _convert_structured(res, dense_proto, out, timing_feed, calibration, report)
+            if prune_cfg.target_speedup:
+                onnx_bytes, int8, dense_proto = _reach_target(res, original, dense_proto, onnx_bytes, int8, prune_cfg,
+                                                              out, timing_feed, calibration, report)
         else:
             cache = converters.TimingCache.open(out.cache)
             try:

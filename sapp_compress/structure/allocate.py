@@ -180,3 +180,194 @@ def allocate(table: LatencyTable, loss: dict[str, list[float]], target_ms: float
 
 
 __all__ = ["BINS", "LatencyTable", "allocate", "candidate_widths", "family_specs"]
+
+
+# --- building the table and the loss, and the hook that allocates during the fine-tune --------------------
+
+#: the allocation aims this much above the target, so that timing noise leaves the measured speed-up at or above it
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """Where the speed-up is measured: ONNX Runtime on this machine at the serving ``batch`` with ``threads``,
+    in ``precision`` (``fp32``, or ``int8``: the graphs in ORT's fastest int8 form), through ``cache``."""
+
+    speedup: float
+    batch: int = 1
+    threads: int | None = None
+    precision: str = "fp32"
+    cache: str = "use"
+
+
+def _export(model, rows: dict[str, np.ndarray]):
+    import torch
+
+    from converters import export_onnx
+
+    xs = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in rows.values())
+    return export_onnx(model, xs, input_names=list(rows))
+
+
+def _as_precision(proto, precision: str, feed, calibration, threads, cache):
+    if precision != "int8":
+        return proto
+    from converters import quantize_whole
+
+    return quantize_whole(proto, timing_inputs=feed, calibration_inputs=calibration, threads=threads,
+                          cache=cache).model
+
+
+def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
+                target: SpeedTarget, calibration: dict | None = None, inner_of=lambda m: m) -> LatencyTable:
+    """Time every family's ops at its candidate widths (cached), then the whole dense model and the whole model
+    with every family at half width (exported from ``model`` at ``export_rows``; ``inner_of(model)`` is the module
+    the families name; timed on ``feed``: the serving batch), and calibrate. ``plan``'s trace ran on
+    ``len(export_rows)`` rows."""
+    import copy
+
+    from converters.cache import TimingCache
+    from converters.latency import OpCache, model_ms, time_specs
+
+    from .remove import remove
+
+    cache = TimingCache.open(target.cache)
+    traced = len(next(iter(export_rows.values())))
+    widths = {f.name: candidate_widths(f) for f in plan.families}
+    specs = {(f.name, w): family_specs(plan, f, w, target.batch, traced) for f in plan.families for w in widths[f.name]}
+    timed = time_specs([s for v in specs.values() for s in v], threads=target.threads,
+                       cache=OpCache(cache, target.threads) if cache is not None else None)
+    ms = {f.name: [sum(timed[s] for s in specs[(f.name, w)]) for w in widths[f.name]] for f in plan.families}
+    half = copy.deepcopy(model)
+    keep = {f.name: np.arange(f.n_units) < max(1, f.n_units // 2) for f in plan.families}
+    remove(inner_of(half), plan.families, keep)
+    graphs = {n: _as_precision(_export(m, export_rows), target.precision, feed, calibration, target.threads, cache)
+              for n, m in (("dense", model), ("half", half))}
+    whole = model_ms(graphs, feed, threads=target.threads, cache=cache, precision=target.precision)
+    table = LatencyTable(widths, ms, whole["dense"], n_units={f.name: f.n_units for f in plan.families})
+    table.calibrate(whole["half"])
+    return table
+
+
+def family_order(scores) -> np.ndarray:
+    """Units from most to least important (ties by index)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    return np.lexsort((np.arange(len(s)), -s))
+
+
+class Allocator:
+    """Sets each family's target width at the start of a sparsify phase (the first, and again at the last, once
+    the scores have settled): measures the loss growth of each family at each candidate width (its units of
+    highest score kept, the others masked, on fixed training rows) and solves :func:`allocate` for the target.
+
+    ``loss_of()`` returns the task loss of the model on those rows (no gradient); ``history`` records every
+    allocation for the report."""
+
+    def __init__(self, table: LatencyTable, target: SpeedTarget, loss_of) -> None:
+        self.table, self.target, self.loss_of = table, target, loss_of
+        self.history: list[dict] = []
+        self.loss: dict[str, list[float]] = {}
+
+    def target_ms(self) -> float:
+        return self.table.dense_ms / (self.target.speedup * (1.0 + MARGIN))
+
+    def sensitivity(self, method) -> dict[str, list[float]]:
+        import torch
+
+        base = self.loss_of()
+        out = {}
+        for layer in method.layers:
+            saved = layer.masker.mask.detach().clone()
+            order = family_order(method.scores(layer).detach().cpu().numpy())
+            grows = []
+            for w in self.table.widths[layer.name]:
+                keep = torch.zeros(layer.grid[1], dtype=torch.bool)
+                keep[torch.as_tensor(order[:w])] = True
+                layer.set_mask(keep.reshape(1, -1).to(saved.device))
+                grows.append(max(0.0, self.loss_of() - base))
+            layer.masker.mask.copy_(saved)
+            out[layer.name] = grows
+        return out
+
+    def __call__(self, method, phase_index: int) -> None:
+        sparsify = [i for i, p in enumerate(method.phases) if p.kind == "sparsify"]
+        if phase_index not in (sparsify[0], sparsify[-1]) or (self.history and phase_index == sparsify[0]):
+            return
+        self.loss = self.sensitivity(method)
+        widths = allocate(self.table, self.loss, self.target_ms())
+        if widths is None:  # the table said reachable; the loss does not change that, but be safe
+            widths = {f: w[0] for f, w in self.table.widths.items()}
+        method.targets.update({f: 1.0 - w / self.table.n_units[f] for f, w in widths.items()})
+        self.history.append({"phase": phase_index, "widths": widths,
+                             "predicted_speedup": self.table.dense_ms / self.table.predict(widths)})
+
+
+__all__ += ["Allocator", "MARGIN", "SpeedTarget", "build_table", "family_order"]
+
+
+def recalibrated(table: LatencyTable, widths: dict[str, int], dense_ms: float, pruned_ms: float) -> LatencyTable:
+    """``table`` with ``rest`` and ``scale`` fitted through two measured whole models: the dense one and the one
+    at ``widths``."""
+    full = sum(table.ms[f][-1] for f in table.widths)
+    part = sum(table.family_ms(f, widths.get(f, table.n_units[f])) for f in table.widths)
+    out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units)
+    if full - part > 1e-9:
+        out.scale = max(0.0, (dense_ms - pruned_ms) / (full - part))
+        out.rest_ms = max(0.0, dense_ms - out.scale * full)
+    return out
+
+
+def shrink(res, table: LatencyTable, widths: dict[str, int], speedup: float, dense_ms: float, pruned_ms: float
+           ) -> dict[str, int]:
+    """The corrective round of ``--target-speedup``: recalibrate the table through the two whole models just
+    measured (the dense one, ``dense_ms``, and the written one at ``widths``, ``pruned_ms``), allocate again for
+    the target with it, no family wider than now, and remove the units it drops (the kept units of least group
+    norm in the folded model) from a fresh copy of the folded model. Updates ``res.model``, ``res.structure`` (its
+    ``speed["table"]`` too) and ``res.metrics["pruned_torch"]`` in place; returns the new widths."""
+    import copy
+
+    import torch
+
+    from ..adapters import unwrap
+    from ..training import predict
+    from .gates import unit_norms
+    from .remove import remove
+
+    st = res.structure
+    table = recalibrated(table, widths, dense_ms, pruned_ms)
+    st.speed["table"] = table
+    sub = LatencyTable({f: [w for w in table.widths[f] if w <= widths[f]] or [widths[f]] for f in table.widths},
+                       {}, table.dense_ms, table.rest_ms, table.scale, table.n_units)
+    sub.ms = {f: [table.family_ms(f, w) for w in sub.widths[f]] for f in sub.widths}
+    loss = st.speed.get("loss") or {}
+    sub_loss = {f: [float(np.interp(w, table.widths[f], loss[f])) if f in loss else 0.0 for w in sub.widths[f]]
+                for f in sub.widths}
+    want = allocate(sub, sub_loss, dense_ms / (speedup * (1 + MARGIN)))
+    want = want or {f: w[0] for f, w in sub.widths.items()}
+    folded = unwrap(st.folded)
+    params = dict(folded.named_parameters())
+    keep = {}
+    for fam in st.families:
+        k = st.keep[fam.name].copy()
+        drop = int(k.sum()) - want[fam.name]
+        if drop > 0:
+            norms = torch.zeros(fam.n_units)
+            for key in fam.keys:
+                if key[0] in params:
+                    w = params[key[0]].detach()
+                    norms += unit_norms(w, key[1], torch.as_tensor(fam.index(key))) ** 2
+            alive = np.flatnonzero(k)
+            k[alive[np.argsort(norms.numpy()[alive], kind="stable")[:drop]]] = False
+        keep[fam.name] = k
+    small = copy.deepcopy(st.folded)
+    remove(unwrap(small), st.families, keep)
+    inner = unwrap(small)
+    st.keep = keep
+    st.sizes_after = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    res.model = small.eval()
+    res.metrics["pruned_torch"] = res.task.metrics(predict(small, res.eval_shard, torch.device("cpu")),
+                                                   res.eval_shard.y, res.dense_eval_outputs)
+    return {f.name: int(keep[f.name].sum()) for f in st.families}
+
+
+__all__ += ["recalibrated", "shrink"]

@@ -119,6 +119,10 @@ class StructureResult:
     sizes_after: dict[str, int]
     parity: float = 0.0
     buffers: frozenset[str] = frozenset()
+    #: with ``--target-speedup``: the folded model before the removal (a corrective round removes more from it)
+    folded: nn.Module | None = None
+    #: with ``--target-speedup``: the latency table, the allocations made and the last loss table
+    speed: dict | None = None
 
     def tensors(self) -> list[str]:
         return sorted({t for f in self.families for t in f.tensors()})
