@@ -40,11 +40,8 @@ def candidate_widths(fam: GroupFamily, points: int = 16) -> list[int]:
     if n <= points:
         return list(range(1, n + 1))
     step = next((g for g in (16, 8, 4) if n // g >= points), 1)
-    out = sorted({*range(step, n + 1, step), n})
-    if len(out) > 4 * points:  # a very wide family: thin the grid evenly
-        keep = np.unique(np.linspace(0, len(out) - 1, 4 * points).round().astype(int))
-        out = [out[i] for i in keep]
-    return out
+    step *= max(1, -(-(n // step) // points))  # about ``points`` widths, multiples of the kernel-friendly step
+    return sorted({*range(step, n + 1, step), n})
 
 
 def _per_unit(fam: GroupFamily, key) -> int:
