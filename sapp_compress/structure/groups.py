@@ -245,8 +245,8 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
             for k in sig_keys:
                 whole_reasons[k][reason] += 1
     _unique_names(families)
-    whole = [WholeAxis(t, a, c.most_common(1)[0][0]) for (t, a), c in sorted(whole_reasons.items())
-             if _is_weight(model, t) and (t, a) not in covered]
+    whole = [WholeAxis(t, a, _TAPS if a >= 2 and _is_weight(model, t) else c.most_common(1)[0][0])
+             for (t, a), c in sorted(whole_reasons.items()) if _is_weight(model, t) and (t, a) not in covered]
     whole += _untouched(model, set(keys))
     families.sort(key=lambda f: _first_index(model, f))
     records = []
@@ -256,6 +256,9 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
     out = StructurePlan(families, whole, graph.ops)
     out.records = [(r, f.name if f is not None else None) for r, f in records]  # names final after sorting
     return out
+
+
+_TAPS = "the kernel's spatial taps (not channels)"
 
 
 def _unique_names(families: list[GroupFamily]) -> None:
