@@ -255,7 +255,7 @@ def _onnx_rows(shard: Shard, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 
 #: rows of the training shard the latency-aware allocation measures each family's loss growth on
-SENSITIVITY_ROWS = 64
+SENSITIVITY_ROWS = 32
 
 
 def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, speed):
