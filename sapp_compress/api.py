@@ -262,11 +262,13 @@ def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, sp
     """The latency table of ``--target-speedup`` (before any fine-tuning); an unreachable target is exit 2."""
     from .structure.allocate import build_table
 
+    t0 = time.perf_counter()
     speed = speed or _default_speed(cfg)
     n = len(train)
     feed = _onnx_rows(train, np.arange(speed.batch) % n)
     calibration = _onnx_rows(train, np.unique(np.linspace(0, n - 1, min(n, 32)).astype(np.int64)))
     table = build_table(student, splan, _onnx_rows(train, np.arange(2)), feed, speed, calibration, inner_of=unwrap)
+    table.seconds = round(time.perf_counter() - t0, 3)
     best = table.best_speedup()
     if best < cfg.target_speedup:
         raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this model "

@@ -487,6 +487,8 @@ def _reach_target(res: PruneResult, original, proto, onnx_bytes: bytes, int8: bo
         proto = export_model(res.model, res.eval_shard)
         onnx_bytes, int8 = _convert_structured(res, proto, out, feed, calibration, report)
     final = rows[-1]
+    report["timings"]["latency_table"] = st.speed["table"].seconds
+    report["timings"]["allocation"] = round(sum(a["seconds"] for a in st.speed["allocations"]), 3)
     report["target_speedup"] = {"target": cfg.target_speedup, "predicted": final["predicted"],
                                 "measured": final["measured"], **({"vs_ort_int8": final["vs_ort_int8"]}
                                                                    if "vs_ort_int8" in final else {}),

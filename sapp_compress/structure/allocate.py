@@ -108,6 +108,8 @@ class LatencyTable:
     rest_ms: float = 0.0
     scale: float = 1.0
     n_units: dict[str, int] = field(default_factory=dict)
+    half_ms: float | None = None
+    seconds: float = 0.0
 
     def family_ms(self, name: str, width: int) -> float:
         return float(np.interp(width, self.widths[name], self.ms[name]))
@@ -132,7 +134,8 @@ class LatencyTable:
         return self.dense_ms / self.predict({f: w[0] for f, w in self.widths.items()})
 
     def to_json(self) -> dict:
-        return {"dense_ms": self.dense_ms, "rest_ms": self.rest_ms, "scale": self.scale,
+        return {"dense_ms": self.dense_ms, "half_ms": self.half_ms, "rest_ms": self.rest_ms, "scale": self.scale,
+                "seconds": self.seconds,
                 "families": {f: {"widths": self.widths[f], "ms": [round(v, 4) for v in self.ms[f]]}
                              for f in self.widths}}
 
@@ -245,6 +248,7 @@ def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], 
     whole = model_ms(graphs, feed, threads=target.threads, cache=cache, precision=target.precision)
     table = LatencyTable(widths, ms, whole["dense"], n_units={f.name: f.n_units for f in plan.families})
     table.calibrate(whole["half"])
+    table.half_ms = whole["half"]
     return table
 
 
@@ -292,13 +296,17 @@ class Allocator:
         sparsify = [i for i, p in enumerate(method.phases) if p.kind == "sparsify"]
         if phase_index not in (sparsify[0], sparsify[-1]) or (self.history and phase_index == sparsify[0]):
             return
+        import time
+
+        t0 = time.perf_counter()
         self.loss = self.sensitivity(method)
         widths = allocate(self.table, self.loss, self.target_ms())
         if widths is None:  # the table said reachable; the loss does not change that, but be safe
             widths = {f: w[0] for f, w in self.table.widths.items()}
         method.targets.update({f: 1.0 - w / self.table.n_units[f] for f, w in widths.items()})
         self.history.append({"phase": phase_index, "widths": widths,
-                             "predicted_speedup": self.table.dense_ms / self.table.predict(widths)})
+                             "predicted_speedup": self.table.dense_ms / self.table.predict(widths),
+                             "seconds": round(time.perf_counter() - t0, 3)})
 
 
 __all__ += ["Allocator", "MARGIN", "SpeedTarget", "build_table", "family_order"]
@@ -309,7 +317,8 @@ def recalibrated(table: LatencyTable, widths: dict[str, int], dense_ms: float, p
     at ``widths``."""
     full = sum(table.ms[f][-1] for f in table.widths)
     part = sum(table.family_ms(f, widths.get(f, table.n_units[f])) for f in table.widths)
-    out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units)
+    out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units, table.half_ms,
+                       table.seconds)
     if full - part > 1e-9:
         out.scale = max(0.0, (dense_ms - pruned_ms) / (full - part))
         out.rest_ms = max(0.0, dense_ms - out.scale * full)
