@@ -16,7 +16,6 @@ channels were never added to another layer's channels). Every other weight axis 
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -317,4 +316,3 @@ def select(plan: StructurePlan, include: tuple[str, ...] = (), exclude: tuple[st
 
 
 __all__ = ["GroupFamily", "StructurePlan", "StructureResult", "WholeAxis", "build", "discover", "select"]
-_ = os

@@ -32,7 +32,6 @@ turns it into units and families.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -893,4 +892,3 @@ def _opaque_module(tracer: Tracer, kind: str):
 
 
 __all__ = ["ChannelGraph", "Nodes", "OpRecord", "RULES", "trace", "named_tensors", "NONE"]
-_ = math
