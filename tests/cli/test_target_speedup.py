@@ -115,6 +115,17 @@ def test_missed_target_exits_5_and_writes_nothing(tmp_path, mlp_path, monkeypatc
         return {"batch": 1, "threads": None, "ms": {"dense": 1.0, "pruned": 0.9}, "measured": 1.0 / 0.9}
 
     monkeypatch.setattr(pipeline, "_measure_speedup", slow)
+    # the latency table of a model this small is timing noise (it predicted 0.73x at best on one machine): a
+    # table whose dense latency is ten times its smallest model's makes 1.5x reachable everywhere
+    from sapp_compress.structure import allocate
+    real = allocate.build_table
+
+    def reachable(*a, **k):
+        table = real(*a, **k)
+        table.dense_ms = 10 * table.predict({f: w[0] for f, w in table.widths.items()})
+        return table
+
+    monkeypatch.setattr(allocate, "build_table", reachable)
     rep = tmp_path / "r.json"
     code, out = _run(mlp_path, "--structure", "channels", "--target-speedup", "1.5", "--steps", "4",
                      "-o", tmp_path / "m.onnx", "--report", rep)
