@@ -16,7 +16,7 @@ from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
 from .formulations import FORMULATIONS
 from .inspect import SparsityReport, measure_sparsity
-from .locate import Site, locate
+from .locate import Site, locate, unplaceable
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
 from .runtime import run_onnx
@@ -25,5 +25,5 @@ from .verify import Verification, check, verify, verify_kernels
 __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
     "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
-    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "verify", "verify_kernels",
+    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "unplaceable", "verify", "verify_kernels",
 ]

@@ -116,7 +116,7 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]
     g = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
-    return m, Site(site.layer, site.init_name, node, site.stored, site.weight, via, site.act)
+    return m, replace(site, node=node, via_transpose=via, consumers=1)
 
 
 def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
@@ -306,7 +306,7 @@ def _relocate(model: onnx.ModelProto, site: Site) -> Site:
     """The same site with its node objects taken from ``model``'s current node list."""
     node = next(n for n in model.graph.node if n == site.node)
     via = next(n for n in model.graph.node if n == site.via_transpose) if site.via_transpose else None
-    return Site(site.layer, site.init_name, node, site.stored, site.weight, via, site.act)
+    return replace(site, node=node, via_transpose=via)
 
 
 def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],

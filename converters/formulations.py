@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from .graph import GraphIndex, const_i64, tensor
-from .locate import Site
+from .locate import Site, shared_reason
 from .manifest import element_mask, view_of
 
 
@@ -165,6 +165,8 @@ class Blocked(Formulation):
     def reason_not(self, site):
         from .ops import OP_HANDLERS
 
+        if shared_reason(site):
+            return shared_reason(site)
         handler = OP_HANDLERS.get(site.node.op_type)
         if handler is None:
             return f"no block-sparse handler for {site.node.op_type}"
