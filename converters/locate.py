@@ -116,8 +116,8 @@ def _resolve(lb: LayerBlocks, found: list[tuple[str, str, np.ndarray]]):
     """(the match to use, the copies to merge into it), or why there is none."""
     if not found:
         return (f"no initializer of the exported graph holds this weight (shape {lb.weight.shape}, as is, "
-                "transposed or BatchNorm-scaled): the graph computes it from other tensors, e.g. folded with a "
-                "constant input")
+                "transposed or BatchNorm-scaled): the graph only holds a tensor computed from it, e.g. folded with "
+                "a constant input")
     named = [f for f in found if f[0] == lb.name]
     first = (named or found)[0]
     if all(np.array_equal(f[2], first[2]) for f in found):

@@ -64,8 +64,36 @@ def write_json(path: str | Path, data: dict) -> None:
             os.unlink(tmp)
 
 
+def int8_sparsity(report: dict, int8, fp32) -> None:
+    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are the masks' block sparsity,
+    measured on the fp32 form of the same masks (``fp32``, a :class:`converters.SparsityReport`); the zeros of
+    the int8 weights (``int8``), which add the kept weights that rounded to zero, are reported apart, under
+    ``int8_zeros`` and each layer's ``int8_zero_fraction``."""
+    report["achieved_sparsity"] = fp32.overall
+    for row in report["layers"]:
+        row["sparsity"] = fp32.per_layer[row["name"]]
+        row["int8_zero_fraction"] = int8.per_layer[row["name"]]
+    report["int8_zeros"] = {"fraction": int8.overall, "rounded_to_zero": int8.overall - fp32.overall}
+
+
+def no_int8_warning(layers: list[dict]) -> str:
+    """The warning of a ``--quantize int8`` run in which no layer went int8, with the first layer's reason."""
+    first = next((row for row in layers if row.get("reason")), layers[0] if layers else None)
+    why = f" (e.g. {first['name']}: {first['reason'] or first['onnx_format']})" if first else ""
+    return f"--quantize int8: no layer was quantized, the model is written in fp32{why}"
+
+
 def _fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+#: the widest layer-name column of the summary; longer names keep their end, where q, k and v differ
+NAME_WIDTH = 56
+
+
+def _tail(name: str, width: int) -> str:
+    """``name``, or ``...`` and its last characters when it is wider than ``width``."""
+    return name if len(name) <= width else "..." + name[len(name) - width + 3:]
 
 
 def summary(r: dict) -> str:
@@ -76,17 +104,24 @@ def summary(r: dict) -> str:
         lines.append(f"task {r['task']} ({r.get('score_name', 'score')}): dense {_fmt(acc['dense'])}, "
                      f"pruned torch {_fmt(acc['pruned_torch'])}, onnx {_fmt(acc['onnx'])}")
     if r["layers"]:
-        lines.append(f"{'layer':36s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
-        for lay in r["layers"][:14]:
-            lines.append(f"{lay['name'][:36]:36s} {'x'.join(map(str, lay['shape'])):>16s} {lay['block']:>6s} "
-                         f"{lay['sparsity']:8.3f}  {lay['onnx_format']}")
+        shown = r["layers"][:14]
+        width = max(len("layer"), min(NAME_WIDTH, max(len(lay["name"]) for lay in shown)))
+        lines.append(f"{'layer':{width}s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
+        for lay in shown:
+            lines.append(f"{_tail(lay['name'], width):{width}s} {'x'.join(map(str, lay['shape'])):>16s} "
+                         f"{lay['block']:>6s} {lay['sparsity']:8.3f}  {lay['onnx_format']}")
         if len(r["layers"]) > 14:
             lines.append(f"... and {len(r['layers']) - 14} more layers (see the report)")
     if r["skipped"]:
         lines.append(f"left dense: {len(r['skipped'])} layer(s), e.g. {r['skipped'][0]['name']}: "
                      f"{r['skipped'][0]['reason']}")
     if r["achieved_sparsity"] is not None:
-        lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}")
+        z = r.get("int8_zeros")
+        lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}" + (
+            f" (int8 weights: {z['fraction']:.4f} zeros, {z['rounded_to_zero']:.4f} rounded to zero)" if z else ""))
+    quantize = ((r.get("config") or {}).get("output") or {}).get("quantize")
+    if quantize == "int8" and r["layers"] and not any(row.get("precision") == "int8" for row in r["layers"]):
+        lines.append("precision: fp32 for every layer (--quantize int8 quantized none; see the warning)")
     if r["onnx_bytes"]:
         lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense {r['dense_onnx_bytes'] / 1024:.1f} KiB "
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
