@@ -38,7 +38,7 @@ from .errors import (
 from .geometry import LayerPlan
 from .masks import manifest_entry
 from .loading import load_model
-from .report import empty_report, int8_sparsity, no_int8_warning, summary, write_json
+from .report import block_sparsity, empty_report, int8_sparsity, no_int8_warning, summary, write_json
 from .saving import check_picklable, save_pruned
 from .training import to_tensors
 
@@ -255,7 +255,8 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none", save_torch: bo
                 converters.convert(proto, manifest, fmt="compact", quantize="int8",
                                    calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
             except converters.ConverterError as e:
-                raise UnsupportedModel(f"cannot quantize the model to int8: {e}") from None
+                raise UnsupportedModel(f"cannot quantize the model to int8: {e} (--exclude a layer it names to "
+                                       "leave it dense and fp32, or --quantize none)") from None
         timings["precheck"] = round(time.perf_counter() - t, 3)
         return {name: f"{why}: left dense" for name, why in drop.items()}
 
@@ -415,11 +416,16 @@ def compress(
             calibration = calibration_feed(res.train_shard)
             report["calibration"] = {"rows": int(len(next(iter(calibration.values())))),
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
-        conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                  threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
+        try:
+            conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
+                                      threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
+        except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
+            raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude that "
+                                   "layer to leave it dense") from None
         onnx_bytes = conv.model.SerializeToString()
         sp = converters.measure_sparsity(onnx_bytes, res.layers)
-        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp))
+        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp),
+                      block_sparsity=block_sparsity(res.layers))
         report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
         lap("convert")
 

@@ -31,7 +31,7 @@ def versions() -> dict:
 def empty_report() -> dict:
     return {
         "exit_code": None, "error": None, "achieved_sparsity": None, "layers": [], "skipped": [],
-        "accuracy": {"dense": None, "pruned_torch": None, "onnx": None},
+        "accuracy": {"dense": None, "pruned_torch": None, "onnx": None}, "block_sparsity": None,
         "metrics": {}, "verification": None, "onnx_bytes": None, "dense_onnx_bytes": None,
         "versions": versions(), "timings": {}, "config": {}, "task": None, "device": None,
         "mask_digest": None,
@@ -64,11 +64,21 @@ def write_json(path: str | Path, data: dict) -> None:
             os.unlink(tmp)
 
 
+def block_sparsity(layers) -> float:
+    """The masks' block sparsity over the pruned layers (:class:`converters.LayerBlocks`): the share of their
+    weights in dropped blocks, by element (edge blocks of padded views count what they cover)."""
+    from converters.manifest import element_mask
+
+    total = sum(int(np.prod(lb.weight_shape)) for lb in layers)
+    return 1.0 - sum(int(element_mask(lb).sum()) for lb in layers) / total if total else 0.0
+
+
 def int8_sparsity(report: dict, int8, fp32) -> None:
-    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are the masks' block sparsity,
-    measured on the fp32 form of the same masks (``fp32``, a :class:`converters.SparsityReport`); the zeros of
-    the int8 weights (``int8``), which add the kept weights that rounded to zero, are reported apart, under
-    ``int8_zeros`` and each layer's ``int8_zero_fraction``."""
+    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are measured on the fp32 form of the
+    same masks (``fp32``, a :class:`converters.SparsityReport`), as for an fp32 artifact: the masks' zeros (and
+    the rare exact zero inside a kept block); the zeros of the int8 weights (``int8``), which add the kept
+    weights that rounded to zero, are reported apart, under ``int8_zeros`` and each layer's
+    ``int8_zero_fraction``."""
     report["achieved_sparsity"] = fp32.overall
     for row in report["layers"]:
         row["sparsity"] = fp32.per_layer[row["name"]]
