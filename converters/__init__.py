@@ -10,8 +10,12 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
     # int8: linears dynamic (converters.int8), convs static in ORT's QDQ form (converters.qdq)
     result = convert(proto, layers, fmt="auto", quantize="int8", calibration_inputs={"x": rows})
     verify_kernels(result.model, {"x": x_np})              # ORT's int8 kernels vs the graph's own reference
+
+    # a smaller dense graph (structured pruning) in ORT's own int8 forms, the fastest measured
+    whole = quantize_whole(proto, timing_inputs={"x": x_np}, calibration_inputs={"x": rows})
 """
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
+from .dense_int8 import WholeInt8, quantize_whole
 from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
 from .formulations import FORMULATIONS
@@ -26,4 +30,5 @@ __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
     "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
     "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "unplaceable", "verify", "verify_kernels",
+    "WholeInt8", "quantize_whole",
 ]

@@ -34,7 +34,8 @@ from .geometry import LayerPlan, SkippedLayer, plan_layers
 from .masks import fold, fold_foreign
 from .methods import METHODS
 from .tasks import Task, infer_task
-from .training import Progress, fine_tune, predict, resolve_device
+from .structure.groups import StructureResult
+from .training import Progress, fine_tune, predict, resolve_device, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ class PruneResult:
     lr: float = 0.0
     lr_source: str = ""
     warnings: list[str] = field(default_factory=list)
+    structure: StructureResult | None = None
 
     @property
     def mask_digest(self) -> str:
-        """sha256 over the final block masks in layer order: equal digests, equal masks."""
+        """sha256 over the final block masks in layer order (with ``structure="channels"``, over the families'
+        kept units): equal digests, equal masks."""
+        if self.structure is not None:
+            return mask_digest([torch.from_numpy(k) for k in self.structure.keep.values()])
         return mask_digest([torch.from_numpy(lb.kept) for lb in self.layers])
 
     @property
@@ -127,8 +132,6 @@ def unused_by_output(model: nn.Module, plans: list[LayerPlan], shard: Shard, out
     two samples of ``shard``): e.g. ``BertModel``'s pooler when the output is ``last_hidden_state``. Pruning
     them would change nothing the model is scored or exported on, and the exported graph, which computes only
     that output, does not hold them. Best effort: a model whose backward fails here is left as planned."""
-    from .training import to_tensors
-
     inner = unwrap(model)
     weights = [inner.get_parameter(p.name) for p in plans]
     flags = [w.requires_grad for w in weights]
@@ -152,6 +155,8 @@ def unused_by_output(model: nn.Module, plans: list[LayerPlan], shard: Shard, out
 
 def _leave_dense(plans: list[LayerPlan], skipped: list[SkippedLayer], drop: list[SkippedLayer]
                  ) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+    if not drop:
+        return plans, skipped
     names = {s.name for s in drop}
     return [p for p in plans if p.name not in names], [*skipped, *drop]
 
@@ -233,9 +238,17 @@ def prune(
     train_cfg = dataclasses.replace(train_cfg, lr=lr)
 
     student = copy.deepcopy(dense)
-    plans, skipped = plan_layers(unwrap(student), prune_cfg)
+    cpu = torch.device("cpu")
+    if prune_cfg.structure == "channels":
+        from .structure.plan import plan_families
+
+        example = to_tensors(tuple(x[:2] for x in train.inputs), cpu)
+        plans, skipped, _ = plan_families(student, unwrap(student), example, prune_cfg, inner_of=unwrap)
+    else:
+        plans, skipped = plan_layers(unwrap(student), prune_cfg)
     _require_plans(plans, skipped, prune_cfg)
-    plans, skipped = _leave_dense(plans, skipped, unused_by_output(student, plans, train, output))
+    if prune_cfg.structure != "channels":  # a family's units feed the output by construction
+        plans, skipped = _leave_dense(plans, skipped, unused_by_output(student, plans, train, output))
     if before_fine_tune is not None and plans:
         drop = before_fine_tune(dense, plans) or {}
         plans, skipped = _leave_dense(plans, skipped, [SkippedLayer(n, r) for n, r in drop.items()])
@@ -247,7 +260,6 @@ def prune(
     student.to(device)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
 
-    cpu = torch.device("cpu")
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
@@ -256,7 +268,12 @@ def prune(
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
 
     student.to(cpu).eval()
-    manifest = fold(method.layers)
+    structure = None
+    if prune_cfg.structure == "channels":
+        manifest = []
+        structure = _remove_units(student, plans, method.layers, eval_shard)
+    else:
+        manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
     baseline = constant_score(task, eval_shard.y, dense_out)
     warnings += [w for w in (collapse_warning(task, metrics, baseline),) if w]
@@ -267,5 +284,30 @@ def prune(
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
         dense_eval_outputs=dense_out,
         device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
-        output=output, lr=lr, lr_source=lr_source, warnings=warnings,
+        output=output, lr=lr, lr_source=lr_source, warnings=warnings, structure=structure,
     )
+
+
+def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard) -> StructureResult:
+    """Fold the families' masks, then remove the pruned units from the model (it gets smaller); the smaller
+    model must compute what the masked one did."""
+    from .structure.gates import fold as fold_families
+    from .structure.plan import PARITY_RTOL
+    from .structure.remove import max_rel_diff, remove
+
+    keep = fold_families(masked)
+    families = [p.family for p in plans]
+    inner = unwrap(student)
+    sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    rows = tuple(x[: min(8, len(eval_shard))] for x in eval_shard.inputs)
+    xs = to_tensors(rows, torch.device("cpu"))
+    with torch.no_grad():
+        before = student(*xs)
+    remove(inner, families, keep)
+    with torch.no_grad():
+        after = student(*xs)
+    d = max_rel_diff(before, after)
+    if not d <= PARITY_RTOL:
+        raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their scale")
+    after_sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    return StructureResult(families, keep, sizes, after_sizes, d, frozenset(n for n, _ in inner.named_buffers()))

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import CONV_LAYOUTS, DEFAULT_MIN_BLOCKS, INDIVISIBLE_POLICIES, BlockSpec
+from .config import CONV_LAYOUTS, DEFAULT_MIN_BLOCKS, INDIVISIBLE_POLICIES, STRUCTURES, BlockSpec
 from .errors import SappError
 
 log = logging.getLogger("sapp_compress")
@@ -101,7 +101,11 @@ class Progress:
 @click.option("--block", default="8", type=BlockType(), show_default=True,
               help="Block shape: B (BxB) or RxC (rows = outputs, cols = inputs of the layer's 2-D view).")
 @click.option("--sparsity", default=0.8, type=float, show_default=True,
-              help="Fraction of blocks removed in each pruned layer, 0 < s < 1.")
+              help="Fraction of blocks removed in each pruned layer (with --structure channels: of each family's "
+                   "heads, neurons or channels), 0 < s < 1.")
+@click.option("--structure", default="blocks", type=click.Choice(STRUCTURES), show_default=True,
+              help="What is removed: blocks of each layer's weight, or whole attention heads, FFN neurons and conv "
+                   "channels from every tensor they touch (a smaller dense model).")
 @click.option("--method", default="sapp", type=click.Choice(_methods()), show_default=True,
               help="Pruning method: SA++ or one of the paper's baselines.")
 @click.option("--method-option", "method_option", multiple=True, type=MethodOptionType(),
@@ -164,9 +168,9 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
-def main(model, output, block, sparsity, method, method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
-         device, amp, seed, onnx_format, export_batch_size, threads, quantize, int8_rtol, int8_kernel_rtol,
-         min_top1_agreement, max_accuracy_drop, atol, rtol, report,
+def main(model, output, block, sparsity, structure, method, method_option, data, eval_data, epochs, steps, batch_size,
+         lr, weight_decay, device, amp, seed, onnx_format, export_batch_size, threads, quantize, int8_rtol,
+         int8_kernel_rtol, min_top1_agreement, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
     """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
@@ -183,8 +187,10 @@ def main(model, output, block, sparsity, method, method_option, data, eval_data,
         from .config import PruneConfig, TrainConfig
         from .pipeline import OutputConfig, compress, summary
 
+        if structure == "channels":
+            _warn_not_applicable(("block", "balanced", "min_blocks", "indivisible", "conv_layout", "onnx_format"))
         prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, method_options=dict(method_option),
-                                balanced=balanced,
+                                balanced=balanced, structure=structure,
                                 min_blocks=min_blocks, indivisible=indivisible, include=include, exclude=exclude,
                                 conv_layout=conv_layout)
         train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -221,6 +227,15 @@ def main(model, output, block, sparsity, method, method_option, data, eval_data,
     if not quiet and result.get("onnx_bytes"):
         click.echo(summary(result), err=True)
         click.echo(f"wrote {output}", err=True)
+
+
+def _warn_not_applicable(names: tuple[str, ...]) -> None:
+    """Options given on the command line that ``--structure channels`` ignores: say so, once each."""
+    ctx = click.get_current_context()
+    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    for n in given:
+        click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure channels (whole heads, "
+                   "neurons and channels are removed; the ONNX is a smaller dense graph): ignored", err=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class BlockSpec:
 
 INDIVISIBLE_POLICIES = ("skip", "pad", "error")
 CONV_LAYOUTS = ("channel", "tap")
+#: what a pruned unit is: a block of a layer's weight, or a structural group (a head, a neuron, a channel)
+STRUCTURES = ("blocks", "channels")
 
 #: Default minimum number of blocks for a layer to be pruned. The paper uses 100 on ResNet50, where it
 #: skips only a handful of layers; on the small models this tool is also meant for (a 64->256 layer at
@@ -74,6 +76,10 @@ class PruneConfig:
         conv_layout: ``channel`` (B_r out x B_c in channels, all taps; fast in ORT) or ``tap`` (the paper's
             (kh*kw*C) x O view).
         method_options: method-specific keyword options (see each method's ``Options``).
+        structure: ``blocks`` (blocks of each layer's weight: ``block``, ``balanced``, ``min_blocks``,
+            ``indivisible`` and ``conv_layout`` apply) or ``channels`` (whole attention heads, FFN neurons and
+            conv channels, removed from every tensor they touch: ``sparsity`` is the fraction of each family's
+            units removed, and the block options do not apply). See :mod:`sapp_compress.structure`.
     """
 
     block: BlockSpec
@@ -86,9 +92,12 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     conv_layout: str = "channel"
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    structure: str = "blocks"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", BlockSpec.parse(self.block))
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure: expected one of {STRUCTURES}, got {self.structure!r}")
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) < 1.0):
             raise ConfigError(f"sparsity: expected a number with 0 < s < 1, got {s!r}")

@@ -46,26 +46,26 @@ class BlockPowerProp(nn.Module):
         return self.view.scale(w, n.to(w.dtype))
 
 
-class BlockMask(nn.Module):
-    """``W_eff = W * expand(M * A)``; ``A = 1`` without attention.
+class UnitMask(nn.Module):
+    """The mask state of one layer's (or one structural family's) units: ``M`` (0/1) and, for SA++, the
+    attention ``A = clip(n * softmax(L), d, 1/d)`` over its ``n`` units; ``A = 1`` without attention.
 
     Attributes:
-        mask: ``[R, C]`` float buffer of 0/1.
+        mask: ``[R, C]`` float buffer of 0/1 (a family's units: ``[1, n]``).
         logits: ``[R, C]`` parameter (attention only).
     """
 
-    def __init__(self, view: BlockView, attention: bool = False, density: float = 1.0) -> None:
+    def __init__(self, grid: tuple[int, int], attention: bool = False, density: float = 1.0) -> None:
         super().__init__()
-        self.view = view
-        self.register_buffer("mask", torch.ones(view.grid))
+        self.register_buffer("mask", torch.ones(grid))
         self.clip = (density, 1.0 / density)
         if attention:
-            self.logits = nn.Parameter(torch.zeros(view.grid))
+            self.logits = nn.Parameter(torch.zeros(grid))
         else:
             self.logits = None
 
     def attention(self) -> torch.Tensor:
-        """``clip(n * softmax(L), d, 1/d)`` over all blocks of the layer (mean 1 before clipping)."""
+        """``clip(n * softmax(L), d, 1/d)`` over all units (mean 1 before clipping)."""
         if self.logits is None:
             return torch.ones_like(self.mask)
         n = self.logits.numel()
@@ -74,6 +74,14 @@ class BlockMask(nn.Module):
 
     def block_scale(self) -> torch.Tensor:
         return self.mask * self.attention() if self.logits is not None else self.mask
+
+
+class BlockMask(UnitMask):
+    """``W_eff = W * expand(M * A)`` over a layer's blocks."""
+
+    def __init__(self, view: BlockView, attention: bool = False, density: float = 1.0) -> None:
+        super().__init__(view.grid, attention, density)
+        self.view = view
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.view.scale(w, self.block_scale().to(w.dtype))
@@ -96,9 +104,29 @@ class MaskedLayer:
         return self.plan.view
 
     @property
+    def grid(self) -> tuple[int, int]:
+        return self.view.grid
+
+    @property
     def original(self) -> nn.Parameter:
         """The trained tensor at the root of the chain (``W``, or ``V`` under Powerpropagation)."""
         return getattr(self.plan.module.parametrizations, self.plan.param).original
+
+    def norms(self) -> torch.Tensor:
+        """Frobenius norm of every block of the pre-mask weight, ``[R, C]``: the magnitude score."""
+        return self.view.block_norms(self.pre_mask_weight())
+
+    def trained(self) -> list[nn.Parameter]:
+        """The tensors the mask multiplies (they get the coupled l2 penalty)."""
+        return [self.original]
+
+    @torch.no_grad()
+    def decay_(self, wd: float) -> None:
+        """grad += wd * (W masked): the coupled l2 penalty on the weights the mask multiplies (pruned blocks get
+        none, so they can come back with their values in the next dense phase)."""
+        w = self.original
+        if w.grad is not None:
+            self.view.add_scaled_(w.grad, w.detach(), self.masker.mask.to(w.dtype), wd)
 
     def pre_mask_weight(self) -> torch.Tensor:
         """The weight before masking (``W``, or ``||V_b|| V_b``), detached."""
@@ -120,8 +148,13 @@ class MaskedLayer:
         self.masker.mask.fill_(1.0)
 
 
-def attach(plans: list[LayerPlan], *, attention: bool, powerprop: bool, density: float) -> list[MaskedLayer]:
-    """Register the parametrizations on every planned layer (powerprop first, then the mask)."""
+def attach(plans: list, *, attention: bool, powerprop: bool, density: float) -> list:
+    """Register the parametrizations on every planned layer (powerprop first, then the mask), or on every
+    structural family's consumers (:func:`sapp_compress.structure.gates.attach`)."""
+    if plans and not isinstance(plans[0], LayerPlan):
+        from .structure.gates import attach as attach_families
+
+        return attach_families(plans, attention=attention, powerprop=powerprop, density=density)
     layers = []
     for p in plans:
         pp = None

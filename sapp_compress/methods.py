@@ -117,9 +117,9 @@ class PruningMethod:
         raise NotImplementedError
 
     def scores(self, layer: MaskedLayer) -> torch.Tensor:
-        """Importance of every block ``[R, C]``; higher is kept. Default: Frobenius norm of the pre-mask
-        weight."""
-        return layer.view.block_norms(layer.pre_mask_weight())
+        """Importance of every block (or unit) ``[R, C]``; higher is kept. Default: the Frobenius norm of the
+        pre-mask weight's block, or of a unit's slices of every tensor it touches."""
+        return layer.norms()
 
     def state_dict(self) -> dict:
         """The schedule position (masks and logits live in the model's state)."""
@@ -197,7 +197,7 @@ class PruningMethod:
 
     def kept_count(self, layer: MaskedLayer, frac: float) -> int:
         """Blocks to keep (per block-row when balanced) at ``frac`` of the target sparsity."""
-        R, C = layer.view.grid
+        R, C = layer.grid
         s = self.cfg.sparsity * frac
         n = C if self.cfg.balanced else R * C
         return max(1, int(round((1.0 - s) * n))) if frac < 1.0 else int(round((1.0 - self.cfg.sparsity) * n))
@@ -208,7 +208,7 @@ class PruningMethod:
             k = self.kept_count(layer, frac)
             alive = layer.alive()
             score = self.scores(layer).float()
-            norms = layer.view.block_norms(layer.pre_mask_weight()).to(score.device)
+            norms = layer.norms().to(score.device)
             layer.set_mask(select_top_k(score, norms, alive, k, per_row=self.cfg.balanced))
 
 
@@ -352,7 +352,7 @@ class SAPP(PruningMethod):
 
     def scores(self, layer: MaskedLayer) -> torch.Tensor:
         if self.options.score == "effective":  # the norm of W_eff's block: A_b * ||W_b||
-            return layer.masker.attention().detach() * layer.view.block_norms(layer.pre_mask_weight())
+            return layer.masker.attention().detach() * layer.norms()
         # Softmax is monotone, so ranking by logits = ranking by (unclipped) attention; clipping would
         # only create ties.
         return layer.masker.logits.detach()

@@ -233,7 +233,8 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
 PRECHECK_CALIBRATION_ROWS = 8
 
 
-def precheck(shard: Shard, timings: dict, quantize: str = "none", save_torch: bool = False):
+def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: float = 0.5,
+             save_torch: bool = False):
     """What :func:`prune` runs before fine-tuning: export the dense model and find every weight to be pruned
     in its graph, through the same code the final export and conversion use, so a model that cannot be
     converted fails in seconds (exit 2), not after the fine-tune; a weight the graph holds only in a computed
@@ -246,6 +247,10 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none", save_torch: bo
         t = time.perf_counter()
         if save_torch:
             check_picklable(unwrap(dense))
+        if plans and not isinstance(plans[0], LayerPlan):
+            _precheck_structure(dense, plans, shard, quantize, sparsity)
+            timings["precheck"] = round(time.perf_counter() - t, 3)
+            return {}
         model, manifest = dry_run_model(dense, plans)
         proto = export_model(model, shard)
         drop = converters.unplaceable(proto, manifest)
@@ -261,6 +266,28 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none", save_torch: bo
         return {name: f"{why}: left dense" for name, why in drop.items()}
 
     return check
+
+
+def _precheck_structure(dense: nn.Module, plans, shard: Shard, quantize: str, sparsity: float) -> None:
+    """The structured pre-check: a random removal at the target counts, exported and run in ORT (and put in
+    int8 with ``quantize``), so a smaller model that cannot be exported fails before the fine-tune."""
+    import converters
+
+    from .structure.plan import kept_units
+    from .structure.remove import random_keep, remove
+
+    model = copy.deepcopy(dense)
+    families = [p.family for p in plans]
+    remove(unwrap(model), families, random_keep(families, {f.name: kept_units(f.n_units, sparsity) for f in families}))
+    proto = export_model(model, shard)
+    try:
+        converters.run_onnx(proto, onnx_feed(shard, _rows(shard, EXPORT_ROWS)))
+        if quantize == "int8":
+            converters.quantize_whole(proto, calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
+    except converters.ConverterError as e:
+        raise UnsupportedModel(f"cannot convert the smaller model: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- ORT's own errors on the smaller graph
+        raise UnsupportedModel(f"ONNX Runtime cannot run the smaller model: {str(e).strip().splitlines()[0]}") from None
 
 
 def _stage_failed(e, model: str, stage: str, batch_size: int, done: dict) -> None:
@@ -344,6 +371,42 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
     return rows
 
 
+def _onnx_parameters(proto) -> int:
+    """Elements of the graph's float initializers (what the file stores as weights)."""
+    import onnx
+
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                                  onnx.TensorProto.UINT8))
+
+
+def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed: dict, calibration, report: dict
+                        ) -> tuple[bytes, bool]:
+    """The smaller model's ONNX: its plain dense export, or with ``--quantize int8`` the fastest of ONNX
+    Runtime's own int8 forms of it measured here (:func:`converters.quantize_whole`). Fills the report's
+    ``structure``, ``layers`` and sizes; returns the bytes and whether they are int8."""
+    import converters
+
+    st = res.structure
+    report["structure"] = {"families": len(st.families), "parity": st.parity,
+                           "parameters": dict(zip(("dense", "pruned"), st.parameters()))}
+    model, fmt = proto, "dense"
+    if out.quantize == "int8":
+        whole = converters.quantize_whole(proto, timing_inputs=timing_feed, calibration_inputs=calibration,
+                                          threads=out.threads)
+        report["int8"] = whole.to_json()
+        model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
+        if whole.form == "fp32":
+            report.setdefault("warnings", []).append(f"--quantize int8: the model stays fp32: {whole.reason}")
+    onnx_bytes = model.SerializeToString()
+    precision = "int8" if fmt != "dense" else "fp32"
+    report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=st.achieved_sparsity,
+                  layers=[{**row, "onnx_format": fmt, "precision": precision} for row in st.rows()])
+    report["structure"]["onnx_parameters"] = {"pruned": _onnx_parameters(proto)}
+    report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
+    return onnx_bytes, precision == "int8"
+
+
 def compress(
     model: nn.Module | str | Path,
     prune_cfg: PruneConfig,
@@ -390,7 +453,8 @@ def compress(
         lap("data")
         res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
                     # on every rank: a rank that skipped it would wait in DDP for one that failed it
-                    before_fine_tune=precheck(shard, timings, out.quantize, out.save_torch is not None))
+                    before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity,
+                                              out.save_torch is not None))
         lap("fine_tune")
         timings["fine_tune"] = round(timings["fine_tune"] - timings.get("precheck", 0.0), 3)  # timed on its own
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
@@ -408,7 +472,8 @@ def compress(
 
         ev_shard = res.eval_shard
         dense_proto = export_model(res.model, ev_shard)
-        report["dense_onnx_bytes"] = dense_proto.ByteSize()
+        report["dense_onnx_bytes"] = (dense_proto.ByteSize() if res.structure is None
+                                      else export_model(res.dense_model, ev_shard).ByteSize())
         lap("export")
         timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
         calibration = None
@@ -416,29 +481,34 @@ def compress(
             calibration = calibration_feed(res.train_shard)
             report["calibration"] = {"rows": int(len(next(iter(calibration.values())))),
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
-        try:
-            conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                      threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
-        except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
-            raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude that "
-                                   "layer to leave it dense") from None
-        onnx_bytes = conv.model.SerializeToString()
-        sp = converters.measure_sparsity(onnx_bytes, res.layers)
-        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp),
-                      block_sparsity=block_sparsity(res.layers))
-        report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
+        if res.structure is not None:
+            onnx_bytes, int8 = _convert_structured(res, dense_proto, out, timing_feed, calibration, report)
+        else:
+            try:
+                conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
+                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
+            except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
+                raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude that "
+                                       "layer to leave it dense") from None
+            onnx_bytes = conv.model.SerializeToString()
+            sp = converters.measure_sparsity(onnx_bytes, res.layers)
+            report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall,
+                          layers=_layer_rows(res, conv, sp), block_sparsity=block_sparsity(res.layers))
+            report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
+            int8 = any(row["precision"] == "int8" for row in report["layers"])
         lap("convert")
 
-        int8 = any(row["precision"] == "int8" for row in report["layers"])
         stages = []
         if int8:
             # the same masks in fp32 (compact: no timing) checked at the fp32 tolerance first: it proves the
             # weights and masks reached the graph intact, which the int8 tolerance alone could not
-            fp32 = converters.convert(dense_proto, res.layers, fmt="compact").model.SerializeToString()
+            fp32 = (converters.convert(dense_proto, res.layers, fmt="compact").model if res.structure is None
+                    else dense_proto).SerializeToString()
             report["bytes"]["sparse_fp32"] = len(fp32)
             stages.append(("fp32", fp32, out.atol, out.rtol))
-            int8_sparsity(report, sp, converters.measure_sparsity(fp32, res.layers))
-        elif out.quantize == "int8":
+            if res.structure is None:
+                int8_sparsity(report, sp, converters.measure_sparsity(fp32, res.layers))
+        elif out.quantize == "int8" and res.structure is None:  # the structured path says so itself
             report["warnings"].append(no_int8_warning(report["layers"]))
         stages.append(("int8" if int8 else "fp32", onnx_bytes, out.atol, out.int8_rtol if int8 else out.rtol))
         report["verification"] = _verify_stages(res, ev_shard, stages, out)

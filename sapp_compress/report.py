@@ -97,13 +97,17 @@ def _fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-#: the widest layer-name column of the summary; longer names keep their end, where q, k and v differ
+#: the widest layer-name column of the summary; longer names are cut in the middle (q, k and v differ at the end)
 NAME_WIDTH = 56
 
 
-def _tail(name: str, width: int) -> str:
-    """``name``, or ``...`` and its last characters when it is wider than ``width``."""
-    return name if len(name) <= width else "..." + name[len(name) - width + 3:]
+def _cut(name: str, width: int) -> str:
+    """``name`` in ``width`` characters, cut in the middle so that both ends (the layer's place and its own
+    name) stay readable."""
+    if len(name) <= width:
+        return name
+    half = (width - 3) // 2
+    return f"{name[:half]}...{name[-(width - 3 - half):]}"
 
 
 def summary(r: dict) -> str:
@@ -113,19 +117,31 @@ def summary(r: dict) -> str:
     if r.get("task"):
         lines.append(f"task {r['task']} ({r.get('score_name', 'score')}): dense {_fmt(acc['dense'])}, "
                      f"pruned torch {_fmt(acc['pruned_torch'])}, onnx {_fmt(acc['onnx'])}")
-    if r["layers"]:
+    if r["layers"] and r.get("structure"):
+        lines.append(f"{'family':44s} {'kind':>8s} {'units':>13s}  onnx format")
+        for lay in r["layers"][:14]:
+            lines.append(f"{_cut(lay['name'], 44):44s} {lay['kind']:>8s} "
+                         f"{lay['kept_units']:>5d} of {lay['units']:<5d}  {lay['onnx_format']}")
+        if len(r["layers"]) > 14:
+            lines.append(f"... and {len(r['layers']) - 14} more families (see the report)")
+        p = r["structure"]["parameters"]
+        lines.append(f"parameters: {p['pruned']:,} of {p['dense']:,} ({p['pruned'] / p['dense']:.2f}x)")
+    elif r["layers"]:
         shown = r["layers"][:14]
         width = max(len("layer"), min(NAME_WIDTH, max(len(lay["name"]) for lay in shown)))
         lines.append(f"{'layer':{width}s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
         for lay in shown:
-            lines.append(f"{_tail(lay['name'], width):{width}s} {'x'.join(map(str, lay['shape'])):>16s} "
+            lines.append(f"{_cut(lay['name'], width):{width}s} {'x'.join(map(str, lay['shape'])):>16s} "
                          f"{lay['block']:>6s} {lay['sparsity']:8.3f}  {lay['onnx_format']}")
         if len(r["layers"]) > 14:
             lines.append(f"... and {len(r['layers']) - 14} more layers (see the report)")
     if r["skipped"]:
-        lines.append(f"left dense: {len(r['skipped'])} layer(s), e.g. {r['skipped'][0]['name']}: "
+        lines.append(f"left {'whole' if r.get('structure') else 'dense'}: {len(r['skipped'])} "
+                     f"{'weight axes' if r.get('structure') else 'layer(s)'}, e.g. {r['skipped'][0]['name']}: "
                      f"{r['skipped'][0]['reason']}")
-    if r["achieved_sparsity"] is not None:
+    if r["achieved_sparsity"] is not None and r.get("structure"):
+        lines.append(f"removed: {r['achieved_sparsity']:.4f} of the pruned families' weights")
+    elif r["achieved_sparsity"] is not None:
         z = r.get("int8_zeros")
         lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}" + (
             f" (int8 weights: {z['fraction']:.4f} zeros, {z['rounded_to_zero']:.4f} rounded to zero)" if z else ""))

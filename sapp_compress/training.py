@@ -126,7 +126,7 @@ def _param_groups(model: nn.Module, method: PruningMethod) -> tuple[list, list, 
     small shard would move every row of the vocabulary through the head alone; frozen, its bytes in the
     exported model are the original's, as the report says."""
     logits = [layer.masker.logits for layer in method.layers if layer.masker.logits is not None]
-    masked = [layer.original for layer in method.layers]
+    masked = list({id(t): t for layer in method.layers for t in layer.trained()}.values())
     special = {id(p) for p in logits + masked} | tied_parameters(model)
     rest = [p for p in model.parameters() if id(p) not in special and p.requires_grad]
     return masked, logits, rest
@@ -342,9 +342,7 @@ def _coupled_decay(method: PruningMethod, wd: float, logit_decay: bool) -> None:
     if wd <= 0:
         return
     for layer in method.layers:
-        w = layer.original
-        if w.grad is not None:
-            layer.view.add_scaled_(w.grad, w.detach(), layer.masker.mask.to(w.dtype), wd)
+        layer.decay_(wd)
         L = layer.masker.logits
         if logit_decay and L is not None and L.grad is not None:
             L.grad.add_(L, alpha=wd)

@@ -1,0 +1,223 @@
+"""Structured pruning's speed in stock ONNX Runtime: the tool's smaller dense graph against the dense model and
+against ONNX Runtime's own int8 of the dense model.
+
+    python bench/structured_speed.py [--models encoder,resnet18,llama] [--sparsities 0.5,0.75] [--rounds 9]
+
+Models (random weights from their constructors; which units go does not change the speed, so a random choice
+of round((1 - s) n) units per family is removed through the tool's own discover / remove path, no fine-tune):
+
+- ``encoder``: transformers' ``BertModel``, BERT-base-shaped (hidden 768, 12 heads, FFN 3072), 4 layers,
+  sequence 128, output ``last_hidden_state``; batch 1 and 8;
+- ``resnet18``: torchvision resnet18 at 224x224 (the first conv of each block loses channels; the residual width
+  stays); batch 1 and 8;
+- ``llama``: transformers' ``LlamaModel`` (hidden 768, 12 query / 4 kv heads of 64, SwiGLU 2048, 4 layers),
+  prefill of 128 tokens, output ``last_hidden_state`` (no LM head: a vocabulary projection of the last token is
+  the same for every width); batch 1 and 8.
+
+Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`` rounds:
+
+- ``dense``: the dense model's fp32 export;
+- ``ort_dyn_s8`` / ``ort_dyn_u8`` / ``ort_static``: ONNX Runtime's ``quantize_dynamic`` (per channel, int8 /
+  uint8 weights) and ``quantize_static`` (QDQ, per channel, MinMax on 32 random rows) of the dense export;
+  "ORT best int8" is the fastest of those within 5e-2 (max |out - fp32| / max |fp32|) of the dense fp32 output;
+- ``tool_fp32``: the smaller model's export (what ``--structure channels`` writes);
+- ``tool_int8``: the same through ``converters.quantize_whole`` (what ``--quantize int8`` writes: the fastest of
+  ORT's int8 forms of the smaller graph, measured at the larger batch).
+
+Results: bench/results/structured_speed.json; BENCHMARKS.md, section 15.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converters import export_onnx, quantize_whole, run_onnx  # noqa: E402
+from converters.int8 import cpu_flags, default_weight_bits  # noqa: E402
+from converters.runtime import interleaved_samples, session  # noqa: E402
+from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.structure import discover  # noqa: E402
+from sapp_compress.structure.plan import kept_units  # noqa: E402
+from sapp_compress.structure.remove import random_keep, remove  # noqa: E402
+
+ERR_OK = 5e-2
+ORT_NAMES = ("ort_dyn_s8", "ort_dyn_u8", "ort_static")
+
+
+class Out(nn.Module):
+    def __init__(self, inner: nn.Module, keys: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.inner, self.keys = inner, keys
+
+    def forward(self, *xs):
+        out = self.inner(**dict(zip(self.keys, xs))) if self.keys else self.inner(*xs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def _tokens(n: int, seq: int = 128, vocab: int = 1000, seed: int = 0, mask: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {"input_ids": rng.integers(1, vocab, size=(n, seq)).astype(np.int64)}
+    if mask:
+        feed["attention_mask"] = np.ones((n, seq), dtype=np.int64)
+    return feed
+
+
+def encoder():
+    t = require("transformers", "the encoder")
+    cfg = t.BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=4,
+                       vocab_size=30522, max_position_embeddings=512)
+    return (Out(t.BertModel(cfg).eval(), ("input_ids", "attention_mask")), _tokens,
+            "BertModel, BERT-base-shaped, 4 layers, sequence 128")
+
+
+def resnet18():
+    tv = require("torchvision", "resnet18")
+
+    def rows(n, seed=0):
+        return {"x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}
+    return tv.models.resnet18(num_classes=1000).eval(), rows, "torchvision resnet18, 224x224"
+
+
+def llama():
+    t = require("transformers", "the decoder")
+    cfg = t.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                        num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=512)
+    m = t.LlamaModel(cfg).eval()
+    m.config.use_cache = False
+    return (Out(m, ("input_ids",)), lambda n, seed=0: _tokens(n, seed=seed, mask=False),
+            "LlamaModel, GQA 12/4 heads, SwiGLU, 4 layers, prefill of 128 tokens")
+
+
+MODELS = {"encoder": encoder, "resnet18": resnet18, "llama": llama}
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_int8(dense: bytes, kind: str, calib: list[dict]) -> bytes:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "a.onnx", Path(d) / "b.onnx"
+        src.write_bytes(dense)
+        if kind == "ort_static":
+            quantize_static(str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=default_weight_bits() == 7, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        else:
+            quantize_dynamic(str(src), str(dst), per_channel=True,
+                             weight_type=QuantType.QInt8 if kind == "ort_dyn_s8" else QuantType.QUInt8)
+        return dst.read_bytes()
+
+
+def _export(model: nn.Module, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+    xs = tuple(torch.from_numpy(v) for v in feed.values())
+    return export_onnx(model, xs, input_names=list(feed))
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def cpu_line() -> str:
+    name = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                     "amx_bf16", "avx512_bf16"))
+    return f"{name}; flags: {' '.join(flags)}"
+
+
+def run_model(name: str, sparsities: list[float], batches: tuple[int, ...], rounds: int) -> dict:
+    torch.manual_seed(0)
+    model, rows, desc = MODELS[name]()
+    inner = model.inner if isinstance(model, Out) else model
+    ex = rows(2)
+    plan = discover(model, tuple(torch.from_numpy(v) for v in ex.values()), names_from=inner)
+    dense = _export(model, ex).SerializeToString()
+    calib = [rows(8, seed=s) for s in range(4)]
+    graphs: dict[str, bytes] = {"dense": dense}
+    for k in ORT_NAMES:
+        graphs[k] = ort_int8(dense, k, calib)
+    choices = {}
+    for s in sparsities:
+        keep = random_keep(plan.families, {f.name: kept_units(f.n_units, s) for f in plan.families}, seed=0)
+        small = copy.deepcopy(model)
+        remove(small.inner if isinstance(small, Out) else small, plan, keep)
+        proto = _export(small, ex)
+        graphs[f"tool_fp32 s{s}"] = proto.SerializeToString()
+        calib_rows = {k: np.concatenate([c[k] for c in calib]) for k in ex}
+        whole = quantize_whole(proto, timing_inputs=rows(max(batches), seed=7), calibration_inputs=calib_rows,
+                               threads=1)
+        graphs[f"tool_int8 s{s}"] = whole.model.SerializeToString()
+        choices[f"tool_int8 s{s}"] = whole.to_json()
+    out = {"model": desc, "families": len(plan.families), "choices": choices, "sizes": {k: len(v) for k, v in graphs.items()},
+           "batches": {}}
+    for b in batches:
+        feed = rows(b, seed=3)
+        ref = run_onnx(dense, feed, threads=1)[0]
+        errs = {k: _rel(run_onnx(v, feed, threads=1)[0], ref) for k, v in graphs.items() if k.startswith("ort_")}
+        sessions = {k: session(v, threads=1, spin=False) for k, v in graphs.items()}
+        samples = interleaved_samples(sessions, feed, budget_s=1e9, min_rounds=rounds, max_rounds=rounds)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        peers = [k for k in ORT_NAMES if errs[k] <= ERR_OK]
+        best = min(peers, key=med.get) if peers else None
+        row = {"ms": {k: round(v, 3) for k, v in med.items()}, "ort_int8_error": errs, "ort_best": best}
+        for s in sparsities:
+            row[f"s{s}"] = {"fp32_vs_dense": med["dense"] / med[f"tool_fp32 s{s}"],
+                            "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
+                            "int8_vs_dense": med["dense"] / med[f"tool_int8 s{s}"]}
+        out["batches"][str(b)] = row
+        print(f"{name} batch {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()), flush=True)
+        for s in sparsities:
+            r = row[f"s{s}"]
+            ib = f"{r['int8_vs_ort_best']:.2f}x" if r["int8_vs_ort_best"] else "-"
+            print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32; int8 {ib} ORT's best int8 ({best}), "
+                  f"{r['int8_vs_dense']:.2f}x dense fp32", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="encoder,resnet18,llama")
+    ap.add_argument("--sparsities", default="0.5,0.75")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "structured_speed.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"CPU: {cpu_line()}; onnxruntime 1 thread", flush=True)
+    res = {"cpu": cpu_line(), "rounds": a.rounds, "models": {}}
+    for name in a.models.split(","):
+        res["models"][name] = run_model(name, [float(s) for s in a.sparsities.split(",")],
+                                        tuple(int(b) for b in a.batches.split(",")), a.rounds)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""int8 of a whole dense graph in ONNX Runtime's own forms, the fastest measured on this machine.
+
+A structurally pruned model is a smaller *dense* model: ONNX Runtime runs it fastest with its own dense int8
+kernels, so the question is only which of its int8 forms to use, and that differs between models and CPUs.
+The forms (:data:`FORMS`), each a whole-graph pass:
+
+- ``dynamic``: ``quantize_dynamic``: weights int8 per output channel (7-bit on a CPU without VNNI:
+  :func:`converters.int8.default_weight_bits`), activations quantized per batch at run time
+  (``DynamicQuantizeLinear -> MatMulInteger``, which ORT fuses); MatMul, Gather (embedding tables) and
+  attention ops. ``Gemm`` nodes with constant weights are first written as ``MatMul + Add`` so they are
+  covered too (ORT's dynamic quantizer skips Gemm). Convs are left fp32: ORT's dynamic ``ConvInteger`` ran at
+  0.17-0.73x fp32 on resnet18 (BENCHMARKS.md section 14).
+- ``static``: ``quantize_static`` in QDQ form with activation scales calibrated on sample inputs
+  (:func:`converters.qdq.quantize_qdq`, the conv-net op set: ``QLinearConv`` and what runs between convs).
+  Only offered when the graph has convolutions and calibration inputs are given.
+
+:func:`quantize_whole` builds every applicable form, times each against the fp32 graph interleaved in one
+process (median of rounds) at the timing inputs, and keeps the fastest; an int8 form slower than fp32 is not
+kept (the result is then the fp32 graph, with the reason).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ConverterError
+from .int8 import default_weight_bits
+from .qdq import QDQ_OPS, _quiet, calibration_batches, quantize_qdq
+from .runtime import session, time_interleaved
+
+
+@dataclass
+class WholeInt8:
+    """The chosen graph and how it was chosen.
+
+    Attributes:
+        form: ``dynamic``, ``static`` or ``fp32`` (no int8 form was faster).
+        latencies_ms: median latency of every form timed, ``fp32`` included (empty without timing).
+        reason: why this form.
+    """
+
+    model: onnx.ModelProto
+    form: str
+    weight_bits: int
+    latencies_ms: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"form": self.form, "weight_bits": self.weight_bits, "latencies_ms": self.latencies_ms,
+                "reason": self.reason}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    c = onnx.ModelProto()
+    c.CopyFrom(model)
+    return c
+
+
+def gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Gemm(x, W, b)`` with a constant ``W`` (alpha = beta = 1, no transposed ``x``) as ``MatMul(x, W^T) +
+    b``: the same function, in the op ORT's dynamic quantizer covers."""
+    m = _copy(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes = []
+    for node in m.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
+                or a.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if a.get("transB", 0):
+            w = w.T
+        wname = f"{node.input[1]}__kxn"
+        m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), wname))
+        out = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}__mm"
+        nodes.append(helper.make_node("MatMul", [node.input[0], wname], [out], name=f"{node.name}_matmul"))
+        if out != node.output[0]:
+            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    used = {i for n in m.graph.node for i in n.input}
+    keep = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def _dynamic(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = gemm_as_matmul(model)
+    with tempfile.TemporaryDirectory(prefix="sapp_dyn_") as d, _quiet():
+        inp, out = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save(src, str(inp))
+        try:
+            quantize_dynamic(str(inp), str(out), per_channel=True, reduce_range=bits == 7,
+                             weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gather", "Attention", "EmbedLayerNormalization"],
+                             extra_options={"WeightSymmetric": True})
+        except Exception as e:  # noqa: BLE001 -- the quantizer's own errors, in one line
+            raise ConverterError(f"ONNX Runtime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from e
+        q = onnx.load(str(out))
+    del q.metadata_props[:]
+    q.metadata_props.extend(model.metadata_props)
+    return q
+
+
+def _static(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
+    nodes = [n.name for n in model.graph.node if n.op_type in QDQ_OPS]
+    return quantize_qdq(model, calibration, nodes, weight_bits=bits)
+
+
+def _has_conv(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "Conv" for n in model.graph.node)
+
+
+#: form -> (builder(model, calibration batches, weight bits), why it does not apply or None)
+FORMS: dict[str, tuple[Callable, Callable[[onnx.ModelProto, list | None], str | None]]] = {
+    "dynamic": (_dynamic, lambda m, c: None if any(n.op_type in ("MatMul", "Gemm", "Gather") for n in m.graph.node)
+                else "no MatMul, Gemm or Gather to quantize"),
+    "static": (_static, lambda m, c: None if _has_conv(m) and c else
+               ("no convolution (the static form is the conv-net one)" if not _has_conv(m)
+                else "needs calibration inputs")),
+}
+
+
+def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarray] | None = None,
+                   calibration_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None,
+                   forms: tuple[str, ...] | None = None, weight_bits: int | None = None) -> WholeInt8:
+    """The fastest of ``model`` (fp32) and its int8 forms (:data:`FORMS`) at ``timing_inputs``. Without timing
+    inputs every applicable form is built (a dry run) and the first is returned untimed.
+
+    Raises:
+        ConverterError: no int8 form applies, or ORT's quantizer fails.
+    """
+    bits = weight_bits or default_weight_bits()
+    calibration = calibration_batches(calibration_inputs) if calibration_inputs else None
+    built: dict[str, onnx.ModelProto] = {}
+    why_not = {}
+    for name in forms or tuple(FORMS):
+        build, reason_not = FORMS[name]
+        why = reason_not(model, calibration)
+        if why is None:
+            built[name] = build(model, calibration, bits)
+        else:
+            why_not[name] = why
+    if not built:
+        raise ConverterError("no int8 form applies: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
+    if not timing_inputs:
+        first = next(iter(built))
+        return WholeInt8(built[first], first, bits, reason="not timed")
+    sessions = {"fp32": session(model, threads=threads, spin=False)}
+    sessions.update({k: session(v, threads=threads, spin=False) for k, v in built.items()})
+    lat = time_interleaved(sessions, timing_inputs)
+    best = min(built, key=lambda k: (lat[k], k))
+    lat = {k: round(v, 4) for k, v in lat.items()}
+    if lat[best] >= lat["fp32"]:
+        return WholeInt8(model, "fp32", bits, lat, f"no int8 form was faster than fp32 here ({_seen(lat)})")
+    return WholeInt8(built[best], best, bits, lat, f"fastest measured ({_seen(lat)})")
+
+
+def _seen(lat: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(lat.items(), key=lambda kv: kv[1]))
+
+
+__all__ = ["FORMS", "WholeInt8", "gemm_as_matmul", "quantize_whole"]

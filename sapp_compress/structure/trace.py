@@ -1,0 +1,859 @@
+"""Channel tracing: which slices of which tensors one head, neuron or channel touches, found by running the
+model once.
+
+The model runs on a couple of example rows under a :class:`torch.overrides.TorchFunctionMode`. Every tensor
+that carries *channels* gets a **label**: an int64 tensor broadcastable to it (same number of axes, size 1
+along axes where it is constant) whose entries are **nodes**, or -1 where there is no channel. A node is one
+index along one axis of one parameter or buffer, ``(name, axis, index)``: the output of ``F.linear(x, W, b)``
+is labelled along its last axis with the nodes of ``W``'s axis 0, and ``x``'s label meets the nodes of ``W``'s
+axis 1. Where two labels meet at the same position (an elementwise op, a norm's per-channel parameters, the
+contracted axis of a matmul), their nodes are joined. After the run, the connected components of the join
+graph are the *units*: every node of a unit has to go when the unit goes, and nothing else does.
+
+The rules are generic, not per model family:
+
+- elementwise ops join the labels of their operands position by position (so SwiGLU's gate and up
+  projections become one unit per neuron, and a residual ``x + f(x)`` joins the two sides channel by
+  channel); pure shape ops (view, permute, split, cat, getitem, ...) are applied to the label itself, so
+  heads split by a reshape and q/k/v sections split from one fused projection come out right;
+- reductions and normalisations over a labelled axis (LayerNorm, RMSNorm, softmax, mean) join everything
+  they reduce: one output depends on all of it, so all of it is one unit (which is why the residual stream of
+  a transformer is one unit, i.e. cannot lose channels);
+- a matmul joins the contracted axis of its operands; an operand whose label spans both the contracted and a
+  kept axis (``q`` in ``q @ k^T``: heads x head dims) is joined along the contracted axis, so a head is
+  removed whole; parameters contracted against activations are *consumers*, parameters whose axis survives
+  into the output are *producers*;
+- anything not understood (an op with no rule) *blocks* the nodes it touches, with the op's name as the
+  reason, and so does the model's output: a unit with a blocked node is never removed.
+
+What comes out is a :class:`ChannelGraph`: nodes, joins, roles, blocks and residual joins; :mod:`.groups`
+turns it into units and families.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+NONE = -1  # no channel at this position
+
+
+# --- nodes ----------------------------------------------------------------------------------------------
+
+class Nodes:
+    """Node ids for the axes of the model's parameters and buffers, allocated on first use."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names  # id(tensor) -> qualified name
+        self.base: dict[tuple[str, int], int] = {}
+        self.size: dict[tuple[str, int], int] = {}
+        self.n = 0
+
+    def axis(self, name: str, axis: int, size: int) -> torch.Tensor:
+        key = (name, axis)
+        if key not in self.base:
+            self.base[key], self.size[key] = self.n, size
+            self.n += size
+        return torch.arange(self.base[key], self.base[key] + size)
+
+    def decode(self, ids: np.ndarray) -> tuple[list[tuple[str, int]], np.ndarray, np.ndarray]:
+        """(axis keys, the key index of each id, the index along that axis of each id)."""
+        keys = sorted(self.base, key=self.base.get)
+        starts = np.array([self.base[k] for k in keys], dtype=np.int64)
+        which = np.searchsorted(starts, ids, side="right") - 1
+        return keys, which, ids - starts[which]
+
+
+@dataclass
+class ChannelGraph:
+    """What a trace found. ``joins`` are pairs of node-id arrays to be joined; ``blocks`` and ``residual``
+    are node-id arrays with the reason; ``roles`` says how each parameter axis was used."""
+
+    nodes: Nodes
+    joins: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    residual: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    roles: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    ops: int = 0
+
+    def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        if ok.any():
+            self.joins.append((a[ok].reshape(-1), b[ok].reshape(-1)))
+
+    def block(self, label: torch.Tensor, reason: str) -> None:
+        ids = label[label >= 0].reshape(-1)
+        if ids.numel():
+            self.blocks.append((torch.unique(ids), reason))
+
+    def role(self, label: torch.Tensor, role: str) -> None:
+        ids = label[label >= 0].reshape(-1)
+        if ids.numel():
+            keys, which, _ = self.nodes.decode(torch.unique(ids).numpy())
+            for k in set(which.tolist()):
+                self.roles.setdefault(keys[k], set()).add(role)
+
+    def components(self) -> np.ndarray:
+        """The root of every node's connected component (union-find by min-label propagation)."""
+        parent = np.arange(self.nodes.n, dtype=np.int64)
+        if not self.joins:
+            return parent
+        a = torch.cat([j[0] for j in self.joins]).numpy()
+        b = torch.cat([j[1] for j in self.joins]).numpy()
+        while True:
+            pa, pb = parent[a], parent[b]
+            if np.array_equal(pa, pb):
+                return parent
+            m = np.minimum(pa, pb)
+            np.minimum.at(parent, pa, m)
+            np.minimum.at(parent, pb, m)
+            while True:  # pointer jumping to the roots
+                pp = parent[parent]
+                if np.array_equal(pp, parent):
+                    break
+                parent = pp
+
+
+# --- labels ---------------------------------------------------------------------------------------------
+
+def squeeze_label(lab: torch.Tensor) -> torch.Tensor:
+    """Size 1 along every axis where the label is constant (labels stay small: ``[1, C, 1, 1]`` for a conv
+    activation)."""
+    for a in range(lab.dim()):
+        if lab.shape[a] > 1 and bool((lab == lab.narrow(a, 0, 1)).all()):
+            lab = lab.narrow(a, 0, 1)
+    return lab
+
+
+def varies(lab: torch.Tensor) -> set[int]:
+    """Axes (counted from the right, as negative numbers) along which ``lab`` varies."""
+    return {a - lab.dim() for a in range(lab.dim()) if lab.shape[a] > 1}
+
+
+def align(lab: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Left-pad ``lab`` with size-1 axes to ``ndim`` axes (broadcasting aligns from the right)."""
+    return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape)) if lab.dim() < ndim else lab
+
+
+@dataclass
+class Info:
+    """The labels of one traced tensor: one label for an activation; for a tensor made of parameters only
+    (a weight, ``gamma.view(1, -1, 1, 1)``, a weight-normed kernel), one label per parameter axis."""
+
+    labels: list[torch.Tensor]
+    param: bool = False
+
+
+class Tracer(TorchFunctionMode):
+    """Runs a model and labels its tensors (see the module docstring)."""
+
+    def __init__(self, graph: ChannelGraph, params: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.g = graph
+        # id -> tensor, for parameters. Buffers get labels only where a rule says they hold channels (a
+        # BatchNorm's running statistics): others are constants (a rotary embedding's inverse frequencies),
+        # and labelling them would tie together every channel they meet.
+        self.params = params
+        self.info: dict[int, Info] = {}
+        self.keep: list[Any] = []  # every traced tensor stays alive, so ids are never reused
+
+    # --- labels of operands -------------------------------------------------------------------------
+    def of(self, t, buffer: bool = False) -> Info | None:
+        """The labels of ``t``; a parameter's (or with ``buffer``, a buffer's) are made on first use."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        i = self.info.get(id(t))
+        if i is None and (id(t) in self.params or (buffer and id(t) in self.g.nodes.names)):
+            name = self.g.nodes.names[id(t)]
+            labels = []
+            for a in range(t.dim()):
+                if t.shape[a] > 1:
+                    shape = [1] * t.dim()
+                    shape[a] = t.shape[a]
+                    labels.append(self.g.nodes.axis(name, a, t.shape[a]).reshape(shape))
+            i = Info(labels, param=True)
+            self.info[id(t)] = i
+            self.keep.append(t)
+        return i
+
+    def set(self, t, info: Info | None) -> None:
+        if isinstance(t, torch.Tensor) and info is not None and info.labels:
+            self.info[id(t)] = info
+            self.keep.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _name(func)
+        if not _has_tensor(out) and name != "__setitem__":
+            return out
+        self.g.ops += 1
+        rule = RULES.get(name)
+        infos = [(a, self.of(a)) for a in _tensors((args, kwargs))]
+        if not any(i is not None for _, i in infos) and rule is not _setitem:
+            return out
+        if rule is None:
+            for _, i in infos:
+                if i is not None:
+                    for lab in i.labels:
+                        self.g.block(lab, f"{name} (no channel rule for this op)")
+            return out
+        rule(self, name, func, args, kwargs, out)
+        return out
+
+
+def _name(func) -> str:
+    n = getattr(func, "__name__", None) or str(func)
+    if n == "__get__":  # a property: Tensor.T, .mT, .data, .shape
+        return getattr(getattr(func, "__self__", None), "__name__", n)
+    if n == "__rmatmul__":
+        return "rmatmul"
+    if n.startswith("__") and n.endswith("__") and n not in ("__getitem__", "__setitem__"):
+        n = n[2:-2]
+        if n.startswith("i") and n[1:] in _BINARY:  # in-place operators: __iadd__
+            n = n[1:]
+        elif n.startswith("r") and n[1:] in _BINARY:  # reflected operators: __radd__
+            n = n[1:]
+    elif n.endswith("_") and not n.startswith("_") and n[:-1]:
+        n = n[:-1]  # in-place methods: add_, relu_
+    return n
+
+
+def _has_tensor(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(_has_tensor(v) for v in x)
+    return False
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [t for t in _tensors(out)]
+
+
+# --- the rules ------------------------------------------------------------------------------------------
+
+Rule = Callable[[Tracer, str, Any, tuple, dict, Any], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str):
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return deco
+
+
+def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | None = None) -> Info | None:
+    """Elementwise: labels of the operands are joined position by position. ``infos`` has one entry per tensor
+    operand (None: an unlabelled tensor that is not a parameter, i.e. data). Data dominates: with any operand
+    that is not made of parameters only, the result is an activation with one label; otherwise one label per
+    parameter axis."""
+    acts = [align(lab, ndim) for i in infos if i is not None and not i.param for lab in i.labels]
+    params = [align(lab, ndim) for i in infos if i is not None and i.param for lab in i.labels]
+    if any(i is None or not i.param for i in infos) and not acts and params:
+        acts = [params.pop(0)]  # data times a parameter (an input scaled per channel): an activation
+    if acts:
+        out = acts[0]
+        for other in acts[1:]:
+            if residual_op is not None:
+                _mark_residual(tr, out, other, residual_op)
+            tr.g.join(out, other)
+            a, b = torch.broadcast_tensors(out, other)
+            out = torch.where(a >= 0, a, b)
+        for p in params:
+            if varies(p) & varies(out):
+                tr.g.join(out, p)
+                tr.g.role(p, "channel")
+                a, b = torch.broadcast_tensors(out, p)
+                out = torch.where(a >= 0, a, b)
+        return Info([squeeze_label(out)])
+    if not params:
+        return None
+    merged: dict[frozenset, torch.Tensor] = {}
+    for p in params:
+        key = frozenset(varies(p))
+        if key in merged:
+            tr.g.join(merged[key], p)
+        else:
+            merged[key] = p
+    return Info(list(merged.values()), param=True)
+
+
+def _mark_residual(tr: Tracer, a: torch.Tensor, b: torch.Tensor, op: str) -> None:
+    """An addition of two activations whose channels come from different parameter axes: a residual join."""
+    a, b = torch.broadcast_tensors(a, b)
+    ok = (a >= 0) & (b >= 0)
+    if not ok.any():
+        return
+    ids_a, ids_b = a[ok].numpy(), b[ok].numpy()
+    _, wa, _ = tr.g.nodes.decode(ids_a)
+    _, wb, _ = tr.g.nodes.decode(ids_b)
+    diff = wa != wb
+    if diff.any():
+        tr.g.residual.append((torch.from_numpy(np.concatenate([ids_a[diff], ids_b[diff]])), op))
+
+
+_UNARY = (
+    "relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu mish softplus "
+    "softsign logsigmoid tanhshrink prelu glu_ dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout "
+    "neg abs exp expm1 log log1p log2 sqrt rsqrt reciprocal square sin cos erf erfc sign clamp clip clamp_min "
+    "clamp_max float half bfloat16 double to type type_as contiguous clone detach requires_grad nan_to_num "
+    "isnan isinf isfinite logical_not bitwise_not round floor ceil trunc frac sgn positive pos "
+    "triu tril fill zero data"
+).split()
+_BINARY = ("add sub mul div truediv true_divide floordiv floor_divide pow maximum minimum fmod remainder "
+           "eq ne lt le gt ge and or xor logical_and logical_or atan2 hypot masked_fill where addcmul addcdiv "
+           "lerp rsub mod matmul").split()
+
+
+@rule(*_UNARY)
+def _unary(tr, name, func, args, kwargs, out):
+    infos = [tr.of(a) for a in _tensors((args, kwargs))]
+    for t in _outputs(out):
+        tr.set(t, meet(tr, infos, t.dim()))
+
+
+@rule("add", "sub", "mul", "div", "truediv", "true_divide", "floordiv", "floor_divide", "pow", "maximum",
+      "minimum", "fmod", "remainder", "mod", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor",
+      "logical_and", "logical_or", "atan2", "hypot", "masked_fill", "where", "addcmul", "addcdiv", "lerp", "rsub",
+      "copy")
+def _elementwise(tr, name, func, args, kwargs, out):
+    infos = [tr.of(a) for a in _tensors((args, kwargs))]
+    res = "add" if name in ("add", "sub", "rsub") else None
+    for t in _outputs(out):
+        tr.set(t, meet(tr, infos, t.dim(), residual_op=res))
+
+
+def _expanded(lab: torch.Tensor, shape) -> torch.Tensor:
+    return align(lab, len(shape)).expand(shape).contiguous()
+
+
+_SHAPE = (
+    "view reshape flatten unflatten squeeze unsqueeze permute transpose t swapaxes swapdims movedim moveaxis "
+    "expand expand_as view_as reshape_as repeat tile repeat_interleave flip roll narrow select split chunk "
+    "unbind split_with_sizes tensor_split __getitem__ index_select gather take_along_dim cat concat concatenate "
+    "stack hstack vstack T mT H mH unfold diagonal masked_select pad"
+).split()
+
+
+@rule(*_SHAPE)
+def _shape(tr, name, func, args, kwargs, out):
+    """Apply the op to the labels themselves: whatever the op does to positions, it does to channels."""
+    tensors = list(_tensors((args, kwargs)))
+    infos = {id(t): tr.of(t) for t in tensors}
+    labelled = [t for t in tensors if infos[id(t)] is not None]
+    # data tensors that are only indices/masks (e.g. the index of gather) stay as they are
+    n = max(len(infos[id(t)].labels) for t in labelled)
+    param = all(infos[id(t)].param for t in labelled)
+    outs = _outputs(out)
+    results: list[list[torch.Tensor]] = [[] for _ in outs]
+    for k in range(n):
+        def sub(x):
+            if isinstance(x, torch.Tensor) and any(x is t for t in labelled):
+                labs = infos[id(x)].labels
+                lab = labs[k] if k < len(labs) else torch.full((1,) * x.dim(), NONE, dtype=torch.int64)
+                return _expanded(lab, x.shape)
+            if isinstance(x, torch.Tensor) and name in _CAT:  # an unlabelled part of a concatenation
+                return torch.full(x.shape, NONE, dtype=torch.int64)
+            if isinstance(x, (list, tuple)):
+                return type(x)(sub(v) for v in x)
+            return x
+        try:
+            if name == "view":  # a view of an expanded label is not always possible; reshape is
+                lab_out = torch.Tensor.reshape(*[sub(a) for a in args], **kwargs)
+            elif name == "pad":  # padding is no channel
+                lab_out = torch.nn.functional.pad(sub(args[0]), *args[1:2], value=NONE)
+            else:
+                lab_out = func(*[sub(a) for a in args], **{k2: sub(v) for k2, v in kwargs.items()})
+        except Exception as e:  # noqa: BLE001 -- a shape op we cannot replay on labels blocks its channels
+            for t in labelled:
+                for lab in infos[id(t)].labels:
+                    tr.g.block(lab, f"{name} (cannot follow channels through it: {type(e).__name__})")
+            return
+        for j, lo in enumerate(_outputs(lab_out)):
+            if j < len(results):
+                results[j].append(squeeze_label(lo))
+    for t, labs in zip(outs, results):
+        labs = [lab for lab in labs if bool((lab >= 0).any())]
+        if labs:
+            tr.set(t, Info(labs if param else labs[:1], param=param))
+
+
+_CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+
+
+def _reduce_dims(lab: torch.Tensor, dims, keepdim: bool, tr: Tracer) -> torch.Tensor:
+    """Join ``lab`` along ``dims`` and keep one representative (the first index)."""
+    nd = lab.dim()
+    dims = sorted({d % nd for d in dims}) if dims is not None else list(range(nd))
+    for d in dims:
+        if lab.shape[d] > 1:
+            first = lab.narrow(d, 0, 1)
+            tr.g.join(first, lab)
+            lab = first
+    if not keepdim:
+        for d in reversed(dims):
+            lab = lab.squeeze(d) if lab.dim() > d else lab
+    return lab
+
+
+def _dims_arg(args, kwargs, pos: int = 1):
+    d = kwargs.get("dim", kwargs.get("axis", args[pos] if len(args) > pos else None))
+    if isinstance(d, int):
+        return [d]
+    if isinstance(d, (list, tuple)) and all(isinstance(v, int) for v in d):
+        return list(d) or None
+    return None
+
+
+@rule("sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "norm", "logsumexp", "argmax", "argmin",
+      "all", "any", "nansum", "nanmean", "count_nonzero", "var_mean", "std_mean", "median")
+def _reduction(tr, name, func, args, kwargs, out):
+    x = args[0]
+    info = tr.of(x)
+    if info is None:
+        return
+    if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return _elementwise(tr, name, func, args, kwargs, out)
+    dims = _dims_arg(args, kwargs, 2 if name == "norm" else 1)
+    keep = bool(kwargs.get("keepdim", False)) or (len(args) > 2 and args[2] is True and name != "norm")
+    labs = [_reduce_dims(align(lab, x.dim()), dims, keep, tr) for lab in info.labels]
+    for t in _outputs(out):
+        if t.dim() == labs[0].dim():
+            tr.set(t, Info([squeeze_label(lab) for lab in labs] if info.param else [squeeze_label(labs[0])],
+                           param=info.param))
+
+
+@rule("softmax", "log_softmax", "softmin", "normalize", "cumsum", "cumprod", "logcumsumexp", "sort", "argsort",
+      "topk", "cummax", "cummin")
+def _along(tr, name, func, args, kwargs, out):
+    """Ops whose every output along ``dim`` depends on all of that axis: join it, keep the label."""
+    x = args[0]
+    info = tr.of(x)
+    if info is None:
+        return
+    d = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else -1)
+    if name == "normalize":
+        d = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+    for lab in info.labels:
+        lab = align(lab, x.dim())
+        if lab.shape[d] > 1:
+            tr.g.join(lab.narrow(d, 0, 1), lab)
+    outs = _outputs(out)
+    if outs:
+        tr.set(outs[0], Info(list(info.labels), param=info.param))
+
+
+def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib: Info | None,
+              out: torch.Tensor) -> None:
+    """``a @ b`` with torch.matmul's broadcasting: join the contracted axis, carry the rest (see module doc)."""
+    va = a.dim() == 1
+    vb = b.dim() == 1
+    nd = max(a.dim() + va, b.dim() + vb, 2)
+    la = [align(lab.unsqueeze(0) if va else lab, nd) for lab in (ia.labels if ia else [])]
+    lb = [align(lab.unsqueeze(-1) if vb else lab, nd) for lab in (ib.labels if ib else [])]
+    a_param, b_param = ia is not None and ia.param, ib is not None and ib.param
+    act = not (a_param and b_param)  # an unlabelled operand that is not a parameter is data
+    for x in la:
+        if x.shape[-1] == 1:
+            continue
+        for y in lb:
+            if y.shape[-2] > 1:
+                tr.g.join(x.unsqueeze(-1), y.unsqueeze(-3))
+                if not a_param and b_param:
+                    tr.g.role(y, "consumer")
+                if a_param and not b_param:
+                    tr.g.role(x, "consumer")
+    outs: list[tuple[torch.Tensor, bool]] = []
+    weight = a_param != b_param  # activations times a weight
+    for x, is_param, from_a in [(x, a_param, True) for x in la] + [(y, b_param, False) for y in lb]:
+        k_axis = -1 if from_a else -2
+        if x.shape[k_axis] > 1:
+            kept = [d for d in range(nd) if d - nd != k_axis and x.shape[d] > 1]
+            if not kept or (weight and not is_param):
+                continue  # consumed: a weight's contraction makes new channels
+            first = x.narrow(k_axis, 0, 1)  # q @ k^T: a head's dims are one unit with the head
+            tr.g.join(first, x)
+            x = first
+        outs.append((x, is_param))  # a: [.., n, 1]; b: [.., 1, m]: both broadcast to [.., n, m]
+    if not outs:
+        return
+    if vb:
+        outs = [(x.squeeze(-1), p) for x, p in outs]
+    if va:
+        outs = [(x.squeeze(-2) if x.dim() > 1 else x, p) for x, p in outs]
+    if act:
+        for x, is_param in outs:
+            if is_param:
+                tr.g.role(x, "producer")
+        info = meet(tr, [Info([align(x, out.dim())]) for x, _ in outs], out.dim())
+    else:
+        info = Info([squeeze_label(align(x, out.dim())) for x, _ in outs], param=True)
+    tr.set(out, info)
+
+
+@rule("matmul", "mm", "bmm", "rmatmul")
+def _matmul(tr, name, func, args, kwargs, out):
+    a, b = (args[1], args[0]) if name == "rmatmul" else (args[0], args[1])
+    _contract(tr, a, tr.of(a), b, tr.of(b), out)
+
+
+@rule("addmm", "baddbmm", "addbmm")
+def _addmm(tr, name, func, args, kwargs, out):
+    c, a, b = args[0], args[1], args[2]
+    tmp = torch.empty(out.shape)
+    _contract(tr, a, tr.of(a), b, tr.of(b), tmp)
+    infos = [tr.info.get(id(tmp)), tr.of(c)]
+    tr.set(out, meet(tr, infos, out.dim()))
+    if tr.of(c) is not None and tr.of(c).param:
+        for lab in tr.of(c).labels:
+            tr.g.role(lab, "producer")
+
+
+@rule("linear")
+def _linear(tr, name, func, args, kwargs, out):
+    x = args[0]
+    w = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    iw = tr.of(w)
+    wt = Info([lab.transpose(-1, -2) for lab in iw.labels], param=iw.param) if iw and w.dim() == 2 else iw
+    tmp = torch.empty(out.shape)
+    _contract(tr, x, tr.of(x), w.t() if w.dim() == 2 else w, wt, tmp)
+    ib = tr.of(b)
+    tr.set(out, meet(tr, [tr.info.get(id(tmp)), ib], out.dim()))
+    if ib is not None and ib.param:
+        for lab in ib.labels:
+            tr.g.role(lab, "producer")
+
+
+@rule("embedding")
+def _embedding(tr, name, func, args, kwargs, out):
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    iw = tr.of(w)
+    if iw is None or not iw.param:
+        return
+    cols = [lab for lab in iw.labels if lab.dim() == 2 and lab.shape[1] > 1]
+    for lab in iw.labels:
+        if lab.dim() == 2 and lab.shape[0] > 1:
+            tr.g.role(lab, "rows")
+    if cols:
+        lab = align(cols[0].reshape(-1), out.dim())
+        tr.g.role(lab, "producer")
+        tr.set(out, Info([lab]))
+
+
+def _channel_param(tr: Tracer, t, ndim: int, axis: int) -> torch.Tensor | None:
+    """A 1-D per-channel parameter/buffer as a label along ``axis`` of an ``ndim``-axis tensor."""
+    i = tr.of(t, buffer=True)
+    if i is None or not i.labels:
+        return None
+    lab = i.labels[0].reshape(-1)
+    shape = [1] * ndim
+    shape[axis] = lab.numel()
+    return lab.reshape(shape)
+
+
+def _per_channel(tr: Tracer, x, out, params, axis: int, join_axes=()) -> None:
+    info = tr.of(x)
+    lab = align(info.labels[0], x.dim()) if info is not None and not info.param else None
+    if lab is not None:
+        for d in join_axes:
+            if lab.shape[d] > 1:
+                first = lab.narrow(d, 0, 1)
+                tr.g.join(first, lab)
+                lab = first
+    out_lab = lab
+    for p in params:
+        pl = _channel_param(tr, p, x.dim(), axis)
+        if pl is None:
+            continue
+        tr.g.role(pl, "channel")
+        if out_lab is None:
+            out_lab = pl
+        else:
+            tr.g.join(out_lab, pl)
+            a, b = torch.broadcast_tensors(out_lab, pl)
+            out_lab = torch.where(a >= 0, a, b)
+    if out_lab is not None:
+        tr.set(out, Info([squeeze_label(out_lab)]))
+
+
+@rule("batch_norm", "instance_norm")
+def _batch_norm(tr, name, func, args, kwargs, out):
+    """``(input, running_mean, running_var, weight, bias, ...)``: per-channel parameters and statistics."""
+    x = args[0]
+    names = ("running_mean", "running_var", "weight", "bias")
+    params = [kwargs.get(n, args[i + 1] if len(args) > i + 1 else None) for i, n in enumerate(names)]
+    _per_channel(tr, x, out, [p for p in params if isinstance(p, torch.Tensor)], axis=1,
+                 join_axes=range(2, x.dim()))
+
+
+@rule("layer_norm", "rms_norm")
+def _layer_norm(tr, name, func, args, kwargs, out):
+    x = args[0]
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    w = kwargs.get("weight", args[2] if len(args) > 2 else None)
+    b = kwargs.get("bias", args[3] if len(args) > 3 else None) if name == "layer_norm" else None
+    info = tr.of(x)
+    if info is not None and not info.param:
+        lab = align(info.labels[0], x.dim())
+        for d in range(x.dim() - k, x.dim()):
+            if lab.shape[d] > 1:
+                tr.g.join(lab.narrow(d, 0, 1), lab)
+    _per_channel(tr, x, out, [p for p in (w, b) if isinstance(p, torch.Tensor)], axis=x.dim() - 1)
+
+
+@rule("group_norm")
+def _group_norm(tr, name, func, args, kwargs, out):
+    x = args[0]
+    w = kwargs.get("weight", args[2] if len(args) > 2 else None)
+    b = kwargs.get("bias", args[3] if len(args) > 3 else None)
+    _per_channel(tr, x, out, [p for p in (w, b) if isinstance(p, torch.Tensor)], axis=1,
+                 join_axes=range(1, x.dim()))
+
+
+@rule("conv1d", "conv2d", "conv3d")
+def _conv(tr, name, func, args, kwargs, out):
+    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    groups = kwargs.get("groups", args[6] if len(args) > 6 else 1)
+    ix, iw = tr.of(x), tr.of(w)
+    nd = out.dim()
+    if iw is None or not iw.param:
+        if ix is not None:
+            for lab in ix.labels:
+                tr.g.block(lab, f"{name} with a computed kernel")
+        return
+    name_w = tr.g.nodes.names[id(w)]
+    o, cg = w.shape[0], w.shape[1]
+    rows = tr.g.nodes.axis(name_w, 0, o)
+    shape = [1] * nd
+    shape[1] = o
+    out_lab = rows.reshape(shape)
+    tr.g.role(out_lab, "producer")
+    if ix is not None and not ix.param:
+        lab = align(ix.labels[0], x.dim())
+        for d in range(2, x.dim()):  # a label that varies over space: every output position mixes it
+            if lab.shape[d] > 1:
+                first = lab.narrow(d, 0, 1)
+                tr.g.join(first, lab)
+                lab = first
+        ch = lab.reshape(-1) if lab.numel() == lab.shape[1] else None
+        if ch is None:
+            tr.g.block(lab, f"{name}: channels that vary along the batch axis")
+        elif groups == 1:
+            cols = tr.g.nodes.axis(name_w, 1, cg)
+            tr.g.join(ch.expand(cg) if ch.numel() == 1 else ch, cols)
+            tr.g.role(cols, "consumer")
+        else:  # a grouped or depthwise conv: a group's input channels and output channels go together
+            og = o // groups
+            chx = ch.expand(x.shape[1]) if ch.numel() == 1 else ch
+            for gi in range(groups):
+                tr.g.join(chx[gi * cg:(gi + 1) * cg], rows[gi * og:gi * og + 1].expand(cg))
+                if og > 1:
+                    tr.g.join(rows[gi * og:gi * og + 1].expand(og - 1), rows[gi * og + 1:(gi + 1) * og])
+    ib = tr.of(b)
+    if ib is not None and ib.param:
+        bl = ib.labels[0].reshape(shape)
+        tr.g.join(out_lab, bl)
+        tr.g.role(bl, "producer")
+    tr.set(out, Info([out_lab]))
+
+
+@rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
+      "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+      "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
+      "max_pool2d_with_indices", "adaptive_max_pool2d_with_indices", "max_pool1d_with_indices")
+def _spatial(tr, name, func, args, kwargs, out):
+    """Ops over the spatial axes (2 and on) that keep channels apart."""
+    x = args[0]
+    info = tr.of(x)
+    if info is None:
+        return
+    outs = _outputs(out)
+    t = outs[0]
+    labs = []
+    for lab in info.labels:
+        lab = align(lab, x.dim())
+        if lab.dim() != t.dim():
+            tr.g.block(lab, f"{name} (changes the number of axes)")
+            return
+        for d in range(2, lab.dim()):
+            if lab.shape[d] > 1:
+                first = lab.narrow(d, 0, 1)
+                tr.g.join(first, lab)
+                lab = first
+        labs.append(lab)
+    tr.set(t, Info(labs, param=info.param))
+
+
+@rule("scaled_dot_product_attention")
+def _sdpa(tr, name, func, args, kwargs, out):
+    q, k, v = args[0], args[1], args[2]
+    iq, ik, iv = tr.of(q), tr.of(k), tr.of(v)
+    if kwargs.get("enable_gqa") and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        ik = Info([align(lab, k.dim()).repeat_interleave(rep, dim=-3) if align(lab, k.dim()).shape[-3] > 1 else lab
+                   for lab in ik.labels], ik.param) if ik else None
+        iv = Info([align(lab, v.dim()).repeat_interleave(rep, dim=-3) if align(lab, v.dim()).shape[-3] > 1 else lab
+                   for lab in iv.labels], iv.param) if iv else None
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    kt = k.transpose(-1, -2)
+    ikt = Info([align(lab, k.dim()).transpose(-1, -2) for lab in ik.labels], ik.param) if ik else None
+    scores = torch.empty(q.shape[:-1] + (k.shape[-2],))
+    _contract(tr, q, iq, kt, ikt, scores)
+    _contract(tr, scores, tr.info.get(id(scores)), v, iv, out)
+
+
+@rule("multi_head_attention_forward")
+def _mha(tr, name, func, args, kwargs, out):
+    """``nn.MultiheadAttention``: its fused projection's rows, split by head, and the output projection's
+    columns of that head are one unit."""
+    names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+    a = dict(zip(names, args))
+    a.update({k: v for k, v in kwargs.items() if k in names or k.endswith("proj_weight")})
+    heads = int(a["num_heads"])
+    if not kwargs.get("use_separate_proj_weight", False) and a.get("in_proj_weight") is not None:
+        wi, bi = a["in_proj_weight"], a.get("in_proj_bias")
+        n = tr.g.nodes.names
+        e = wi.shape[0] // 3
+        hd = e // heads
+        rows = tr.g.nodes.axis(n[id(wi)], 0, wi.shape[0])
+        cols = tr.g.nodes.axis(n[id(wi)], 1, wi.shape[1])
+        wo = a["out_proj_weight"]
+        ocols = tr.g.nodes.axis(n[id(wo)], 1, wo.shape[1])
+        orows = tr.g.nodes.axis(n[id(wo)], 0, wo.shape[0])
+        per_head = torch.cat([rows.reshape(3, heads, hd).permute(1, 0, 2).reshape(heads, -1),
+                              ocols.reshape(heads, hd)], dim=1)
+        tr.g.join(per_head[:, :1], per_head)
+        tr.g.role(rows, "producer")
+        tr.g.role(ocols, "consumer")
+        tr.g.role(cols, "consumer")
+        tr.g.role(orows, "producer")
+        if isinstance(bi, torch.Tensor):
+            tr.g.join(rows, tr.g.nodes.axis(n[id(bi)], 0, bi.shape[0]))
+        bo = a.get("out_proj_bias")
+        if isinstance(bo, torch.Tensor):
+            tr.g.join(orows, tr.g.nodes.axis(n[id(bo)], 0, bo.shape[0]))
+        for x in (a["query"], a["key"], a["value"]):
+            ix = tr.of(x)
+            if ix is not None and not ix.param:
+                lab = ix.labels[0]
+                if lab.shape[-1] > 1:
+                    tr.g.join(lab, align(cols, lab.dim()))
+                elif int(lab.reshape(-1)[0]) >= 0:
+                    tr.g.join(lab.reshape(-1)[:1].expand(cols.numel()), cols)
+        res = _outputs(out)
+        if res:
+            tr.set(res[0], Info([align(orows, res[0].dim())]))
+        return
+    for x in _tensors((args, kwargs)):
+        i = tr.of(x)
+        if i is not None:
+            for lab in i.labels:
+                tr.g.block(lab, "nn.MultiheadAttention with separate q/k/v weights")
+
+
+@rule("__setitem__")
+def _setitem(tr, name, func, args, kwargs, out):
+    for x in _tensors((args, kwargs)):
+        i = tr.of(x)
+        if i is not None:
+            for lab in i.labels:
+                tr.g.block(lab, "in-place assignment into a tensor")
+
+
+for _n in ("size", "dim", "numel", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+           "randn_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "arange", "is_floating_point",
+           "item", "tolist", "bool", "long", "int", "short", "char", "byte"):
+    RULES.setdefault(_n, lambda *a: None)
+
+
+# --- running it -----------------------------------------------------------------------------------------
+
+def named_tensors(model: nn.Module) -> dict[int, str]:
+    """id -> first qualified name, for every parameter and buffer (shared tensors have one name)."""
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    for n, b in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), n)
+    return names
+
+
+def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Module | None = None) -> ChannelGraph:
+    """Run ``model(*inputs)`` once and return what it did with channels. Parameters are named as in
+    ``names_from`` (default: ``model``); the model runs in eval mode with gradients enabled (which keeps
+    PyTorch's fused inference fast paths, invisible to the trace, off), and is left as it was."""
+    names = named_tensors(names_from if names_from is not None else model)
+    params = {id(t): t for t in (names_from or model).parameters()}
+    graph = ChannelGraph(Nodes(names))
+    tracer = Tracer(graph, params)
+    hooks = [m.register_forward_pre_hook(_opaque_module(tracer, type(m).__name__))
+             for m in model.modules() if isinstance(m, nn.RNNBase)]
+    modes = {m: m.training for m in model.modules()}
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    model.eval()
+    try:
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        with torch.enable_grad(), tracer:
+            out = model(*inputs)
+        for t in _outputs(out):
+            i = tracer.of(t)
+            if i is not None:
+                for lab in i.labels:
+                    graph.block(lab, "reaches the model's output")
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(grads[id(p)])
+        for m, mode in modes.items():
+            m.training = mode
+    return graph
+
+
+def _opaque_module(tracer: Tracer, kind: str):
+    def hook(module, args):
+        for x in _tensors(args):
+            i = tracer.of(x)
+            if i is not None:
+                for lab in i.labels:
+                    tracer.g.block(lab, f"{kind} (its weights are used inside one fused op)")
+        names = tracer.g.nodes.names
+        for p in module.parameters():
+            if id(p) in names and p.dim() >= 1:
+                for a in range(p.dim()):
+                    tracer.g.block(tracer.g.nodes.axis(names[id(p)], a, p.shape[a]), f"{kind} weights")
+    return hook
+
+
+__all__ = ["ChannelGraph", "Nodes", "RULES", "trace", "named_tensors", "NONE"]
+_ = math

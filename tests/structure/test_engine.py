@@ -1,0 +1,146 @@
+"""The pruning methods on structural families: the same engine and registry as blocks, with a family's units
+as a ``[1, n]`` grid. Contract tests over every registered method."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calib_data.shards import Shard
+from sapp_compress import PruneConfig, TrainConfig, prune
+from sapp_compress.masks import is_parametrized
+from sapp_compress.methods import METHODS
+from sapp_compress.structure import discover
+from sapp_compress.structure.gates import FamilyPlan, attach, fold
+from sapp_compress.structure.remove import remove
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 5))
+
+
+def _shard(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 32)).astype(np.float32)
+    return Shard(inputs=(x,), y=(x[:, :5].argmax(1)).astype(np.int64), source="synthetic")
+
+
+def _plans(model):
+    plan = discover(model, (torch.randn(2, 32),))
+    return [FamilyPlan(f, model) for f in plan.families]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_kept_units_and_a_smaller_model(method):
+    """Every method ends with exactly round((1 - s) n) units per family (or fewer, when a kept unit's consumer
+    ended all zero), and the model is physically smaller: Linear(32, 32), Linear(32, 24)."""
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = prune(model, _shard(), PruneConfig(block="8", sparsity=0.5, method=method, structure="channels"),
+                TrainConfig(steps=40, batch_size=32, lr=1e-3))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the input is untouched
+    assert not is_parametrized(res.model)
+    assert res.layers == [] and res.structure is not None
+    kept = {f.name: int(k.sum()) for f, k in zip(res.structure.families, res.structure.keep.values())}
+    assert set(kept) == {"0 (neurons)", "2 (neurons)"}
+    assert 30 <= kept["0 (neurons)"] <= 32 and 22 <= kept["2 (neurons)"] <= 24
+    m = res.model
+    assert (m[0].out_features, m[2].in_features, m[2].out_features, m[4].in_features) == \
+        (kept["0 (neurons)"], kept["0 (neurons)"], kept["2 (neurons)"], kept["2 (neurons)"])
+    assert res.structure.parity <= 1e-5
+    assert np.isfinite(res.metrics["pruned_torch"]["score"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_gates_fold_to_what_the_masked_model_computes(method):
+    """With random logits and a random mask, folding the gates and removing the pruned units gives exactly
+    the masked model's outputs."""
+    model = _model()
+    cfg = PruneConfig(block="8", sparsity=0.6, method=method, structure="channels")
+    m = METHODS[method](cfg, _plans(model), total_steps=10)
+    with torch.no_grad():
+        for layer in m.layers:
+            if layer.masker.logits is not None:
+                layer.masker.logits.normal_()
+    m.finish()
+    assert [int(layer.alive().sum()) for layer in m.layers] == [round(0.4 * 64), round(0.4 * 48)]
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        masked = model(x)
+    keep = fold(m.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
+    remove(model, [layer.family for layer in m.layers], keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_is_identity_at_start_and_scales_consumers():
+    """At initialisation (logits 0, mask 1) the gated model is the model; a unit at mask 0 is the unit removed:
+    its down-projection column is zero in the effective weight, its up-projection row untouched."""
+    model = _model()
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        ref = model(x)
+    layers = attach(_plans(model), attention=True, powerprop=False, density=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    w2 = model[2].parametrizations.weight.original.detach().clone()
+    keep = torch.ones(1, 64, dtype=torch.bool)
+    keep[0, 5] = False
+    layers[0].set_mask(keep)
+    eff = model[2].weight.detach()
+    assert (eff[:, 5] == 0).all() and torch.equal(eff[:, 4], w2[:, 4])
+    assert torch.equal(model[0].weight[5], model[0].weight[5])  # the producer is not gated
+
+
+def test_revive_zero_keeps_producers_and_decay_skips_pruned_units():
+    """A dense phase's revival zeroes only the consumer slices (so the unit has a gradient again); the coupled
+    l2 penalty leaves pruned units' slices alone, in every tensor they touch."""
+    model = _model()
+    layers = attach(_plans(model), attention=False, powerprop=False, density=0.5)
+    fam = layers[0]
+    keep = torch.ones(1, 64, dtype=torch.bool)
+    keep[0, :10] = False
+    fam.set_mask(keep)
+    up = model[0].weight.detach().clone()
+    for t in fam.trained():
+        t.grad = torch.zeros_like(t)
+    fam.decay_(1.0)
+    grads = {id(t): t.grad for t in fam.trained()}
+    assert (grads[id(model[0].weight)][:10] == 0).all() and (grads[id(model[0].weight)][10:] != 0).any()
+    down = model[2].parametrizations.weight.original
+    assert (grads[id(down)][:, :10] == 0).all()
+    fam.revive(zero=True)
+    assert torch.equal(model[0].weight.detach(), up)
+    assert (down[:, :10] == 0).all() and (down[:, 10:] != 0).any()
+    assert fam.alive().all()
+
+
+def test_scores_are_group_norms_over_every_tensor():
+    model = _model()
+    layers = attach(_plans(model), attention=False, powerprop=False, density=0.5)
+    fam = layers[0]
+    w0, b0 = model[0].weight.detach(), model[0].bias.detach()
+    w2 = model[2].parametrizations.weight.original.detach()
+    want = (w0.pow(2).sum(1) + b0.pow(2) + w2.pow(2).sum(0)).sqrt()
+    torch.testing.assert_close(fam.norms().reshape(-1), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sapp_ranks_units_by_attention():
+    """SA++ on units: the kept units are those of highest logit."""
+    model = _model()
+    cfg = PruneConfig(block="8", sparsity=0.75, structure="channels")
+    m = METHODS["sapp"](cfg, _plans(model), total_steps=10)
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.masker.logits.copy_(torch.arange(layer.grid[1], dtype=torch.float32).reshape(1, -1))
+    m.finish()
+    for layer in m.layers:
+        n = layer.grid[1]
+        assert torch.equal(layer.alive().reshape(-1), torch.arange(n) >= n - round(0.25 * n))
+    _ = copy
