@@ -167,14 +167,18 @@ def check_token_ids(model: nn.Module, shard: Shard) -> None:
                             f"{what} of {rows} (ids 0..{rows - 1}); was the shard made with this model's tokenizer?")
 
 
-_CONFIG = re.compile(r"\bconfig\b", re.IGNORECASE)
+#: (a pattern of the error a model raises on a probe, what it says): errors that are the model's, not the shard's
+MODEL_FAILURES: list[tuple[re.Pattern, str]] = [
+    # e.g. T5's "self.model.config.decoder_start_token_id has to be defined"
+    (re.compile(r"\bconfig\b", re.IGNORECASE), "the model fails on its own configuration, not on the shard"),
+]
 
 
-def _model_failure(e: BaseException, shard: Shard, msg: str) -> Exception | None:
-    """The model itself, not the shard, when its error is about its configuration (e.g. T5's
-    "config.decoder_start_token_id has to be defined")."""
-    if _CONFIG.search(msg):
-        return ModelLoadError(f"the model fails on its own configuration, not on the shard {shard.source}: {msg}")
+def _model_failure(shard: Shard, msg: str) -> Exception | None:
+    """A :class:`ModelLoadError` when the probe's error ``msg`` is the model's (:data:`MODEL_FAILURES`)."""
+    for pattern, what in MODEL_FAILURES:
+        if pattern.search(msg):
+            return ModelLoadError(f"{what} {shard.source}: {msg}")
     return None
 
 
@@ -198,7 +202,7 @@ def adapt(model: nn.Module, shard: Shard) -> tuple[nn.Module, OutputInfo, np.nda
         shapes = ", ".join(f"{n + ' ' if shard.by_keyword else ''}{tuple(x.shape[1:])} {x.dtype}"
                            for n, x in zip(shard.names, shard.inputs))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _model_failure(e, shard, msg) or DataError(
+        raise _model_failure(shard, msg) or DataError(
             f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
     key, tensor = find_output(out)
     kind = "classes" if key in ("tensor", "logits", "0") else "features"
