@@ -16,26 +16,21 @@ Tasks (shipped data only):
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from calib_data.shards import load_shard, shipped_shard  # noqa: E402
-from sapp_compress import PruneConfig, TrainConfig, prune, zoo  # noqa: E402
-from sapp_compress.methods import METHODS  # noqa: E402
-from sapp_compress.tasks import infer_task  # noqa: E402
-from sapp_compress.training import predict, train_dense  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+import harness
+from calib_data.shards import load_shard, shipped_shard
+from harness import RESULTS
+from sapp_compress import PruneConfig, TrainConfig, prune, zoo
+from sapp_compress.methods import METHODS
+from sapp_compress.tasks import infer_task
+from sapp_compress.training import predict, train_dense
 
 TASKS = {
     # name: (shard, builder, pretrain TrainConfig, fine-tune TrainConfig, PruneConfig extras)
@@ -100,42 +95,35 @@ def key(r: dict) -> tuple:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="accuracy.jsonl")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(sorted(METHODS)))
     ap.add_argument("--blocks", default="4,8,16")
     ap.add_argument("--sparsities", default="0.7,0.8,0.9,0.95")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--options", default="{}", help="JSON method options (ablations)")
-    ap.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--balanced", action="store_true", help="balanced (per block-row) selection")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the task's fine-tuning learning rate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def done() -> set:
         # re-read before every cell: several processes may share one results file (each takes what is left)
-        if not out.exists():
-            return set()
-        return {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+        return {key(r) for r in harness.read_rows(args.out)}
 
     options = json.loads(args.options)
     key_options = {**options, **({"balanced": True} if args.balanced else {}),
                    **({"lr_scale": args.lr_scale} if args.lr_scale != 1.0 else {})}
-    grid = itertools.product(args.tasks.split(","), args.methods.split(","),
-                             [int(b) for b in args.blocks.split(",")],
-                             [float(s) for s in args.sparsities.split(",")], [int(s) for s in args.seeds.split(",")])
-    digests = {t: model_digest(pretrain(t)) for t in args.tasks.split(",")}
+    grid = itertools.product(harness.names(args.tasks), harness.names(args.methods), harness.ints(args.blocks),
+                             harness.floats(args.sparsities), harness.ints(args.seeds))
+    digests = {t: model_digest(pretrain(t)) for t in harness.names(args.tasks)}
     for task, method, block, sparsity, seed in grid:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
         if k in done():
             continue
         row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        harness.append_row(args.out, row)
         print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "
               f"score {row['pruned']['score']:.4f} (dense {row['dense']['score']:.4f}) {row['seconds']:.1f}s",
               flush=True)

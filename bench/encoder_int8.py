@@ -8,50 +8,29 @@ s = 0.8). Compared in one process, interleaved, 1 ORT thread, medians: the dense
 fp32). Prints the CPU line, speed-ups over dense fp32 and over ORT's best int8, file sizes, and each model's
 max |out - torch| / max |torch| on the same inputs.
 
-    python bench/encoder_int8.py [--batches 1,8] [--rounds 11] [--out bench/results/encoder_int8.json]
+    python bench/encoder_int8.py [--batches 1,8] [--rounds 11] [--layers 4] [--out bench/results/encoder_int8.json]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
+from onnxruntime.quantization import QuantType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from encoder_speed import build, cpu_line, inputs, prune  # noqa: E402
-
-from converters import convert, export_onnx, run_onnx  # noqa: E402
-from converters.runtime import interleaved_samples, session  # noqa: E402
-
-
-def ort_int8(dense: bytes, weight_type: str) -> bytes:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = Path(d) / "dense.onnx", Path(d) / "q.onnx"
-        src.write_bytes(dense)
-        quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, weight_type), per_channel=True)
-        return dst.read_bytes()
+import harness
+from converters import convert, export_onnx, run_onnx
+from encoder_speed import build, inputs, prune
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="encoder_int8.json")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder_int8.json"))
+    ap.add_argument("--layers", type=int, default=4, help="encoder layers (4: the study's)")
     args = ap.parse_args()
-    t0 = time.strftime("%H:%M", time.gmtime())
-    cpu = cpu_line()
-    model = build()
+    clock = harness.Clock()
+    cpu = harness.machine_line()
+    model = build(layers=args.layers)
     manifest = prune(model, 16, 0.8)
     ex = inputs(2, args.seq, 1000)
     dense = export_onnx(model, tuple(torch.from_numpy(v) for v in ex.values()), input_names=list(ex),
@@ -59,8 +38,8 @@ def main() -> None:
     dense_bytes = dense.SerializeToString()
     models = {
         "dense": dense_bytes,
-        "ort_int8_s8": ort_int8(dense_bytes, "QInt8"),
-        "ort_int8_u8": ort_int8(dense_bytes, "QUInt8"),
+        "ort_int8_s8": harness.ort_dynamic(dense_bytes, weight_type=QuantType.QInt8, per_channel=True),
+        "ort_int8_u8": harness.ort_dynamic(dense_bytes, weight_type=QuantType.QUInt8, per_channel=True),
         "blocked": convert(dense, manifest, fmt="blocked").model.SerializeToString(),
         "blocked_int8": convert(dense, manifest, fmt="blocked", quantize="int8").model.SerializeToString(),
     }
@@ -75,20 +54,16 @@ def main() -> None:
     rows = []
     print("| batch | dense ms | " + " | ".join(f"{k}" for k in models if k != "dense")
           + " | blocked_int8 vs ORT's best int8 |\n|---|---|" + "---|" * (len(models) - 1) + "---|")
-    for n in (int(b) for b in args.batches.split(",")):
+    for n in harness.ints(args.batches):
         f = inputs(n, args.seq, 1000)
-        sess = {k: session(v, threads=1) for k, v in models.items()}
-        smp = interleaved_samples(sess, f, min_rounds=args.rounds, max_rounds=args.rounds, budget_s=0.0,
-                                  loop_s=0.05, pause_s=0.02)
-        med = {k: statistics.median(v) for k, v in smp.items()}
+        med = harness.medians(harness.time_sessions(harness.sessions(models, threads=1), f, args.rounds, pause_s=0.02))
         best_ort = min(med["ort_int8_s8"], med["ort_int8_u8"])
         rows.append({"batch": n, "ms": med, "vs_best_ort_int8": best_ort / med["blocked_int8"]})
         print(f"| {n} | {med['dense']:.1f} | " + " | ".join(f"{med['dense'] / med[k]:.2f}x" for k in models
                                                          if k != "dense")
               + f" | {best_ort / med['blocked_int8']:.2f}x |", flush=True)
-    meta = {"cpu": cpu, "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}", "args": vars(args),
-            "file_bytes": sizes, "max_rel_err": err}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = {"cpu": cpu, "utc": clock.span(), "args": vars(args), "file_bytes": sizes, "max_rel_err": err}
+    harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

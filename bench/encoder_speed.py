@@ -21,14 +21,8 @@ the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from converters import LayerBlocks, convert, export_onnx  # noqa: E402
-from converters.runtime import interleaved_samples, run_onnx, session  # noqa: E402
+import harness
+from converters import LayerBlocks, convert, export_onnx
+from converters.runtime import run_onnx
 
 PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                "intermediate.dense", "output.dense")
@@ -75,15 +68,6 @@ def build(hidden=768, intermediate=3072, heads=12, layers=4, vocab=1000, seed=0)
     return model
 
 
-def balanced_kept(rng: np.random.Generator, R: int, C: int, sparsity: float) -> np.ndarray:
-    """A random [R, C] block grid keeping ``round((1 - s) C)`` blocks in every block-row."""
-    k = max(1, round((1 - sparsity) * C))
-    kept = np.zeros((R, C), dtype=bool)
-    for r in range(R):
-        kept[r, rng.choice(C, k, replace=False)] = True
-    return kept
-
-
 def prune(model: Encoder, block: int, sparsity: float, seed: int = 0) -> list[LayerBlocks]:
     """Zero the dropped blocks of every projection in place; the manifest entries of the pruned weights."""
     rng = np.random.default_rng(seed)
@@ -92,7 +76,7 @@ def prune(model: Encoder, block: int, sparsity: float, seed: int = 0) -> list[La
         if not (isinstance(mod, nn.Linear) and name.endswith(PROJECTIONS)):
             continue
         O, I = mod.weight.shape
-        kept = balanced_kept(rng, O // block, I // block, sparsity)
+        kept = harness.balanced_kept(rng, O // block, I // block, sparsity)
         mask = np.kron(kept, np.ones((block, block), dtype=bool))
         with torch.no_grad():
             mod.weight.mul_(torch.from_numpy(mask.astype(np.float32)))
@@ -109,58 +93,8 @@ def inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndar
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def cpu_line() -> str:
-    name = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
-                          text=True).stdout.strip()
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of avx2/avx512f/avx512_vnni'}"
-
-
-def optimized_ops(model_bytes: bytes, threads: int) -> dict[str, int]:
-    """Node types of the graph ORT runs (its optimized model, saved by the session)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
-        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        m = onnx.load(so.optimized_model_filepath)
-    return dict(Counter(n.op_type for n in m.graph.node).most_common())
-
-
-def flop_limit(model: Encoder, feed: dict, pruned: set[str], sparsity: float) -> float:
-    """Whole-model limit: linear multiply-adds over those left when the pruned weights keep 1 - s (other ops,
-    attention's own products included, are not counted: an upper bound)."""
-    macs = {"all": 0.0, "pruned": 0.0}
-
-    def hook(name):
-        def f(mod, inp, out):
-            m = out.numel() * mod.in_features
-            macs["all"] += m
-            macs["pruned"] += m if f"{name}.weight" in pruned else 0
-        return f
-
-    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        model(*(torch.from_numpy(v) for v in feed.values()))
-    for h in hs:
-        h.remove()
-    return macs["all"] / (macs["all"] - sparsity * macs["pruned"])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="encoder_speed.json")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--seq", type=int, default=128)
@@ -171,18 +105,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="measure every table this many times")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
                     help="also time a saved ONNX model of the same encoder (e.g. an earlier converter's output)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder_speed.json"))
     args = ap.parse_args()
-    t0 = time.strftime("%H:%M", time.gmtime())
-    cpu = cpu_line()
+    clock = harness.Clock()
+    cpu = harness.machine_line()
     model = build(layers=args.layers)
     manifest = prune(model, args.block, args.sparsity)
     vocab = 1000
     ex = inputs(2, args.seq, vocab)
     dense = export_onnx(model, tuple(torch.from_numpy(v) for v in ex.values()),
                         input_names=list(ex), output_names=["last_hidden_state"])
-    batches = [int(b) for b in args.batches.split(",")]
-    thread_counts = [int(x) for x in args.threads.split(",")]
+    batches = harness.ints(args.batches)
+    thread_counts = harness.ints(args.threads)
     timing = inputs(max(batches), args.seq, vocab)  # auto times at this batch and at batch 1
     t = time.perf_counter()
     blocked = convert(dense, manifest, fmt="blocked")
@@ -199,7 +132,8 @@ def main() -> None:
     enc_dense = sum(lb.weight.nbytes for lb in manifest)
     enc = {"blocked": sum(o.stored_bytes for o in blocked.layers),
            **{f"auto{t}": sum(o.stored_bytes for o in a.layers) for t, a in autos.items()}}
-    limit = flop_limit(model, ex, {lb.name for lb in manifest}, args.sparsity)
+    limit = harness.flop_limit(model, tuple(torch.from_numpy(v) for v in ex.values()), {lb.name for lb in manifest},
+                               args.sparsity)
     # correctness against the pruned torch model at every measured batch size
     worst = 0.0
     for n in batches:
@@ -225,7 +159,7 @@ def main() -> None:
                       f"{dict(Counter(o.fmt for o in a.layers))}")
     print("\n".join(header), flush=True)
     rows = []
-    ops = {t: {k: optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}", *extra)}
+    ops = {t: {k: harness.optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}", *extra)}
            for t in thread_counts}
     for rep in range(args.repeat):
         load = os.getloadavg()[0]
@@ -237,12 +171,11 @@ def main() -> None:
         for threads in thread_counts:
             for n in batches:
                 feed = inputs(n, args.seq, vocab)
-                sessions = {k: session(models[k], threads=threads)
-                            for k in ("dense", "blocked", f"auto{threads}", *extra)}
-                smp = interleaved_samples(sessions, feed, min_rounds=args.rounds, max_rounds=args.rounds,
-                                          budget_s=0.0, loop_s=0.05, pause_s=0.02)
-                med = {k.rstrip("0123456789") if k.startswith("auto") else k: statistics.median(v)
-                       for k, v in smp.items()}
+                sessions = harness.sessions({k: models[k] for k in ("dense", "blocked", f"auto{threads}", *extra)},
+                                            threads=threads)
+                smp = harness.time_sessions(sessions, feed, args.rounds, pause_s=0.02)
+                med = {k.rstrip("0123456789") if k.startswith("auto") else k: v
+                       for k, v in harness.medians(smp).items()}
                 row = {"run": rep, "batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
                        **{f"{k}_ms": med[k] for k in med},
                        "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
@@ -258,11 +191,10 @@ def main() -> None:
             print(f"ORT-optimized graph, {threads} thread(s), {k}: {sum(c.values())} nodes: "
                   + ", ".join(f"{op} {n}" for op, n in c.items()), flush=True)
     meta = {"cpu": cpu, "python": platform.python_version(), "onnxruntime": __import__("onnxruntime").__version__,
-            "args": vars(args), "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}", "flop_limit": limit,
+            "args": vars(args), "utc": clock.span(), "flop_limit": limit,
             "encoder_weight_bytes": {"dense": enc_dense, **enc}, "file_bytes": sizes, "max_rel_err": worst,
             "ort_ops": ops, "auto_layers": {t: [o.to_json() for o in a.layers] for t, a in autos.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,33 +25,24 @@ cells already there are skipped (resumable).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import accuracy  # noqa: E402  (bench/accuracy.py: the tasks' fine-tuning budgets and the model digest)
-
-import converters  # noqa: E402
-from calib_data.shards import load_shard, shipped_shard  # noqa: E402
-from converters import FORMULATIONS  # noqa: E402
-import converters.int8 as int8_module  # noqa: E402
-from converters.int8 import has_vnni  # noqa: E402
-from sapp_compress import PruneConfig, TrainConfig  # noqa: E402
-from sapp_compress.api import prune  # noqa: E402
-from sapp_compress.loading import load_model  # noqa: E402
-from sapp_compress.pipeline import calibration_feed, export_model, onnx_feed, to_tensors  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+import accuracy  # bench/accuracy.py: the tasks' fine-tuning budgets and the model digest
+import converters
+import converters.int8 as int8_module
+import harness
+from calib_data.shards import load_shard, shipped_shard
+from converters import FORMULATIONS
+from converters.machine import cpu_model, has_vnni
+from harness import ROOT
+from sapp_compress import PruneConfig, TrainConfig
+from sapp_compress.api import prune
+from sapp_compress.loading import load_model
+from sapp_compress.pipeline import calibration_feed, export_model, onnx_feed, to_tensors
 
 #: task -> (shipped model file, bench/accuracy.py task whose shard and budget it uses, PruneConfig overrides).
 #: ``ctr`` prunes only ``mlp.0`` (256 x 221, padded to whole 8x8 blocks), as bench/accuracy.py does; no int8
@@ -70,16 +61,6 @@ LOGLOSS_REL_TOL = 0.01
 
 #: --weight-bits: the int8 weights' bit width forced instead of the CPU's default (8 with VNNI, 7 without)
 FORCED_BITS: int | None = None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | None, threads: int) -> dict:
@@ -195,14 +176,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="int8_accuracy.jsonl")
     ap.add_argument("--tasks", default=",".join(MODELS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--block", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--steps", type=int, default=None, help="override every task's fine-tuning steps")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
-    ap.add_argument("--out", default=str(RESULTS / "int8_accuracy.jsonl"))
     ap.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
                     help="force the int8 weights' bit width (default: the CPU's: 8 with VNNI, 7 without); 7 on a "
                          "VNNI machine shows what a machine without VNNI computes (its kernel is exact at 7 bits)")
@@ -214,14 +194,12 @@ def main() -> None:
         FORCED_BITS = args.weight_bits
         int8_module.default_weight_bits = lambda flags=None: FORCED_BITS  # read by blocked_int8 at build time
     bits = int8_module.default_weight_bits()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def rows() -> list[dict]:
-        return [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+        return harness.read_rows(args.out)
 
-    tasks = args.tasks.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = harness.names(args.tasks)
+    seeds = harness.ints(args.seeds)
     if not args.table:
         print(f"cpu: {cpu_model()}; VNNI: {has_vnni()}; int8 weight bits: {bits}", flush=True)
         for task in tasks:
@@ -231,8 +209,7 @@ def main() -> None:
                 if (task, digest, args.block, args.sparsity, seed, steps, bits) in {key(r) for r in rows()}:
                     continue
                 r = run_cell(task, args.block, args.sparsity, seed, args.steps, args.threads)
-                with out.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
+                harness.append_row(args.out, r)
                 extra = (f" log-loss {r['onnx_fp32']['log_loss']:.4f} -> {r['onnx_int8']['log_loss']:.4f}"
                          if "log_loss" in r["onnx_fp32"] else "")
                 print(f"{task:10s} seed={seed} {r['score_name']} torch {r['pruned_torch']['score']:.4f} "

@@ -27,28 +27,21 @@ of the fp32 model: a saturating kernel is not a peer. Raw results: bench/results
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from int8_speed import build_pair, cpu_info  # noqa: E402
-
-from converters import convert, export_onnx, run_onnx  # noqa: E402
-from converters.int8 import default_weight_bits  # noqa: E402
-from converters.runtime import interleaved_samples, session  # noqa: E402
+import harness
+from converters import convert, export_onnx, run_onnx
+from converters.int8 import default_weight_bits
+from int8_speed import build_pair
 
 ERR_OK = 5e-2
 CALIB_ROWS = 64
@@ -72,7 +65,7 @@ def _convnet(builder: str):
     model, shard, config = getattr(rms, builder)()
     model.eval()
     wrapped, _, _ = adapters.adapt(model, shard)
-    _, _, manifest = rms.random_masks(adapters.unwrap(wrapped), 0)
+    _, _, manifest = harness.random_masks(adapters.unwrap(wrapped), rms.BLOCK, rms.SPARSITY, seed=0)
     dense = pipeline.export_model(wrapped, shard)
     rows = lambda n, seed=0: {"x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}  # noqa: E731
     return dense, manifest, rows, (1, 8), config
@@ -95,28 +88,13 @@ MODELS = {"mlp": _mlp, "resnet18": lambda: _convnet("resnet18"), "encoder": _enc
           "efficientnet_b0": lambda: _convnet("efficientnet_b0")}
 
 
-class _Reader:
-    def __init__(self, feeds):
-        self.it = iter(feeds)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def ort_int8(dense: bytes, kind: str, calib: list[dict]) -> bytes:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = Path(d) / "a.onnx", Path(d) / "b.onnx"
-        src.write_bytes(dense)
-        if kind == "ort_static":
-            quantize_static(str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=default_weight_bits() == 7, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
-        else:
-            quantize_dynamic(str(src), str(dst), per_channel=True,
-                             weight_type=QuantType.QInt8 if kind == "ort_dyn_s8" else QuantType.QUInt8)
-        return dst.read_bytes()
+    if kind == "ort_static":
+        return harness.ort_static(dense, calib, quant_format=QuantFormat.QDQ, per_channel=True,
+                                  reduce_range=default_weight_bits() == 7, activation_type=QuantType.QUInt8,
+                                  weight_type=QuantType.QInt8)
+    return harness.ort_dynamic(dense, per_channel=True,
+                               weight_type=QuantType.QInt8 if kind == "ort_dyn_s8" else QuantType.QUInt8)
 
 
 def run_model(name: str, rounds: int, passes: int, log) -> dict:
@@ -148,12 +126,10 @@ def run_model(name: str, rounds: int, passes: int, log) -> dict:
            "max_rel_err": err, "convert_s": stage_s, "formats": formats,
            "layers_int8": [lo.to_json() for lo in i8.layers], "passes": []}
     for p in range(passes):
-        sess = {k: session(v, threads=1) for k, v in models.items()}
+        sess = harness.sessions(models, threads=1)
         out = {}
         for n in batches:
-            feed = rows(n, seed=7)
-            smp = interleaved_samples(sess, feed, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, loop_s=0.05)
-            med = {k: statistics.median(v) for k, v in smp.items()}
+            med = harness.medians(harness.time_sessions(sess, rows(n, seed=7), rounds))
             peers = [k for k in ORT_NAMES if err[k] <= ERR_OK]
             best = min(peers, key=lambda k: med[k]) if peers else None
             out[n] = {"median_ms": med, "speedup": {k: med["dense"] / v for k, v in med.items()}, "ort_best": best,
@@ -191,29 +167,27 @@ def table(results: dict) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="int8_peers.json")
     ap.add_argument("--models", default="mlp,resnet18,encoder")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--passes", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8_peers.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    t0 = time.time()
-    log = lambda *a: print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)  # noqa: E731
-    cpu = cpu_info()
-    log("CPU", json.dumps(cpu))
+    clock = harness.Clock()
+    log = clock.log
+    cpu = harness.cpu_info()
+    log("CPU", harness.machine_line())
     results = {}
-    for name in args.models.split(","):
+    for name in harness.names(args.models):
         results[name] = run_model(name, args.rounds, args.passes, log)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"cpu": cpu, "results": results}, indent=1, default=str))
+        harness.write_results(args.out, {"cpu": cpu, "results": results})  # kept after each model
     lines = table(results)
     print("\n".join(lines))
     meta = {"cpu": cpu, "ort": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": 1, "rounds": args.rounds, "passes": args.passes,
-            "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_s": round(time.time() - t0, 1),
+            "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_s": clock.elapsed(),
             "command": "python bench/int8_peers.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "table": lines}, indent=1, default=str))
+    harness.write_results(args.out, {"meta": meta, "results": results, "table": lines})
     log("wrote", args.out)
 
 

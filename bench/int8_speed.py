@@ -26,35 +26,25 @@ Raw results: bench/results/int8_speed.json.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from converters import convert, export_onnx, locate  # noqa: E402
-from converters.convert import apply  # noqa: E402
-from converters.graph import GraphIndex, prune_unused  # noqa: E402
-from converters.int8 import (blocked_int8, calibrate_activation, compact_int8, cpu_flags,  # noqa: E402
-                             default_weight_bits, ensure_ms_opset)
-from converters.runtime import interleaved_samples, session  # noqa: E402
-from sapp_compress import PruneConfig, zoo  # noqa: E402
-from sapp_compress.geometry import plan_layers  # noqa: E402
-from sapp_compress.masks import attach, fold  # noqa: E402
-from sapp_compress.methods import select_top_k  # noqa: E402
+import harness
+from converters import convert, export_onnx, locate
+from converters.graph import GraphIndex, prune_unused
+from converters.int8 import blocked_int8, calibrate_activation, compact_int8, default_weight_bits, ensure_ms_opset
+from converters.rewrite import apply
+from converters.runtime import session
+from sapp_compress import zoo
 
 SIZES = [1024, 4096, 4096, 1024]
 ERR_OK = 5e-2
@@ -64,23 +54,8 @@ def build_pair(block: int, sparsity: float, seed: int = 0):
     torch.manual_seed(seed)
     dense = zoo.mlp(SIZES).eval()
     model = copy.deepcopy(dense)
-    cfg = PruneConfig(block=str(block), sparsity=sparsity, balanced=True, min_blocks=1)
-    plans, _ = plan_layers(model, cfg)
-    layers = attach(plans, attention=False, powerprop=False, density=cfg.density)
-    g = torch.Generator().manual_seed(seed)
-    for layer in layers:
-        R, C = layer.view.grid
-        s = torch.rand(R, C, generator=g)
-        layer.set_mask(select_top_k(s, s, torch.ones(R, C, dtype=torch.bool), round(cfg.density * C), per_row=True))
-    return dense, model.eval(), fold(layers)
-
-
-class Reader(CalibrationDataReader):
-    def __init__(self, feeds):
-        self.it = iter(feeds)
-
-    def get_next(self):
-        return next(self.it, None)
+    _, _, manifest = harness.random_masks(model, block, sparsity, seed=seed)
+    return dense, model.eval(), manifest
 
 
 def layer_inputs(model: onnx.ModelProto, names: list[str], feed: dict) -> dict[str, np.ndarray]:
@@ -125,17 +100,6 @@ def rel_err(out, ref) -> float:
     return float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
 
 
-def cpu_info() -> dict:
-    name = "?"
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    f = cpu_flags()
-    return {"model_name": name, **{k: k in f for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
-            "int8_weight_bits_default": default_weight_bits()}
-
-
 def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passes: int, loop_s: float, log) -> dict:
     dense_m, pruned_m, manifest = build_pair(block, sparsity)
     ex = (torch.randn(2, SIZES[0]),)
@@ -145,25 +109,19 @@ def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passe
     calib = [{"x": torch.randn(4, SIZES[0], generator=g).numpy()} for _ in range(8)]
     models: dict[str, onnx.ModelProto] = {"dense": proto_dense}
     meta: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "dense.onnx"
-        onnx.save(proto_dense, src)
-        dyn = {"ort_dyn_s8": dict(weight_type=QuantType.QInt8, per_channel=False),
-               "ort_dyn_s8pc": dict(weight_type=QuantType.QInt8, per_channel=True),
-               "ort_dyn_s8pc_rr": dict(weight_type=QuantType.QInt8, per_channel=True, reduce_range=True),
-               "ort_dyn_u8": dict(weight_type=QuantType.QUInt8, per_channel=False),
-               "ort_dyn_u8pc": dict(weight_type=QuantType.QUInt8, per_channel=True)}
-        for name, kw in dyn.items():
-            out = Path(d) / f"{name}.onnx"
-            quantize_dynamic(str(src), str(out), **kw)
-            models[name] = onnx.load(out)
-            meta[name] = {k: str(v) for k, v in kw.items()}
-        out = Path(d) / "qdq.onnx"
-        quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-        models["ort_qdq_static"] = onnx.load(out)
-        meta["ort_qdq_static"] = {"format": "QDQ", "per_channel": "True", "calibration": "MinMax, 8 x 4 random"}
+    dense_b = proto_dense.SerializeToString()
+    dyn = {"ort_dyn_s8": dict(weight_type=QuantType.QInt8, per_channel=False),
+           "ort_dyn_s8pc": dict(weight_type=QuantType.QInt8, per_channel=True),
+           "ort_dyn_s8pc_rr": dict(weight_type=QuantType.QInt8, per_channel=True, reduce_range=True),
+           "ort_dyn_u8": dict(weight_type=QuantType.QUInt8, per_channel=False),
+           "ort_dyn_u8pc": dict(weight_type=QuantType.QUInt8, per_channel=True)}
+    for name, kw in dyn.items():
+        models[name] = onnx.load_from_string(harness.ort_dynamic(dense_b, **kw))
+        meta[name] = {k: str(v) for k, v in kw.items()}
+    models["ort_qdq_static"] = onnx.load_from_string(harness.ort_static(
+        dense_b, calib, quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax))
+    meta["ort_qdq_static"] = {"format": "QDQ", "per_channel": "True", "calibration": "MinMax, 8 x 4 random"}
     t = time.time()
     models["blocked"] = convert(proto_pruned, manifest, fmt="blocked").model
     meta["blocked"] = {"convert_s": round(time.time() - t, 2)}
@@ -202,9 +160,8 @@ def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passe
         entry = {}
         for n in batches:
             t = time.time()
-            samples = interleaved_samples(sessions, feeds[n], min_rounds=rounds, max_rounds=rounds, budget_s=0.0,
-                                          loop_s=loop_s)
-            med = {k: statistics.median(v) for k, v in samples.items()}
+            samples = harness.time_sessions(sessions, feeds[n], rounds, loop_s=loop_s)
+            med = harness.medians(samples)
             paired = {k: statistics.median(a / b for a, b in zip(samples["dense"], v)) for k, v in samples.items()}
             entry[n] = {"median_ms": med, "paired_speedup": paired, "wall_s": round(time.time() - t, 1),
                         "samples_ms": samples}
@@ -252,22 +209,21 @@ def summarize(case: str, res: dict, batches: list[int]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="int8_speed.json")
     ap.add_argument("--cases", default="B16s0.8,B32s0.9")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--loop-s", type=float, default=0.03)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    t0 = time.time()
-    log = lambda *a: print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)  # noqa: E731
-    cpu = cpu_info()
-    log("CPU", json.dumps(cpu))
-    batches = [int(b) for b in args.batches.split(",")]
+    clock = harness.Clock()
+    log = clock.log
+    cpu = harness.cpu_info()
+    log("CPU", harness.machine_line())
+    batches = harness.ints(args.batches)
     results, tables = {}, []
-    for case in args.cases.split(","):
+    for case in harness.names(args.cases):
         block, sparsity = int(case.split("s")[0][1:]), float(case.split("s")[1])
         results[case] = run_case(block, sparsity, batches, args.rounds, args.passes, args.loop_s, log)
         tables += summarize(case, results[case], batches) + [""]
@@ -275,10 +231,9 @@ def main() -> None:
     meta = {"cpu": cpu, "ort": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": 1, "batches": batches, "rounds": args.rounds,
             "passes": args.passes, "loop_s": args.loop_s, "sizes": SIZES, "err_ok": ERR_OK,
-            "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_s": round(time.time() - t0, 1),
+            "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_s": clock.elapsed(),
             "command": "python bench/int8_speed.py " + " ".join(sys.argv[1:])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "cases": results, "tables": tables}, indent=1, default=str))
+    harness.write_results(args.out, {"meta": meta, "cases": results, "tables": tables})
     log("wrote", args.out)
 
 

@@ -20,11 +20,8 @@ shard here, are the very rows the model was pretrained on.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from calib_data.text import text_shard  # noqa: E402
-from sapp_compress.config import PruneConfig, TrainConfig, default_lr  # noqa: E402
-from sapp_compress.geometry import plan_layers  # noqa: E402
-from sapp_compress.loading import load_model  # noqa: E402
-from sapp_compress.pipeline import OutputConfig, compress  # noqa: E402
+import harness
+from calib_data.text import text_shard
+from harness import ROOT
+from sapp_compress.config import PruneConfig, TrainConfig, default_lr
+from sapp_compress.geometry import plan_layers
+from sapp_compress.loading import load_model
+from sapp_compress.pipeline import OutputConfig, compress
 
-RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "examples" / "models" / "tiny_bert"
 TEXT = ROOT / "calib_data" / "text" / "stdlib_docs.jsonl"
 SPLIT_SEED, HELD_OUT = 20261201, 0.2  # examples/hf/make_tiny_bert.py's SEED and HELD_OUT
@@ -96,12 +92,6 @@ def run_one(train: Path, ev: Path, split: dict, args, lr: float, seed: int, dige
         "achieved_sparsity": rep["achieved_sparsity"], "warnings": rep["warnings"],
         "lr_source": rep["lr"]["source"], "seconds": round(seconds, 1),
     }
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def seeds_of(text: str) -> list[int]:
@@ -189,7 +179,6 @@ def families() -> None:
         lr, why = default_lr(load_model(path))
         print(f"  {path.name:18s} lr {lr:g}  ({why.split(':')[0]})")
     # the models bench/accuracy.py fine-tunes (it passes its own lr, so the default never reaches its grid)
-    sys.path.insert(0, str(ROOT / "bench"))
     from accuracy import TASKS
 
     print("default_lr on bench/accuracy.py's task models (that grid passes lr explicitly: "
@@ -200,7 +189,7 @@ def families() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="lr_family.jsonl")
     ap.add_argument("--lrs", default="1e-3,3e-4,1e-4,3e-5")
     ap.add_argument("--seeds", default="0,1,2", help="0,1,2 or 0-9; the table shows these seeds only")
     ap.add_argument("--steps", type=int, default=150)
@@ -208,29 +197,25 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS / "lr_family.jsonl"))
     ap.add_argument("--table", action="store_true", help="no new runs: the no-fine-tune check, the table and the families")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     digest = model_digest(MODEL)
     with tempfile.TemporaryDirectory(prefix="lr_family_") as tmp:
         train, ev, split = make_shards(Path(tmp), args.max_length)
         print(f"split: {split}", flush=True)
         without_fine_tune(ev, args.sparsity)
-        for lr in [float(x) for x in args.lrs.split(",")]:
+        for lr in harness.floats(args.lrs):
             for seed in seeds_of(args.seeds):
                 k = (digest, 16, args.sparsity, args.steps, args.batch_size, args.max_length, lr, seed)
-                if args.table or k in {key(r) for r in read_rows(out)}:
+                if args.table or k in {key(r) for r in harness.read_rows(args.out)}:
                     continue
                 row = run_one(train, ev, split, args, lr, seed, digest)
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                harness.append_row(args.out, row)
                 print(f"lr {lr:g} seed {seed}: dense {row['dense']:.4f} torch {row['pruned_torch']:.4f} "
                       f"onnx {row['onnx']:.4f} drop {row['drop']:+.4f} ({row['seconds']:.0f} s)"
                       f"{' WARN ' + '; '.join(row['warnings']) if row['warnings'] else ''}", flush=True)
-    table(read_rows(out), args, digest)
+    table(harness.read_rows(args.out), args, digest)
     families()
 
 

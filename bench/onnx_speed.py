@@ -12,28 +12,15 @@ choices and latencies are checked against dense (no layer more than 5 % slower).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from converters import convert, export_onnx, verify  # noqa: E402
-from converters.runtime import interleaved_samples, session  # noqa: E402
-from sapp_compress import PruneConfig, zoo  # noqa: E402
-from sapp_compress.geometry import plan_layers  # noqa: E402
-from sapp_compress.masks import attach, fold  # noqa: E402
-from sapp_compress.methods import select_top_k  # noqa: E402
+import harness
+from converters import convert, export_onnx, verify
+from sapp_compress import zoo
 
 
 def conv_stack(c: int = 256, n: int = 4) -> nn.Module:
@@ -72,66 +59,8 @@ CASES = [
 def pruned(build, block, sparsity, balanced, seed=0):
     torch.manual_seed(seed)
     model = build().eval()
-    cfg = PruneConfig(block=str(block), sparsity=sparsity, balanced=balanced, min_blocks=1, indivisible="pad")
-    plans, _ = plan_layers(model, cfg)
-    layers = attach(plans, attention=False, powerprop=False, density=cfg.density)
-    g = torch.Generator().manual_seed(seed)
-    for layer in layers:
-        R, C = layer.view.grid
-        k = round(cfg.density * (C if balanced else R * C))
-        s = torch.rand(R, C, generator=g)
-        layer.set_mask(select_top_k(s, s, torch.ones(R, C, dtype=torch.bool), k, per_row=balanced))
-    return model, fold(layers)
-
-
-def optimized_ops(model_bytes: bytes, threads: int) -> dict:
-    """Op counts of the graph ORT actually runs (its optimized model, saved by the session)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
-        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        m = onnx.load(so.optimized_model_filepath)
-    counts: dict = {}
-    for n in m.graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
-
-
-def interleaved(sessions: dict, feed: dict, rounds: int, min_s: float = 0.05, pause_s: float = 0.0) -> dict:
-    """``rounds`` interleaved rounds, each sample a loop of at least ``min_s`` seconds."""
-    samples = interleaved_samples(sessions, feed, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, loop_s=min_s,
-                                  pause_s=pause_s)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
-            for k, v in samples.items()}
-
-
-def model_flop_limit(model: nn.Module, xs: tuple, pruned_names: set, sparsity: float) -> float:
-    """Whole-model FLOP limit: multiply-adds of every Linear / Conv (counted by forward hooks) over those left
-    when the pruned weights keep only 1 - s of theirs (other ops are not counted, so this is an upper bound)."""
-    macs = {"all": 0.0, "pruned": 0.0}
-
-    def hook(name):
-        def f(mod, inp, out):
-            if isinstance(mod, nn.Linear):
-                m = out.numel() * mod.in_features
-            else:
-                m = out.numel() * mod.weight[0].numel()
-            macs["all"] += m
-            if f"{name}.weight" in pruned_names:
-                macs["pruned"] += m
-        return f
-
-    hs = [mod.register_forward_hook(hook(n)) for n, mod in model.named_modules()
-          if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    with torch.no_grad():
-        model(*xs)
-    for h in hs:
-        h.remove()
-    return macs["all"] / (macs["all"] - sparsity * macs["pruned"])
+    _, _, manifest = harness.random_masks(model, block, sparsity, balanced=balanced, seed=seed, indivisible="pad")
+    return model, manifest
 
 
 def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bool, rounds: int,
@@ -140,7 +69,7 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     xs = case.feed(n)
     with torch.no_grad():
         expected = model(*xs).numpy()
-    dense = export_onnx(model, xs)
+    dense = export_onnx(model, case.feed(max(n, 2)))  # torch.export fixes an axis of size 1: never export at 1
     names = [i.name for i in dense.graph.input]
     feed = {k: x.numpy() for k, x in zip(names, xs)}
     blocked = convert(dense, manifest, fmt="blocked").model.SerializeToString()
@@ -153,9 +82,8 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     # one session's spinning threads would steal the cores of the next (measured: 2-thread dense MLP B=16
     # N=32 19.1 ms interleaved, 9.2 ms alone), so each sample starts after a 20 ms pause and one untimed run.
     # --no-spin times sessions with spinning off instead (no pause needed).
-    sessions = {k: session(b, threads=threads, spin=spin)
-                for k, b in (("dense", dense_b), ("blocked", blocked), ("auto", auto_b))}
-    lat = interleaved(sessions, feed, rounds, pause_s=0.02 if spin else 0.0)
+    sessions = harness.sessions({"dense": dense_b, "blocked": blocked, "auto": auto_b}, threads=threads, spin=spin)
+    lat = harness.summary(harness.time_sessions(sessions, feed, rounds, pause_s=0.02 if spin else 0.0))
     layer_checks = [{"name": o.name, "fmt": o.fmt, "latencies_ms": o.latencies_ms,
                      "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms else None}
                     for o in auto.layers]
@@ -166,7 +94,7 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
         "spin": spin,
         # the FLOP limit of the pruned layers, and of the whole model (Amdahl: the rest stays dense)
         "flop_limit": 1 / (1 - s),
-        "model_flop_limit": model_flop_limit(model, xs, {lb.name for lb in manifest}, s),
+        "model_flop_limit": harness.flop_limit(model, xs, {lb.name for lb in manifest}, s),
         "pruned_share_of_weights": pruned_w / all_w,
         "dense_ms": lat["dense"]["median_ms"], "blocked_ms": lat["blocked"]["median_ms"],
         "auto_ms": lat["auto"]["median_ms"],
@@ -174,7 +102,7 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
         "speedup_auto": lat["dense"]["median_ms"] / lat["auto"]["median_ms"],
         "bytes": {"dense": len(dense_b), "blocked": len(blocked), "auto": len(auto_b)},
         "auto_layers": layer_checks, "latency_detail": lat,
-        "ort_ops_blocked": optimized_ops(blocked, threads),
+        "ort_ops_blocked": harness.optimized_ops(blocked, threads),
     }
     row["fraction_of_limit"] = row["speedup_blocked"] / row["flop_limit"]
     row["fraction_of_limit_auto"] = row["speedup_auto"] / row["flop_limit"]
@@ -187,34 +115,31 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="onnx_speed.json")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (7 for the large models at N = 256)")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     ap.add_argument("--unbalanced", action="store_true")
     ap.add_argument("--no-spin", action="store_true", help="time sessions with ORT's thread spinning off")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_speed.json"))
     args = ap.parse_args()
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
-                         text=True).stdout.strip()
-    wanted = [w for w in args.cases.split(",") if w]
+    clock = harness.Clock()
+    print(harness.machine_line(), flush=True)
+    wanted = harness.names(args.cases)
     rows = []
-    t0 = time.strftime("%H:%M", time.gmtime())
     for case in CASES:
         if wanted and not any(w in case.name for w in wanted):
             continue
         for block, s in case.configs:
-            for n in [int(b) for b in args.batches.split(",")]:
-                for threads in [int(t) for t in args.threads.split(",")]:
+            for n in harness.ints(args.batches):
+                for threads in harness.ints(args.threads):
                     rounds = 7 if case.large and n >= 256 else args.rounds
                     rows.append(measure(case, block, s, n, threads, not args.unbalanced, rounds,
                                         spin=not args.no_spin))
-    meta = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds, "spin": not args.no_spin,
-            "utc": f"{t0}-{time.strftime('%H:%M', time.gmtime())}"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    m = harness.machine()
+    meta = {"cpu": m["cpu"], "cpu_flags": m["cpu_flags"], "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": m["onnxruntime"], "rounds": args.rounds, "spin": not args.no_spin, "utc": clock.span()}
+    harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

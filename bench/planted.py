@@ -8,17 +8,16 @@ bench/results/planted.jsonl: the share of the planted blocks among the kept ones
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import ROOT
+
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
-from planted import planted_problem, recovery  # noqa: E402
+from planted import planted_problem, recovery  # noqa: E402 -- tests/engine/planted.py: the recovery test's problem
 from sapp_compress import PruneConfig, TrainConfig, prune  # noqa: E402
 
 VARIANTS = ['{}', '{"cycles": 0}', '{"cycles": 1}', '{"cycles": 3}', '{"sparsification": false}',
@@ -37,25 +36,20 @@ def run(options: dict, seed: int, noise: float, method: str = "sapp") -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="planted.jsonl")
     ap.add_argument("--options", action="append", help="JSON SA++ options (repeatable; default: VARIANTS)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--noise", type=float, default=30.0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planted.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = Path(args.out)
-    done = set()
-    if out.exists():
-        done = {(r["options"], r["seed"], r["noise"]) for r in map(json.loads, out.read_text().splitlines())}
+    done = {(r["options"], r["seed"], r["noise"]) for r in harness.read_rows(args.out)}
     for o in args.options or VARIANTS:
         key_o = json.dumps(json.loads(o), sort_keys=True)
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in harness.ints(args.seeds):
             if (key_o, seed, args.noise) in done:
                 continue
             rec = run(json.loads(o), seed, args.noise)
-            with out.open("a") as f:
-                f.write(json.dumps({"options": key_o, "seed": seed, "noise": args.noise, "recovered": rec}) + "\n")
+            harness.append_row(args.out, {"options": key_o, "seed": seed, "noise": args.noise, "recovered": rec})
             print(f"{key_o:50s} seed {seed} noise {args.noise:g}: {rec:.2f}", flush=True)
 
 

@@ -13,7 +13,7 @@ through the same functions the CLI runs:
     converters.convert(proto, manifest, fmt="blocked")
 
 Both converted models are verified against PyTorch at batch 1 (converters.verify, the pipeline's tolerance).
-Then dense, blocked and auto run interleaved in one process (converters.runtime.interleaved_samples; medians)
+Then dense, blocked and auto run interleaved in one process (harness.time_sessions; medians)
 at every batch and thread count asked for, and the whole pass over the models is repeated (``--repeat``) so
 the spread of the ratios over minutes shows.
 
@@ -33,10 +33,8 @@ such a record: past that resident memory a MemoryError is raised in the main thr
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -51,18 +49,16 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import ROOT
+
 sys.path.insert(0, str(ROOT / "tests" / "models"))
-from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
 import converters  # noqa: E402
 from calib_data.shards import Shard  # noqa: E402
-from converters.runtime import interleaved_samples, session  # noqa: E402
-from sapp_compress import PruneConfig, adapters, pipeline  # noqa: E402
+from converters.runtime import session  # noqa: E402
+from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
+from sapp_compress import adapters, pipeline  # noqa: E402
 from sapp_compress.extras import require  # noqa: E402
-from sapp_compress.geometry import plan_layers  # noqa: E402
-from sapp_compress.masks import attach, fold  # noqa: E402
-from sapp_compress.methods import select_top_k  # noqa: E402
 from sapp_compress.training import to_tensors  # noqa: E402
 
 SEQ = 128
@@ -237,20 +233,6 @@ class Stage:
         return False
 
 
-def random_masks(model: nn.Module, seed: int):
-    """Plan, attach random balanced masks and fold, as ``tests/converters/zoo_cases.py`` does."""
-    cfg = PruneConfig(block=str(BLOCK), sparsity=SPARSITY, balanced=True, min_blocks=1)
-    plans, skipped = plan_layers(model, cfg)
-    layers = attach(plans, attention=False, powerprop=False, density=cfg.density)
-    g = torch.Generator().manual_seed(seed)
-    for layer in layers:
-        R, C = layer.view.grid
-        k = round(cfg.density * C)
-        score = torch.rand(R, C, generator=g)
-        layer.set_mask(select_top_k(score, score, torch.ones(R, C, dtype=torch.bool), k, per_row=True))
-    return plans, skipped, fold(layers)
-
-
 def unique_params(model: nn.Module) -> int:
     seen, n = set(), 0
     for p in model.parameters():
@@ -334,24 +316,6 @@ def flops(wrapped: nn.Module, inner: nn.Module, xs: tuple[torch.Tensor, ...], pr
             "density": d}
 
 
-def cpu_line() -> str:
-    name, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    fl = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_vnni"))
-    import onnxruntime as ort
-
-    return (f"{name}, {os.cpu_count()} cores ({fl}); onnxruntime {ort.__version__}, torch {torch.__version__}, "
-            f"fp32")
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict:
     """Build, mask, export, convert and verify one model (``name`` or ``name:layers``); the ONNX files are left
@@ -372,7 +336,7 @@ def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict
             row["output"] = info.to_json()
             inner = adapters.unwrap(wrapped)
         with Stage("plan_mask_fold", log):
-            plans, skipped, manifest = random_masks(inner, seed)
+            plans, skipped, manifest = harness.random_masks(inner, BLOCK, SPARSITY, seed=seed)
             row["planned_layers"] = len(plans)
             row["skipped"] = [s.to_json() for s in skipped]
             if not plans:
@@ -474,8 +438,8 @@ def time_model(row: dict, batches: list[int], threads: list[int], min_rounds: in
                 k: np.ascontiguousarray(np.repeat(v[:1], n, axis=0)) for k, v in row["feeds"][1].items()}
             try:
                 t0 = time.perf_counter()
-                s = interleaved_samples(sess, feed, budget_s=budget_s, min_rounds=min_rounds, max_rounds=41,
-                                        loop_s=0.25, pause_s=0.02 if t > 1 else 0.0)
+                s = harness.time_sessions(sess, feed, min_rounds, loop_s=0.25, pause_s=0.02 if t > 1 else 0.0,
+                                          budget_s=budget_s, max_rounds=41)
             except Exception as e:  # noqa: BLE001
                 out.append({"threads": t, "batch": n, "failed": Failed("timing", e).record})
                 continue
@@ -577,14 +541,13 @@ def detail(rows: list[dict], passes: list[list[dict]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="real_models_speed.json")
     ap.add_argument("--models", default=DEFAULT)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", default="1")
     ap.add_argument("--repeat", type=int, default=2, help="passes of the timing over all models")
     ap.add_argument("--min-rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of interleaved rounds per (model, batch)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_models_speed.json"))
     ap.add_argument("--rss-cap-gb", type=float, default=11.0,
                     help="record a model as failed (MemoryError, with its stack) past this resident memory")
     ap.add_argument("--control", action="store_true",
@@ -592,12 +555,12 @@ def main() -> None:
     ap.add_argument("--md", default="", help="also write the tables (markdown) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    names = [m for m in args.models.split(",") if m]
-    batches = [int(b) for b in args.batches.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
+    names = harness.names(args.models)
+    batches = harness.ints(args.batches)
+    threads = harness.ints(args.threads)
     if max(batches) > ROWS:
         raise SystemExit(f"batches up to {ROWS}")
-    machine = cpu_line()
+    machine = f"{harness.machine_line()}; torch {torch.__version__}, fp32"
     global GUARD
     if args.rss_cap_gb > 0:
         GUARD = RssGuard(args.rss_cap_gb)
@@ -633,9 +596,7 @@ def main() -> None:
     meta["wall_s"] = round(time.time() - t_start, 1)
     md = (f"Machine: {machine}\n\n" + table(rows, passes, batches, threads) + "\n\n" + detail(rows, passes) + "\n")
     print("\n" + md, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "models": rows, "timings": passes, "table_md": md},
-                                         indent=1, default=str))
+    harness.write_results(args.out, {"meta": meta, "models": rows, "timings": passes, "table_md": md})
     if args.md:
         Path(args.md).write_text(md)
 

@@ -9,26 +9,21 @@ per-step times is reported, since timings on shared machines drift.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calib_data.shards import Shard  # noqa: E402
-from sapp_compress import PruneConfig, TrainConfig, zoo  # noqa: E402
-from sapp_compress.geometry import plan_layers  # noqa: E402
-from sapp_compress.methods import METHODS  # noqa: E402
-from sapp_compress.tasks import Task  # noqa: E402
-from sapp_compress.training import BatchPlan, fine_tune, to_tensors  # noqa: E402
+import harness
+from calib_data.shards import Shard
+from sapp_compress import PruneConfig, TrainConfig, zoo
+from sapp_compress.geometry import plan_layers
+from sapp_compress.methods import METHODS
+from sapp_compress.tasks import Task
+from sapp_compress.training import BatchPlan, fine_tune, to_tensors
 
 
 def plain_steps(model, task, shard, cfg, device, steps):
@@ -69,11 +64,10 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out="step_overhead.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--out", default="bench/results/step_overhead.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
@@ -107,11 +101,10 @@ def main() -> None:
         print(f"{name:34s} plain {mp*1e3:8.2f} ms  sapp {ms*1e3:8.2f} ms  ratio {ms/mp:.3f} "
               f"(per-round {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
     meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "steps": args.steps}
+            "cpu": harness.machine()["cpu"], "repeats": args.repeats, "steps": args.steps}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`
 - ``dense``: the dense model's fp32 export;
 - ``ort_dyn_s8`` / ``ort_dyn_u8`` / ``ort_static``: ONNX Runtime's ``quantize_dynamic`` (per channel, int8 /
   uint8 weights) and ``quantize_static`` (QDQ, per channel, MinMax on 32 random rows) of the dense export;
-  "ORT best int8" is the fastest of those within 5e-2 (max |out - fp32| / max |fp32|) of the dense fp32 output;
+  "ORT best int8" is the fastest of those whose error (max |out - fp32| / max |fp32| against the dense fp32
+  output) is at most 5e-2 or the tool's own int8 error against its fp32 graph, whichever is larger (random
+  weights give some models larger int8 errors than trained ones: a peer is as accurate as the tool's output);
 - ``tool_fp32``: the smaller model's export (what ``--structure channels`` writes);
 - ``tool_int8``: the same through ``converters.quantize_whole`` (what ``--quantize int8`` writes: the fastest of
   ORT's int8 forms of the smaller graph, measured at the larger batch).
@@ -28,26 +30,19 @@ Results: bench/results/structured_speed.json; BENCHMARKS.md, section 15.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import machine, machine_line, medians, ort_dynamic, ort_static, parser, sessions, time_sessions, write_results
 
 from converters import export_onnx, quantize_whole, run_onnx  # noqa: E402
-from converters.int8 import cpu_flags, default_weight_bits  # noqa: E402
-from converters.runtime import interleaved_samples, session  # noqa: E402
+from converters.int8 import default_weight_bits  # noqa: E402
 from sapp_compress.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
 from sapp_compress.structure.plan import kept_units  # noqa: E402
@@ -104,54 +99,26 @@ def llama():
 MODELS = {"encoder": encoder, "resnet18": resnet18, "llama": llama}
 
 
-class _Reader:
-    def __init__(self, feeds):
-        self.it = iter(feeds)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def ort_int8(dense: bytes, kind: str, calib: list[dict]) -> bytes:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = Path(d) / "a.onnx", Path(d) / "b.onnx"
-        src.write_bytes(dense)
-        if kind == "ort_static":
-            quantize_static(str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=default_weight_bits() == 7, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
-        else:
-            quantize_dynamic(str(src), str(dst), per_channel=True,
-                             weight_type=QuantType.QInt8 if kind == "ort_dyn_s8" else QuantType.QUInt8)
-        return dst.read_bytes()
+    if kind == "ort_static":
+        return ort_static(dense, calib, quant_format=QuantFormat.QDQ, per_channel=True,
+                          reduce_range=default_weight_bits() == 7, activation_type=QuantType.QUInt8,
+                          weight_type=QuantType.QInt8)
+    return ort_dynamic(dense, per_channel=True,
+                       weight_type=QuantType.QInt8 if kind == "ort_dyn_s8" else QuantType.QUInt8)
 
 
 def _export(model: nn.Module, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
-    xs = tuple(torch.from_numpy(v) for v in feed.values())
-    return export_onnx(model, xs, input_names=list(feed))
+    return export_onnx(model, tuple(torch.from_numpy(v) for v in feed.values()), input_names=list(feed))
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def cpu_line() -> str:
-    name = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
-                                                     "amx_bf16", "avx512_bf16"))
-    return f"{name}; flags: {' '.join(flags)}"
-
-
-def run_model(name: str, sparsities: list[float], batches: tuple[int, ...], rounds: int) -> dict:
+def run_model(name: str, sparsities: list[float], batches: list[int], rounds: int) -> dict:
     torch.manual_seed(0)
     model, rows, desc = MODELS[name]()
     inner = model.inner if isinstance(model, Out) else model
@@ -163,29 +130,31 @@ def run_model(name: str, sparsities: list[float], batches: tuple[int, ...], roun
     for k in ORT_NAMES:
         graphs[k] = ort_int8(dense, k, calib)
     choices = {}
+    calib_rows = {k: np.concatenate([c[k] for c in calib]) for k in ex}
     for s in sparsities:
         keep = random_keep(plan.families, {f.name: kept_units(f.n_units, s) for f in plan.families}, seed=0)
         small = copy.deepcopy(model)
         remove(small.inner if isinstance(small, Out) else small, plan, keep)
         proto = _export(small, ex)
         graphs[f"tool_fp32 s{s}"] = proto.SerializeToString()
-        calib_rows = {k: np.concatenate([c[k] for c in calib]) for k in ex}
         whole = quantize_whole(proto, timing_inputs=rows(max(batches), seed=7), calibration_inputs=calib_rows,
                                threads=1)
         graphs[f"tool_int8 s{s}"] = whole.model.SerializeToString()
         choices[f"tool_int8 s{s}"] = whole.to_json()
-    out = {"model": desc, "families": len(plan.families), "choices": choices, "sizes": {k: len(v) for k, v in graphs.items()},
-           "batches": {}}
+    out = {"model": desc, "families": len(plan.families), "choices": choices,
+           "sizes": {k: len(v) for k, v in graphs.items()}, "batches": {}}
     for b in batches:
         feed = rows(b, seed=3)
         ref = run_onnx(dense, feed, threads=1)[0]
         errs = {k: _rel(run_onnx(v, feed, threads=1)[0], ref) for k, v in graphs.items() if k.startswith("ort_")}
-        sessions = {k: session(v, threads=1, spin=False) for k, v in graphs.items()}
-        samples = interleaved_samples(sessions, feed, budget_s=1e9, min_rounds=rounds, max_rounds=rounds)
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        peers = [k for k in ORT_NAMES if errs[k] <= ERR_OK]
+        for s in sparsities:
+            small = run_onnx(graphs[f"tool_fp32 s{s}"], feed, threads=1)[0]
+            errs[f"tool_int8 s{s}"] = _rel(run_onnx(graphs[f"tool_int8 s{s}"], feed, threads=1)[0], small)
+        ok = max([ERR_OK] + [errs[f"tool_int8 s{s}"] for s in sparsities])
+        med = medians(time_sessions(sessions(graphs, threads=1, spin=False), feed, rounds, loop_s=0.0))
+        peers = [k for k in ORT_NAMES if errs[k] <= ok]
         best = min(peers, key=med.get) if peers else None
-        row = {"ms": {k: round(v, 3) for k, v in med.items()}, "ort_int8_error": errs, "ort_best": best}
+        row = {"ms": {k: round(v, 3) for k, v in med.items()}, "int8_error": errs, "ort_best": best}
         for s in sparsities:
             row[f"s{s}"] = {"fp32_vs_dense": med["dense"] / med[f"tool_fp32 s{s}"],
                             "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
@@ -201,21 +170,18 @@ def run_model(name: str, sparsities: list[float], batches: tuple[int, ...], roun
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="encoder,resnet18,llama")
-    ap.add_argument("--sparsities", default="0.5,0.75")
-    ap.add_argument("--batches", default="1,8")
+    ap = parser(__doc__, "structured_speed.json")
+    ap.add_argument("--models", default="encoder,resnet18,llama", type=harness.names)
+    ap.add_argument("--sparsities", default="0.5,0.75", type=harness.floats)
+    ap.add_argument("--batches", default="1,8", type=harness.ints)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "structured_speed.json"))
-    a = ap.parse_args()
+    a = ap.parse_args(sys.argv[1:])
     torch.set_num_threads(1)
-    print(f"CPU: {cpu_line()}; onnxruntime 1 thread", flush=True)
-    res = {"cpu": cpu_line(), "rounds": a.rounds, "models": {}}
-    for name in a.models.split(","):
-        res["models"][name] = run_model(name, [float(s) for s in a.sparsities.split(",")],
-                                        tuple(int(b) for b in a.batches.split(",")), a.rounds)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
+    print(f"machine: {machine_line()}; ONNX Runtime 1 thread", flush=True)
+    res = {"machine": machine(), "rounds": a.rounds, "models": {}}
+    for name in a.models:
+        res["models"][name] = run_model(name, a.sparsities, a.batches, a.rounds)
+    write_results(a.out, res)
     print(f"wrote {a.out}")
 
 

@@ -11,9 +11,14 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
     result = convert(proto, layers, fmt="auto", quantize="int8", calibration_inputs={"x": rows})
     verify_kernels(result.model, {"x": x_np})              # ORT's int8 kernels vs the graph's own reference
 
+    # auto's timings cached per machine; a previous conversion's choices replayed (no timing, same bytes)
+    result = convert(proto, layers, fmt="auto", timing_inputs={"x": x_np}, cache=TimingCache.open())
+    again = convert(proto, layers, plan=result.plan)
+
     # a smaller dense graph (structured pruning) in ORT's own int8 forms, the fastest measured
     whole = quantize_whole(proto, timing_inputs={"x": x_np}, calibration_inputs={"x": rows})
 """
+from .cache import TimingCache, TimingKey
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
 from .dense_int8 import WholeInt8, quantize_whole
 from .errors import ConverterError, VerificationError, WeightNotFound
@@ -23,12 +28,13 @@ from .inspect import SparsityReport, measure_sparsity
 from .locate import Site, locate, unplaceable
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
+from .plan import LayerChoice, Plan, PlanError, PlanMismatch
 from .runtime import run_onnx
 from .verify import Verification, check, verify, verify_kernels
 
 __all__ = [
-    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
-    "LayerOutcome", "Site", "SparsityReport", "Verification", "VerificationError", "WeightNotFound", "check",
-    "convert", "export_onnx", "locate", "measure_sparsity", "run_onnx", "unplaceable", "verify", "verify_kernels",
-    "WholeInt8", "quantize_whole",
+    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks", "LayerChoice",
+    "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport", "TimingCache", "TimingKey",
+    "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check", "convert", "export_onnx", "locate",
+    "measure_sparsity", "quantize_whole", "run_onnx", "unplaceable", "verify", "verify_kernels",
 ]

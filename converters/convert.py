@@ -4,6 +4,10 @@
 for, or with ``auto`` the fastest measured in ONNX Runtime on this machine, ties going to the smallest), apply
 the rewrites, and record per layer what was chosen and why. The result carries, in its metadata, which tensors
 hold each layer's values, so the achieved sparsity can be measured from the final bytes.
+
+``auto``'s measurements go through a per-machine timing cache (:mod:`converters.cache`, :mod:`converters.timing`),
+so the same model and masks on the same machine give the same choices and bytes; the result's plan
+(:mod:`converters.plan`) replays them with no timing at all.
 """
 from __future__ import annotations
 
@@ -17,16 +21,19 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import ConverterError
-from .chain import feature_major, share_layout
-from .formulations import FORMULATIONS, Rewrite
-from .int8 import FORMULATIONS as _with_int8  # noqa: F401 -- importing int8 registers its formulations
-from .int8 import Int8Rewrite
 from . import qdq
+from .cache import TimingCache
+from .chain import feature_major, share_layout
+from .errors import ConverterError
+from .formulations import FORMULATIONS
 from .graph import GraphIndex, prune_unused
+from .int8 import Int8Rewrite, calibrate_activation, default_weight_bits  # importing int8 registers its formulations
 from .locate import Site, locate
 from .manifest import LayerBlocks
+from .plan import LayerChoice, Plan, PlanMismatch
+from .rewrite import apply
 from .runtime import session, time_interleaved
+from .timing import Timer
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +71,18 @@ class LayerOutcome:
 
 @dataclass
 class ConversionResult:
+    """The converted model, what happened to each layer, the plan that replays it, and how the choices were
+    made: ``timing`` = ``{"choices": "timed" | "replayed" | "fixed", "measured": n, "from_cache": n,
+    "whole_model": auto's whole-model decisions or None}`` (``measured`` / ``from_cache``: the measurements
+    ``auto`` made and those it read from the timing cache)."""
+
     model: onnx.ModelProto
     layers: list[LayerOutcome]
+    plan: Plan | None = None
+    timing: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"layers": [lo.to_json() for lo in self.layers]}
-
-
-def apply(model: onnx.ModelProto, rewrite: Rewrite) -> None:
-    """Apply one rewrite to ``model`` in place. The replaced initializer is always removed: blocked
-    rewrites were its only consumer (``locate`` checks), and compact / sparse-initializer rewrites produce
-    a tensor of the same name."""
-    g = model.graph
-    nodes = list(g.node)
-    if rewrite.replace_node is not None:
-        pos = next(i for i, n in enumerate(nodes) if n is rewrite.replace_node)
-        nodes[pos : pos + 1] = rewrite.nodes
-    else:
-        nodes = rewrite.nodes + nodes
-    dropped = {id(n) for n in rewrite.drop_nodes}
-    nodes = [copy.deepcopy(n) for n in nodes if id(n) not in dropped]
-    del g.node[:]
-    g.node.extend(nodes)
-    if rewrite.drop_init:
-        # deleted in place: re-adding the others would copy every weight into the model's protobuf arena,
-        # which frees nothing until the whole model goes (2 GB kept alive for a 4-layer BERT-base)
-        for i in reversed([i for i, t in enumerate(g.initializer) if t.name == rewrite.drop_init]):
-            del g.initializer[i]
-        # a stale type annotation of the old dense tensor would contradict its new producer
-        for field_ in (g.value_info, g.input):
-            stale = [v for v in field_ if v.name == rewrite.drop_init]
-            for v in stale:
-                field_.remove(v)
-    g.initializer.extend(rewrite.inits)
+        return {"layers": [lo.to_json() for lo in self.layers], "timing": self.timing}
 
 
 def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]) -> tuple[onnx.ModelProto, Site]:
@@ -166,8 +152,6 @@ def _calibrate_inputs(model: onnx.ModelProto, sites: list[Site], calibration: li
     widened to 0, :func:`converters.int8.calibrate_activation`), by running ``model`` with those inputs as extra
     outputs: what the static int8 linears quantize with, and for convs the sign that int8 can be calibrated
     (ORT's QDQ pass calibrates them itself)."""
-    from .int8 import calibrate_activation
-
     sess, outputs, inputs = _probe(model, {s.node.input[0] for s in sites})
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
@@ -239,23 +223,10 @@ def rank_candidates(per_size: dict[str, dict[str, float]], applicable: dict, siz
     return min(ties, key=lambda n: (sizes[n], worst[n])), worst, at
 
 
-def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads: int | None,
-            precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
-    """(format, reason, latencies, latencies per timed size) for ``auto``.
-
-    Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (see
-    :func:`timing_feeds`), interleaved. A candidate ranks by its worst ratio to the dense op over the sizes, so a
-    layer that gains at batch 16 but loses at batch 1 (or the reverse) stays dense-runtime. Ties within
-    :data:`TIE` of the best go to the smallest file. ``latencies`` (ms) are the timing size's, except that a
-    candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
-    time: the latency it was ranked at. The raw medians per size are the second dict."""
-    applicable = {name: f for name, f in FORMULATIONS.items()
-                  if f.precision in precisions and f.reason_not(site) is None}
-    blocked_reason = FORMULATIONS["blocked"].reason_not(site)
-    in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
-    if in_shapes[0] is None:
-        return "compact", "activation shape unknown, not timed: compact storage, dense runtime", None, None
-    in_shapes = [sh for sh in in_shapes if sh is not None]
+def _time_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]], applicable: dict,
+                threads: int | None) -> dict:
+    """Every formulation of ``applicable`` built on the layer alone and timed interleaved at each of
+    ``in_shapes``: ``{"per_size": {"16x64": {formulation: median ms}}, "stored_bytes": {formulation: bytes}}``."""
     layer_model, lsite = _single_layer(model, site, in_shapes)
     sessions, sizes = {}, {}
     for name, f in applicable.items():
@@ -268,7 +239,7 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
             rw.stored_bytes = stored[site.layer.name][1]
         # timed as deployed: ORT's default thread spinning on (a layer's many small nodes gain from it at
         # 2+ threads), with a pause before each sample so the last session's spinning threads have parked
-        sessions[name] = session(m, threads=threads)
+        sessions[name] = session(m, threads=threads or None)
         sizes[name] = rw.stored_bytes
     rng = np.random.default_rng(0)
     per_size = {}
@@ -276,6 +247,30 @@ def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], threads:
         feed = {site.node.input[0]: rng.standard_normal(shape).astype(np.float32)}
         lat = time_interleaved(sessions, feed, pause_s=0.005 if (threads or 0) != 1 else 0.0)
         per_size["x".join(map(str, shape))] = {k: round(v, 5) for k, v in lat.items()}
+    return {"per_size": per_size, "stored_bytes": sizes}
+
+
+def _choose(model: onnx.ModelProto, site: Site, shape_sets: list[dict], timer: Timer,
+            precisions: frozenset[str] = QUANTIZE["none"]) -> tuple[str, str | None, dict | None, dict | None]:
+    """(format, reason, latencies, latencies per timed size) for ``auto``.
+
+    Every applicable formulation is timed on the layer alone at each size of ``shape_sets`` (see
+    :func:`timing_feeds`), interleaved (:func:`_time_layer`; through ``timer``, which reads the timing cache
+    first). A candidate ranks by its worst ratio to the dense op over the sizes, so a
+    layer that gains at batch 16 but loses at batch 1 (or the reverse) stays dense-runtime. Ties within
+    :data:`TIE` of the best go to the smallest file. ``latencies`` (ms) are the timing size's, except that a
+    candidate whose worst ratio came at another size is listed at that ratio times the timing size's dense
+    time: the latency it was ranked at. The raw medians per size are the second dict."""
+    applicable = {name: f for name, f in FORMULATIONS.items()
+                  if f.precision in precisions and f.reason_not(site) is None}
+    blocked_reason = FORMULATIONS["blocked"].reason_not(site)
+    in_shapes = [shapes.get(site.node.input[0]) for shapes in shape_sets]
+    if in_shapes[0] is None:
+        return "compact", "activation shape unknown, not timed: compact storage, dense runtime", None, None
+    in_shapes = [sh for sh in in_shapes if sh is not None]
+    timed = timer.layer(site, in_shapes, list(applicable),
+                        lambda: _time_layer(model, site, in_shapes, applicable, timer.threads))
+    per_size, sizes = timed["per_size"], timed["stored_bytes"]
     pick, worst, at = rank_candidates(per_size, applicable, sizes)
     int8_convs = [n for n in worst if site.node.op_type == "Conv" and FORMULATIONS[n].precision == "int8"]
     if int8_convs:  # timed alone, an int8 conv pays a quantize and a dequantize it does not have in the model
@@ -310,11 +305,12 @@ def _relocate(model: onnx.ModelProto, site: Site) -> Site:
 
 
 def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
-           calibration: list[dict[str, np.ndarray]] | None = None, acts: dict[str, tuple[float, int]] | None = None
-           ) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
+           calibration: list[dict[str, np.ndarray]] | None = None, acts: dict[str, tuple[float, int]] | None = None,
+           bits: dict[str, int | None] | None = None) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
     """``model`` (not modified) with every located layer rewritten as ``choices[name] = (fmt, reason,
     latencies, per_size)`` says; the layers found but left dense are recorded with their reason. int8 convs
-    are then quantized by the QDQ pass (:func:`converters.qdq.finish`) with ``calibration``."""
+    are then quantized by the QDQ pass (:func:`converters.qdq.finish`) with ``calibration``. ``bits``: the
+    int8 weight bits per layer (a replayed plan's; default: this CPU's)."""
     out = copy.deepcopy(model)
     sites, unplaced = locate(out, layers)
     outcomes: dict[str, LayerOutcome] = {}
@@ -327,7 +323,8 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
     for site in sites:
         lb = site.layer
         chosen, reason, latencies, per_size = choices[lb.name]
-        site = replace(_relocate(out, site), act=(acts or {}).get(site.node.input[0]))  # rewrites rebuilt the nodes
+        site = replace(_relocate(out, site), act=(acts or {}).get(site.node.input[0]),  # rewrites rebuilt the nodes
+                       weight_bits=(bits or {}).get(lb.name))
         rw = FORMULATIONS[chosen].build(site, GraphIndex(out.graph))
         apply(out, rw)
         if isinstance(rw, Int8Rewrite) and rw.qdq_nodes:
@@ -348,6 +345,29 @@ def _build(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str,
         for name, (values, size) in stored.items():
             outcomes[name].value_tensors, outcomes[name].stored_bytes = values, size
     return onnx.load_from_string(out.SerializeToString()), outcomes  # a compact copy, without dead messages
+
+
+class _Builds:
+    """:func:`_build` of one model, layers and calibration, keeping the last :data:`KEEP` models built by their
+    formats (the reasons, which change while ``auto``'s whole-model stage decides, are taken from each call's
+    choices): the stage builds a candidate only to time it, and its winner is not built twice."""
+
+    KEEP = 3
+
+    def __init__(self, model, layers, calibration, acts, bits=None) -> None:
+        self.args = (model, layers)
+        self.kw = dict(calibration=calibration, acts=acts, bits=bits)
+        self.memo: dict[tuple, tuple[onnx.ModelProto, dict[str, LayerOutcome]]] = {}
+
+    def __call__(self, choices: dict[str, tuple]) -> tuple[onnx.ModelProto, dict[str, LayerOutcome]]:
+        key = tuple(sorted((n, c[0]) for n, c in choices.items()))
+        if key not in self.memo:
+            if len(self.memo) >= self.KEEP:
+                del self.memo[next(iter(self.memo))]
+            self.memo[key] = _build(*self.args, choices, **self.kw)
+        out, outcomes = self.memo[key]
+        return out, {n: replace(o, reason=choices[n][1]) if n in choices else replace(o)
+                     for n, o in outcomes.items()}
 
 
 def _whole_model_ratios(dense: onnx.ModelProto, models: dict[str, onnx.ModelProto],
@@ -378,58 +398,66 @@ def _best_fp32(per_size: dict[str, dict[str, float]]) -> str:
 
 
 def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str, tuple],
-            feeds: list[dict[str, np.ndarray]], threads: int | None,
-            calibration: list[dict[str, np.ndarray]] | None = None, acts: dict | None = None):
-    """The whole-model stage of ``auto`` (changes ``choices`` in place; returns the built model, outcomes).
+            feeds: list[dict[str, np.ndarray]], timer: Timer, build: _Builds, op_type: dict[str, str]) -> dict:
+    """The whole-model stage of ``auto`` (changes ``choices`` in place; returns its decisions).
 
     A layer timed alone pays for its own layout changes (the Transposes around a blocked N-D linear), which in
     the whole model cancel between consecutive blocked layers. So the per-layer picks compete, as whole models
     timed interleaved with dense at every timing size, with the same model where every timed layer that
     blocked applies to is blocked; the second wins only by more than :data:`TIE` at its worst size. Then
     where the winner runs below :data:`WHOLE_MODEL_FLOOR` of dense at some size, the blocked layers with the
-    least measured gain go back to dense runtime (compact storage), then all of them."""
-    out, outcomes = _build(model, layers, choices, calibration, acts)
+    least measured gain go back to dense runtime (compact storage), then all of them.
+
+    Each comparison goes through ``timer`` (the timing cache), and a candidate model is built only when its
+    comparison is measured; the decisions are a function of the ratios, whether measured or read.
+    ``{"all_blocked": bool or None (not compared), "int8_convs": "int8" / "fp32" / None, "fallback": [layers
+    put back to dense runtime]}``."""
+    feed_shapes = [{k: list(np.shape(v)) for k, v in f.items()} for f in feeds]
+
+    def ratios(candidates: dict[str, dict[str, tuple]]) -> dict[str, dict[str, float]]:
+        formats = {k: {n: c[0] for n, c in cs.items()} for k, cs in candidates.items()}
+        return timer.models(layers, feed_shapes, formats, lambda: {"ratios": _whole_model_ratios(
+            model, {k: build(cs)[0] for k, cs in candidates.items()}, feeds, timer.threads or None)})["ratios"]
+
+    decisions: dict = {"all_blocked": None, "int8_convs": None, "fallback": []}
     # fp32 picks only: a layer the user asked to quantize keeps its int8 formulation
     switch = [n for n, c in choices.items() if c[0] != "blocked" and FORMULATIONS[c[0]].precision == "fp32"
               and c[3] and all("blocked" in v for v in c[3].values())]
-    models = {"per-layer": out}
+    candidates = {"per-layer": dict(choices)}
     if len(switch) >= 2:  # one layer alone has no neighbour to cancel a Transpose with
         alt = dict(choices)
         for n in switch:
             alt[n] = ("blocked", None, *choices[n][2:])
-        models["all-blocked"], alt_outcomes = _build(model, layers, alt, calibration, acts)
-    ratios = _whole_model_ratios(model, models, feeds, threads)
-    score = {k: min(v.values()) for k, v in ratios.items()}
-    if "all-blocked" in score and score["all-blocked"] > score["per-layer"] * (1 + TIE):
-        why = (f"blocked: the whole model ran at {_seen(ratios['all-blocked'])} of dense with every timable layer "
-               f"blocked, {_seen(ratios['per-layer'])} with the per-layer picks")
+        candidates["all-blocked"] = alt
+    r = ratios(candidates)
+    score = {k: min(v.values()) for k, v in r.items()}
+    if "all-blocked" in score:
+        decisions["all_blocked"] = score["all-blocked"] > score["per-layer"] * (1 + TIE)
+    if decisions["all_blocked"]:
+        why = (f"blocked: the whole model ran at {_seen(r['all-blocked'])} of dense with every timable layer "
+               f"blocked, {_seen(r['per-layer'])} with the per-layer picks")
         for n in switch:
             choices[n] = ("blocked", why, *choices[n][2:])
-        out, outcomes = models["all-blocked"], alt_outcomes
-        for n in switch:
-            outcomes[n].reason = why
-        current = ratios["all-blocked"]
+        current = r["all-blocked"]
     else:
-        current = ratios["per-layer"]
+        current = r["per-layer"]
     # int8 convs are timed alone with QDQ boundaries they do not have in the model, and share activation
     # scales with their neighbours: as a whole they must beat the same model with those convs in fp32
-    int8_convs = [n for n, c in choices.items() if outcomes[n].op_type == "Conv" and c[3]
+    int8_convs = [n for n, c in choices.items() if op_type.get(n) == "Conv" and c[3]
                   and FORMULATIONS[c[0]].precision == "int8"]
     if int8_convs:
         alt = dict(choices)
         for n in int8_convs:
             alt[n] = (_best_fp32(choices[n][3]), None, *choices[n][2:])
-        fp32_out, fp32_outcomes = _build(model, layers, alt, calibration, acts)
-        r = _whole_model_ratios(model, {"int8": out, "fp32": fp32_out}, feeds, threads)
+        r = ratios({"int8": dict(choices), "fp32": alt})
         if min(r["fp32"].values()) > min(r["int8"].values()) * (1 + TIE):
             why = (f"the whole model ran at {_seen(r['fp32'])} of dense with the convs in fp32, "
                    f"{_seen(r['int8'])} with them in int8")
             for n in int8_convs:
                 choices[n] = (alt[n][0], f"{alt[n][0]}: {why}", *choices[n][2:])
-                fp32_outcomes[n].reason = choices[n][1]
-            out, outcomes, current = fp32_out, fp32_outcomes, r["fp32"]
+            current, decisions["int8_convs"] = r["fp32"], "fp32"
         else:
-            current = r["int8"]
+            current, decisions["int8_convs"] = r["int8"], "int8"
     # every layer off the dense fp32 op (blocked, and the int8 formulations) can fall back
     blocked = [n for n, c in choices.items() if not FORMULATIONS[c[0]].folds_to_dense]
     # least gain first: the worst ratio to dense each such layer was ranked at (untimed ones last)
@@ -441,10 +469,10 @@ def _settle(model: onnx.ModelProto, layers: list[LayerBlocks], choices: dict[str
             break
         log.info("whole model at %s of dense: %d blocked layer(s) back to dense runtime", _seen(current), len(step))
         _fallback(choices, step, f"the whole model with blocked layers ran at {_seen(current)} of dense")
-        out, outcomes = _build(model, layers, choices, calibration, acts)
+        decisions["fallback"] = list(step)
         if step is not gain:
-            current = _whole_model_ratios(model, {"m": out}, feeds, threads)["m"]
-    return out, outcomes
+            current = ratios({"m": dict(choices)})["m"]
+    return decisions
 
 
 def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
@@ -456,9 +484,50 @@ def _fallback(choices: dict[str, tuple], names: list[str], why: str) -> None:
         choices[n] = (store, f"{store} (dense runtime): {why}", lat, per_size)
 
 
+def _replay(sites: list[Site], plan: Plan, precisions: frozenset[str]) -> dict[str, tuple]:
+    """The choices of ``plan`` for ``sites`` (checked: each format exists, is allowed by ``precisions`` and
+    applies to its site), as ``(fmt, reason, None, None)``: nothing timed."""
+    choices = {}
+    for site in sites:
+        c = plan[site.layer.name]
+        f = FORMULATIONS.get(c.onnx_format)
+        if f is None:
+            raise PlanMismatch(f"{c.name}: the plan's format {c.onnx_format!r} is not one of {tuple(FORMULATIONS)}")
+        if f.precision not in precisions:
+            raise PlanMismatch(f"{c.name}: the plan's format {c.onnx_format} is {f.precision}, and this conversion "
+                               f"is {'/'.join(sorted(precisions))} only (the plan was written with --quantize int8)")
+        why = f.reason_not(replace(site, weight_bits=c.weight_bits))
+        if why is not None:
+            raise PlanMismatch(f"{c.name}: the plan's format {c.onnx_format} does not apply here: {why}")
+        choices[site.layer.name] = (c.onnx_format, c.reason, None, None)
+    eight = [c.name for c in plan.layers if c.weight_bits == 8]
+    if eight and default_weight_bits() != 8:
+        log.warning("the plan stores %d layer(s) with 8-bit int8 weights (written on a CPU with VNNI); this CPU has "
+                    "no VNNI, where ONNX Runtime's u8 x s8 kernels can saturate 8-bit weights (the int8 kernel "
+                    "check measures it)", len(eight))
+    return choices
+
+
+def _fixed(sites: list[Site], fmt: str, precisions: frozenset[str]) -> dict[str, tuple]:
+    """The choices for a fixed ``fmt`` (its int8 form where ``precisions`` allow and it applies)."""
+    choices = {}
+    for site in sites:
+        want = fmt
+        q = f"{fmt}-int8"
+        if "int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None:
+            want = q
+        why = FORMULATIONS[want].reason_not(site)
+        chosen, reason = (want, None) if why is None else ("dense", f"{want} not applicable: {why}")
+        if chosen == "dense" and reason is None:
+            reason = "dense requested"
+        choices[site.layer.name] = (chosen, reason, None, None)
+    return choices
+
+
 def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "auto",
             timing_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None,
-            quantize: str = "none", calibration_inputs: dict[str, np.ndarray] | None = None) -> ConversionResult:
+            quantize: str = "none", calibration_inputs: dict[str, np.ndarray] | None = None,
+            cache: TimingCache | None = None, plan: Plan | None = None) -> ConversionResult:
     """Rewrite every pruned layer of ``model`` (a dense export) into formulation ``fmt`` (see :data:`FORMATS`).
 
     ``auto`` times every applicable formulation per layer at the shapes ``timing_inputs`` give each layer (all
@@ -466,6 +535,12 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
     1 (at :data:`LARGE_BATCH` when the timing inputs have one row), and keeps the one whose worst ratio to
     dense is best (ties to the smallest); with timing inputs the whole model is then timed too (see
     :func:`_settle`). The input model is not modified.
+
+    ``cache`` (:class:`converters.cache.TimingCache`; None: measure every time): ``auto`` reads each
+    measurement there before making it, and stores what it measures, so the same model and masks on the same
+    machine give the same choices and bytes. ``plan`` (:class:`converters.plan.Plan`, with ``fmt="auto"``):
+    replay a previous conversion's choices instead of timing (:class:`converters.plan.PlanMismatch` if it was
+    made for other layers or masks). The result's ``plan`` is what replays this conversion.
 
     ``quantize="int8"`` adds the int8 formulations (:mod:`converters.int8`) to what ``auto`` ranks (the
     fastest wins, ties to the smallest, so int8 wins its ties), and turns a fixed ``blocked`` / ``compact``
@@ -479,6 +554,10 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
         raise ConverterError(f"format: expected one of {FORMATS}, got {fmt!r}")
     if quantize not in QUANTIZE:
         raise ConverterError(f"quantize: expected one of {tuple(QUANTIZE)}, got {quantize!r}")
+    if plan is not None and fmt != "auto":
+        raise ConverterError(f"format: a plan replays auto's choices, expected fmt 'auto' with it, got {fmt!r}")
+    if plan is not None:
+        plan.check(layers)
     precisions = QUANTIZE[quantize]
     calib_src = calibration_inputs or timing_inputs
     calibration = qdq.calibration_batches(calib_src) if calib_src and "int8" in precisions else None
@@ -486,33 +565,31 @@ def convert(model: onnx.ModelProto, layers: list[LayerBlocks], *, fmt: str = "au
     sites, _ = locate(probe, layers)
     acts = _calibrate_inputs(probe, sites, calibration) if calibration else {}
     sites = [replace(site, act=acts.get(site.node.input[0])) for site in sites]
-    choices: dict[str, tuple] = {}
-    feeds: list[dict[str, np.ndarray]] = []
-    if fmt == "auto":
+    bits = {c.name: c.weight_bits for c in plan.layers} if plan is not None else None
+    build = _Builds(model, layers, calibration, acts, bits)
+    timer = Timer(cache, probe, threads, "fp32" if "int8" not in precisions else f"int8/w{default_weight_bits()}")
+    decisions = None
+    if plan is not None:
+        choices = _replay(sites, plan, precisions)
+    elif fmt == "auto":
         feeds = timing_feeds(timing_inputs)
         wanted = {site.node.input[0] for site in sites}
         shape_sets = ([_shapes_by_running(probe, f, wanted) for f in feeds] if feeds
                       else [_input_shapes(probe, {vi.name: [1] for vi in model.graph.input})])
-        for site in sites:
-            choices[site.layer.name] = _choose(probe, site, shape_sets, threads, precisions)
+        choices = {site.layer.name: _choose(probe, site, shape_sets, timer, precisions) for site in sites}
+        if feeds and any(c[2] for c in choices.values()):
+            decisions = _settle(model, layers, choices, feeds, timer, build,
+                                {s.layer.name: s.node.op_type for s in sites})
     else:
-        for site in sites:
-            want = fmt
-            q = f"{fmt}-int8"
-            if "int8" in precisions and q in FORMULATIONS and FORMULATIONS[q].reason_not(site) is None:
-                want = q
-            why = FORMULATIONS[want].reason_not(site)
-            chosen, reason = (want, None) if why is None else ("dense", f"{want} not applicable: {why}")
-            if chosen == "dense" and reason is None:
-                reason = "dense requested"
-            choices[site.layer.name] = (chosen, reason, None, None)
-    if fmt == "auto" and feeds and any(c[2] for c in choices.values()):
-        out, outcomes = _settle(model, layers, choices, feeds, threads, calibration, acts)
-    else:
-        out, outcomes = _build(model, layers, choices, calibration, acts)
+        choices = _fixed(sites, fmt, precisions)
+    out, outcomes = build(choices)
+    build.memo.clear()
     ordered = [outcomes[lb.name] for lb in layers]
     meta = [{"name": o.name, "format": o.fmt, "weight_shape": list(lb.weight_shape), "block": list(lb.block),
              "values": o.value_tensors or [], "reason": o.reason} for o, lb in zip(ordered, layers)]
     del out.metadata_props[:]
     out.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
-    return ConversionResult(out, ordered)
+    done = Plan(tuple(LayerChoice.of(lb, o.fmt, o.reason, o.int8) for o, lb in zip(ordered, layers)))
+    how = "replayed" if plan is not None else "timed" if fmt == "auto" else "fixed"
+    return ConversionResult(out, ordered, done, {"choices": how, "measured": timer.measured,
+                                                  "from_cache": timer.cached, "whole_model": decisions})

@@ -29,8 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .cache import TimingCache, TimingKey
 from .errors import ConverterError
 from .int8 import default_weight_bits
+from .timing import graph_digest, shapes_text
 from .qdq import QDQ_OPS, _quiet, calibration_batches, quantize_qdq
 from .runtime import session, time_interleaved
 
@@ -133,37 +135,54 @@ FORMS: dict[str, tuple[Callable, Callable[[onnx.ModelProto, list | None], str | 
 
 def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarray] | None = None,
                    calibration_inputs: dict[str, np.ndarray] | None = None, threads: int | None = None,
-                   forms: tuple[str, ...] | None = None, weight_bits: int | None = None) -> WholeInt8:
+                   forms: tuple[str, ...] | None = None, weight_bits: int | None = None,
+                   cache: TimingCache | None = None, form: str | None = None) -> WholeInt8:
     """The fastest of ``model`` (fp32) and its int8 forms (:data:`FORMS`) at ``timing_inputs``. Without timing
-    inputs every applicable form is built (a dry run) and the first is returned untimed.
+    inputs every applicable form is built (a dry run) and the first is returned untimed; with ``form`` that form
+    is built untimed (a replay). The timings go through ``cache`` (kind ``whole_int8``: the graph's digest, the
+    timing shapes, the forms, the weight bits, the threads, the machine), so the same graph on the same machine
+    gets the same choice, without timing.
 
     Raises:
         ConverterError: no int8 form applies, or ORT's quantizer fails.
     """
     bits = weight_bits or default_weight_bits()
     calibration = calibration_batches(calibration_inputs) if calibration_inputs else None
-    built: dict[str, onnx.ModelProto] = {}
     why_not = {}
+    applicable = []
     for name in forms or tuple(FORMS):
-        build, reason_not = FORMS[name]
-        why = reason_not(model, calibration)
+        why = FORMS[name][1](model, calibration)
         if why is None:
-            built[name] = build(model, calibration, bits)
+            applicable.append(name)
         else:
             why_not[name] = why
-    if not built:
+    if not applicable:
         raise ConverterError("no int8 form applies: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
+    build = lambda name: FORMS[name][0](model, calibration, bits)  # noqa: E731
+    if form is not None:
+        return WholeInt8(model if form == "fp32" else build(form), form, bits, reason="replayed")
     if not timing_inputs:
-        first = next(iter(built))
-        return WholeInt8(built[first], first, bits, reason="not timed")
-    sessions = {"fp32": session(model, threads=threads, spin=False)}
-    sessions.update({k: session(v, threads=threads, spin=False) for k, v in built.items()})
-    lat = time_interleaved(sessions, timing_inputs)
-    best = min(built, key=lambda k: (lat[k], k))
-    lat = {k: round(v, 4) for k, v in lat.items()}
+        built = {name: build(name) for name in applicable}  # every form must build (the pre-check's dry run)
+        return WholeInt8(built[applicable[0]], applicable[0], bits, reason="not timed")
+    key = TimingKey("whole_int8", graph_digest(model), shapes_text([list(v.shape) for v in timing_inputs.values()]),
+                    str(len(next(iter(timing_inputs.values())))), "", ",".join(applicable), f"int8/w{bits}",
+                    int(threads or 0))
+    hit = cache.get(key) if cache is not None else None
+    built: dict[str, onnx.ModelProto] = {}
+    if hit is None:
+        built = {name: build(name) for name in applicable}
+        sessions = {"fp32": session(model, threads=threads, spin=False)}
+        sessions.update({k: session(v, threads=threads, spin=False) for k, v in built.items()})
+        lat = {k: round(v, 4) for k, v in time_interleaved(sessions, timing_inputs).items()}
+        if cache is not None:
+            cache.put(key, lat)
+    else:
+        lat = hit
+    best = min(applicable, key=lambda k: (lat[k], k))
     if lat[best] >= lat["fp32"]:
         return WholeInt8(model, "fp32", bits, lat, f"no int8 form was faster than fp32 here ({_seen(lat)})")
-    return WholeInt8(built[best], best, bits, lat, f"fastest measured ({_seen(lat)})")
+    chosen = built.get(best) or build(best)
+    return WholeInt8(chosen, best, bits, lat, f"fastest measured ({_seen(lat)})")
 
 
 def _seen(lat: dict[str, float]) -> str:

@@ -16,34 +16,14 @@ Each formulation turns a :class:`~converters.locate.Site` into a :class:`Rewrite
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
-import onnx
 from onnx import helper
 
 from .graph import GraphIndex, const_i64, tensor
 from .locate import Site, shared_reason
 from .manifest import element_mask, view_of
-
-
-@dataclass
-class Rewrite:
-    """Changes to one graph for one layer.
-
-    ``replace_node``: the consumer node the new ``nodes`` replace (blocked), or None (the new nodes only
-    produce the weight tensor and go first). ``value_tensors`` name the tensors that hold the layer's weight
-    values in the result (the sparsity measurement reads them).
-    """
-
-    fmt: str
-    nodes: list[onnx.NodeProto] = field(default_factory=list)
-    inits: list[onnx.TensorProto] = field(default_factory=list)
-    replace_node: onnx.NodeProto | None = None
-    drop_nodes: list[onnx.NodeProto] = field(default_factory=list)
-    drop_init: str | None = None
-    value_tensors: list[str] = field(default_factory=list)
-    stored_bytes: int = 0
+from .ops import OP_HANDLERS
+from .rewrite import Rewrite
 
 
 def stored_layout(site: Site, w: np.ndarray) -> np.ndarray:
@@ -163,8 +143,6 @@ class Blocked(Formulation):
     folds_to_dense = False
 
     def reason_not(self, site):
-        from .ops import OP_HANDLERS
-
         if shared_reason(site):
             return shared_reason(site)
         handler = OP_HANDLERS.get(site.node.op_type)
@@ -173,8 +151,6 @@ class Blocked(Formulation):
         return handler.reason_not_blocked(site)
 
     def build(self, site, idx):
-        from .ops import OP_HANDLERS
-
         return OP_HANDLERS[site.node.op_type].blocked(site, idx)
 
 

@@ -74,17 +74,18 @@ with the bit width chosen above). :func:`error_bound` computes this bound for gi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .formulations import FORMULATIONS, Formulation, Rewrite
+from .formulations import FORMULATIONS, Formulation
 from .graph import GraphIndex, const_i64
 from .locate import Site, shared_reason
-from .ops import REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
+from .machine import cpu_flags, has_vnni  # noqa: F401 -- cpu_flags: re-exported for the benchmarks
+from .ops import OP_HANDLERS, REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
+from .rewrite import Rewrite
 
 MS_DOMAIN = "com.microsoft"
 LAYOUTS = ("row", "row-ms", "row-g1", "feature", "feature-u8")
@@ -95,24 +96,6 @@ DEFAULT_LAYOUT = "row"
 #: MLP of bench/int8_speed.py against 8 and 32: within the noise of the best at N = 1 and 32, where 8 lost 20 %
 #: at N = 32 (B = 16)
 CHUNK_REF = REFERENCE_BATCH // 2
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The x86 feature flags of this CPU (``/proc/cpuinfo``); empty where that file is missing."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def has_vnni(flags: frozenset[str] | None = None) -> bool:
-    flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 def default_weight_bits(flags: frozenset[str] | None = None) -> int:
@@ -344,7 +327,7 @@ def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
 
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
     """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in place;
-    :func:`converters.convert.apply` does not touch opset imports)."""
+    :func:`converters.rewrite.apply` does not touch opset imports)."""
     if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
             o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -360,8 +343,6 @@ def _linear_reason(name: str, site: Site) -> str | None:
         return f"{name} covers linears and convs only, not {site.node.op_type}"
     if site.node.op_type == "Conv" and name == "compact-int8":
         return None
-    from .ops import OP_HANDLERS
-
     return OP_HANDLERS[site.node.op_type].reason_not_blocked(site)
 
 
@@ -369,9 +350,7 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
     """The first step of an int8 conv (:mod:`converters.qdq`): the fp32 graph that ORT's QDQ pass then quantizes
     (``blocked-int8``: the fp32 ``blocked`` graph; ``compact-int8``: the dense conv, its int8 weight stored
     compactly after the pass), with the nodes to quantize named."""
-    from .ops import OP_HANDLERS
-
-    bits = default_weight_bits()
+    bits = site.weight_bits or default_weight_bits()
     common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
     if fmt == "blocked-int8":
         # channels-last: no Transpose pair around the Gather in ORT's NHWC int8 graph (ConvHandler.blocked)
@@ -410,7 +389,7 @@ class _Int8(Formulation):
     def build(self, site, idx):
         if site.node.op_type == "Conv":
             return qdq_conv(self.name, site, idx)
-        return type(self)._linear(site, idx)
+        return type(self)._linear(site, idx, weight_bits=site.weight_bits)
 
 
 class BlockedInt8(_Int8):
@@ -443,7 +422,8 @@ class _Static(Formulation):
         return _linear_reason(self.dynamic, site)
 
     def build(self, site, idx):
-        rw = (blocked_int8 if self.dynamic == "blocked-int8" else compact_int8)(site, idx, act=site.act)
+        rw = (blocked_int8 if self.dynamic == "blocked-int8" else compact_int8)(site, idx, act=site.act,
+                                                                              weight_bits=site.weight_bits)
         rw.fmt = self.name
         return rw
 

@@ -50,6 +50,8 @@ class Site:
             (``convert`` sets it from its calibration inputs; None: not calibrated).
         consumers: how many nodes read the initializer: more than 1 for a weight shared by several layers
             (``node`` is then the first of them that is a Gemm, MatMul or Conv weight input).
+        weight_bits: the int8 formulations' weight bit width (``convert`` sets it when it replays a plan;
+            None: this CPU's :func:`converters.int8.default_weight_bits`).
     """
 
     layer: LayerBlocks
@@ -60,6 +62,7 @@ class Site:
     via_transpose: onnx.NodeProto | None = None
     act: tuple[float, int] | None = None
     consumers: int = 1
+    weight_bits: int | None = None
 
 
 def shared_reason(site: Site) -> str | None:

@@ -61,9 +61,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .formulations import Rewrite
 from .graph import GraphIndex, attr, const_i64, tensor
 from .locate import Site
+from .rewrite import Rewrite
 
 MAX_BUCKETS = 4
 CHUNK_BYTES = 1 << 20  # gathered activations per linear chunk at REFERENCE_BATCH

@@ -36,18 +36,16 @@ import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from .errors import ConverterError
-from .formulations import Compact, Rewrite
+from .formulations import Compact
 from .graph import GraphIndex, prune_unused
+from .int8 import Int8Rewrite
 from .locate import Site
-
-if TYPE_CHECKING:
-    from .int8 import Int8Rewrite
+from .rewrite import Rewrite, apply
 
 #: the op types the QDQ pass quantizes: convolutions and what runs between them in a conv net (ORT has int8
 #: kernels for all of them, and Relu / Clip fold into the conv's output scale), and a conv net's unpruned Gemm
@@ -152,8 +150,6 @@ def conv_weight(model: onnx.ModelProto, conv_name: str) -> str | None:
 def compact_weights(model: onnx.ModelProto, sites: dict[str, Site]) -> dict[str, Rewrite]:
     """Store the int8 weight of every conv in ``sites`` (conv node name -> its site, weight dense with exact zero
     blocks) as its kept blocks (in place). Returns the compact rewrite per conv name (value tensors, bytes)."""
-    from .convert import apply  # convert imports this module
-
     out = {}
     for conv_name, site in sites.items():
         init_name = conv_weight(model, conv_name)
@@ -182,7 +178,7 @@ def quantized_bytes(model: onnx.ModelProto, conv_name: str) -> tuple[list[str], 
 NOT_CONV_NET = frozenset({"MatMul", "Softmax", "LayerNormalization", "Einsum", "Attention", "Erf", "Gelu"})
 
 
-def finish(model: onnx.ModelProto, layers: dict[str, tuple[Site, "Int8Rewrite"]],
+def finish(model: onnx.ModelProto, layers: dict[str, tuple[Site, Int8Rewrite]],
            calibration: list[dict[str, np.ndarray]], *, dense_nodes: Iterable[onnx.NodeProto] = (),
            keep_fp32: Iterable[str] = ()) -> tuple[onnx.ModelProto, dict[str, tuple[list[str], int]]]:
     """Run the QDQ pass over ``model`` after the per-layer rewrites (see the module docstring).

@@ -195,6 +195,7 @@ def prune(
     eval_shard: Shard | None = None,
     progress: Progress | None = None,
     before_fine_tune: Callable[[nn.Module, list[LayerPlan]], dict[str, str] | None] | None = None,
+    speed: "SpeedTarget | None" = None,
 ) -> PruneResult:
     """Fine-tune a copy of ``model`` with block pruning on ``train`` and return it folded.
 
@@ -203,6 +204,10 @@ def prune(
     ``before_fine_tune(dense, plans)`` runs once the layers are planned and before any training: the place
     for checks that would otherwise fail only after the fine-tune (export, weight location). It may return
     ``{name: reason}`` for planned weights to leave dense (they join ``skipped``).
+    With ``prune_cfg.target_speedup``, ``speed`` says where the speed-up is measured (serving batch, threads,
+    precision; default: batch 1, fp32): the latency table is measured before the fine-tune (an unreachable
+    target is a :class:`GeometryError` naming the best reachable), and each family's width is allocated at the
+    start of the first and the last sparsify phase (:mod:`sapp_compress.structure.allocate`).
 
     The model's own reparametrizations (``weight_norm``, ``spectral_norm``, ...) are folded into plain weights
     first (:func:`~sapp_compress.masks.fold_foreign`), and planned weights that the selected output does not
@@ -243,7 +248,7 @@ def prune(
         from .structure.plan import plan_families
 
         example = to_tensors(tuple(x[:2] for x in train.inputs), cpu)
-        plans, skipped, _ = plan_families(student, unwrap(student), example, prune_cfg, inner_of=unwrap)
+        plans, skipped, splan = plan_families(student, unwrap(student), example, prune_cfg, inner_of=unwrap)
     else:
         plans, skipped = plan_layers(unwrap(student), prune_cfg)
     _require_plans(plans, skipped, prune_cfg)
@@ -256,9 +261,17 @@ def prune(
 
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
+    table = _latency_table(student, splan, train, prune_cfg, speed) if prune_cfg.target_speedup else None
     method = METHODS[prune_cfg.method](prune_cfg, plans, total_steps)
     student.to(device)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
+    allocator = None
+    if table is not None:
+        from .structure.allocate import Allocator
+
+        allocator = Allocator(table, speed or _default_speed(prune_cfg), _loss_on_rows(student, teacher, task, train,
+                                                                                        train_cfg, device))
+        method.before_sparsify = allocator
 
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
@@ -271,7 +284,9 @@ def prune(
     structure = None
     if prune_cfg.structure == "channels":
         manifest = []
-        structure = _remove_units(student, plans, method.layers, eval_shard)
+        structure = _remove_units(student, plans, method.layers, eval_shard, keep_folded=allocator is not None)
+        if allocator is not None:
+            structure.speed = {"table": allocator.table, "allocations": allocator.history, "loss": allocator.loss}
     else:
         manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
@@ -288,15 +303,71 @@ def prune(
     )
 
 
-def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard) -> StructureResult:
+def _default_speed(cfg: PruneConfig):
+    from .structure.allocate import SpeedTarget
+
+    return SpeedTarget(cfg.target_speedup)
+
+
+def _onnx_rows(shard: Shard, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of ``shard`` as ONNX inputs (float32 / int64), by input name."""
+    return {n: np.ascontiguousarray(np.asarray(x[idx])).astype(
+        np.float32 if np.issubdtype(np.asarray(x[:1]).dtype, np.floating) else np.int64)
+        for n, x in zip(shard.names, shard.inputs)}
+
+
+#: rows of the training shard the latency-aware allocation measures each family's loss growth on
+SENSITIVITY_ROWS = 32
+
+
+def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, speed):
+    """The latency table of ``--target-speedup`` (before any fine-tuning); an unreachable target is exit 2."""
+    from .structure.allocate import build_table
+
+    t0 = time.perf_counter()
+    speed = speed or _default_speed(cfg)
+    n = len(train)
+    feed = _onnx_rows(train, np.arange(speed.batch) % n)
+    calibration = _onnx_rows(train, np.unique(np.linspace(0, n - 1, min(n, 32)).astype(np.int64)))
+    table = build_table(student, splan, _onnx_rows(train, np.arange(2)), feed, speed, calibration, inner_of=unwrap)
+    table.seconds = round(time.perf_counter() - t0, 3)
+    best = table.best_speedup()
+    if best < cfg.target_speedup:
+        raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this model "
+                            f"reaches on this machine (every head, neuron and channel family at its smallest "
+                            f"width, batch {speed.batch}, {speed.precision}) is {best:.2f}x")
+    return table
+
+
+def _loss_on_rows(student: nn.Module, teacher, task, train: Shard, cfg: TrainConfig, device):
+    """``loss_of()``: the task loss of ``student`` on fixed rows of the training shard, without gradients."""
+    idx = np.unique(np.linspace(0, len(train) - 1, min(len(train), SENSITIVITY_ROWS)).astype(np.int64))
+    xs = to_tensors(tuple(np.asarray(x[idx]) for x in train.inputs), device)
+    with torch.no_grad():
+        target = teacher(*xs).float() if teacher is not None else to_tensors((train.y[idx],), device)[0]
+
+    def loss_of() -> float:
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            out = float(task.loss(student(*xs).float(), target, cfg.distill_temperature))
+        student.train(was)
+        return out
+
+    return loss_of
+
+
+def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard, keep_folded: bool = False) -> StructureResult:
     """Fold the families' masks, then remove the pruned units from the model (it gets smaller); the smaller
-    model must compute what the masked one did."""
+    model must compute what the masked one did. With ``keep_folded``, a copy of the folded model before the
+    removal is kept in the result (a corrective round of ``--target-speedup`` removes more units from it)."""
     from .structure.gates import fold as fold_families
     from .structure.plan import PARITY_RTOL
     from .structure.remove import max_rel_diff, remove
 
     keep = fold_families(masked)
     families = [p.family for p in plans]
+    folded = copy.deepcopy(student) if keep_folded else None
     inner = unwrap(student)
     sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
     rows = tuple(x[: min(8, len(eval_shard))] for x in eval_shard.inputs)
@@ -310,4 +381,5 @@ def _remove_units(student: nn.Module, plans, masked, eval_shard: Shard) -> Struc
     if not d <= PARITY_RTOL:
         raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their scale")
     after_sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
-    return StructureResult(families, keep, sizes, after_sizes, d, frozenset(n for n, _ in inner.named_buffers()))
+    return StructureResult(families, keep, sizes, after_sizes, d, frozenset(n for n, _ in inner.named_buffers()),
+                           folded=folded)

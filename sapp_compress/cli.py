@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .config import CONV_LAYOUTS, DEFAULT_MIN_BLOCKS, INDIVISIBLE_POLICIES, STRUCTURES, BlockSpec
-from .errors import SappError
+from .errors import SappError, UsageError
 
 log = logging.getLogger("sapp_compress")
 
@@ -103,6 +103,13 @@ class Progress:
 @click.option("--sparsity", default=0.8, type=float, show_default=True,
               help="Fraction of blocks removed in each pruned layer (with --structure channels: of each family's "
                    "heads, neurons or channels), 0 < s < 1.")
+@click.option("--target-speedup", type=float,
+              help="With --structure channels, instead of --sparsity: each layer's width is chosen so the model runs "
+                   "this many times faster than the dense model in ONNX Runtime on this machine, at "
+                   "--export-batch-size and --threads (measured; exit 5 if missed by more than 10 %).")
+@click.option("--accept-missed-target", is_flag=True,
+              help="With --target-speedup: write the model even if its measured speed-up misses the target "
+                   "(a warning instead of exit 5).")
 @click.option("--structure", default="blocks", type=click.Choice(STRUCTURES), show_default=True,
               help="What is removed: blocks of each layer's weight, or whole attention heads, FFN neurons and conv "
                    "channels from every tensor they touch (a smaller dense model).")
@@ -130,6 +137,12 @@ class Progress:
 @click.option("--export-batch-size", default=1, type=int, show_default=True,
               help="Batch size auto times formulations at (your serving batch).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
+@click.option("--plan", "plan", type=click.Path(path_type=Path),
+              help="Replay the per-layer choices in this earlier run's report (no timing; same bytes for the same "
+                   "masks).")
+@click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
+              help="Reuse auto's timings measured on this machine (--no-cache: measure again and refresh them). "
+                   "Location: $SAPP_COMPRESS_CACHE, else $XDG_CACHE_HOME or ~/.cache, sapp-compress/.")
 @click.option("--quantize", default="none", type=click.Choice(["none", "int8"]), show_default=True,
               help="int8: the pruned layers' kept blocks stored and computed in int8 (linears: dynamic activation "
                    "scales; convs: static, calibrated on the training shard, with the rest of a conv net), where "
@@ -168,9 +181,10 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
-def main(model, output, block, sparsity, structure, method, method_option, data, eval_data, epochs, steps, batch_size,
-         lr, weight_decay, device, amp, seed, onnx_format, export_batch_size, threads, quantize, int8_rtol,
-         int8_kernel_rtol, min_top1_agreement, max_accuracy_drop, atol, rtol, report,
+def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method, method_option, data,
+         eval_data, epochs, steps, batch_size, lr, weight_decay, device, amp, seed, onnx_format, export_batch_size,
+         threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol, min_top1_agreement, max_accuracy_drop,
+         atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
     """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
@@ -189,8 +203,11 @@ def main(model, output, block, sparsity, structure, method, method_option, data,
 
         if structure == "channels":
             _warn_not_applicable(("block", "balanced", "min_blocks", "indivisible", "conv_layout", "onnx_format"))
+        if target_speedup is not None and _given("sparsity"):
+            raise UsageError("give --target-speedup or --sparsity, not both (the target chooses each layer's "
+                             "sparsity)")
         prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, method_options=dict(method_option),
-                                balanced=balanced, structure=structure,
+                                balanced=balanced, structure=structure, target_speedup=target_speedup,
                                 min_blocks=min_blocks, indivisible=indivisible, include=include, exclude=exclude,
                                 conv_layout=conv_layout)
         train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -200,7 +217,8 @@ def main(model, output, block, sparsity, structure, method, method_option, data,
         out = OutputConfig(output=output, report=report, save_torch=save_torch, onnx_format=onnx_format,
                            max_accuracy_drop=max_accuracy_drop, atol=atol, rtol=rtol, threads=threads,
                            export_batch_size=export_batch_size, quantize=quantize, int8_rtol=int8_rtol,
-                           int8_kernel_rtol=int8_kernel_rtol, min_top1_agreement=min_top1_agreement)
+                           int8_kernel_rtol=int8_kernel_rtol, plan=plan, cache="use" if use_cache else "refresh",
+                           accept_missed_target=accept_missed_target, min_top1_agreement=min_top1_agreement)
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:
@@ -229,11 +247,14 @@ def main(model, output, block, sparsity, structure, method, method_option, data,
         click.echo(f"wrote {output}", err=True)
 
 
+def _given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not its default)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
 def _warn_not_applicable(names: tuple[str, ...]) -> None:
     """Options given on the command line that ``--structure channels`` ignores: say so, once each."""
-    ctx = click.get_current_context()
-    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
-    for n in given:
+    for n in [n for n in names if _given(n)]:
         click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure channels (whole heads, "
                    "neurons and channels are removed; the ONNX is a smaller dense graph): ignored", err=True)
 

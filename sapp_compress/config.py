@@ -80,6 +80,9 @@ class PruneConfig:
             ``indivisible`` and ``conv_layout`` apply) or ``channels`` (whole attention heads, FFN neurons and
             conv channels, removed from every tensor they touch: ``sparsity`` is the fraction of each family's
             units removed, and the block options do not apply). See :mod:`sapp_compress.structure`.
+        target_speedup: with ``channels``, instead of a uniform ``sparsity``: each family's width is chosen so the
+            model reaches this measured speed-up in ONNX Runtime on this machine
+            (:mod:`sapp_compress.structure.allocate`).
     """
 
     block: BlockSpec
@@ -93,11 +96,18 @@ class PruneConfig:
     conv_layout: str = "channel"
     method_options: Mapping[str, Any] = field(default_factory=dict)
     structure: str = "blocks"
+    target_speedup: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", BlockSpec.parse(self.block))
         if self.structure not in STRUCTURES:
             raise ConfigError(f"structure: expected one of {STRUCTURES}, got {self.structure!r}")
+        if self.target_speedup is not None:
+            if not isinstance(self.target_speedup, (int, float)) or not self.target_speedup > 1.0:
+                raise ConfigError(f"target speed-up: expected a number > 1, got {self.target_speedup!r}")
+            if self.structure != "channels":
+                raise ConfigError("--target-speedup needs --structure channels (it chooses how many heads, neurons "
+                                  "and channels each layer keeps; block sparsity's speed-up is not a width)")
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) < 1.0):
             raise ConfigError(f"sparsity: expected a number with 0 < s < 1, got {s!r}")

@@ -53,3 +53,10 @@ class AccuracyGateFailed(SappError):
     """The accuracy drop exceeds ``--max-accuracy-drop``: exit 4."""
 
     exit_code = 4
+
+
+class TargetMissed(SappError):
+    """``--target-speedup``: the written model's measured speed-up misses the target by more than 10 %, after one
+    corrective round: exit 5 (``--accept-missed-target`` writes it anyway, with a warning)."""
+
+    exit_code = 5

@@ -111,6 +111,11 @@ class PruningMethod:
         )
         self._bounds = [(round(p.start * total_steps), round(p.end * total_steps)) for p in self.phases]
         self._entered = -1  # index of the last phase entered
+        #: layer name -> its own target sparsity (default: ``cfg.sparsity`` for every layer)
+        self.targets: dict[str, float] = {}
+        #: called as ``before_sparsify(method, phase_index)`` when a sparsify phase starts, before it prunes: the
+        #: place to set :attr:`targets` (a latency-aware allocation)
+        self.before_sparsify = None
 
     # --- the two extension points -------------------------------------------------------------------
     def program(self) -> list[Phase]:
@@ -122,13 +127,14 @@ class PruningMethod:
         return layer.norms()
 
     def state_dict(self) -> dict:
-        """The schedule position (masks and logits live in the model's state)."""
-        return {"entered": self._entered, "total_steps": self.total_steps}
+        """The schedule position and per-layer targets (masks and logits live in the model's state)."""
+        return {"entered": self._entered, "total_steps": self.total_steps, "targets": dict(self.targets)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["total_steps"] != self.total_steps:
             raise ConfigError(f"method state: expected a budget of {self.total_steps} steps, got {state['total_steps']}")
         self._entered = int(state["entered"])
+        self.targets = dict(state.get("targets", {}))
 
     def logit_lr_scale(self, lr: float) -> float:
         """The attention logits' learning rate as a multiple of the weights' ``lr`` (methods with logits)."""
@@ -181,6 +187,8 @@ class PruningMethod:
         phase = self.phases[i]
         a, b = self._bounds[i]
         self._entered = i
+        if phase.kind == "sparsify" and self.before_sparsify is not None:
+            self.before_sparsify(self, i)
         if phase.kind == "dense":
             for layer in self.layers:
                 layer.revive(zero=self.options.revive == "zero")
@@ -195,12 +203,18 @@ class PruningMethod:
             self._enter(self._entered + 1)
         self._prune_to(1.0)
 
+    def target(self, layer) -> float:
+        """The sparsity ``layer`` ends at: ``--sparsity``, unless :attr:`targets` names the layer (a per-layer
+        width chosen by a latency-aware allocation)."""
+        return self.targets.get(layer.name, self.cfg.sparsity)
+
     def kept_count(self, layer: MaskedLayer, frac: float) -> int:
-        """Blocks to keep (per block-row when balanced) at ``frac`` of the target sparsity."""
+        """Blocks (or units) to keep (per block-row when balanced) at ``frac`` of the layer's target sparsity."""
         R, C = layer.grid
-        s = self.cfg.sparsity * frac
+        target = self.target(layer)
+        s = target * frac
         n = C if self.cfg.balanced else R * C
-        return max(1, int(round((1.0 - s) * n))) if frac < 1.0 else int(round((1.0 - self.cfg.sparsity) * n))
+        return max(1, int(round((1.0 - s) * n))) if frac < 1.0 else int(round((1.0 - target) * n))
 
     @torch.no_grad()
     def _prune_to(self, frac: float) -> None:

@@ -71,6 +71,10 @@ class OutputConfig:
             (:func:`converters.verify_kernels`).
         min_top1_agreement: with int8, a classifier's ORT int8 artifact must also agree with the pruned PyTorch
             model's top-1 on at least this share of the evaluation rows (:data:`MIN_TOP1_AGREEMENT`).
+        plan: a previous run's report whose per-layer choices are replayed instead of ``auto``'s timing
+            (:class:`converters.Plan`; needs ``onnx_format="auto"``).
+        cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing, write),
+            ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
     """
 
     output: Path
@@ -87,12 +91,21 @@ class OutputConfig:
     int8_rtol: float = 0.2
     int8_kernel_rtol: float = 0.1
     min_top1_agreement: float = MIN_TOP1_AGREEMENT
+    plan: Path | None = None
+    cache: str = "use"
+    accept_missed_target: bool = False
 
     def __post_init__(self) -> None:
         from converters import FORMATS
+        from converters.cache import MODES
 
         if self.onnx_format not in FORMATS:
             raise UsageError(f"onnx format: expected one of {FORMATS}, got {self.onnx_format!r}")
+        if self.plan is not None and self.onnx_format != "auto":
+            raise UsageError(f"--plan replays auto's choices: expected --onnx-format auto with it, got "
+                             f"{self.onnx_format!r}")
+        if self.cache not in MODES:
+            raise UsageError(f"cache: expected one of {MODES}, got {self.cache!r}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
         if self.atol < 0 or self.rtol < 0:
@@ -229,18 +242,45 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
     return model, out
 
 
+def load_plan(path: Path, quantize: str):
+    """The plan of the report at ``path`` (:class:`converters.Plan`), checked against ``quantize``. Raises
+    :class:`UsageError` (exit 2)."""
+    import json
+
+    import converters
+    from converters.convert import QUANTIZE
+
+    try:
+        plan = converters.Plan.from_report(json.loads(Path(path).read_text()))
+    except OSError as e:
+        raise UsageError(f"--plan {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: not JSON ({e})") from None
+    except converters.PlanError as e:
+        raise UsageError(f"--plan {path}: {e}") from None
+    need = {c.name: c.onnx_format for c in plan.layers
+            if converters.FORMULATIONS.get(c.onnx_format) is not None
+            and converters.FORMULATIONS[c.onnx_format].precision not in QUANTIZE[quantize]}
+    if need:
+        name, fmt = next(iter(need.items()))
+        raise UsageError(f"--plan {path}: {len(need)} layer(s) in int8 (e.g. {name}: {fmt}): expected --quantize "
+                         f"int8 as the run that wrote it, got --quantize {quantize}")
+    return plan
+
+
 #: rows the pre-check's int8 dry run calibrates on (a dry run: the scales do not matter, the pass must run)
 PRECHECK_CALIBRATION_ROWS = 8
 
 
-def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: float = 0.5,
+def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: float = 0.5, plan=None,
              save_torch: bool = False):
     """What :func:`prune` runs before fine-tuning: export the dense model and find every weight to be pruned
     in its graph, through the same code the final export and conversion use, so a model that cannot be
     converted fails in seconds (exit 2), not after the fine-tune; a weight the graph holds only in a computed
     form (or in several different forms) is left dense instead, with the reason (:func:`converters.unplaceable`).
     With ``quantize="int8"`` the int8 rewrites (ONNX Runtime's QDQ pass over the convs included) run once on
-    that graph too; with ``save_torch`` the model must pickle (:func:`check_picklable`)."""
+    that graph too. With a ``plan`` to replay, its layers, shapes and blocks must be the ones to be pruned (its
+    masks are checked after the fine-tune). With ``save_torch`` the model must pickle (:func:`check_picklable`)."""
     import converters
 
     def check(dense: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
@@ -255,6 +295,11 @@ def precheck(shard: Shard, timings: dict, quantize: str = "none", sparsity: floa
         proto = export_model(model, shard)
         drop = converters.unplaceable(proto, manifest)
         manifest = [lb for lb in manifest if lb.name not in drop]
+        if plan is not None:
+            try:
+                plan.check(manifest, masks=False)
+            except converters.PlanError as e:
+                raise UsageError(f"--plan: {e}") from None
         if quantize == "int8" and manifest:
             try:
                 converters.convert(proto, manifest, fmt="compact", quantize="int8",
@@ -357,6 +402,7 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
     from converters import FORMULATIONS
 
     outcomes = {o.name: o for o in conv.layers}
+    plans = {c.name: c.to_json() for c in conv.plan.layers}
     rows = []
     for lb in res.layers:
         o = outcomes[lb.name]
@@ -366,7 +412,7 @@ def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
             "block_sparsity": lb.block_sparsity, "sparsity": sp.per_layer[lb.name], "balanced": lb.balanced,
             "onnx_format": o.fmt, "precision": FORMULATIONS[o.fmt].precision, "reason": o.reason,
             "latencies_ms": o.latencies_ms, "stored_bytes": o.stored_bytes, "dense_bytes": o.dense_bytes,
-            **({"int8": o.int8} if getattr(o, "int8", None) else {}),
+            **({"int8": o.int8} if getattr(o, "int8", None) else {}), "plan": plans[lb.name],
         })
     return rows
 
@@ -393,7 +439,7 @@ def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed:
     model, fmt = proto, "dense"
     if out.quantize == "int8":
         whole = converters.quantize_whole(proto, timing_inputs=timing_feed, calibration_inputs=calibration,
-                                          threads=out.threads)
+                                          threads=out.threads, cache=converters.TimingCache.open(out.cache))
         report["int8"] = whole.to_json()
         model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
         if whole.form == "fp32":
@@ -405,6 +451,78 @@ def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed:
     report["structure"]["onnx_parameters"] = {"pruned": _onnx_parameters(proto)}
     report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
     return onnx_bytes, precision == "int8"
+
+
+#: ``--target-speedup``: a measured speed-up below this share of the target gets one corrective round, then exit 5
+TARGET_TOLERANCE = 0.9
+
+
+def _measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputConfig, feed: dict,
+                     calibration) -> dict:
+    """The written model against the dense model (fp32), timed interleaved at the serving batch on this machine
+    (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model."""
+    import onnx
+
+    import converters
+    from converters.latency import model_ms
+
+    cache = converters.TimingCache.open(out.cache)
+    graphs = {"dense": original, "pruned": onnx.load_from_string(artifact)}
+    ort_form = None
+    if int8:
+        whole = converters.quantize_whole(original, timing_inputs=feed, calibration_inputs=calibration,
+                                          threads=out.threads, cache=cache)
+        ort_form = whole.form
+        if whole.form != "fp32":
+            graphs["ort_int8"] = whole.model
+    ms = model_ms(graphs, feed, threads=out.threads, cache=cache, precision="int8" if int8 else "fp32")
+    row = {"batch": len(next(iter(feed.values()))), "threads": out.threads, "ms": ms,
+           "measured": ms["dense"] / ms["pruned"]}
+    if "ort_int8" in ms:
+        row.update(vs_ort_int8=ms["ort_int8"] / ms["pruned"], ort_int8_form=ort_form)
+    return row
+
+
+def _reach_target(res: PruneResult, original, proto, onnx_bytes: bytes, int8: bool, cfg: PruneConfig,
+                  out: OutputConfig, feed: dict, calibration, report: dict):
+    """``--target-speedup``: measure the written model; if it misses the target by more than 10 %, one corrective
+    round (re-allocate with the prediction corrected by the measurement, remove the lowest-norm units of the
+    families that must shrink from the folded model, export and measure again); then :class:`TargetMissed`
+    (exit 5) unless ``--accept-missed-target``. Returns the final (bytes, int8, fp32 proto)."""
+    from .errors import TargetMissed
+    from .structure.allocate import shrink
+
+    st = res.structure
+    widths = {f.name: int(st.keep[f.name].sum()) for f in st.families}
+    rows = []
+    for attempt in range(2):
+        table = st.speed["table"]
+        m = _measure_speedup(original, proto, onnx_bytes, int8, out, feed, calibration)
+        m.update(widths=widths, predicted=table.dense_ms / table.predict(widths), round=attempt)
+        rows.append(m)
+        if m["measured"] >= TARGET_TOLERANCE * cfg.target_speedup or attempt == 1:
+            break
+        widths = shrink(res, table, widths, cfg.target_speedup, m["ms"]["dense"], m["ms"]["pruned"])
+        report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
+        report["metrics"]["pruned_torch"] = res.metrics["pruned_torch"]
+        report["mask_digest"] = res.mask_digest
+        proto = export_model(res.model, res.eval_shard)
+        onnx_bytes, int8 = _convert_structured(res, proto, out, feed, calibration, report)
+    final = rows[-1]
+    report["timings"]["latency_table"] = st.speed["table"].seconds
+    report["timings"]["allocation"] = round(sum(a["seconds"] for a in st.speed["allocations"]), 3)
+    report["target_speedup"] = {"target": cfg.target_speedup, "predicted": final["predicted"],
+                                "measured": final["measured"], **({"vs_ort_int8": final["vs_ort_int8"]}
+                                                                   if "vs_ort_int8" in final else {}),
+                                "batch": final["batch"], "threads": out.threads, "rounds": rows,
+                                "allocations": st.speed["allocations"], "table": st.speed["table"].to_json()}
+    if final["measured"] < TARGET_TOLERANCE * cfg.target_speedup:
+        msg = (f"target not reached: measured {final['measured']:.2f}x against the target {cfg.target_speedup:g}x "
+               f"(batch {final['batch']}, after one corrective round)")
+        if not out.accept_missed_target:
+            raise TargetMissed(msg + "; --accept-missed-target writes the model anyway")
+        report.setdefault("warnings", []).append(msg)
+    return onnx_bytes, int8, proto
 
 
 def compress(
@@ -443,6 +561,10 @@ def compress(
         for path, what in ((out.output, "output"), (out.report, "report"), (out.save_torch, "--save-torch")):
             if path is not None:
                 _check_writable(Path(path), what)
+        if out.plan is not None and prune_cfg.structure != "blocks":
+            raise UsageError(f"--plan replays block-sparse formulations: expected --structure blocks with it, got "
+                             f"{prune_cfg.structure}")
+        plan = load_plan(out.plan, out.quantize) if out.plan is not None else None
         if isinstance(model, (str, Path)):
             model = load_model(model, trust=trust_model, arch=arch)
         lap("load")
@@ -451,9 +573,15 @@ def compress(
         report["data"] = {"train": shard.source, "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
                           "samples": len(shard)}
         lap("data")
-        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress,
+        speed = None
+        if prune_cfg.target_speedup:
+            from .structure.allocate import SpeedTarget
+
+            speed = SpeedTarget(prune_cfg.target_speedup, out.export_batch_size, out.threads,
+                                "int8" if out.quantize == "int8" else "fp32", out.cache)
+        res = prune(model, shard, prune_cfg, train_cfg, eval_shard=ev, progress=progress, speed=speed,
                     # on every rank: a rank that skipped it would wait in DDP for one that failed it
-                    before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity,
+                    before_fine_tune=precheck(shard, timings, out.quantize, prune_cfg.sparsity, plan,
                                               out.save_torch is not None))
         lap("fine_tune")
         timings["fine_tune"] = round(timings["fine_tune"] - timings.get("precheck", 0.0), 3)  # timed on its own
@@ -472,8 +600,8 @@ def compress(
 
         ev_shard = res.eval_shard
         dense_proto = export_model(res.model, ev_shard)
-        report["dense_onnx_bytes"] = (dense_proto.ByteSize() if res.structure is None
-                                      else export_model(res.dense_model, ev_shard).ByteSize())
+        original = dense_proto if res.structure is None else export_model(res.dense_model, ev_shard)
+        report["dense_onnx_bytes"] = original.ByteSize()
         lap("export")
         timing_feed = onnx_feed(ev_shard, _rows(ev_shard, out.export_batch_size))
         calibration = None
@@ -483,10 +611,17 @@ def compress(
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
         if res.structure is not None:
             onnx_bytes, int8 = _convert_structured(res, dense_proto, out, timing_feed, calibration, report)
+            if prune_cfg.target_speedup:
+                onnx_bytes, int8, dense_proto = _reach_target(res, original, dense_proto, onnx_bytes, int8, prune_cfg,
+                                                              out, timing_feed, calibration, report)
         else:
+            cache = converters.TimingCache.open(out.cache)
             try:
                 conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration)
+                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration,
+                                          cache=cache, plan=plan)
+            except converters.PlanError as e:
+                raise UsageError(f"--plan {out.plan}: {e}") from None
             except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
                 raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude that "
                                        "layer to leave it dense") from None
@@ -494,6 +629,8 @@ def compress(
             sp = converters.measure_sparsity(onnx_bytes, res.layers)
             report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall,
                           layers=_layer_rows(res, conv, sp), block_sparsity=block_sparsity(res.layers))
+            report["plan"] = {**conv.timing, "plan": str(out.plan) if plan is not None else None,
+                              "cache": str(cache.root) if cache is not None else None, "cache_mode": out.cache}
             report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
             int8 = any(row["precision"] == "int8" for row in report["layers"])
         lap("convert")

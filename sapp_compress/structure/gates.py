@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..masks import UnitMask
-from .groups import GroupFamily, Key
+from .groups import GroupFamily
 
 
 @dataclass(frozen=True)
@@ -228,4 +228,3 @@ def fold(families: list[MaskedFamily]) -> dict[str, np.ndarray]:
 
 
 __all__ = ["FamilyPlan", "GroupGate", "MaskedFamily", "attach", "fold", "unit_norms"]
-_ = Key

@@ -16,7 +16,6 @@ channels were never added to another layer's channels). Every other weight axis 
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .trace import ChannelGraph, trace
+from .trace import ChannelGraph, OpRecord, trace
 
 Key = tuple[str, int]  # (tensor name, axis)
 
@@ -95,6 +94,9 @@ class StructurePlan:
     families: list[GroupFamily]
     whole: list[WholeAxis] = field(default_factory=list)
     ops: int = 0
+    #: the ops whose cost depends on the widths (:class:`~.trace.OpRecord`), each with the family whose heads it
+    #: computes (attention cores) or None
+    records: list[tuple[OpRecord, str | None]] = field(default_factory=list)
 
     def family(self, name: str) -> GroupFamily:
         return next(f for f in self.families if f.name == name)
@@ -116,6 +118,10 @@ class StructureResult:
     sizes_after: dict[str, int]
     parity: float = 0.0
     buffers: frozenset[str] = frozenset()
+    #: with ``--target-speedup``: the folded model before the removal (a corrective round removes more from it)
+    folded: nn.Module | None = None
+    #: with ``--target-speedup``: the latency table, the allocations made and the last loss table
+    speed: dict | None = None
 
     def tensors(self) -> list[str]:
         return sorted({t for f in self.families for t in f.tensors()})
@@ -212,6 +218,7 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
     families: list[GroupFamily] = []
     whole_reasons: dict[Key, Counter] = defaultdict(Counter)
     covered: set[Key] = set()
+    root_family: dict[int, GroupFamily] = {}
     for sig, units in comps.items():
         sig_keys = [k for k, _ in sig]
         roles = set().union(*(graph.roles.get(k, set()) for k in sig_keys))
@@ -228,18 +235,29 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
             mods = sorted({_module_of(t) for t, _ in producers + consumers})
             makers = sorted({_module_of(t) for t, _ in producers})
             name = f"{_common_prefix(mods) or _common_prefix(makers) or makers[0]} ({kind})"
-            families.append(GroupFamily(name, kind, tuple(u for _, u in sorted(units, key=lambda x: x[0])),
-                                        producers, consumers, channelwise))
+            fam = GroupFamily(name, kind, tuple(u for _, u in sorted(units, key=lambda x: x[0])),
+                              producers, consumers, channelwise)
+            families.append(fam)
+            root_family.update({r: fam for r, _ in units})
             covered.update(sig_keys)
         else:
             for k in sig_keys:
                 whole_reasons[k][reason] += 1
     _unique_names(families)
-    whole = [WholeAxis(t, a, c.most_common(1)[0][0]) for (t, a), c in sorted(whole_reasons.items())
-             if _is_weight(model, t) and (t, a) not in covered]
+    whole = [WholeAxis(t, a, _TAPS if a >= 2 and _is_weight(model, t) else c.most_common(1)[0][0])
+             for (t, a), c in sorted(whole_reasons.items()) if _is_weight(model, t) and (t, a) not in covered]
     whole += _untouched(model, set(keys))
     families.sort(key=lambda f: _first_index(model, f))
-    return StructurePlan(families, whole, graph.ops)
+    records = []
+    for r in graph.records:
+        fam = root_family.get(int(roots[r.node])) if r.node >= 0 else None
+        records.append((r, fam))
+    out = StructurePlan(families, whole, graph.ops)
+    out.records = [(r, f.name if f is not None else None) for r, f in records]  # names final after sorting
+    return out
+
+
+_TAPS = "the kernel's spatial taps (not channels)"
 
 
 def _unique_names(families: list[GroupFamily]) -> None:
@@ -294,8 +312,7 @@ def select(plan: StructurePlan, include: tuple[str, ...] = (), exclude: tuple[st
             kept.append(f)
             continue
         whole += [WholeAxis(t, a, why) for t, a in f.producers]
-    return StructurePlan(kept, whole, plan.ops)
+    return StructurePlan(kept, whole, plan.ops, plan.records)
 
 
 __all__ = ["GroupFamily", "StructurePlan", "StructureResult", "WholeAxis", "build", "discover", "select"]
-_ = os

@@ -87,7 +87,7 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
             plan = StructurePlan([f for f in plan.families if f.name not in bad],
                                  plan.whole + [WholeAxis(t, a, f"its units cannot be removed exactly: {bad[f.name]}")
                                                for f in plan.families if f.name in bad for t, a in f.producers],
-                                 plan.ops)
+                                 plan.ops, plan.records)
     skipped = [SkippedLayer(f"{w.tensor}[{w.axis}]", w.reason) for w in plan.whole]
     if not plan.families:
         reasons = sorted({w.reason for w in plan.whole})

@@ -14,7 +14,6 @@ any fine-tuning on a random removal, so a module whose forward keeps a size it d
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Callable
 
@@ -296,4 +295,3 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / max(float(a.abs().max()), 1e-12))
 
 
-_ = math

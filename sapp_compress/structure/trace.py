@@ -32,7 +32,6 @@ turns it into units and families.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +71,27 @@ class Nodes:
         return keys, which, ids - starts[which]
 
 
+@dataclass(frozen=True)
+class OpRecord:
+    """One op whose cost depends on the widths: a weight's matmul or conv, or an attention core.
+
+    Attributes:
+        kind: ``matmul`` (activations times a weight), ``conv`` or ``attention`` (activations times
+            activations: ``softmax(q k^T) v``).
+        weight: the weight's name (matmul, conv); ``axes``: its (contracted, output) axes.
+        shapes: the operands' shapes as traced (the activation first; attention: q, k, v).
+        attrs: a conv's ``stride``, ``padding``, ``dilation``, ``groups``.
+        node: attention only: a node of the head axis' label (which family's heads these are), else -1.
+    """
+
+    kind: str
+    weight: str | None
+    axes: tuple[int, int]
+    shapes: tuple[tuple[int, ...], ...]
+    attrs: tuple = ()
+    node: int = -1
+
+
 @dataclass
 class ChannelGraph:
     """What a trace found. ``joins`` are pairs of node-id arrays to be joined; ``blocks`` and ``residual``
@@ -83,6 +103,7 @@ class ChannelGraph:
     residual: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     roles: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     ops: int = 0
+    records: list[OpRecord] = field(default_factory=list)
 
     def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)
@@ -517,12 +538,16 @@ def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib:
 @rule("matmul", "mm", "bmm", "rmatmul")
 def _matmul(tr, name, func, args, kwargs, out):
     a, b = (args[1], args[0]) if name == "rmatmul" else (args[0], args[1])
+    if id(b) in tr.params and b.dim() == 2:
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1), (tuple(a.shape), tuple(b.shape))))
     _contract(tr, a, tr.of(a), b, tr.of(b), out)
 
 
 @rule("addmm", "baddbmm", "addbmm")
 def _addmm(tr, name, func, args, kwargs, out):
     c, a, b = args[0], args[1], args[2]
+    if id(b) in tr.params and b.dim() == 2:  # transformers' Conv1D: x @ W with W [in, out]
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1), (tuple(a.shape), tuple(b.shape))))
     tmp = torch.empty(out.shape)
     _contract(tr, a, tr.of(a), b, tr.of(b), tmp)
     infos = [tr.info.get(id(tmp)), tr.of(c)]
@@ -546,6 +571,8 @@ def _linear(tr, name, func, args, kwargs, out):
     if ib is not None and ib.param:
         for lab in ib.labels:
             tr.g.role(lab, "producer")
+    if id(w) in tr.params and w.dim() == 2:
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(w)], (1, 0), (tuple(x.shape), tuple(w.shape))))
 
 
 @rule("embedding")
@@ -681,6 +708,10 @@ def _conv(tr, name, func, args, kwargs, out):
         tr.g.join(out_lab, bl)
         tr.g.role(bl, "producer")
     tr.set(out, Info([out_lab]))
+    attrs = tuple((k, kwargs.get(k, args[i] if len(args) > i else d))
+                  for i, (k, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3))
+    tr.g.records.append(OpRecord("conv", name_w, (1, 0), (tuple(x.shape), tuple(w.shape)),
+                                 tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in attrs)))
 
 
 @rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
@@ -722,6 +753,11 @@ def _sdpa(tr, name, func, args, kwargs, out):
                    for lab in iv.labels], iv.param) if iv else None
         k = k.repeat_interleave(rep, dim=-3)
         v = v.repeat_interleave(rep, dim=-3)
+    if iq is not None and q.dim() >= 3:
+        head = align(iq.labels[0], q.dim())
+        node = int(head.reshape(-1)[0]) if head.numel() else -1
+        tr.g.records.append(OpRecord("attention", None, (0, 0), (tuple(q.shape), tuple(k.shape), tuple(v.shape)),
+                                     node=node))
     kt = k.transpose(-1, -2)
     ikt = Info([align(lab, k.dim()).transpose(-1, -2) for lab in ik.labels], ik.param) if ik else None
     scores = torch.empty(q.shape[:-1] + (k.shape[-2],))
@@ -855,5 +891,4 @@ def _opaque_module(tracer: Tracer, kind: str):
     return hook
 
 
-__all__ = ["ChannelGraph", "Nodes", "RULES", "trace", "named_tensors", "NONE"]
-_ = math
+__all__ = ["ChannelGraph", "Nodes", "OpRecord", "RULES", "trace", "named_tensors", "NONE"]

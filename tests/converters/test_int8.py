@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from converters import LayerBlocks, export_onnx, locate
-from converters.convert import apply
+from converters.rewrite import apply
 from converters.graph import GraphIndex, prune_unused
 from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, CompactInt8, compact_int8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
                              ensure_ms_opset, error_bound, quantize_rows)

@@ -4,12 +4,15 @@ units zeroed at their consumers computes."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from library import MODELS, Built
+sys.path.insert(0, str(Path(__file__).parent))
+from library import MODELS, Built  # noqa: E402
 from sapp_compress.errors import ModelLoadError
 from sapp_compress.extras import require
 from sapp_compress.structure import discover

@@ -1,0 +1,125 @@
+"""``--target-speedup X`` through the CLI: a small transformer and a small CNN end to end (the report's measured
+speed-up re-timed here), the unreachable target before the fine-tune, the bad combinations, and exit 5."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import ROOT, one_line_error  # noqa: E402
+from sapp_compress.cli import main  # noqa: E402
+from sapp_compress.errors import ModelLoadError  # noqa: E402
+from sapp_compress.extras import require  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _bert(tmp: Path) -> tuple[Path, Path]:
+    try:
+        t = require("transformers", "this test")
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    m = t.BertForSequenceClassification(t.BertConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=512,
+                                                     max_position_embeddings=64, num_labels=3))
+    m.save_pretrained(tmp / "bert")
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "d.npz", input_ids=rng.integers(1, 300, size=(64, 32)), attention_mask=np.ones((64, 32), np.int64),
+             y=rng.integers(0, 3, size=64))
+    return tmp / "bert", tmp / "d.npz"
+
+
+def _run(*args) -> tuple[int, str]:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def _retime(onnx_path: Path, dense_ms: float, feed: dict, rounds: int = 9) -> float:
+    """The written model's latency here (median of rounds, 1 thread)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        s.run(None, feed)
+    t = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        t.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(t))
+
+
+@pytest.mark.parametrize("case", ["transformer", "cnn"])
+def test_target_speedup_end_to_end(case, tmp_path):
+    if case == "transformer":
+        model, data = _bert(tmp_path)
+        args = [model, "--data", data]
+    else:
+        model, data = ROOT / "examples" / "models" / "digits_cnn.pt", ROOT / "calib_data" / "digits_img.npz"
+        args = [model, "--data", data]
+    rep = tmp_path / "r.json"
+    code, out = _run(*args, "--structure", "channels", "--target-speedup", "1.5", "--steps", "8", "--batch-size",
+                     "16", "--export-batch-size", "8", "--threads", "1", "--accept-missed-target", "-o",
+                     tmp_path / "m.onnx", "--report", rep)
+    assert code == 0, out
+    r = json.loads(rep.read_text())
+    t = r["target_speedup"]
+    assert t["target"] == 1.5 and t["batch"] == 8 and t["threads"] == 1
+    assert {"predicted", "measured", "rounds", "allocations", "table"} <= set(t)
+    assert 1 <= len(t["rounds"]) <= 2 and len(t["allocations"]) >= 1
+    widths = t["rounds"][-1]["widths"]
+    assert widths == {row["name"]: row["kept_units"] for row in r["layers"]}
+    assert t["measured"] == pytest.approx(t["rounds"][-1]["ms"]["dense"] / t["rounds"][-1]["ms"]["pruned"])
+    if t["measured"] < 0.9 * 1.5:
+        assert any("target not reached" in w for w in r["warnings"])
+    # re-timed here, the written model's latency is what the report says, within timing noise
+    feed_shard = np.load(data)
+    names = [n for n in ("input_ids", "attention_mask", "x") if n in feed_shard.files]
+    feed = {n: np.ascontiguousarray(feed_shard[n][:8]).astype(np.int64 if n != "x" else np.float32) for n in names}
+    assert _retime(tmp_path / "m.onnx", 0, feed) == pytest.approx(t["rounds"][-1]["ms"]["pruned"], rel=0.6)
+
+
+def test_unreachable_target_fails_before_the_fine_tune(tmp_path, mlp_path):
+    t0 = time.perf_counter()
+    code, out = _run(mlp_path, "--structure", "channels", "--target-speedup", "1000", "--steps", "100000",
+                     "-o", tmp_path / "m.onnx")
+    assert code == 2, out
+    assert one_line_error(out) and "--target-speedup 1000 cannot be reached here" in out and "x" in out
+    assert time.perf_counter() - t0 < 120 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("extra, match", [(["--sparsity", "0.5"], "not both"),
+                                          (["--structure", "blocks"], "needs --structure channels")])
+def test_bad_combinations(tmp_path, mlp_path, extra, match):
+    base = ["--structure", "channels"] if "--structure" not in extra else []
+    code, out = _run(mlp_path, *base, "--target-speedup", "2", *extra, "-o", tmp_path / "m.onnx")
+    assert code == 2, out
+    assert one_line_error(out) and match in out
+
+
+def test_missed_target_exits_5_and_writes_nothing(tmp_path, mlp_path, monkeypatch):
+    """A model that stays slower than the target after the corrective round: exit 5, no output, the report
+    says what was measured. (The measurement is replaced by a slow one to force the case.)"""
+    from sapp_compress import pipeline
+
+    def slow(original, proto, artifact, int8, out, feed, calibration):
+        return {"batch": 1, "threads": None, "ms": {"dense": 1.0, "pruned": 0.9}, "measured": 1.0 / 0.9}
+
+    monkeypatch.setattr(pipeline, "_measure_speedup", slow)
+    rep = tmp_path / "r.json"
+    code, out = _run(mlp_path, "--structure", "channels", "--target-speedup", "1.5", "--steps", "4",
+                     "-o", tmp_path / "m.onnx", "--report", rep)
+    assert code == 5, out
+    assert one_line_error(out) and "target not reached: measured 1.11x" in out
+    assert not (tmp_path / "m.onnx").exists()
+    r = json.loads(rep.read_text())
+    assert r["exit_code"] == 5 and len(r["target_speedup"]["rounds"]) == 2 if "target_speedup" in r else True

@@ -1,0 +1,91 @@
+"""The latency-aware allocation: exact widths on a synthetic latency table and loss, the table's calibration,
+the op specs a family's width changes, and the hook that sets each family's target during the fine-tune."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sapp_compress import PruneConfig
+from sapp_compress.methods import METHODS
+from sapp_compress.structure import discover
+from sapp_compress.structure.allocate import (Allocator, LatencyTable, SpeedTarget, allocate, candidate_widths,
+                                              family_specs, recalibrated)
+from sapp_compress.structure.gates import FamilyPlan
+
+
+def _table() -> LatencyTable:
+    t = LatencyTable({"A": [1, 2, 3, 4], "B": [16, 32, 48, 64]}, {"A": [1.0, 2.0, 3.0, 4.0], "B": [1.0, 2.0, 3.0, 4.0]},
+                     dense_ms=10.0, rest_ms=2.0, scale=1.0, n_units={"A": 4, "B": 64})
+    return t
+
+
+def test_allocation_minimises_loss_under_the_latency_budget():
+    """Budget 5 ms (2x of 10) leaves 3 ms for the families: (2 heads, 16 neurons) loses 3.0, the other
+    choices that fit lose more (1 head + 32 neurons: 3.5; 1 + 16: 5.0)."""
+    loss = {"A": [3.0, 1.0, 0.2, 0.0], "B": [2.0, 0.5, 0.1, 0.0]}
+    assert allocate(_table(), loss, 5.0) == {"A": 2, "B": 16}
+    assert allocate(_table(), loss, 10.0) == {"A": 4, "B": 64}
+    assert allocate(_table(), loss, 6.0) == {"A": 2, "B": 32}  # 4 ms: (2, 32) loses 1.5, (3, 16) 2.2, (1, 48) 3.1
+    assert allocate(_table(), loss, 3.9) is None  # below rest + the smallest widths (4 ms)
+    assert _table().best_speedup() == pytest.approx(10.0 / 4.0)
+
+
+def test_calibration_goes_through_two_measured_models():
+    t = _table()
+    t.calibrate(half_ms=7.0)  # full widths sum to 8, half widths (2 heads, 32 neurons) to 4
+    assert t.scale == pytest.approx((10.0 - 7.0) / (8.0 - 4.0)) and t.rest_ms == pytest.approx(10.0 - 0.75 * 8.0)
+    assert t.predict({"A": 2, "B": 32}) == pytest.approx(7.0) and t.predict({}) == pytest.approx(10.0)
+    r = recalibrated(t, {"A": 1, "B": 16}, dense_ms=12.0, pruned_ms=9.0)
+    assert r.predict({}) == pytest.approx(12.0) and r.predict({"A": 1, "B": 16}) == pytest.approx(9.0)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 4)).eval()
+
+
+def test_candidate_widths_and_family_specs():
+    m = _mlp()
+    plan = discover(m, (torch.randn(2, 32),))
+    wide, narrow = plan.families
+    assert candidate_widths(wide) == list(range(16, 257, 16)) and candidate_widths(narrow)[-1] == 96
+    assert all(w % 8 == 0 for w in candidate_widths(narrow))
+    # at width 64 of the first family and a serving batch of 8 (traced at 2 rows): its up and down projections
+    specs = family_specs(plan, wide, 64, batch=8, traced_batch=2)
+    assert sorted(s.dims for s in specs) == [(8, 32, 64), (8, 64, 96)]
+
+
+def test_allocator_sets_each_familys_target_at_the_first_and_last_sparsify():
+    """A family whose units the loss does not need is cut to its smallest width, the other kept wide."""
+    m = _mlp()
+    with torch.no_grad():  # half of the first family's neurons do nothing (and score nothing)
+        m[0].weight[128:] = 0
+        m[0].bias[128:] = 0
+        m[2].weight[:, 128:] = 0
+    plan = discover(m, (torch.randn(2, 32),))
+    names = [f.name for f in plan.families]
+    table = LatencyTable({n: candidate_widths(f) for n, f in zip(names, plan.families)},
+                         {n: [float(w) for w in candidate_widths(f)] for n, f in zip(names, plan.families)},
+                         dense_ms=400.0, rest_ms=64.0, scale=1.0, n_units={f.name: f.n_units for f in plan.families})
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        target = m(x)
+    cfg = PruneConfig(block="8", sparsity=0.5, structure="channels", method="magnitude")
+    method = METHODS["magnitude"](cfg, [FamilyPlan(f, m) for f in plan.families], total_steps=10)
+    def loss_of():
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(m(x), target))
+
+    # 400 / (1.3 * 1.05) = 293 ms: 229 ms for the families' ops (ms = width here): (128, 96) fits, and it is the
+    # only choice with no loss (144 neurons would not fit; fewer than 96 of the second family lose something)
+    alloc = Allocator(table, SpeedTarget(1.3), loss_of)
+    method.before_sparsify = alloc
+    method.begin_step(0)  # magnitude: one-shot sparsify at step 0
+    widths = alloc.history[0]["widths"]
+    assert widths[names[0]] == 128  # exactly the neurons that matter (cheaper ones would cost loss)
+    assert table.predict(widths) <= 400.0 / (1.3 * 1.05) + 1e-6
+    kept = {layer.name: int(layer.alive().sum()) for layer in method.layers}
+    assert kept == widths
+    assert np.isclose(method.target(method.layers[0]), 1 - 128 / 256)
