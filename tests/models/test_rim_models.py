@@ -102,9 +102,10 @@ def test_unpicklable_model_with_save_torch_fails_before_the_fine_tune(tmp_path):
         def forward(self, x):
             return self.head(self.act(self.fc(x)))
 
-    out = OutputConfig(output=tmp_path / "m.onnx", report=tmp_path / "r.json", save_torch=tmp_path / "m.pt")
+    out = OutputConfig(output=tmp_path / "m.onnx", report=tmp_path / "r.json", save_torch=tmp_path / "m.pt",
+                       onnx_format="compact")
     with pytest.raises(UnsupportedModel, match="--save-torch: torch.save cannot write this model"):
-        compress(Lambda(), PruneConfig(block="8", sparsity=0.8), TrainConfig(steps=100000), out,
+        compress(Lambda(), PruneConfig(block="8", sparsity=0.8), TrainConfig(steps=20), out,
                  data=ROOT / "calib_data" / "digits.npz")
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["exit_code"] == 2 and "fine_tune" not in rep["timings"]
