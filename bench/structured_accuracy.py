@@ -14,11 +14,19 @@ its held-out shard; the score is the written ONNX model's accuracy there. Models
 
 Rows are appended to ``bench/results/structured_accuracy.jsonl`` as they finish (``--resume`` skips those
 already there); the summary (mean and spread per model and method) goes to ``structured_accuracy.json``.
+
+``--latency-aware``: for each seed, the uniform run's written model is timed against the dense one (serving
+batch ``--batch``, 1 thread, interleaved) and the same method is run again with ``--target-speedup`` set to that
+measured speed-up; both models' ONNX accuracy and measured speed-ups go to
+``bench/results/latency_aware.jsonl`` (the latency-aware allocation against the uniform sparsity at the same
+measured speed-up).
 """
 from __future__ import annotations
 
 import statistics
 import sys
+
+import numpy as np
 import tempfile
 import time
 from pathlib import Path
@@ -41,17 +49,60 @@ def model_source(name: str, args) -> tuple[Path, Path, Path | None, dict]:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def run(name: str, method: str, seed: int, sparsity: float, args, tmp: Path) -> dict:
+def run(name: str, method: str, seed: int, sparsity: float, args, tmp: Path, target: float | None = None,
+        batch: int = 1) -> dict:
     path, train, test, extra = model_source(name, args)
-    prune_cfg = PruneConfig(block="8", sparsity=sparsity, method=method, structure="channels")
+    prune_cfg = PruneConfig(block="8", sparsity=sparsity, method=method, structure="channels", target_speedup=target)
     train_cfg = TrainConfig(seed=seed, **({"steps": args.steps} if args.steps else {}))
-    out = OutputConfig(output=tmp / "m.onnx", report=tmp / "r.json", threads=1, **extra)
+    out = OutputConfig(output=tmp / "m.onnx", report=tmp / "r.json", threads=1, export_batch_size=batch,
+                       accept_missed_target=True, **extra)
     t0 = time.perf_counter()
     rep = compress(path, prune_cfg, train_cfg, out, data=train, eval_data=test)
     return {"model": name, "method": method, "seed": seed, "sparsity": sparsity, "dense": rep["accuracy"]["dense"],
             "pruned_torch": rep["accuracy"]["pruned_torch"], "onnx": rep["accuracy"]["onnx"],
             "drop": rep["accuracy"]["drop"], "steps": rep["steps"], "lr": rep["lr"],
-            "parameters": rep["structure"]["parameters"], "seconds": round(time.perf_counter() - t0, 1)}
+            "parameters": rep["structure"]["parameters"], "seconds": round(time.perf_counter() - t0, 1),
+            "widths": {row["name"]: row["kept_units"] for row in rep["layers"]},
+            "target_speedup": rep.get("target_speedup", {}).get("measured") if target else None}
+
+
+def measured_speedup(name: str, onnx_path: Path, args) -> float:
+    """The written model against the dense export, at the serving batch, 1 thread, interleaved."""
+    import copy
+
+    import onnx
+
+    from calib_data.shards import load_shard
+    from converters.latency import model_ms
+    from sapp_compress import adapters
+    from sapp_compress.loading import load_model
+    from sapp_compress.pipeline import export_model
+
+    path, train, _, _ = model_source(name, args)
+    shard = load_shard(train)
+    dense, _, _ = adapters.adapt(copy.deepcopy(load_model(path, trust=True)).eval(), shard)
+    feed = {n: np.ascontiguousarray(np.asarray(x[:args.batch])).astype(
+        np.float32 if np.issubdtype(np.asarray(x[:1]).dtype, np.floating) else np.int64)
+        for n, x in zip(shard.names, shard.inputs)}
+    ms = model_ms({"dense": export_model(dense, shard), "pruned": onnx.load(str(onnx_path))}, feed, threads=1)
+    return ms["dense"] / ms["pruned"]
+
+
+def latency_aware(args, tmp: Path) -> None:
+    rows_path = RESULTS / "latency_aware.jsonl"
+    for name in args.models:
+        for seed in args.seeds:
+            for method in args.methods:
+                uni = run(name, method, seed, args.sparsity, args, tmp, batch=args.batch)
+                y = measured_speedup(name, tmp / "m.onnx", args)
+                lat = run(name, method, seed, args.sparsity, args, tmp, target=round(y, 3), batch=args.batch)
+                row = {"model": name, "method": method, "seed": seed, "batch": args.batch, "sparsity": args.sparsity,
+                       "dense": uni["dense"], "uniform": {"onnx": uni["onnx"], "speedup": y, "widths": uni["widths"]},
+                       "latency_aware": {"onnx": lat["onnx"], "speedup": lat["target_speedup"],
+                                         "widths": lat["widths"], "target": round(y, 3)}}
+                append_row(rows_path, row)
+                print(f"{name} {method} seed {seed}: uniform {uni['onnx']:.4f} at {y:.2f}x; latency-aware "
+                      f"{lat['onnx']:.4f} at {lat['target_speedup']:.2f}x", flush=True)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -77,8 +128,14 @@ def main() -> None:
     ap.add_argument("--text-test", default=str(RESULTS / "tmp" / "text_test.npz"))
     ap.add_argument("--rows", default=str(RESULTS / "structured_accuracy.jsonl"))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--latency-aware", action="store_true")
+    ap.add_argument("--batch", type=int, default=8, help="the serving batch of --latency-aware")
     a = ap.parse_args(sys.argv[1:])
     print(f"machine: {machine_line()}", flush=True)
+    if a.latency_aware:
+        with tempfile.TemporaryDirectory(prefix="sapp_lat_") as d:
+            latency_aware(a, Path(d))
+        return
     done = {(r["model"], r["method"], r["seed"], r["sparsity"]) for r in read_rows(a.rows)} if a.resume else set()
     with tempfile.TemporaryDirectory(prefix="sapp_acc_") as d:
         for name in a.models:

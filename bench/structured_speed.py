@@ -22,9 +22,13 @@ Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`
   "ORT best int8" is the fastest of those whose error (max |out - fp32| / max |fp32| against the dense fp32
   output) is at most 5e-2 or the tool's own int8 error against its fp32 graph, whichever is larger (random
   weights give some models larger int8 errors than trained ones: a peer is as accurate as the tool's output);
-- ``tool_fp32``: the smaller model's export (what ``--structure channels`` writes);
-- ``tool_int8``: the same through ``converters.quantize_whole`` (what ``--quantize int8`` writes: the fastest of
-  ORT's int8 forms of the smaller graph, measured at the larger batch).
+- ``tool_fp32``: what ``--structure channels`` writes: the smaller model's export with the graph passes that
+  measure faster here at the larger batch (``converters.passes``: an Add before a LayerNorm as Sum, which keeps
+  ORT from fusing them into its slower SkipLayerNormalization);
+- ``tool_int8``: what ``--quantize int8`` writes: the same through ``converters.quantize_whole`` (the fastest of
+  ORT's int8 forms of the smaller graph, measured at the larger batch);
+- ``dense_passes``: the dense export with the same passes, so that the table also says how much of the speed-up
+  is the pruning alone (``fp32_vs_dense_passes``).
 
 Results: bench/results/structured_speed.json; BENCHMARKS.md, section 15.
 """
@@ -41,7 +45,7 @@ from torch import nn
 import harness
 from harness import machine, machine_line, medians, ort_dynamic, ort_static, parser, sessions, time_sessions, write_results
 
-from converters import export_onnx, quantize_whole, run_onnx  # noqa: E402
+from converters import export_onnx, passes, quantize_whole, run_onnx  # noqa: E402
 from converters.int8 import default_weight_bits  # noqa: E402
 from sapp_compress.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
@@ -131,16 +135,24 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         graphs[k] = ort_int8(dense, k, calib)
     choices = {}
     calib_rows = {k: np.concatenate([c[k] for c in calib]) for k in ex}
+    timing = rows(max(batches), seed=7)
+    applied = []
     for s in sparsities:
         keep = random_keep(plan.families, {f.name: kept_units(f.n_units, s) for f in plan.families}, seed=0)
         small = copy.deepcopy(model)
         remove(small.inner if isinstance(small, Out) else small, plan, keep)
-        proto = _export(small, ex)
+        chosen = passes.choose(_export(small, ex), timing, threads=1)
+        applied += chosen.applied
+        proto = chosen.model
         graphs[f"tool_fp32 s{s}"] = proto.SerializeToString()
-        whole = quantize_whole(proto, timing_inputs=rows(max(batches), seed=7), calibration_inputs=calib_rows,
-                               threads=1)
+        whole = quantize_whole(proto, timing_inputs=timing, calibration_inputs=calib_rows, threads=1)
         graphs[f"tool_int8 s{s}"] = whole.model.SerializeToString()
         choices[f"tool_int8 s{s}"] = whole.to_json()
+        choices[f"tool_fp32 s{s}"] = chosen.to_json()
+    dense_proto = onnx.load_from_string(dense)
+    for name_ in dict.fromkeys(applied):
+        dense_proto = passes.PASSES[name_](dense_proto)[0]
+    graphs["dense_passes"] = dense_proto.SerializeToString()
     out = {"model": desc, "families": len(plan.families), "choices": choices,
            "sizes": {k: len(v) for k, v in graphs.items()}, "batches": {}}
     for b in batches:
@@ -157,6 +169,7 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         row = {"ms": {k: round(v, 3) for k, v in med.items()}, "int8_error": errs, "ort_best": best}
         for s in sparsities:
             row[f"s{s}"] = {"fp32_vs_dense": med["dense"] / med[f"tool_fp32 s{s}"],
+                            "fp32_vs_dense_passes": med["dense_passes"] / med[f"tool_fp32 s{s}"],
                             "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
                             "int8_vs_dense": med["dense"] / med[f"tool_int8 s{s}"]}
         out["batches"][str(b)] = row
@@ -164,7 +177,8 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         for s in sparsities:
             r = row[f"s{s}"]
             ib = f"{r['int8_vs_ort_best']:.2f}x" if r["int8_vs_ort_best"] else "-"
-            print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32; int8 {ib} ORT's best int8 ({best}), "
+            print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32 ({r['fp32_vs_dense_passes']:.2f}x with the same "
+                  f"passes); int8 {ib} ORT's best int8 ({best}), "
                   f"{r['int8_vs_dense']:.2f}x dense fp32", flush=True)
     return out
 

@@ -428,18 +428,24 @@ def _onnx_parameters(proto) -> int:
 
 def _convert_structured(res: PruneResult, proto, out: OutputConfig, timing_feed: dict, calibration, report: dict
                         ) -> tuple[bytes, bool]:
-    """The smaller model's ONNX: its plain dense export, or with ``--quantize int8`` the fastest of ONNX
-    Runtime's own int8 forms of it measured here (:func:`converters.quantize_whole`). Fills the report's
-    ``structure``, ``layers`` and sizes; returns the bytes and whether they are int8."""
+    """The smaller model's ONNX: its plain dense export, with the graph passes that measure faster here
+    (:mod:`converters.passes`), and with ``--quantize int8`` in the fastest of ONNX Runtime's own int8 forms
+    measured here (:func:`converters.quantize_whole`). Fills the report's ``structure``, ``graph_passes``,
+    ``layers`` and sizes; returns the bytes and whether they are int8."""
     import converters
+
+    from converters import passes
 
     st = res.structure
     report["structure"] = {"families": len(st.families), "parity": st.parity,
                            "parameters": dict(zip(("dense", "pruned"), st.parameters()))}
-    model, fmt = proto, "dense"
+    cache = converters.TimingCache.open(out.cache)
+    chosen = passes.choose(proto, timing_feed, threads=out.threads, cache=cache)
+    report["graph_passes"] = chosen.to_json()
+    model, fmt = chosen.model, "dense"
     if out.quantize == "int8":
-        whole = converters.quantize_whole(proto, timing_inputs=timing_feed, calibration_inputs=calibration,
-                                          threads=out.threads, cache=converters.TimingCache.open(out.cache))
+        whole = converters.quantize_whole(chosen.model, timing_inputs=timing_feed, calibration_inputs=calibration,
+                                          threads=out.threads, cache=cache)
         report["int8"] = whole.to_json()
         model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
         if whole.form == "fp32":

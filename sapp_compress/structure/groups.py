@@ -68,6 +68,11 @@ class GroupFamily:
     def tensors(self) -> list[str]:
         return sorted({k[0] for k in self.keys})
 
+    @property
+    def owner(self) -> str:
+        """The deepest module holding every producer and consumer (the attention layer of a head family)."""
+        return common_prefix([_module_of(t) for t, _ in self.producers + self.consumers])
+
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "units": self.n_units, "unit_size": self.unit_size,
                 "producers": [f"{t}[{a}]" for t, a in self.producers],
@@ -155,7 +160,8 @@ def _module_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0] if "." in tensor else ""
 
 
-def _common_prefix(names: list[str]) -> str:
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix shared by every name (``""`` when none)."""
     parts = [n.split(".") for n in names]
     out = []
     for level in zip(*parts):
@@ -234,7 +240,7 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
             kind = _kind(model, producers, per_unit)
             mods = sorted({_module_of(t) for t, _ in producers + consumers})
             makers = sorted({_module_of(t) for t, _ in producers})
-            name = f"{_common_prefix(mods) or _common_prefix(makers) or makers[0]} ({kind})"
+            name = f"{common_prefix(mods) or common_prefix(makers) or makers[0]} ({kind})"
             fam = GroupFamily(name, kind, tuple(u for _, u in sorted(units, key=lambda x: x[0])),
                               producers, consumers, channelwise)
             families.append(fam)

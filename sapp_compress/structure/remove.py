@@ -133,20 +133,9 @@ def _size_rule(m: nn.Module):
     return None
 
 
-def _owner(model: nn.Module, fam: GroupFamily) -> str:
-    mods = [t.rsplit(".", 1)[0] for t, _ in fam.producers + fam.consumers]
-    parts = [m.split(".") for m in mods]
-    out = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
 def _scale_head_attributes(model: nn.Module, fam: GroupFamily, kept: int) -> None:
     """Attention modules under the family's owner: head counts and all-heads widths times ``kept / units``."""
-    owner = model.get_submodule(_owner(model, fam))
+    owner = model.get_submodule(fam.owner)
     u = fam.n_units
     for m in owner.modules():
         if isinstance(m, nn.MultiheadAttention):
