@@ -1,6 +1,8 @@
 """Reading data shards: ``.npz`` files with ``x`` (or ``x0``, ``x1``, ... in forward-argument order), or with
 arrays named after the model's forward arguments (:data:`NAMED_INPUTS`: ``input_ids``, ``attention_mask``,
-``token_type_ids``, ``pixel_values``, ...), passed by keyword, and an optional ``y``.
+``token_type_ids``, ``pixel_values``, ...), passed by keyword, and optional labels: ``y``, or ``labels``
+(Hugging Face's name; :data:`LABEL_KEYS`). Any other array is recorded in :attr:`Shard.ignored` (and logged), so
+the caller can say so: a user's array is never dropped silently.
 
 Every check happens in :func:`load_shard`, and each failure is a one-line :class:`DataError` naming the file
 and what was expected vs found. Uncompressed ``.npz`` members are memory-mapped (``np.load(mmap_mode="r")``
@@ -10,6 +12,7 @@ are read.
 """
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import zipfile
@@ -20,11 +23,15 @@ import numpy as np
 
 from sapp_compress.errors import DataError
 
+log = logging.getLogger(__name__)
+
 HERE = Path(__file__).resolve().parent
 _X_RE = re.compile(r"^x(\d*)$")
 #: forward-argument names a shard may use for its inputs (Hugging Face conventions), in the order kept.
 NAMED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
                 "input_values", "input_features")
+#: names the labels array may have (one of them at most)
+LABEL_KEYS = ("y", "labels")
 #: integer label value that per-token tasks ignore (Hugging Face's convention for padding positions).
 IGNORE_INDEX = -100
 _NAN_CHECK_BYTES = 4 << 20  # float inputs are scanned for NaN/Inf in chunks of about this size
@@ -32,12 +39,14 @@ _NAN_CHECK_BYTES = 4 << 20  # float inputs are scanned for NaN/Inf in chunks of 
 
 @dataclass(frozen=True)
 class Shard:
-    """Inputs (forward-argument order) and optional labels; arrays may be memory-mapped."""
+    """Inputs (forward-argument order) and optional labels; arrays may be memory-mapped. ``ignored``: the
+    names of the file's other arrays, used neither as inputs nor as labels."""
 
     inputs: tuple[np.ndarray, ...]
     y: np.ndarray | None
     source: str
     names: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -57,7 +66,7 @@ class Shard:
         idx = np.asarray(idx)
         take = (lambda x: _Rows(x, idx) if isinstance(x, np.memmap) else x[idx]) if lazy else (lambda x: x[idx])
         return Shard(tuple(take(x) for x in self.inputs), None if self.y is None else self.y[idx], self.source,
-                     self.names)
+                     self.names, self.ignored)
 
     def split(self, eval_fraction: float, seed: int) -> tuple["Shard", "Shard"]:
         """Deterministic (train, held-out) split: ``eval_fraction`` of the samples, chosen by ``seed``.
@@ -194,24 +203,31 @@ def load_shard(path: str | Path) -> Shard:
         _check_finite(path, k, a)
     if n == 0:
         raise _fail(path, "the shard has no samples")
-    y = arrays.get("y")
+    label_keys = [k for k in LABEL_KEYS if k in arrays]
+    if len(label_keys) > 1:
+        raise _fail(path, f"expected one labels array ({' or '.join(LABEL_KEYS)}), got both")
+    ykey = label_keys[0] if label_keys else "y"
+    y = arrays.get(ykey)
     if y is not None:
         y = np.asarray(y)
-        if y.shape[0] != n:
-            raise _fail(path, f"{keys[0]} has {n} samples but y has {y.shape[0]}")
+        if y.ndim == 0 or y.shape[0] != n:
+            raise _fail(path, f"{keys[0]} has {n} samples but {ykey} has {y.shape[0] if y.ndim else 'none'}")
         if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
             if y.ndim != 1 and not (y.ndim == 2 and len(inputs[0].shape) >= 2 and y.shape[1] == inputs[0].shape[1]):
-                raise _fail(path, f"integer labels y must be [N] (or [N, T] per token, T = the inputs' second "
+                raise _fail(path, f"integer labels {ykey} must be [N] (or [N, T] per token, T = the inputs' second "
                                   f"axis), got shape {y.shape}")
             y = y.astype(np.int64)
         elif np.issubdtype(y.dtype, np.floating):
             if y.ndim > 2:
-                raise _fail(path, f"float targets y must be [N] or [N, k], got shape {y.shape}")
-            _check_finite(path, "y", y)
+                raise _fail(path, f"float targets {ykey} must be [N] or [N, k], got shape {y.shape}")
+            _check_finite(path, ykey, y)
             y = y.astype(np.float32)
         else:
-            raise _fail(path, f"y must be int (classes) or float (regression), got dtype {y.dtype}")
-    return Shard(inputs=inputs, y=y, source=str(path), names=tuple(keys))
+            raise _fail(path, f"{ykey} must be int (classes) or float (regression), got dtype {y.dtype}")
+    ignored = tuple(k for k in arrays if k not in keys and k != ykey)
+    if ignored:
+        log.info("%s: arrays %s are neither model inputs nor labels: ignored", path.name, list(ignored))
+    return Shard(inputs=inputs, y=y, source=str(path), names=tuple(keys), ignored=ignored)
 
 
 def shipped_shards() -> dict[str, Path]:

@@ -20,6 +20,11 @@ sapp-compress fine-tunes by distillation from the original model.
 
 The ``.npz`` is written uncompressed (so it is memory-mapped when read) under a temporary name and renamed
 at the end: a failure leaves no partial file. Every bad input is a one-line :class:`DataError` (exit 2).
+
+A tokenizer that cannot read the text is refused rather than trusted: one with no vocabulary beyond its special
+tokens (transformers builds such an empty tokenizer from a directory without tokenizer files), or one that maps
+more than :data:`UNK_REFUSE` of the text's tokens to its unknown token; above :data:`UNK_WARN` the shard is
+written with a warning (:attr:`TextShard.warnings`, printed by the command).
 """
 from __future__ import annotations
 
@@ -43,6 +48,14 @@ log = logging.getLogger(__name__)
 HF_EXTRA = "pip install sapp-compress[hf]"
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")  # transformers' placeholder names: no real label names
 _INT = re.compile(r"^[+-]?\d+$")
+#: share of the text's tokens (special tokens and padding aside) that are the tokenizer's unknown token above
+#: which the shard is refused: the model would be fine-tuned on noise
+UNK_REFUSE = 0.5
+#: ... and above which it is written with a warning
+UNK_WARN = 0.05
+#: the files a save_pretrained tokenizer is read from (one of them is needed), named in the error
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ class TextShard:
     label2id: dict[str, int] | None  # label -> class id; None without labels
     label_source: str | None  # where the ids came from: "config.json label2id", "integer labels", "sorted labels"
     filled: int  # rows whose tokens reach max_length (truncated or exactly that long)
+    unknown: float = 0.0  # share of the text's tokens that are the tokenizer's unknown token
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,11 @@ def load_tokenizer(model_dir: str | Path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(model_dir, f"no tokenizer could be loaded from the directory ({first})") from None
+    special = set(tok.all_special_ids)
+    if len(tok) <= len(special):
+        raise _fail(model_dir, f"the tokenizer has no vocabulary beyond its {len(special)} special tokens: the "
+                               f"directory holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+                               "save the model's tokenizer there (tokenizer.save_pretrained)")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise _fail(model_dir, "the tokenizer has neither a padding nor an end-of-sequence token to pad with")
@@ -284,11 +304,32 @@ def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text
               for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
     if "attention_mask" not in arrays:  # some tokenizers leave it out; padding positions are what it masks
         arrays["attention_mask"] = (arrays["input_ids"] != tok.pad_token_id).astype(np.int64)
+    unknown = unknown_share(arrays["input_ids"], arrays["attention_mask"], tok)
+    warnings = []
+    if unknown > UNK_REFUSE:
+        raise _fail(model_dir, f"the tokenizer maps {unknown:.0%} of the text's tokens to its unknown token "
+                               f"{tok.unk_token!r} (refused above {UNK_REFUSE:.0%}): it is not this text's tokenizer, "
+                               "or the directory's tokenizer files are incomplete")
+    if unknown > UNK_WARN:
+        warnings.append(f"the tokenizer maps {unknown:.1%} of the text's tokens to its unknown token "
+                        f"{tok.unk_token!r}; check that it is the model's tokenizer")
+        log.warning("%s", warnings[-1])
     if y is not None:
         arrays["y"] = y
     _save_atomic(out, arrays)
     filled = int(arrays["attention_mask"][:, -1].sum())
-    return TextShard(out, {k: tuple(v.shape) for k, v in arrays.items()}, mapping, source, filled)
+    return TextShard(out, {k: tuple(v.shape) for k, v in arrays.items()}, mapping, source, filled, unknown,
+                     tuple(warnings))
+
+
+def unknown_share(ids: np.ndarray, mask: np.ndarray, tok) -> float:
+    """Share of the real tokens (masked in, not special) that are the unknown token; 0 without one."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return 0.0
+    special = np.array(sorted(set(tok.all_special_ids) - {unk}), dtype=np.int64)
+    real = (mask > 0) & ~np.isin(ids, special)
+    return float((ids[real] == unk).sum() / max(1, int(real.sum())))
 
 
 def describe(result: TextShard) -> str:
@@ -337,6 +378,8 @@ def main(model_dir: Path, text_file: Path, out: Path, text_field: str, label_fie
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     if not quiet:
+        for w in result.warnings:
+            click.echo(f"WARNING: {w}", err=True)
         click.echo(describe(result), err=True)
 
 

@@ -25,7 +25,7 @@ from .errors import ConverterError, VerificationError, WeightNotFound
 from .export import export_onnx
 from .formulations import FORMULATIONS
 from .inspect import SparsityReport, measure_sparsity
-from .locate import Site, locate
+from .locate import Site, locate, unplaceable
 from .manifest import LayerBlocks
 from .ops import OP_HANDLERS
 from .plan import LayerChoice, Plan, PlanError, PlanMismatch
@@ -36,5 +36,5 @@ __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks", "LayerChoice",
     "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport", "TimingCache", "TimingKey",
     "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check", "convert", "export_onnx", "locate",
-    "measure_sparsity", "quantize_whole", "run_onnx", "verify", "verify_kernels",
+    "measure_sparsity", "quantize_whole", "run_onnx", "unplaceable", "verify", "verify_kernels",
 ]

@@ -102,7 +102,7 @@ def _single_layer(model: onnx.ModelProto, site: Site, in_shapes: list[list[int]]
     g = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
-    return m, replace(site, node=node, via_transpose=via)
+    return m, replace(site, node=node, via_transpose=via, consumers=1)
 
 
 def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:

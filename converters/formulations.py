@@ -20,7 +20,7 @@ import numpy as np
 from onnx import helper
 
 from .graph import GraphIndex, const_i64, tensor
-from .locate import Site
+from .locate import Site, shared_reason
 from .manifest import element_mask, view_of
 from .ops import OP_HANDLERS
 from .rewrite import Rewrite
@@ -143,6 +143,8 @@ class Blocked(Formulation):
     folds_to_dense = False
 
     def reason_not(self, site):
+        if shared_reason(site):
+            return shared_reason(site)
         handler = OP_HANDLERS.get(site.node.op_type)
         if handler is None:
             return f"no block-sparse handler for {site.node.op_type}"

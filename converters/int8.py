@@ -82,7 +82,7 @@ from onnx import helper
 
 from .formulations import FORMULATIONS, Formulation
 from .graph import GraphIndex, const_i64
-from .locate import Site
+from .locate import Site, shared_reason
 from .machine import cpu_flags, has_vnni  # noqa: F401 -- cpu_flags: re-exported for the benchmarks
 from .ops import OP_HANDLERS, REFERENCE_BATCH, _Builder, _gather_plan, buckets, chunk_rows
 from .rewrite import Rewrite
@@ -335,7 +335,10 @@ def ensure_ms_opset(model: onnx.ModelProto) -> None:
 
 def _linear_reason(name: str, site: Site) -> str | None:
     """Why an int8 formulation does not apply: linears and convs only, whole blocks (as the fp32 ``blocked``
-    needs) except for a compact conv."""
+    needs) except for a compact conv; never on a weight shared by several nodes (each would be rewritten on its
+    own)."""
+    if shared_reason(site):
+        return shared_reason(site)
     if site.node.op_type not in ("Gemm", "MatMul", "Conv"):
         return f"{name} covers linears and convs only, not {site.node.op_type}"
     if site.node.op_type == "Conv" and name == "compact-int8":

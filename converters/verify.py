@@ -3,7 +3,8 @@ the pruned PyTorch model's outputs on real inputs.
 
 An output passes when ``max|onnx - torch| <= atol + rtol * max|torch|``: the relative part is scaled to the
 output's magnitude, so logits of size 30 and probabilities of size 1 get comparable tolerances. Top-1
-agreement is reported for classifiers (a near-tie may flip legitimately, so it does not gate).
+agreement is reported for classifiers; it gates only when a floor is given (``min_top1``: a near-tie may flip
+legitimately, so a caller sets it where the tolerance is loose, as for int8).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Verification:
     atol: float
     rtol: float
     per_session: dict
+    min_top1_agreement: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,10 +56,12 @@ def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
 
 
 def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expected: list[np.ndarray], *,
-           atol: float = 1e-4, rtol: float = 1e-3, classifier: bool = False, threads: int | None = None
-           ) -> Verification:
+           atol: float = 1e-4, rtol: float = 1e-3, classifier: bool = False, threads: int | None = None,
+           min_top1: float | None = None) -> Verification:
     """Compare ORT (optimizations disabled, then enabled) with ``expected``. Raises VerificationError
-    (carrying the :class:`Verification`) when any output of either session is out of tolerance."""
+    (carrying the :class:`Verification`) when any output of either session is out of tolerance, or, for a
+    classifier with ``min_top1``, when the top-1 agreement with ``expected`` (the worse session's, over the
+    rows and positions of the first output) is below it."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     check(data)
     per = {}
@@ -78,11 +82,17 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
             a = float(np.mean(outs[0].argmax(-1) == expected[0].argmax(-1)))
             agree = a if agree is None else min(agree, a)
         per[label] = rows
-    result = Verification(worst_abs, worst_rel, agree, bool(ok), atol, rtol, per)
-    if not result.passed:
+    floor = min_top1 if agree is not None else None
+    top1_ok = floor is None or agree >= floor
+    result = Verification(worst_abs, worst_rel, agree, bool(ok and top1_ok), atol, rtol, per, floor)
+    if not ok:
         raise VerificationError(
             f"ONNX Runtime differs from the pruned PyTorch model: max abs diff {worst_abs:.3g}, max rel diff "
             f"{worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|output|)", result)
+    if not top1_ok:
+        raise VerificationError(
+            f"ONNX Runtime's top-1 agrees with the pruned PyTorch model on {agree:.3f} of the rows, below the "
+            f"floor {floor:g} (max abs diff {worst_abs:.3g} is within tolerance)", result)
     return result
 
 

@@ -6,12 +6,20 @@ The Python API (the CLI is a thin layer over it):
   manifest (``sapp_compress.api``).
 - :class:`PruneConfig`, :class:`TrainConfig`, :class:`BlockSpec` -- frozen, validated configs.
 - :data:`METHODS` -- the pruning-method registry (sapp, acdc, magnitude, gmp, powerprop).
+- :func:`load_pruned` -- read back a ``--save-torch`` file (``sapp_compress.saving``).
+
+Importing the package also installs an import hook that lets torchvision (and timm, transformers) import
+where the installed torchvision's compiled ops do not load with this torch (``sapp_compress.extras``).
 """
 __version__ = "0.1.0"
 
 from .config import BlockSpec, PruneConfig, TrainConfig  # noqa: E402
+from .extras import install_import_hook  # noqa: E402
 
-__all__ = ["__version__", "BlockSpec", "PruneConfig", "TrainConfig", "prune", "METHODS", "PruneResult"]
+install_import_hook()
+
+__all__ = ["__version__", "BlockSpec", "PruneConfig", "TrainConfig", "prune", "METHODS", "PruneResult",
+           "load_pruned"]
 
 
 def __getattr__(name):  # lazy: keep `import sapp_compress` light for the CLI's --help
@@ -19,6 +27,10 @@ def __getattr__(name):  # lazy: keep `import sapp_compress` light for the CLI's 
         from . import api
 
         return getattr(api, name)
+    if name == "load_pruned":
+        from .saving import load_pruned
+
+        return load_pruned
     if name == "METHODS":
         from .methods import METHODS
 

@@ -22,6 +22,7 @@ exported graph's initializers are renamed back (:func:`strip_prefix`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
@@ -32,7 +33,7 @@ from torch import nn
 
 from calib_data.shards import Shard
 
-from .errors import DataError
+from .errors import DataError, ModelLoadError
 
 INNER = "inner"
 
@@ -120,25 +121,89 @@ def call(model: nn.Module, shard: Shard, xs: tuple[torch.Tensor, ...]):
     return model(**dict(zip(shard.names, xs))) if shard.by_keyword else model(*xs)
 
 
+def _input_embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the table the token ids index: a Hugging Face model's ``get_input_embeddings()``, else the
+    model's only ``nn.Embedding`` / ``nn.EmbeddingBag`` (with several, which input indexes which is unknown)."""
+    get = getattr(model, "get_input_embeddings", None)
+    table = None
+    if callable(get):
+        try:
+            table = get()
+        except Exception:  # noqa: BLE001 -- NotImplementedError and the like: fall back to the module scan
+            table = None
+    if table is None:
+        tables = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        table = tables[0] if len(tables) == 1 else None
+    rows = getattr(table, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def _token_id_inputs(model: nn.Module, shard: Shard) -> dict[str, tuple[int, str]]:
+    """Integer input name -> (how many ids its table holds, what that table is), where the model says it:
+    ``input_ids`` (or a shard's only integer input ``x``) against the input embedding, ``token_type_ids``
+    against ``config.type_vocab_size``."""
+    out = {}
+    ints = [n for n, x in zip(shard.names, shard.inputs) if np.issubdtype(x.dtype, np.integer)]
+    key = "input_ids" if "input_ids" in ints else (ints[0] if len(ints) == 1 and not shard.by_keyword else None)
+    rows = _input_embedding_rows(model) if key else None
+    if rows:
+        out[key] = (rows, "vocabulary")
+    types = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    if isinstance(types, int) and "token_type_ids" in ints:
+        out["token_type_ids"] = (types, "token types (config.type_vocab_size)")
+    return out
+
+
+def check_token_ids(model: nn.Module, shard: Shard) -> None:
+    """Every token id of ``shard`` within the table it indexes (all rows, not just the probe's two): otherwise
+    the embedding fails with "index out of range in self", which names neither the array nor the size."""
+    for name, (rows, what) in _token_id_inputs(model, shard).items():
+        a = shard.inputs[shard.names.index(name)]
+        lo, hi = int(np.min(a)), int(np.max(a))
+        if lo < 0 or hi >= rows:
+            bad = hi if hi >= rows else lo
+            first = int(np.argwhere(np.asarray(a).reshape(len(a), -1) == bad)[0][0])
+            raise DataError(f"{shard.source}: {name} holds id {bad} (first in sample {first}), outside the model's "
+                            f"{what} of {rows} (ids 0..{rows - 1}); was the shard made with this model's tokenizer?")
+
+
+#: (a pattern of the error a model raises on a probe, what it says): errors that are the model's, not the shard's
+MODEL_FAILURES: list[tuple[re.Pattern, str]] = [
+    # e.g. T5's "self.model.config.decoder_start_token_id has to be defined"
+    (re.compile(r"\bconfig\b", re.IGNORECASE), "the model fails on its own configuration, not on the shard"),
+]
+
+
+def _model_failure(shard: Shard, msg: str) -> Exception | None:
+    """A :class:`ModelLoadError` when the probe's error ``msg`` is the model's (:data:`MODEL_FAILURES`)."""
+    for pattern, what in MODEL_FAILURES:
+        if pattern.search(msg):
+            return ModelLoadError(f"{what} {shard.source}: {msg}")
+    return None
+
+
 def adapt(model: nn.Module, shard: Shard) -> tuple[nn.Module, OutputInfo, np.ndarray]:
     """``(model or its ModelIO wrapper, OutputInfo, outputs on two samples)``.
 
     Raises:
-        DataError: the shard's inputs do not fit the model (one line, with their shapes), or the output
-            holds no float tensor.
+        DataError: the shard's inputs do not fit the model (one line, with their shapes), a token id outside
+            the model's vocabulary, or the output holds no float tensor.
+        ModelLoadError: the model fails on its own configuration.
     """
     from .training import to_tensors
 
     _quiet_library_model(model)
+    check_token_ids(model, shard)
     sample = to_tensors(tuple(x[:2] for x in shard.inputs), torch.device("cpu"))
     try:
         with torch.no_grad():
             out = call(model.eval(), shard, sample)
-    except Exception as e:  # noqa: BLE001 -- any failure here means the data does not fit the model
+    except Exception as e:  # noqa: BLE001 -- a failure here: the data does not fit the model, or the model fails
         shapes = ", ".join(f"{n + ' ' if shard.by_keyword else ''}{tuple(x.shape[1:])} {x.dtype}"
                            for n, x in zip(shard.names, shard.inputs))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
+        raise _model_failure(shard, msg) or DataError(
+            f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
     key, tensor = find_output(out)
     kind = "classes" if key in ("tensor", "logits", "0") else "features"
     info = OutputInfo(key, kind, type(out).__name__)

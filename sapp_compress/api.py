@@ -31,7 +31,7 @@ from .config import PruneConfig, TrainConfig, default_lr
 from .distributed import mask_digest
 from .errors import ConfigError, DataError, GeometryError
 from .geometry import LayerPlan, SkippedLayer, plan_layers
-from .masks import fold
+from .masks import fold, fold_foreign
 from .methods import METHODS
 from .tasks import Task, infer_task
 from .structure.groups import StructureResult
@@ -126,6 +126,55 @@ def collapse_warning(task: Task, metrics: dict, baseline: float) -> str | None:
     return None
 
 
+def unused_by_output(model: nn.Module, plans: list[LayerPlan], shard: Shard, output: OutputInfo
+                     ) -> list[SkippedLayer]:
+    """The planned weights that the selected output does not depend on (no autograd path from them to it, on
+    two samples of ``shard``): e.g. ``BertModel``'s pooler when the output is ``last_hidden_state``. Pruning
+    them would change nothing the model is scored or exported on, and the exported graph, which computes only
+    that output, does not hold them. Best effort: a model whose backward fails here is left as planned."""
+    inner = unwrap(model)
+    weights = [inner.get_parameter(p.name) for p in plans]
+    flags = [w.requires_grad for w in weights]
+    xs = to_tensors(tuple(x[:2] for x in shard.inputs), torch.device("cpu"))
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(*xs)
+            grads = torch.autograd.grad(out.float().sum(), weights, allow_unused=True)
+    except Exception as e:  # noqa: BLE001 -- only a shortcut: the pre-check still finds what the graph lacks
+        log.info("could not trace which weights the output uses (%s)", str(e).splitlines()[0] if str(e) else e)
+        return []
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+    return [SkippedLayer(p.name, f"the selected output {output.key!r} does not depend on it (the exported graph "
+                                 "computes only that output, without this weight): left dense")
+            for p, g in zip(plans, grads) if g is None]
+
+
+def _leave_dense(plans: list[LayerPlan], skipped: list[SkippedLayer], drop: list[SkippedLayer]
+                 ) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+    if not drop:
+        return plans, skipped
+    names = {s.name for s in drop}
+    return [p for p in plans if p.name not in names], [*skipped, *drop]
+
+
+def _require_plans(plans: list[LayerPlan], skipped: list[SkippedLayer], prune_cfg: PruneConfig) -> None:
+    if not plans:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Linear or Conv layer"
+        raise GeometryError(f"no layer can be pruned at block {prune_cfg.block}: {reasons}")
+
+
+def ignored_arrays_warning(shard: Shard) -> str | None:
+    """A warning naming the arrays of ``shard`` that are neither inputs nor labels (never dropped silently)."""
+    if not shard.ignored:
+        return None
+    return (f"{shard.source}: arrays {list(shard.ignored)} are neither model inputs nor labels and were ignored "
+            f"(inputs used: {list(shard.names)}; labels are read from y or labels)")
+
+
 def _checkpointer(prune_cfg: PruneConfig, train_cfg: TrainConfig, total_steps: int, train: Shard,
                   model: nn.Module) -> Checkpointer | None:
     if not train_cfg.checkpoint_dir:
@@ -145,7 +194,7 @@ def prune(
     *,
     eval_shard: Shard | None = None,
     progress: Progress | None = None,
-    before_fine_tune: Callable[[nn.Module, list[LayerPlan]], None] | None = None,
+    before_fine_tune: Callable[[nn.Module, list[LayerPlan]], dict[str, str] | None] | None = None,
     speed: "SpeedTarget | None" = None,
 ) -> PruneResult:
     """Fine-tune a copy of ``model`` with block pruning on ``train`` and return it folded.
@@ -153,11 +202,16 @@ def prune(
     Without ``eval_shard``, ``train_cfg.eval_fraction`` of ``train`` is held out (``Shard.split``). Without
     labels in the shard, the copy is distilled from ``model`` (its outputs are the targets).
     ``before_fine_tune(dense, plans)`` runs once the layers are planned and before any training: the place
-    for checks that would otherwise fail only after the fine-tune (export, weight location).
+    for checks that would otherwise fail only after the fine-tune (export, weight location). It may return
+    ``{name: reason}`` for planned weights to leave dense (they join ``skipped``).
     With ``prune_cfg.target_speedup``, ``speed`` says where the speed-up is measured (serving batch, threads,
     precision; default: batch 1, fp32): the latency table is measured before the fine-tune (an unreachable
     target is a :class:`GeometryError` naming the best reachable), and each family's width is allocated at the
     start of the first and the last sparsify phase (:mod:`sapp_compress.structure.allocate`).
+
+    The model's own reparametrizations (``weight_norm``, ``spectral_norm``, ...) are folded into plain weights
+    first (:func:`~sapp_compress.masks.fold_foreign`), and planned weights that the selected output does not
+    depend on are left dense (:func:`unused_by_output`).
 
     Raises:
         ConfigError: unknown method or bad method options.
@@ -167,7 +221,13 @@ def prune(
     t0 = time.perf_counter()
     if prune_cfg.method not in METHODS:
         raise ConfigError(f"method: expected one of {sorted(METHODS)}, got {prune_cfg.method!r}")
-    dense, output, out = adapt(copy.deepcopy(model).cpu().eval(), train)
+    warnings = [w for w in (ignored_arrays_warning(train),
+                            None if eval_shard is None else ignored_arrays_warning(eval_shard)) if w]
+    model = copy.deepcopy(model).cpu().eval()
+    folded = fold_foreign(model)
+    if folded:
+        log.info("folded the model's own reparametrizations into plain weights: %s", ", ".join(folded))
+    dense, output, out = adapt(model, train)
     torch.manual_seed(train_cfg.seed)
     task = infer_task(train.y, out, output.kind)
     if eval_shard is None:
@@ -191,11 +251,13 @@ def prune(
         plans, skipped, splan = plan_families(student, unwrap(student), example, prune_cfg, inner_of=unwrap)
     else:
         plans, skipped = plan_layers(unwrap(student), prune_cfg)
-    if not plans:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Linear or Conv layer"
-        raise GeometryError(f"no layer can be pruned at block {prune_cfg.block}: {reasons}")
-    if before_fine_tune is not None:
-        before_fine_tune(dense, plans)
+    _require_plans(plans, skipped, prune_cfg)
+    if prune_cfg.structure != "channels":  # a family's units feed the output by construction
+        plans, skipped = _leave_dense(plans, skipped, unused_by_output(student, plans, train, output))
+    if before_fine_tune is not None and plans:
+        drop = before_fine_tune(dense, plans) or {}
+        plans, skipped = _leave_dense(plans, skipped, [SkippedLayer(n, r) for n, r in drop.items()])
+    _require_plans(plans, skipped, prune_cfg)
 
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
@@ -229,7 +291,7 @@ def prune(
         manifest = fold(method.layers)
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
     baseline = constant_score(task, eval_shard.y, dense_out)
-    warnings = [w for w in (collapse_warning(task, metrics, baseline),) if w]
+    warnings += [w for w in (collapse_warning(task, metrics, baseline),) if w]
     for w in warnings:
         log.warning("%s", w)
     return PruneResult(

@@ -152,6 +152,9 @@ class Progress:
 @click.option("--int8-kernel-rtol", default=0.1, type=float, show_default=True,
               help="With --quantize int8: ORT's integer kernels must match the model's own quantize/dequantize "
                    "reference to atol + this * max|output|.")
+@click.option("--min-top1-agreement", default=0.8, type=click.FloatRange(0, 1), show_default=True,
+              help="With --quantize int8, a classifier: ORT's top-1 must agree with the pruned PyTorch model on at "
+                   "least this share of the evaluation rows (else exit 3).")
 @click.option("--max-accuracy-drop", type=float,
               help="Gate: fail (exit 4) if dense score - ONNX score exceeds this (0.01 = one point).")
 @click.option("--atol", default=1e-4, type=float, show_default=True, help="ORT vs PyTorch absolute tolerance.")
@@ -160,7 +163,8 @@ class Progress:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (also on failure).")
 @click.option("--save-torch", type=click.Path(path_type=Path), help="Also save the pruned, folded nn.Module here.")
 @click.option("--trust-model", is_flag=True, help="Load MODEL with the full unpickler (runs its code: trusted files only).")
-@click.option("--arch", help="module:callable building the model when MODEL is a state_dict.")
+@click.option("--arch", help="module:callable building the model when MODEL is a state_dict, with keyword "
+                             "arguments as module:callable(num_classes=10); or a transformers class name.")
 @click.option("--balanced/--no-balanced", default=False, show_default=True,
               help="Keep the same number of blocks in every block-row (fastest ONNX graph).")
 @click.option("--min-blocks", default=DEFAULT_MIN_BLOCKS, type=int, show_default=True,
@@ -177,8 +181,10 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
-def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method, method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay,
-         device, amp, seed, onnx_format, export_batch_size, threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol, max_accuracy_drop, atol, rtol, report,
+def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method, method_option, data,
+         eval_data, epochs, steps, batch_size, lr, weight_decay, device, amp, seed, onnx_format, export_batch_size,
+         threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol, min_top1_agreement, max_accuracy_drop,
+         atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
     """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
@@ -212,7 +218,7 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                            max_accuracy_drop=max_accuracy_drop, atol=atol, rtol=rtol, threads=threads,
                            export_batch_size=export_batch_size, quantize=quantize, int8_rtol=int8_rtol,
                            int8_kernel_rtol=int8_kernel_rtol, plan=plan, cache="use" if use_cache else "refresh",
-                           accept_missed_target=accept_missed_target)
+                           accept_missed_target=accept_missed_target, min_top1_agreement=min_top1_agreement)
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:

@@ -267,6 +267,15 @@ UNSUPPORTED: dict[type, str] = {
 }
 
 
+#: why the parameters of these module types (other than the ones a rule plans) stay dense; any other module's own
+#: parameters get :data:`OTHER_PARAMETER`. Biases are never pruned and not listed.
+DENSE_PARAMETERS: dict[type, str] = {
+    nn.RNNBase: "recurrent layer weights (LSTM, GRU, RNN) are not pruned",
+    nn.MultiheadAttention: "separate q/k/v projection weights are not pruned",
+}
+OTHER_PARAMETER = "a parameter of {cls}, not a Linear / Conv / attention projection weight: not pruned"
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """A weight chosen for pruning: its full name, owning module and block view."""
@@ -370,4 +379,21 @@ def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], li
                 wname, f"balanced selection keeps round({cfg.density:g} * {view.grid[1]}) = 0 blocks per row"))
             continue
         plans.append(LayerPlan(wname, mname, module, view, param))
-    return plans, skipped
+    return plans, skipped + _other_parameters(model, {p.name for p in plans} | {s.name for s in skipped})
+
+
+def _other_parameters(model: nn.Module, listed: set[str]) -> list[SkippedLayer]:
+    """Every parameter not planned nor already listed (biases aside), with the reason it stays dense: the report
+    accounts for all of the model's weights (an LSTM's are often most of a classifier's)."""
+    out = []
+    seen = {id(p) for n, p in model.named_parameters() if n in listed}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if name in listed or id(p) in seen or pname.startswith("bias") or pname.endswith("_bias"):
+                continue
+            seen.add(id(p))
+            reason = next((r for c, r in DENSE_PARAMETERS.items() if isinstance(module, c)),
+                          OTHER_PARAMETER.format(cls=type(module).__name__))
+            out.append(SkippedLayer(name, reason))
+    return out

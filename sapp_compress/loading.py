@@ -6,8 +6,10 @@ from torch's layers needs no flag, and a pickle that tries to run code fails to 
 A model with classes of its own needs ``trust=True`` (``--trust-model``), which uses the full unpickler and
 so runs whatever the file says: only for files you trust, with their code importable.
 
-A state_dict works too, with ``arch="module:callable"`` building the model it fits. A TorchScript archive is
-refused with a one-line error: its layers are not nn.Module layers that masks (parametrizations) can attach to.
+A state_dict works too, with ``arch="module:callable"`` building the model it fits, or
+``"module:callable(num_classes=10)"`` to pass the builder keyword arguments (Python literals only:
+:func:`arch_arguments`). A TorchScript archive is refused with a one-line error: its layers are not nn.Module
+layers that masks (parametrizations) can attach to.
 
 A directory made by Hugging Face's ``save_pretrained`` (``config.json`` + weights) is built with the
 transformers class that its ``config.architectures`` names, from local files only (never the network), and
@@ -17,6 +19,7 @@ The sources are a registry, :data:`SOURCES`: the first whose test accepts the pa
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
@@ -53,6 +56,31 @@ def safe_globals() -> list:
     return [*_nn_classes(), *SAFE_CLASSES, *fns]
 
 
+def arch_arguments(spec: str) -> tuple[str, dict]:
+    """``"module:callable(k=v, ...)"`` -> (``"module:callable"``, ``{k: v}``); the values are Python literals
+    (numbers, strings, booleans, None, tuples, lists, dicts), read with ``ast.literal_eval``, never run."""
+    spec = spec.strip()
+    if not spec.endswith(")") or "(" not in spec:
+        return spec, {}
+    head = spec[: spec.index("(")]
+    try:
+        call = ast.parse(f"f{spec[len(head):]}", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError("arguments must be given by keyword")
+        kwargs = {}
+        for kw in call.keywords:
+            if kw.arg is None:
+                raise ValueError("**kwargs is not accepted")
+            try:
+                kwargs[kw.arg] = ast.literal_eval(kw.value)
+            except ValueError:
+                raise ValueError(f"{kw.arg}={ast.unparse(kw.value)} is not a Python literal") from None
+    except (SyntaxError, ValueError) as e:
+        raise ModelLoadError(f"--arch {spec}: expected module:callable(name=literal, ...), e.g. "
+                             f"torchvision.models:resnet18(num_classes=10) ({e})") from None
+    return head, kwargs
+
+
 def _import_callable(spec: str):
     mod, _, attr = spec.partition(":")
     if not mod or not attr:
@@ -78,6 +106,9 @@ def _load_hf_directory(path: Path, trust: bool, arch: str | None) -> nn.Module:
     except Exception as e:  # noqa: BLE001 -- transformers raises many types for a bad config
         raise ModelLoadError(f"{path}/config.json: cannot read it ({_first_line(e)})") from None
     names = list(getattr(cfg, "architectures", None) or [])
+    if arch and arch_arguments(arch)[1]:
+        raise ModelLoadError(f"--arch {arch}: arguments apply to a state_dict's builder; for a Hugging Face "
+                             "directory, --arch names the transformers class and config.json holds the settings")
     if arch:
         names = [arch]
     if not names:
@@ -134,7 +165,12 @@ def _load_torch_file(path: Path, trust: bool, arch: str | None) -> nn.Module:
         if not arch:
             raise ModelLoadError(f"{path}: holds a state_dict, not a module; pass --arch module:callable "
                                  "that builds the model it belongs to")
-        model = _import_callable(arch)()
+        target, kwargs = arch_arguments(arch)
+        build = _import_callable(target)
+        try:
+            model = build(**kwargs)
+        except Exception as e:  # noqa: BLE001 -- a wrong argument, or the builder's own failure
+            raise ModelLoadError(f"--arch {arch}: building the model failed ({_first_line(e)})") from None
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"--arch {arch}: returned {type(model).__name__}, expected an nn.Module")
         try:

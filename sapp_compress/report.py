@@ -31,7 +31,7 @@ def versions() -> dict:
 def empty_report() -> dict:
     return {
         "exit_code": None, "error": None, "achieved_sparsity": None, "layers": [], "skipped": [],
-        "accuracy": {"dense": None, "pruned_torch": None, "onnx": None},
+        "accuracy": {"dense": None, "pruned_torch": None, "onnx": None}, "block_sparsity": None,
         "metrics": {}, "verification": None, "onnx_bytes": None, "dense_onnx_bytes": None,
         "versions": versions(), "timings": {}, "config": {}, "task": None, "device": None,
         "mask_digest": None,
@@ -64,8 +64,41 @@ def write_json(path: str | Path, data: dict) -> None:
             os.unlink(tmp)
 
 
+def block_sparsity(layers) -> float:
+    """The masks' block sparsity over the pruned layers (:class:`converters.LayerBlocks`): the share of their
+    weights in dropped blocks, by element (edge blocks of padded views count what they cover)."""
+    from converters.manifest import element_mask
+
+    total = sum(int(np.prod(lb.weight_shape)) for lb in layers)
+    return 1.0 - sum(int(element_mask(lb).sum()) for lb in layers) / total if total else 0.0
+
+
+def int8_sparsity(report: dict, int8, fp32) -> None:
+    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are measured on the fp32 form of the
+    same masks (``fp32``, a :class:`converters.SparsityReport`), as for an fp32 artifact: the masks' zeros (and
+    the rare exact zero inside a kept block); the zeros of the int8 weights (``int8``), which add the kept
+    weights that rounded to zero, are reported apart, under ``int8_zeros`` and each layer's
+    ``int8_zero_fraction``."""
+    report["achieved_sparsity"] = fp32.overall
+    for row in report["layers"]:
+        row["sparsity"] = fp32.per_layer[row["name"]]
+        row["int8_zero_fraction"] = int8.per_layer[row["name"]]
+    report["int8_zeros"] = {"fraction": int8.overall, "rounded_to_zero": int8.overall - fp32.overall}
+
+
+def no_int8_warning(layers: list[dict]) -> str:
+    """The warning of a ``--quantize int8`` run in which no layer went int8, with the first layer's reason."""
+    first = next((row for row in layers if row.get("reason")), layers[0] if layers else None)
+    why = f" (e.g. {first['name']}: {first['reason'] or first['onnx_format']})" if first else ""
+    return f"--quantize int8: no layer was quantized, the model is written in fp32{why}"
+
+
 def _fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+#: the widest layer-name column of the summary; longer names are cut in the middle (q, k and v differ at the end)
+NAME_WIDTH = 56
 
 
 def _cut(name: str, width: int) -> str:
@@ -94,10 +127,12 @@ def summary(r: dict) -> str:
         p = r["structure"]["parameters"]
         lines.append(f"parameters: {p['pruned']:,} of {p['dense']:,} ({p['pruned'] / p['dense']:.2f}x)")
     elif r["layers"]:
-        lines.append(f"{'layer':36s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
-        for lay in r["layers"][:14]:
-            lines.append(f"{lay['name'][:36]:36s} {'x'.join(map(str, lay['shape'])):>16s} {lay['block']:>6s} "
-                         f"{lay['sparsity']:8.3f}  {lay['onnx_format']}")
+        shown = r["layers"][:14]
+        width = max(len("layer"), min(NAME_WIDTH, max(len(lay["name"]) for lay in shown)))
+        lines.append(f"{'layer':{width}s} {'shape':>16s} {'block':>6s} {'sparsity':>8s}  onnx format")
+        for lay in shown:
+            lines.append(f"{_cut(lay['name'], width):{width}s} {'x'.join(map(str, lay['shape'])):>16s} "
+                         f"{lay['block']:>6s} {lay['sparsity']:8.3f}  {lay['onnx_format']}")
         if len(r["layers"]) > 14:
             lines.append(f"... and {len(r['layers']) - 14} more layers (see the report)")
     if r["skipped"]:
@@ -107,7 +142,12 @@ def summary(r: dict) -> str:
     if r["achieved_sparsity"] is not None and r.get("structure"):
         lines.append(f"removed: {r['achieved_sparsity']:.4f} of the pruned families' weights")
     elif r["achieved_sparsity"] is not None:
-        lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}")
+        z = r.get("int8_zeros")
+        lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}" + (
+            f" (int8 weights: {z['fraction']:.4f} zeros, {z['rounded_to_zero']:.4f} rounded to zero)" if z else ""))
+    quantize = ((r.get("config") or {}).get("output") or {}).get("quantize")
+    if quantize == "int8" and r["layers"] and not any(row.get("precision") == "int8" for row in r["layers"]):
+        lines.append("precision: fp32 for every layer (--quantize int8 quantized none; see the warning)")
     if r["onnx_bytes"]:
         lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense {r['dense_onnx_bytes'] / 1024:.1f} KiB "
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")

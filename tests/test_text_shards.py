@@ -195,3 +195,33 @@ def test_readme_text_example_runs_word_for_word(tmp_path, monkeypatch):
     out = tmp_path / args[args.index("-o") + 1]
     assert load_shard(out).y.shape == (json.loads((DOCS.parent / "MANIFEST.json").read_text())["stdlib_docs"]
                                        ["samples"],)
+
+
+def test_model_dir_without_tokenizer_files_is_refused(tmp_path):
+    """transformers builds an empty tokenizer from a directory with a config and no tokenizer files, which
+    turned every token into [UNK], and the shard was written with exit 0."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((MODEL / "config.json").read_text())
+    res = CliRunner().invoke(main, [str(bare), str(DOCS), "-o", str(tmp_path / "o.npz"), "--limit", "5"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("Error: bare: the tokenizer has no vocabulary beyond its 5 special tokens: the "
+                                 "directory holds no tokenizer files (expected one of tokenizer.json, vocab.txt")
+    assert res.stderr.count("\n") == 1 and _leftovers(tmp_path) == []
+
+
+def test_text_the_tokenizer_cannot_read_is_refused_or_warned(tmp_path):
+    """Mostly [UNK] (text in a script the vocabulary lacks): refused; a few [UNK]: written with a warning."""
+    src = _write(tmp_path / "ru.txt", "Привет мир как дела\nЗдравствуй дорогой друг\n")
+    res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npz")])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == ("Error: tiny_bert: the tokenizer maps 100% of the text's tokens to its unknown token "
+                          "'[UNK]' (refused above 50%): it is not this text's tokenizer, or the directory's "
+                          "tokenizer files are incomplete\n")
+    assert _leftovers(tmp_path) == []
+    src = _write(tmp_path / "mixed.txt", "Return the square root of x.\nOpen a socket \u2603 now.\n"
+                                         "Sort a list in place \u265e quickly.\n")
+    res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npz")])
+    assert res.exit_code == 0, res.output
+    assert "WARNING: the tokenizer maps 7.4% of the text's tokens to its unknown token '[UNK]'" in res.stderr
+    assert text_shard(MODEL, DOCS, tmp_path / "d.npz", limit=100).unknown < 0.01  # the model's own text

@@ -42,6 +42,25 @@ def test_int8_end_to_end_report_and_gate(int8_run):
     assert sum(n.op_type == "DynamicQuantizeLinear" for n in m.graph.node) == len(r["layers"])
 
 
+def test_int8_sparsity_is_the_masks_and_rounded_zeros_are_apart(int8_run):
+    """achieved_sparsity with int8 counted the kept weights that rounded to zero too (0.805 in fp32 read 0.903
+    in int8): it is the masks' block sparsity, measured on the fp32 form of the same masks; the int8 zeros are
+    reported apart. The top-1 floor that applied is in the report."""
+    res, d = int8_run
+    r = json.loads((d / "r.json").read_text())
+    masks = 1 - sum(row["kept_blocks"] * int(row["block"].split("x")[0]) * int(row["block"].split("x")[1])
+                    for row in r["layers"]) / sum(row["shape"][0] * row["shape"][1] for row in r["layers"])
+    assert r["block_sparsity"] == pytest.approx(masks, abs=1e-9)
+    # the masks' zeros and the odd exact zero inside a kept block (pixels that are 0 in every digit), no more
+    assert masks <= r["achieved_sparsity"] < masks + 0.01
+    z = r["int8_zeros"]
+    assert z["fraction"] >= r["achieved_sparsity"] and z["rounded_to_zero"] == pytest.approx(
+        z["fraction"] - r["achieved_sparsity"])
+    assert all(row["int8_zero_fraction"] >= row["sparsity"] for row in r["layers"])
+    assert r["verification"]["min_top1_agreement"] == 0.8 and r["verification"]["top1_agreement"] >= 0.8
+    assert "rounded to zero" in res.output
+
+
 def test_int8_verification_failure_is_exit_3(run_cli, tmp_path, mlp_path):
     """An int8 tolerance no int8 model can meet: the fp32 stage passes, the int8 stage fails, exit 3."""
     rep = tmp_path / "r.json"

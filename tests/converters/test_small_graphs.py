@@ -211,13 +211,54 @@ def test_forced_dense_and_grouped_conv_carry_a_reason():
         assert out.fmt == "dense" and out.reason == "grouped conv"
 
 
-def test_weight_held_twice_is_refused_not_guessed():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weight_held_twice_is_stored_once_and_every_consumer_rewritten(fmt):
+    """One weight, two copies (a module called twice: as is for a Gemm, transposed for a MatMul): merged into one
+    initializer that both read; only the formulations that rebuild the tensor by name apply, and it is stored
+    once."""
+    lb = _layer("w", "linear", (16, 16), (8, 8))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
+    nodes = [helper.make_node("Gemm", ["x", "a"], ["h"], transB=1), helper.make_node("MatMul", ["h", "b"], ["y"])]
+    m = _model(nodes, [x], {"a": lb.weight, "b": np.ascontiguousarray(lb.weight.T)})
+    res = convert(m, [lb], fmt=fmt, timing_inputs={"x": np.ones((4, 16), np.float32)})
+    out = res.layers[0]
+    assert out.fmt in ("compact", "sparse-initializer", "dense")
+    if fmt in ("blocked", "auto"):
+        assert "feeds 3 nodes" in out.reason or "feeds 2 nodes" in out.reason
+    stored = [t for t in res.model.graph.initializer if t.dims and np.prod(t.dims) >= 8 * 8]
+    assert sum(int(np.prod(t.dims)) for t in stored) <= 16 * 16  # one copy at most
+    _check_close(res.model, m, _feed({"x": (5, 16)}))
+    assert measure_sparsity(res.model, [lb]).dense_count == 16 * 16
+
+
+def test_weight_held_twice_in_different_forms_is_refused_not_guessed():
+    """Two initializers that both match the weight but differ (scaled differently), neither under its name."""
     lb = _layer("w", "linear", (16, 16), (8, 8))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
     m = _model([helper.make_node("Gemm", ["x", "a"], ["h"], transB=1),
-                helper.make_node("Gemm", ["h", "b"], ["y"], transB=1)], [x], {"a": lb.weight, "b": lb.weight.copy()})
+                helper.make_node("Gemm", ["h", "b"], ["y"], transB=1)], [x], {"a": lb.weight, "b": lb.weight * 2})
     with pytest.raises(converters.WeightNotFound, match="refusing to guess"):
         convert(m, [lb], fmt="blocked")
+    assert "refusing to guess" in converters.unplaceable(m, [lb])["w"]
+
+
+def test_zero_scaled_weight_is_found_under_its_name():
+    """A conv whose BatchNorm scale is 0 (timm's zero_init_last) folds to zeros: found by its name, not refused;
+    an unnamed all-zero tensor matches nothing."""
+    lb = _layer("conv.weight", "conv_channel", (16, 16, 3, 3), (8, 8))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 5, 5])
+    zero = np.zeros_like(lb.weight)
+    named = _model([helper.make_node("Conv", ["x", "conv.weight"], ["y"], pads=[1, 1, 1, 1])], [x],
+                   {"conv.weight": zero}, rank=4)
+    (site,), _ = converters.locate(named, [lb])
+    assert site.init_name == "conv.weight" and not site.weight.any()
+    half = zero.copy()
+    half[8:] = 3.0 * lb.weight[8:]  # half the channels scaled by 0, half by 3
+    m = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x], {"other": half}, rank=4)
+    assert converters.locate(m, [lb])[0][0].init_name == "other"
+    unnamed = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x], {"other": zero},
+                     rank=4)
+    assert "no initializer" in converters.unplaceable(unnamed, [lb])["conv.weight"]
 
 
 def test_convert_leaves_its_input_untouched_and_rejects_unknown_format():
