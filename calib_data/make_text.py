@@ -44,13 +44,18 @@ _BUILTIN_TYPES = {"str": str, "list": list, "dict": dict, "set": set}
 _SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")  # "find(sub[, start]) -> int": a C signature line
 
 
-def first_paragraph(doc: str) -> str | None:
-    """The first paragraph of a docstring that is prose (C signature lines skipped), on one line."""
+def paragraphs(doc: str):
+    """(raw paragraph, the paragraph on one line) for the paragraphs of a docstring, C signature lines
+    skipped."""
     for para in re.split(r"\n\s*\n", inspect.cleandoc(doc).strip()):
         text = " ".join(para.split())
         if text and not _SIGNATURE.match(text):
-            return text
-    return None
+            yield para, text
+
+
+def first_paragraph(doc: str) -> str | None:
+    """The first paragraph of a docstring that is prose (C signature lines skipped), on one line."""
+    return next((text for _, text in paragraphs(doc)), None)
 
 
 def _owned(obj: object, module: str) -> bool:
@@ -102,12 +107,23 @@ def rows() -> list[dict]:
     return [out[i] for i in rng.permutation(len(out))]
 
 
+def read_manifest() -> dict:
+    """text/MANIFEST.json as it is (every text file's entry), or empty."""
+    path = OUT.parent / "MANIFEST.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_manifest(manifest: dict) -> None:
+    (OUT.parent / "MANIFEST.json").write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+
+
 def main() -> None:
     data = rows()
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
     counts = Counter(r["label"] for r in data)
-    manifest = {
+    manifest = read_manifest()
+    manifest.update({
         "stdlib_docs": {
             "source": "first paragraph of the docstrings of public functions, classes and methods of Python "
                       f"{platform.python_version()} standard-library modules, made by calib_data/make_text.py",
@@ -124,8 +140,8 @@ def main() -> None:
             "label_counts": {k: counts[k] for k in sorted(counts)},
             "sha256": hashlib.sha256(OUT.read_bytes()).hexdigest(),
         }
-    }
-    (OUT.parent / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    })
+    write_manifest(manifest)
     print(f"{OUT}: {len(data)} rows, {OUT.stat().st_size} bytes, {dict(counts)}")
 
 

@@ -39,6 +39,30 @@ def test_shipped_text_matches_its_manifest_and_model():
     assert sum(p.stat().st_size for p in MODEL.iterdir()) < 2_000_000
 
 
+STDLIB_BERT = ROOT / "examples" / "models" / "stdlib_bert"
+
+
+def test_shipped_stdlib_areas_match_their_manifest_and_model(tmp_path):
+    manifest = json.loads((DOCS.parent / "MANIFEST.json").read_text())
+    config = json.loads((STDLIB_BERT / "config.json").read_text())
+    texts = {}
+    for part in ("train", "test"):
+        path = DOCS.parent / f"stdlib_areas.{part}.jsonl"
+        entry = manifest[f"stdlib_areas_{part}"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"] and entry["split"] == part
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        counts = {k: sum(r["label"] == k for r in rows) for k in entry["label_counts"]}
+        assert len(rows) == entry["samples"] and counts == entry["label_counts"]
+        assert entry["licence"].startswith("PSF") and not entry["synthetic"]
+        assert sorted(config["label2id"]) == sorted(counts)  # the model knows every label of the data
+        texts[part] = {r["text"] for r in rows}
+    assert not texts["train"] & texts["test"]  # no passage on both sides
+    assert sum(p.stat().st_size for p in STDLIB_BERT.iterdir()) < 4_600_000
+    r = text_shard(STDLIB_BERT, DOCS.parent / "stdlib_areas.test.jsonl", tmp_path / "t.npz", label_field="label",
+                   limit=20)
+    assert r.arrays["y"] == (20,) and r.label_source == "config.json label2id"
+
+
 def test_jsonl_with_labels_uses_the_models_label2id(tmp_path):
     out = tmp_path / "docs.npz"
     r = text_shard(MODEL, DOCS, out, label_field="label", max_length=32, limit=50)
