@@ -130,3 +130,14 @@ def test_bad_probe_config(bad, message):
         LRProbeConfig(**bad)
     with pytest.raises(ConfigError, match="lr: expected a positive number or 'auto'"):
         TrainConfig(lr="fast")
+
+
+def test_ranks_with_different_scores_stop(monkeypatch):
+    """Checked like the masks: ranks whose probes measured different scores raise instead of fine-tuning at
+    different rates."""
+    from sapp_compress import distributed, lr_probe
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(0, 2))
+    monkeypatch.setattr(distributed, "gather_digests", lambda d: [d, "0" * 64])
+    with pytest.raises(RuntimeError, match="the lr probe's scores differ across ranks at rung 0"):
+        lr_probe._check_same_scores({1e-3: 0.5}, 0)
