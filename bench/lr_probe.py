@@ -139,13 +139,16 @@ def setup(task: str, method: str, seed: int, kind: str, lr, args) -> tuple[Case,
     case = TASKS[task](seed)
     cfg = PruneConfig(**{"block": str(args.block), "sparsity": args.sparsity, "method": method, **case.prune})
     probe = LRProbeConfig(**json.loads(args.probe)) if kind == "probe" else LRProbeConfig()
-    tc = TrainConfig(**{**case.train_cfg, "lr": lr, "seed": seed, "log_every": 10**9, "device": "cpu",
+    over = json.loads(args.train)
+    tc = TrainConfig(**{**case.train_cfg, **over, "lr": lr, "seed": seed, "log_every": 10**9, "device": "cpu",
                         "lr_probe": probe})
     row = {"task": task, "dense_model": case.digest, "method": method, "seed": seed, "kind": kind,
            "block": str(cfg.block), "sparsity": cfg.sparsity, "steps": tc.steps, "batch_size": tc.batch_size,
            "lr": lr}
     if kind == "probe":
         row["probe_config"] = json.loads(args.probe)
+    if over:
+        row["train"] = over
     return case, cfg, tc, row
 
 
@@ -169,7 +172,8 @@ def run(case: Case, cfg: PruneConfig, tc: TrainConfig, row: dict) -> dict:
 def key(r: dict) -> tuple:
     return (r["task"], r["dense_model"], r["method"], r["seed"], r["kind"], r["block"], r["sparsity"],
             r["lr"] if r["kind"] == "fixed" else None,
-            json.dumps(r.get("probe_config", {}), sort_keys=True) if r["kind"] == "probe" else None)
+            json.dumps(r.get("probe_config", {}), sort_keys=True) if r["kind"] == "probe" else None,
+            json.dumps(r.get("train", {}), sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------------ table
@@ -180,7 +184,7 @@ def score_of(r: dict) -> float:
 
 def table(rows: list[dict], args) -> None:
     rows = [r for r in rows if r["block"] == ("8x8" if r["task"] == "planted" else f"{args.block}x{args.block}")
-            and r["sparsity"] == args.sparsity]
+            and r["sparsity"] == args.sparsity and r.get("train", {}) == json.loads(args.train)]
     metric = {"ctr": "log-loss (lower is better)", "planted": "R^2 [planted blocks kept]"}
     for task in [t for t in TASKS if any(r["task"] == t for r in rows)]:
         print(f"\n#### {task}: {metric.get(task, 'accuracy')}\n")
@@ -242,6 +246,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="fixed,auto", help="fixed, auto and/or probe")
     ap.add_argument("--lrs", default=RATES, help="the fixed rates")
     ap.add_argument("--probe", default="{}", help="JSON LRProbeConfig fields for --kinds probe")
+    ap.add_argument("--train", default="{}", help="JSON TrainConfig overrides (e.g. weight_decay), kept in the row")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=1)

@@ -138,12 +138,16 @@ class LRProbeConfig:
 
     Attributes:
         candidates: peak rates tried, each from the same starting weights.
-        strategy: a name in :data:`sapp_compress.lr_probe.STRATEGIES` (``halving``: successive halving;
-            ``grid``: every candidate for the same number of steps).
+        strategy: a name in :data:`sapp_compress.lr_probe.STRATEGIES`: ``halving`` (successive halving),
+            ``grid`` (every candidate for the same number of steps) or ``range`` (an LR range test).
+        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores,
+            then its final sparse phase: masks fixed) or ``program`` (the method's whole program, dense, sparsify,
+            sparse, ..., compressed into the probe's steps).
         budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's.
         held_out: fraction of the training shard's rows the candidates are scored on (never trained on by the
             probe; the fine-tune then trains on every row), at most ``max_rows`` rows.
         keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).
+        warmup: the candidates' warm-up fraction (None: the fine-tune's).
         fallback: the rate used when the budget is too short to probe (the report says so).
     """
 
@@ -152,10 +156,10 @@ class LRProbeConfig:
     budget: float = 0.1
     held_out: float = 0.1
     max_rows: int = 512
+    phase: str = "sparse"
     keep: float = 1.0 / 3.0
-    fallback: float = 1e-3
     warmup: float | None = None
-    phase: str = "program"
+    fallback: float = 1e-3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -163,6 +167,8 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.candidates: expected at least 2 positive rates, got {self.candidates!r}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"lr_probe.candidates: expected distinct rates, got {self.candidates!r}")
+        if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"lr_probe.warmup: expected a fraction in [0, 1), got {self.warmup!r}")
         for name in ("budget", "held_out", "keep"):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:

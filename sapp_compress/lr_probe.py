@@ -3,26 +3,32 @@
 The probe holds out a few rows of the *training* shard (``LRProbeConfig.held_out``, at most ``max_rows``; the
 evaluation shard is never seen), and fine-tunes copies of the model on the other rows at each candidate rate
 (half-decades from 1e-5 to 1e-2), every copy from the same starting weights, on the same mini-batches, with the
-RNG in the same state. A copy runs the chosen method exactly as the fine-tune will (its masks, SA++'s logits,
-the coupled l2, the optimizer resets, the cosine schedule), with the method's whole program -- dense,
-sparsify, sparse, dense, ..., final sparse -- compressed into ``program`` steps, so it is scored after it has
-pruned to the target sparsity and recovered, as the real fine-tune is. Its score is the task's loss on the
-held-out rows (lower is better); the winner's rate is the fine-tune's.
+RNG in the same state. A copy runs the chosen method as the fine-tune does (its parametrizations, SA++'s
+logits and their rate rule, the coupled l2, warm-up and cosine decay over the probe's ``program`` steps); with
+``phase="sparse"`` (the default) the method first prunes to the target sparsity at once by its own scores and
+the copy trains in the method's final sparse phase (masks fixed), so what is measured is how well each rate
+recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
+..., final sparse) into the probe's steps instead. A copy's score is the task's loss on the held-out rows
+(lower is better); the winner's rate is the fine-tune's.
 
 The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
-:data:`STRATEGIES` entry, a pure function of (candidates, budget) giving the program length and the *rungs*:
+:data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
+the loop that runs them:
 
 - ``halving`` (successive halving, the default): every candidate runs the first ``r`` steps of the program and
   is scored; the best ``ceil(keep * n)`` continue (from where they stopped: in-memory checkpoints) to ``r / keep``
   steps, and so on until one is left. With 7 candidates and ``keep = 1/3`` the cost is ``7 r + 3 (3 r - r) = 13 r``
-  steps and the last rung scores 3 candidates at a horizon of ``3 r``, against ``budget / 7`` for a grid.
-- ``grid``: every candidate runs the whole program of ``budget / n`` steps.
+  steps and the last rung scores 3 candidates at a horizon of ``3 r``, against ``budget / 7`` for a grid;
+- ``grid``: every candidate runs the whole program of ``budget / n`` steps;
+- ``range`` (an LR range test): one copy climbs a staircase of the candidates, lowest first, ``budget / n`` steps
+  each; the stair that lowered the held-out loss most wins.
 
-BENCHMARKS.md section 15 measures both against the best fixed rate. Under ``torchrun`` every rank runs the same
-probe (each its slice of every global batch, as in the fine-tune) and the ranks' scores are compared after each
-rung, as the masks are: ranks that disagree stop the run instead of fine-tuning at different rates. The probe
-leaves the global RNG as it found it, so ``lr="auto"`` gives exactly the model a fixed ``lr`` at the chosen
-rate gives.
+BENCHMARKS.md section 15 measures them against the best fixed rate; a probe sees ``budget / T`` of the fine-tune,
+so on short fine-tunes it cannot see what a rate does after the first tens of steps (section 15 shows where that
+costs). Under ``torchrun`` every rank runs the same probe (each its slice of every global batch, as in the
+fine-tune) and the ranks' scores are compared after each rung, as the masks are: ranks that disagree stop the run
+instead of fine-tuning at different rates. The probe leaves the global RNG as it found it, so ``lr="auto"`` gives
+exactly the model a fixed ``lr`` at the chosen rate gives.
 """
 from __future__ import annotations
 
@@ -104,11 +110,6 @@ def staircase(n: int, budget: int, keep: float) -> Schedule | None:
     """The LR range test: one run of ``budget`` steps, ``budget // n`` at each candidate, lowest first."""
     per = budget // n
     return Schedule(per * n, tuple(per * (i + 1) for i in range(n)), (1,) * n, runs=1) if per >= 1 else None
-
-
-#: name -> (candidates, budget in steps, keep fraction) -> Schedule or None (budget too short)
-STRATEGIES: dict[str, Callable[[int, int, float], Schedule | None]] = {"halving": halving, "grid": grid,
-                                                                        "range": staircase}
 
 
 # ------------------------------------------------------------------------------------------------- result
@@ -286,7 +287,7 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     t0 = time.perf_counter()
     cands = sorted(cfg.candidates)
     budget = int(cfg.budget * total_steps)
-    sched = STRATEGIES[cfg.strategy](len(cands), budget, cfg.keep)
+    sched = STRATEGIES[cfg.strategy].schedule(len(cands), budget, cfg.keep)
     split = probe_split(train, cfg, train_cfg.seed)
     if sched is None or split is None:
         why = (f"a fine-tune of {total_steps} steps leaves the probe {budget} steps ({cfg.budget:.0%}), too few for "
@@ -297,7 +298,7 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        best, scores = (range_test if cfg.strategy == "range" else successive)(runner, cands, sched)
+        best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
                       time.perf_counter() - t0, {"trained": len(fit), "scored": len(held)})
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
@@ -337,6 +338,23 @@ def range_test(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
     return best, losses
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """How the probe spends its budget: ``schedule(candidates, budget steps, keep)`` (None: too short to probe)
+    and ``run(runner, candidates, schedule) -> (winner, held-out losses per candidate)``."""
+
+    schedule: Callable[[int, int, float], Schedule | None]
+    run: Callable[[_Runner, list[float], Schedule], tuple[float, dict[float, list[float]]]]
+
+
+#: the probe's strategies (``LRProbeConfig.strategy``); BENCHMARKS.md section 15 measures them
+STRATEGIES: dict[str, Strategy] = {
+    "halving": Strategy(halving, successive),
+    "grid": Strategy(grid, successive),
+    "range": Strategy(staircase, range_test),
+}
+
+
 def _check_same_scores(scores: dict[float, float], rung: int) -> None:
     """Raise if the ranks measured different scores (they would choose different rates)."""
     if not distributed.current().active:
@@ -348,5 +366,5 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_PROGRAM", "STRATEGIES", "ProbeResult", "Schedule", "choose_lr", "grid", "halving", "probe_lr",
-           "probe_split"]
+__all__ = ["MIN_PROGRAM", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
+           "probe_lr", "probe_split", "staircase"]

@@ -41,7 +41,7 @@ def _train(lr, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_schedules_fit_the_budget(strategy):
-    make = STRATEGIES[strategy]
+    make = STRATEGIES[strategy].schedule
     for n in (4, 7, 9):
         for budget in (3, 10, 29, 60, 150, 1000):
             s = make(n, budget, 1 / 3)
