@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -326,7 +325,10 @@ def range_test(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
     """One run up a staircase of the candidates, lowest first, ``sched.stops[i]`` the end of stair ``i``; the
     held-out loss after each stair; the winner is the stair that lowered it most (steepest descent)."""
     stops = sched.stops
-    stair = lambda step: cands[min(sum(step >= s for s in stops), len(cands) - 1)]  # noqa: E731
+
+    def stair(step: int) -> float:
+        return cands[min(sum(step >= s for s in stops), len(cands) - 1)]
+
     losses, prev = {}, runner.start_loss()
     for i, (lr, stop) in enumerate(zip(cands, stops)):
         losses[lr] = [runner.advance(1.0, stop, stair)]
