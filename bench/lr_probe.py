@@ -200,7 +200,7 @@ def table(rows: list[dict], args) -> None:
         print(f"\n#### {task}: {metric.get(task, 'accuracy')}\n")
         rates = sorted({r["lr"] for r in rows if r["task"] == task and r["kind"] == "fixed"})
         print("| method | " + " | ".join(f"{lr:g}" for lr in rates) + " | best fixed | auto (default) | "
-              "auto's choices | within spread | probe / fine-tune time |")
+              "auto's choices | within spread | probe / fine-tune: CPU time / wall time |")
         print("|---" * (len(rates) + 6) + "|")
         for method in sorted({r["method"] for r in rows if r["task"] == task}):
             mine = [r for r in rows if r["task"] == task and r["method"] == method]
@@ -209,14 +209,13 @@ def table(rows: list[dict], args) -> None:
                 v = [r for r in mine if r["kind"] == "fixed" and r["lr"] == lr]
                 means[lr] = _stats(v)
                 cells.append(_fmt(task, v))
-            best = max(means, key=lambda lr: means[lr][0]) if means else None
+            best = max((lr for lr in means if lr in harness.floats(RATES)), key=lambda lr: means[lr][0], default=None)
             auto = [r for r in mine if r["kind"] == "auto"]
             a = _stats(auto)
             spread = max(means[best][1], a[1]) if best is not None and auto else float("nan")
             within = "-" if not auto or best is None else (
                 "yes" if a[0] >= means[best][0] - spread else f"no ({means[best][0] - a[0]:+.4f})")
-            frac = [r["probe"]["probe"].get("fraction_of_fine_tune") for r in auto if r["probe"]["source"] == "probe"]
-            frac_s = f"{statistics.mean(frac):.3f} ({min(frac):.3f}-{max(frac):.3f})" if frac else "-"
+            frac_s = " / ".join(_fractions(auto, k) for k in ("cpu_fraction_of_fine_tune", "fraction_of_fine_tune"))
             choices = ", ".join(f"{r['lr']:g}" for r in sorted(auto, key=lambda r: r["seed"]))
             print(f"| {method} | " + " | ".join(cells) + f" | {best:g} | {_fmt(task, auto)} | {choices} | {within} | "
                   f"{frac_s} |")
@@ -230,6 +229,12 @@ def table(rows: list[dict], args) -> None:
                 got = [fixed.get((r["lr"], r["seed"])) for r in mine]
                 print(f"  probe {cfg} {method}: choices {[r['lr'] for r in mine]} -> "
                       + (_fmt(task, got) if all(got) else "(a choice without a fixed run)"))
+
+
+def _fractions(auto: list[dict], key: str) -> str:
+    """Mean (min-max) of the probe's cost as a fraction of the fine-tune's, over the runs that probed."""
+    v = [r["probe"]["probe"][key] for r in auto if key in r["probe"].get("probe", {})]
+    return f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-"
 
 
 def _stats(rs: list[dict]) -> tuple[float, float]:

@@ -126,7 +126,9 @@ class ProbeResult:
     seconds: float = 0.0
     rows: dict = field(default_factory=dict)
     reason: str = ""
+    cpu_seconds: float = 0.0
     fine_tune_seconds: float | None = None
+    fine_tune_cpu_seconds: float | None = None
 
     def to_json(self) -> dict:
         """The report's ``lr`` entry (``value``, ``source``, ``scores`` per candidate, ``probe`` details)."""
@@ -140,6 +142,8 @@ class ProbeResult:
         if self.fine_tune_seconds:
             probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)
             probe["fraction_of_fine_tune"] = round(self.seconds / self.fine_tune_seconds, 4)
+        if self.fine_tune_cpu_seconds:  # process CPU time: the same ratio, unmoved by other jobs on the machine
+            probe["cpu_fraction_of_fine_tune"] = round(self.cpu_seconds / self.fine_tune_cpu_seconds, 4)
         if self.reason:
             probe["reason"] = self.reason
         out["probe"] = probe
@@ -283,7 +287,7 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     # torch's first optimizer imports torch._dynamo (about 1.5 s, once per process), which the fine-tune would pay
     # otherwise: paid here, outside the probe's timing
     torch.optim.Adam([nn.Parameter(torch.zeros(1))])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cands = sorted(cfg.candidates)
     budget = int(cfg.budget * total_steps)
     sched = STRATEGIES[cfg.strategy].schedule(len(cands), budget, cfg.keep)
@@ -299,7 +303,8 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     with torch.random.fork_rng(devices=devices):
         best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
-                      time.perf_counter() - t0, {"trained": len(fit), "scored": len(held)})
+                      time.perf_counter() - t0, {"trained": len(fit), "scored": len(held)},
+                      cpu_seconds=time.process_time() - c0)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
 
