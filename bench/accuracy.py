@@ -72,9 +72,9 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, options: dict,
-             balanced: bool = False, lr_scale: float = 1.0) -> dict:
+             balanced: bool = False, lr_scale: float = 1.0, lr: str | None = None) -> dict:
     shard_name, _, _, ft, extra = TASKS[task]
-    ft = {**ft, "lr": ft["lr"] * lr_scale}
+    ft = {**ft, "lr": lr or ft["lr"] * lr_scale}
     model = pretrain(task)
     shard = load_shard(shipped_shard(shard_name))
     cfg = PruneConfig(block=str(block), sparsity=sparsity, method=method, method_options=options,
@@ -86,7 +86,7 @@ def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, opt
         "options": {**options, **({"balanced": True} if balanced else {}),
                     **({"lr_scale": lr_scale} if lr_scale != 1.0 else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
         "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "lr": res.lr, "lr_source": res.lr_source,
     }
 
 
@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--balanced", action="store_true", help="balanced (per block-row) selection")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the task's fine-tuning learning rate")
+    ap.add_argument("--lr", choices=["auto"], help="auto: the tool's default (the probe) instead of the task's rate "
+                    "(use another --out: the rows' options do not say it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,10 +124,11 @@ def main() -> None:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
         if k in done():
             continue
-        row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale)
+        row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale, args.lr)
         harness.append_row(args.out, row)
         print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "
-              f"score {row['pruned']['score']:.4f} (dense {row['dense']['score']:.4f}) {row['seconds']:.1f}s",
+              f"score {row['pruned']['score']:.4f} (dense {row['dense']['score']:.4f}) lr {row['lr']:g} "
+              f"{row['seconds']:.1f}s",
               flush=True)
 
 

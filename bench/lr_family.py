@@ -5,8 +5,8 @@ Runtime, evaluate the ONNX graph) on the shipped Hugging Face example, ``example
 pretrained BertForSequenceClassification) with ``calib_data/text/stdlib_docs.jsonl`` tokenized by
 ``calib_data.text.text_shard``, at several learning rates with the same data, budget, block, sparsity and
 seeds. One JSON line per (lr, seed) goes to bench/results/lr_family.jsonl; rows already there are skipped, so
-the run resumes after an interruption. Then it prints mean +- spread per rate, and the family
-:func:`sapp_compress.config.default_lr` gives every shipped example model.
+the run resumes after an interruption. Then it prints mean +- spread per rate. (The family rule it measured,
+``default_lr``, was replaced by ``--lr auto``: bench/lr_probe.py.)
 
     python bench/lr_family.py                                   # 4 rates x 3 seeds, 150 steps each
     python bench/lr_family.py --lrs 1e-3,1e-4 --seeds 0 --steps 50
@@ -32,7 +32,7 @@ import torch
 import harness
 from calib_data.text import text_shard
 from harness import ROOT
-from sapp_compress.config import PruneConfig, TrainConfig, default_lr
+from sapp_compress.config import PruneConfig, TrainConfig
 from sapp_compress.geometry import plan_layers
 from sapp_compress.loading import load_model
 from sapp_compress.pipeline import OutputConfig, compress
@@ -172,22 +172,6 @@ def without_fine_tune(ev: Path, sparsity: float) -> None:
         print(f"  {how:29s} {acc(model):.4f}  ({dropped} of {kept + dropped} blocks dropped)")
 
 
-def families() -> None:
-    """The rate the family rule gives each shipped example model when --lr is not given."""
-    print("\ndefault_lr on the shipped example models (what the CLI uses without --lr):")
-    for path in sorted((ROOT / "examples" / "models").glob("*.pt")) + [MODEL]:
-        lr, why = default_lr(load_model(path))
-        print(f"  {path.name:18s} lr {lr:g}  ({why.split(':')[0]})")
-    # the models bench/accuracy.py fine-tunes (it passes its own lr, so the default never reaches its grid)
-    from accuracy import TASKS
-
-    print("default_lr on bench/accuracy.py's task models (that grid passes lr explicitly: "
-          + ", ".join(f"{t} {ft['lr']:g}" for t, (_, _, _, ft, _) in TASKS.items()) + "):")
-    for task, (_, build, _, _, _) in TASKS.items():
-        lr, why = default_lr(build())
-        print(f"  {task:18s} lr {lr:g}  ({why.split(':')[0]})")
-
-
 def main() -> None:
     ap = harness.parser(__doc__, out="lr_family.jsonl")
     ap.add_argument("--lrs", default="1e-3,3e-4,1e-4,3e-5")
@@ -197,7 +181,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--table", action="store_true", help="no new runs: the no-fine-tune check, the table and the families")
+    ap.add_argument("--table", action="store_true", help="no new runs: the no-fine-tune check and the table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     digest = model_digest(MODEL)
@@ -216,7 +200,6 @@ def main() -> None:
                       f"onnx {row['onnx']:.4f} drop {row['drop']:+.4f} ({row['seconds']:.0f} s)"
                       f"{' WARN ' + '; '.join(row['warnings']) if row['warnings'] else ''}", flush=True)
     table(harness.read_rows(args.out), args, digest)
-    families()
 
 
 if __name__ == "__main__":

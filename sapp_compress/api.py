@@ -27,10 +27,11 @@ from converters.manifest import LayerBlocks
 
 from .adapters import OutputInfo, adapt, unwrap
 from .checkpoint import Checkpointer, fingerprint
-from .config import PruneConfig, TrainConfig, default_lr
+from .config import PruneConfig, TrainConfig
 from .distributed import mask_digest
 from .errors import ConfigError, DataError, GeometryError
 from .geometry import LayerPlan, SkippedLayer, plan_layers
+from .lr_probe import ProbeResult, choose_lr
 from .masks import fold, fold_foreign
 from .methods import METHODS
 from .tasks import Task, infer_task
@@ -53,6 +54,8 @@ class PruneResult:
         layers: the block manifest, one entry per pruned weight, with the folded weight filled in.
         skipped: weight-bearing layers left dense, each with its reason.
         metrics: ``{"dense": ..., "pruned_torch": ...}``, the task's metrics on the evaluation shard.
+        lr / lr_source / lr_choice: the fine-tune's peak rate, ``--lr`` or what chose it (``probe``, or
+            ``fallback`` when the budget was too short to probe), and the probe's measurements.
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class PruneResult:
     output: OutputInfo | None = None
     lr: float = 0.0
     lr_source: str = ""
+    lr_choice: ProbeResult | None = None
     warnings: list[str] = field(default_factory=list)
     structure: StructureResult | None = None
 
@@ -239,8 +243,6 @@ def prune(
         check_fits(unwrap(dense), eval_shard)
         if eval_shard.y is not None:
             infer_task(eval_shard.y, out, output.kind)
-    lr, lr_source = (train_cfg.lr, "--lr") if train_cfg.lr is not None else default_lr(unwrap(dense))
-    train_cfg = dataclasses.replace(train_cfg, lr=lr)
 
     student = copy.deepcopy(dense)
     cpu = torch.device("cpu")
@@ -262,9 +264,11 @@ def prune(
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
     table = _latency_table(student, splan, train, prune_cfg, speed) if prune_cfg.target_speedup else None
+    teacher = copy.deepcopy(dense).to(device) if task.distill else None
+    lr = choose_lr(student, plans, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
+    train_cfg = dataclasses.replace(train_cfg, lr=lr.value)
     method = METHODS[prune_cfg.method](prune_cfg, plans, total_steps)
     student.to(device)
-    teacher = copy.deepcopy(dense).to(device) if task.distill else None
     allocator = None
     if table is not None:
         from .structure.allocate import Allocator
@@ -276,9 +280,11 @@ def prune(
     dense_out = predict(dense, eval_shard, cpu)
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
-             total_steps, device, lr, lr_source)
+             total_steps, device, lr.value, lr.source)
+    cpu = time.process_time()
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
+    lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu
 
     student.to(cpu).eval()
     structure = None
@@ -299,7 +305,7 @@ def prune(
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
         dense_eval_outputs=dense_out,
         device=str(device), seconds=time.perf_counter() - t0, total_steps=total_steps,
-        output=output, lr=lr, lr_source=lr_source, warnings=warnings, structure=structure,
+        output=output, lr=lr.value, lr_source=lr.source, lr_choice=lr, warnings=warnings, structure=structure,
     )
 
 

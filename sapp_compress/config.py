@@ -127,6 +127,64 @@ class PruneConfig:
         return 1.0 - self.sparsity
 
 
+#: the probe's candidate peak rates: half-decades from 1e-5 to 1e-2
+LR_CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+@dataclass(frozen=True)
+class LRProbeConfig:
+    """How ``lr="auto"`` measures the rate (:mod:`sapp_compress.lr_probe`; BENCHMARKS.md section 15 says what
+    chose these values).
+
+    Attributes:
+        candidates: peak rates tried, each from the same starting weights.
+        strategy: a name in :data:`sapp_compress.lr_probe.STRATEGIES`: ``halving`` (successive halving),
+            ``grid`` (every candidate for the same number of steps) or ``range`` (an LR range test).
+        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores,
+            then its final sparse phase: masks fixed) or ``program`` (the method's whole program, dense, sparsify,
+            sparse, ..., compressed into the probe's steps).
+        budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's.
+        held_out: fraction of the training shard's rows the candidates are scored on (never trained on by the
+            probe; the fine-tune then trains on every row), at most ``max_rows`` rows.
+        keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).
+        warmup: the candidates' warm-up fraction (None: the fine-tune's).
+        fallback: the rate used when the budget is too short to probe (the report says so).
+    """
+
+    candidates: tuple[float, ...] = LR_CANDIDATES
+    strategy: str = "halving"
+    budget: float = 0.1
+    held_out: float = 0.1
+    max_rows: int = 512
+    phase: str = "sparse"
+    keep: float = 1.0 / 3.0
+    warmup: float | None = None
+    fallback: float = 1e-3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
+        if len(self.candidates) < 2 or any(not c > 0 for c in self.candidates):
+            raise ConfigError(f"lr_probe.candidates: expected at least 2 positive rates, got {self.candidates!r}")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(f"lr_probe.candidates: expected distinct rates, got {self.candidates!r}")
+        if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"lr_probe.warmup: expected a fraction in [0, 1), got {self.warmup!r}")
+        for name in ("budget", "held_out", "keep"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"lr_probe.{name}: expected a fraction in (0, 1), got {v!r}")
+        if not isinstance(self.max_rows, int) or self.max_rows < 1:
+            raise ConfigError(f"lr_probe.max_rows: expected a positive integer, got {self.max_rows!r}")
+        if not self.fallback > 0:
+            raise ConfigError(f"lr_probe.fallback: expected a positive rate, got {self.fallback!r}")
+        from .lr_probe import STRATEGIES  # the registry imports this module
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        if self.phase not in ("program", "sparse"):
+            raise ConfigError(f"lr_probe.phase: expected program|sparse, got {self.phase!r}")
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -141,7 +199,8 @@ class TrainConfig:
         weight_decay: a *coupled* l2 penalty (added to the loss gradient) on the masked weights and, with
             ``logit_decay``, on SA++ logits; ALGORITHM.md explains why coupled, not decoupled, decay is what
             makes the attention rank blocks by importance.
-        lr: the peak learning rate; None: the model family's default (:func:`default_lr`).
+        lr: the peak learning rate, or ``"auto"`` (the default; ``None`` means the same): measured on the training
+            shard before the fine-tune by the probe of :mod:`sapp_compress.lr_probe`, configured by ``lr_probe``.
         warmup: fraction of the budget with linear LR warm-up; cosine decay after.
         amp: mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``, ``off``.
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
@@ -152,7 +211,8 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 64
-    lr: float | None = None
+    lr: float | str | None = "auto"
+    lr_probe: LRProbeConfig = field(default_factory=lambda: LRProbeConfig())
     weight_decay: float = 1e-4
     warmup: float = 0.05
     grad_clip: float | None = 1.0
@@ -175,8 +235,13 @@ class TrainConfig:
             raise ConfigError(f"epochs: expected a positive number, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
-        if self.lr is not None and not (self.lr > 0):
-            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", "auto")
+        if self.lr != "auto" and (isinstance(self.lr, (str, bool)) or not isinstance(self.lr, (int, float))
+                                  or not self.lr > 0):
+            raise ConfigError(f"lr: expected a positive number or 'auto', got {self.lr!r}")
+        if not isinstance(self.lr_probe, LRProbeConfig):
+            raise ConfigError(f"lr_probe: expected an LRProbeConfig, got {type(self.lr_probe).__name__}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected >= 0, got {self.weight_decay!r}")
         if not (0.0 <= self.warmup < 1.0):
@@ -200,19 +265,3 @@ class TrainConfig:
         if self.epochs is None:
             return max(300, 10 * per_epoch)
         return max(1, int(round(float(self.epochs) * per_epoch)))
-
-
-#: peak learning rate by model family: (test on the model, rate, why). The first family that matches applies.
-FAMILY_LR: tuple[tuple[str, Any, float, str], ...] = (
-    ("attention", lambda m: any("attention" in type(x).__name__.lower() for x in m.modules()), 1e-4,
-     "a model with attention layers: pretrained transformers are fine-tuned at 2e-5..1e-4; 1e-3 wrecks them"),
-    ("other", lambda m: True, 1e-3, "the default for models without attention (MLPs, CNNs)"),
-)
-
-
-def default_lr(model) -> tuple[float, str]:
-    """(learning rate, which family chose it) for a model when ``--lr`` is not given."""
-    for family, test, lr, why in FAMILY_LR:
-        if test(model):
-            return lr, f"{family}: {why}"
-    raise AssertionError("FAMILY_LR ends with a catch-all")

@@ -594,9 +594,10 @@ def compress(
         report.update(task=res.task.name, score_name=res.task.score_name, device=res.device,
                       skipped=[s.to_json() for s in res.skipped], mask_digest=res.mask_digest,
                       steps=res.total_steps, history=res.history, output=res.output.to_json(),
-                      lr={"value": res.lr, "source": res.lr_source}, warnings=list(res.warnings),
+                      lr=res.lr_choice.to_json(), warnings=list(res.warnings),
                       inputs=list(res.eval_shard.names))
         report["mask_digests_per_rank"] = distributed.gather_digests(res.mask_digest)
+        report["lr"]["digests_per_rank"] = distributed.gather_digests(res.lr_choice.digest())
         report["accuracy"]["dense"] = res.metrics["dense"]["score"]
         report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
         report["metrics"] = dict(res.metrics)

@@ -144,13 +144,16 @@ def fine_tune(
     progress: Progress | None = None,
     stop: int | None = None,
     checkpointer: Checkpointer | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> TrainOutcome:
     """Fine-tune ``model`` (already parametrized by ``method``) over a budget of ``total_steps`` steps.
 
     ``stop`` ends the loop early (the schedule still spans ``total_steps``); the masks are then left where
     the schedule had them, which is what the step-time benchmark needs. Under torchrun the model is wrapped
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
-    phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint."""
+    phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint.
+    ``lr_at(step)`` is the multiple of ``cfg.lr`` at each step (default: :func:`cosine_lr` with warm-up over
+    ``total_steps``; the LR range test of :mod:`sapp_compress.lr_probe` gives its own)."""
     masked, logits, rest = _param_groups(model, method)
     logit_lr = method.logit_lr_scale(cfg.lr)
     tensorwise = getattr(method.options, "logit_norm", "element") == "layer"
@@ -184,7 +187,7 @@ def fine_tune(
                 reset_optimizer_state(opt)
             if info.active:
                 distributed.check_same_masks(method.masks(), f"step {step + 1}")
-        lr = cfg.lr * cosine_lr(step / max(1, total_steps), cfg.warmup)
+        lr = cfg.lr * (lr_at(step) if lr_at is not None else cosine_lr(step / max(1, total_steps), cfg.warmup))
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         idx = batches(step)

@@ -1,0 +1,377 @@
+"""``--lr auto``: the fine-tune's peak learning rate, chosen by measuring it on the training shard.
+
+The probe holds out a few rows of the *training* shard (``LRProbeConfig.held_out``, at most ``max_rows``; the
+evaluation shard is never seen), and fine-tunes copies of the model on the other rows at each candidate rate
+(half-decades from 1e-5 to 1e-2), every copy from the same starting weights, on the same mini-batches, with the
+RNG in the same state. A copy runs the chosen method as the fine-tune does (its parametrizations, SA++'s
+logits and their rate rule, the coupled l2, warm-up and cosine decay over the probe's ``program`` steps); with
+``phase="sparse"`` (the default) the method first prunes to the target sparsity at once by its own scores and
+the copy trains in the method's final sparse phase (masks fixed), so what is measured is how well each rate
+recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
+..., final sparse) into the probe's steps instead. A copy's score is the task's loss on the held-out rows
+(lower is better); the winner's rate is the fine-tune's.
+
+The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
+:data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
+the loop that runs them:
+
+- ``halving`` (successive halving, the default): every candidate runs the first ``r`` steps of the program and
+  is scored; the best ``ceil(keep * n)`` continue (from where they stopped: in-memory checkpoints) to ``r / keep``
+  steps, and so on until one is left. With 7 candidates and ``keep = 1/3`` the cost is ``7 r + 3 (3 r - r) = 13 r``
+  steps and the last rung scores 3 candidates at a horizon of ``3 r``, against ``budget / 7`` for a grid;
+- ``grid``: every candidate runs the whole program of ``budget / n`` steps;
+- ``range`` (an LR range test): one copy climbs a staircase of the candidates, lowest first, ``budget / n`` steps
+  each; the stair that lowered the held-out loss most wins.
+
+BENCHMARKS.md section 15 measures them against the best fixed rate; a probe sees ``budget / T`` of the fine-tune,
+so on short fine-tunes it cannot see what a rate does after the first tens of steps (section 15 shows where that
+costs). Under ``torchrun`` every rank runs the same probe (each its slice of every global batch, as in the
+fine-tune) and the ranks' scores are compared after each rung, as the masks are: ranks that disagree stop the run
+instead of fine-tuning at different rates. The probe leaves the global RNG as it found it, so ``lr="auto"`` gives
+exactly the model a fixed ``lr`` at the chosen rate gives.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from calib_data.shards import Shard
+
+from . import distributed
+from .config import LRProbeConfig, PruneConfig, TrainConfig
+from .methods import METHODS
+from .tasks import Task
+from .training import fine_tune, to_tensors
+
+log = logging.getLogger(__name__)
+
+#: the shortest compressed program worth measuring (a dense step, a prune, a sparse step, ...); a budget that
+#: cannot give the last rung this many steps falls back to ``LRProbeConfig.fallback``
+MIN_PROGRAM = 4
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class Schedule:
+    """How a probe spends its budget: each candidate's program is ``program`` steps long; rung ``i`` runs the
+    survivors to step ``stops[i]`` of it, scores them, and keeps the best ``keeps[i]``."""
+
+    program: int
+    stops: tuple[int, ...]
+    keeps: tuple[int, ...]
+    runs: int | None = None  # runs at the first rung (None: one per candidate)
+
+    def cost(self, n: int) -> int:
+        """Optimizer steps spent with ``n`` candidates."""
+        alive, done, total = self.runs or n, 0, 0
+        for stop, keep in zip(self.stops, self.keeps):
+            total += alive * (stop - done)
+            alive, done = keep, stop
+        return total
+
+
+def halving(n: int, budget: int, keep: float) -> Schedule | None:
+    """Successive halving: survivors ``n_0 = n``, ``n_{i+1} = ceil(keep * n_i)`` until one is left; rung ``i``
+    ends at ``r / keep^i`` steps, with the largest ``r`` whose cost, ``sum_i n_i (stop_i - stop_{i-1})``, fits
+    ``budget``. None when the last rung would be shorter than :data:`MIN_PROGRAM`."""
+    survivors = [n]
+    while survivors[-1] > 1:
+        survivors.append(max(1, math.ceil(keep * survivors[-1] - 1e-9)))
+    growth = [(1.0 / keep) ** i for i in range(len(survivors) - 1)]
+    per_r = sum(a * (g - (growth[i - 1] if i else 0.0)) for i, (a, g) in enumerate(zip(survivors, growth)))
+    r = budget / per_r
+    while r > 0:
+        stops = tuple(max(1, int(round(r * g))) for g in growth)
+        sched = Schedule(stops[-1], stops, tuple(survivors[1:]))
+        if sched.cost(n) <= budget and all(a < b for a, b in zip(stops, stops[1:])):
+            return sched if sched.program >= MIN_PROGRAM else None
+        r -= 0.25
+    return None
+
+
+def grid(n: int, budget: int, keep: float) -> Schedule | None:
+    """Every candidate runs the whole program of ``budget // n`` steps; the best one wins."""
+    program = budget // n
+    return Schedule(program, (program,), (1,)) if program >= MIN_PROGRAM else None
+
+
+def staircase(n: int, budget: int, keep: float) -> Schedule | None:
+    """The LR range test: one run of ``budget`` steps, ``budget // n`` at each candidate, lowest first."""
+    per = budget // n
+    return Schedule(per * n, tuple(per * (i + 1) for i in range(n)), (1,) * n, runs=1) if per >= 1 else None
+
+
+# ------------------------------------------------------------------------------------------------- result
+@dataclass
+class ProbeResult:
+    """What the probe measured. ``scores[rate]`` is the held-out loss at each rung the rate reached."""
+
+    value: float
+    source: str  # "probe" or "fallback"
+    strategy: str
+    scores: dict[float, list[float]] = field(default_factory=dict)
+    program: int = 0
+    stops: tuple[int, ...] = ()
+    steps: int = 0
+    seconds: float = 0.0
+    rows: dict = field(default_factory=dict)
+    reason: str = ""
+    cpu_seconds: float = 0.0
+    fine_tune_seconds: float | None = None
+    fine_tune_cpu_seconds: float | None = None
+
+    def to_json(self) -> dict:
+        """The report's ``lr`` entry (``value``, ``source``, ``scores`` per candidate, ``probe`` details)."""
+        if self.source == "--lr":
+            return {"value": self.value, "source": self.source}
+        out = {"value": self.value, "source": self.source,
+               "scores": {f"{lr:g}": [_finite(v) for v in s] for lr, s in self.scores.items()}}
+        probe = {"strategy": self.strategy, "metric": "held-out loss (lower is better), one per rung reached",
+                 "program_steps": self.program, "rungs": list(self.stops), "steps": self.steps,
+                 "seconds": round(self.seconds, 3), "rows": self.rows}
+        if self.fine_tune_seconds:
+            probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)
+            probe["fraction_of_fine_tune"] = round(self.seconds / self.fine_tune_seconds, 4)
+        if self.fine_tune_cpu_seconds:  # process CPU time: the same ratio, unmoved by other jobs on the machine
+            probe["cpu_fraction_of_fine_tune"] = round(self.cpu_seconds / self.fine_tune_cpu_seconds, 4)
+        if self.reason:
+            probe["reason"] = self.reason
+        out["probe"] = probe
+        return out
+
+
+    def digest(self) -> str:
+        """sha256 of the choice and every score: equal digests, the same measurements (compared across ranks)."""
+        body = json.dumps([self.value, self.source, sorted((lr, [repr(v) for v in s]) for lr, s in self.scores.items())])
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+# ------------------------------------------------------------------------------------------------- runner
+class _Memory:
+    """:func:`~sapp_compress.training.fine_tune`'s checkpointer interface, in memory: keeps the run's state once it
+    reaches ``stop`` (the last step of that call, so nothing changes it afterwards), and resumes from it on the
+    next call (the resume path of the checkpoints: optimizer, method phase, RNG, step)."""
+
+    path = "memory"
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+        self.stop = 0
+
+    def load(self) -> dict | None:
+        return self.state
+
+    def due(self, next_step: int, total: int) -> bool:
+        return next_step == self.stop and next_step < total
+
+    def save(self, state: dict) -> None:
+        self.state = state
+
+
+class _Runner:
+    """Fine-tunes copies of the unparametrized ``student`` (with its ``plans``) at a candidate rate over the
+    compressed program, to a given step, and scores them on the held-out rows."""
+
+    def __init__(self, student: nn.Module, plans: list, teacher: nn.Module | None, task: Task, fit: Shard,
+                 held: Shard, prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device,
+                 program: int) -> None:
+        self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
+        self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
+        self.phase = train_cfg.lr_probe.phase
+        self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
+                                             warmup=train_cfg.warmup if train_cfg.lr_probe.warmup is None
+                                             else train_cfg.lr_probe.warmup)
+        self.live: dict[float, tuple[nn.Module, object, _Memory]] = {}
+        self.steps = 0
+        with torch.no_grad():
+            self.targets = (to_tensors((held.y,), torch.device("cpu"))[0] if teacher is None
+                            else _outputs(teacher, held, device).cpu())
+
+    def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
+        """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the
+        program; its held-out loss there (inf when it diverged). ``lr_at``: the rate's multiple at each step
+        (default: the fine-tune's cosine with warm-up over the program)."""
+        if lr not in self.live:
+            model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
+            method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.program)
+            model.to(self.device)
+            if self.phase == "sparse":
+                method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
+            self.live[lr] = (model, method, _Memory())
+            torch.manual_seed(self.train_cfg.seed)
+        model, method, memory = self.live[lr]
+        done = int(memory.state["step"]) if memory.state else 0
+        memory.stop = stop
+        cfg = dataclasses.replace(self.train_cfg, lr=lr)
+        try:
+            fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.program, stop=stop,
+                      checkpointer=memory, lr_at=lr_at)
+            loss = self._loss(model)
+        except FloatingPointError:
+            loss = math.inf
+        self.steps += stop - done
+        return loss if math.isfinite(loss) else math.inf
+
+    def start_loss(self) -> float:
+        """The held-out loss of the starting weights with the method attached (masks as the probe starts)."""
+        model, plans = copy.deepcopy((self.student, self.plans))
+        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.program)
+        model.to(self.device)
+        if self.phase == "sparse":
+            method.finish()
+        return self._loss(model)
+
+    def drop(self, lr: float) -> None:
+        self.live.pop(lr, None)
+
+    @torch.no_grad()
+    def _loss(self, model: nn.Module, chunk: int = 256) -> float:
+        """The task's loss on the held-out rows (means over chunks, weighted by their rows)."""
+        model.eval()
+        total, n = 0.0, len(self.held)
+        for i in range(0, n, chunk):
+            xs = to_tensors(tuple(x[i : i + chunk] for x in self.held.inputs), self.device)
+            out = model(*xs).float()
+            t = self.targets[i : i + chunk].to(self.device)
+            total += float(self.task.loss(out, t, self.train_cfg.distill_temperature)) * len(t)
+        return total / n
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, shard: Shard, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(*to_tensors(tuple(x[i : i + chunk] for x in shard.inputs), device)).float()
+                      for i in range(0, len(shard), chunk)])
+
+
+# -------------------------------------------------------------------------------------------------- probe
+def probe_split(train: Shard, cfg: LRProbeConfig, seed: int) -> tuple[Shard, Shard] | None:
+    """(rows the candidates train on, rows they are scored on): ``held_out`` of the shard, at most
+    ``max_rows``; None when the shard is too small to hold any out."""
+    n = len(train)
+    k = min(int(round(cfg.held_out * n)), cfg.max_rows)
+    if k < 1 or n - k < 1:
+        return None
+    return train.split(k / n, seed + 1)
+
+
+def choose_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: Task, train: Shard,
+              prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device, total_steps: int) -> ProbeResult:
+    """The fine-tune's peak rate: ``train_cfg.lr`` when it is a number (source ``--lr``), else :func:`probe_lr`'s."""
+    if train_cfg.lr != "auto":
+        return ProbeResult(float(train_cfg.lr), "--lr", "")
+    return probe_lr(student, plans, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
+
+
+def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: Task, train: Shard,
+             prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device, total_steps: int) -> ProbeResult:
+    """Choose the peak learning rate of a fine-tune of ``total_steps`` steps (see the module's docstring).
+
+    ``student`` and ``plans`` are the model and its planned layers (or families) before the method is attached;
+    they are copied, never changed. The global RNG states are restored when it returns."""
+    cfg = train_cfg.lr_probe
+    # torch's first optimizer imports torch._dynamo (about 1.5 s, once per process), which the fine-tune would pay
+    # otherwise: paid here, outside the probe's timing
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+    t0, c0 = time.perf_counter(), time.process_time()
+    cands = sorted(cfg.candidates)
+    budget = int(cfg.budget * total_steps)
+    sched = STRATEGIES[cfg.strategy].schedule(len(cands), budget, cfg.keep)
+    split = probe_split(train, cfg, train_cfg.seed)
+    if sched is None or split is None:
+        why = (f"a fine-tune of {total_steps} steps leaves the probe {budget} steps ({cfg.budget:.0%}), too few for "
+               f"{len(cands)} candidates" if sched is None else f"{len(train)} training rows are too few to hold any out")
+        log.info("lr probe skipped: %s; lr %g", why, cfg.fallback)
+        return ProbeResult(cfg.fallback, "fallback", cfg.strategy, reason=why)
+    fit, held = split
+    runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
+    res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
+                      time.perf_counter() - t0, {"trained": len(fit), "scored": len(held)},
+                      cpu_seconds=time.process_time() - c0)
+    log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
+    return res
+
+
+def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
+    """Rung by rung: every survivor runs to the rung's step and is scored; the best ``keep`` go on."""
+    scores: dict[float, list[float]] = {lr: [] for lr in cands}
+    alive = list(cands)
+    for rung, (stop, keep) in enumerate(zip(sched.stops, sched.keeps)):
+        for lr in alive:
+            scores[lr].append(runner.advance(lr, stop))
+            log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
+                     scores[lr][-1])
+        _check_same_scores({lr: scores[lr][-1] for lr in alive}, rung)
+        ranked = sorted(alive, key=lambda lr: (scores[lr][-1], lr))  # ties go to the lower rate
+        for lr in ranked[keep:]:
+            runner.drop(lr)
+        alive = ranked[:keep]
+    return alive[0], scores
+
+
+def range_test(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
+    """One run up a staircase of the candidates, lowest first, ``sched.stops[i]`` the end of stair ``i``; the
+    held-out loss after each stair; the winner is the stair that lowered it most (steepest descent)."""
+    stops = sched.stops
+
+    def stair(step: int) -> float:
+        return cands[min(sum(step >= s for s in stops), len(cands) - 1)]
+
+    losses, prev = {}, runner.start_loss()
+    for i, (lr, stop) in enumerate(zip(cands, stops)):
+        losses[lr] = [runner.advance(1.0, stop, stair)]
+        if not math.isfinite(losses[lr][0]):
+            break
+    gains = {lr: (prev if i == 0 else losses[cands[i - 1]][0]) - v[0] for i, (lr, v) in enumerate(losses.items())}
+    _check_same_scores({lr: v[0] for lr, v in losses.items()}, 0)
+    best = max(gains, key=lambda lr: (gains[lr], -lr))
+    return best, losses
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the probe spends its budget: ``schedule(candidates, budget steps, keep)`` (None: too short to probe)
+    and ``run(runner, candidates, schedule) -> (winner, held-out losses per candidate)``."""
+
+    schedule: Callable[[int, int, float], Schedule | None]
+    run: Callable[[_Runner, list[float], Schedule], tuple[float, dict[float, list[float]]]]
+
+
+#: the probe's strategies (``LRProbeConfig.strategy``); BENCHMARKS.md section 15 measures them
+STRATEGIES: dict[str, Strategy] = {
+    "halving": Strategy(halving, successive),
+    "grid": Strategy(grid, successive),
+    "range": Strategy(staircase, range_test),
+}
+
+
+def _check_same_scores(scores: dict[float, float], rung: int) -> None:
+    """Raise if the ranks measured different scores (they would choose different rates)."""
+    if not distributed.current().active:
+        return
+    digest = hashlib.sha256(json.dumps(sorted((lr, repr(v)) for lr, v in scores.items())).encode()).hexdigest()
+    digests = distributed.gather_digests(digest)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the lr probe's scores differ across ranks at rung {rung}: digests "
+                           f"{[d[:12] for d in digests]}")
+
+
+__all__ = ["MIN_PROGRAM", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
+           "probe_lr", "probe_split", "staircase"]
