@@ -281,10 +281,10 @@ def prune(
     metrics = {"dense": task.metrics(dense_out, eval_shard.y, dense_out)}
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
              total_steps, device, lr.value, lr.source)
-    cpu = time.process_time()
+    cpu_t0 = time.process_time()
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
-    lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu
+    lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu_t0
 
     student.to(cpu).eval()
     structure = None

@@ -214,6 +214,12 @@ def _fold_parametrizations(module: nn.Module) -> list[str]:
     if not parametrize.is_parametrized(module):
         return []
     names = list(module.parametrizations.keys())
+    # deepcopy shares the generated Parametrized<Module> class between the copies, and removing a
+    # parametrization deletes its property from that class: every other copy (the user's model, the pre-check's)
+    # would lose its weight. This module gets a class of its own first.
+    cls = type(module)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
     for name in names:  # not under no_grad: the folded tensor must stay a Parameter
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     # parametrizations.weight_norm also registers a local function (unpicklable, so torch.save would fail) that
