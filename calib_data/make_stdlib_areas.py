@@ -29,7 +29,8 @@ How a row is made:
    ``_decimal``) is dropped, then each module's paragraphs are packed, in order, into passages of
    ``MIN_CHARS``..``MAX_CHARS`` characters (long paragraphs split at sentence ends), about 30-80 words.
 5. The passages are split 80/20 per label with a fixed seed into ``stdlib_areas.train.jsonl`` and
-   ``stdlib_areas.test.jsonl``.
+   ``stdlib_areas.test.jsonl``; a test passage whose text is also a training passage (the same paragraphs
+   packed alike under two objects: 2 of them) is dropped.
 """
 from __future__ import annotations
 
@@ -276,6 +277,9 @@ def split(data: list[dict]) -> dict[str, list[dict]]:
         k = int(round(HELD_OUT * len(rs)))
         out["test"] += [rs[i] for i in sorted(perm[:k])]
         out["train"] += [rs[i] for i in sorted(perm[k:])]
+    # two paragraphs packed the same way under different objects give one passage twice: never on both sides
+    trained = {r["text"] for r in out["train"]}
+    out["test"] = [r for r in out["test"] if r["text"] not in trained]
     return {part: [rs[i] for i in rng.permutation(len(rs))] for part, rs in out.items()}
 
 

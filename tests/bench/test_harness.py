@@ -33,6 +33,7 @@ def test_every_script_parses_its_command_line(harness, script, monkeypatch, caps
     # tests/engine/planted.py by the same name)
     spec = importlib.util.spec_from_file_location(f"bench_script_{script}", BENCH / f"{script}.py")
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # as python does for __main__ (dataclasses look it up)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", "--help"])
     with pytest.raises(SystemExit) as e:
