@@ -20,6 +20,7 @@ Tasks (``--block`` / ``--sparsity`` default B = 16, s = 0.8):
   x 64, 400 x 64, 300 x 256), held-out 20 % chosen by the seed; ``ctr_cli``: the CTR task at the CLI's default
   budget (10 epochs at batch 64: 7500 steps);
 - ``tiny_bert``: examples/models/tiny_bert on its own held-out split (bench/lr_family.py), 300 steps x 32;
+- ``stdlib_bert``: the trained examples/models/stdlib_bert on its own test passages, 300 steps x 32;
 - ``planted``: the planted block-sparse regression of BENCHMARKS.md section 3 (tests/engine/planted.py, noise
   30, B = 8, 560 steps x 128, coupled l2 1e-2, no clipping); score R^2 on the held-out 20 %, and the share of
   planted blocks kept.
@@ -97,6 +98,35 @@ def _tiny_bert(seed: int) -> Case:
     return Case(load_model(lr_family.MODEL), train, ev, {}, dict(steps=300, batch_size=32), digest)
 
 
+STDLIB_BERT = ROOT / "examples" / "models" / "stdlib_bert"
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_shards() -> tuple[Shard, Shard, str]:
+    """examples/models/stdlib_bert's training and test shards (its own tokenizer, 128 tokens)."""
+    import hashlib
+
+    from calib_data.text import text_shard
+
+    tmp = Path(tempfile.mkdtemp(prefix="lr_probe_"))
+    out = {}
+    for part in ("train", "test"):
+        out[part] = tmp / f"{part}.npz"
+        text_shard(STDLIB_BERT, ROOT / "calib_data" / "text" / f"stdlib_areas.{part}.jsonl", out[part],
+                   label_field="label")
+    digest = hashlib.sha256((STDLIB_BERT / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return load_shard(out["train"]), load_shard(out["test"]), digest
+
+
+def _stdlib_bert(seed: int) -> Case:
+    """The trained BERT classifier (4 layers, hidden 128, 0.875 test accuracy) on its own test passages, 300
+    steps x 32 (tiny_bert's budget)."""
+    from sapp_compress.loading import load_model
+
+    train, ev, digest = _stdlib_shards()
+    return Case(load_model(STDLIB_BERT), train, ev, {}, dict(steps=300, batch_size=32), digest)
+
+
 def _planted(seed: int) -> Case:
     from planted import planted_problem, recovery
 
@@ -113,6 +143,7 @@ TASKS: dict[str, Callable[[int], Case]] = {
     "ctr": functools.partial(_accuracy_task, "ctr"),
     "ctr_cli": _ctr_cli,
     "tiny_bert": _tiny_bert,
+    "stdlib_bert": _stdlib_bert,
     "planted": _planted,
 }
 

@@ -94,6 +94,9 @@ def latency_aware(args, tmp: Path) -> None:
         for seed in args.seeds:
             for method in args.methods:
                 uni = run(name, method, seed, args.sparsity, args, tmp, batch=args.batch)
+                if not any((r["model"], r["method"], r["seed"], r["sparsity"]) == (name, method, seed, args.sparsity)
+                           for r in read_rows(args.rows)):
+                    append_row(args.rows, uni)  # the uniform run is also a row of the accuracy table
                 y = measured_speedup(name, tmp / "m.onnx", args)
                 lat = run(name, method, seed, args.sparsity, args, tmp, target=round(y, 3), batch=args.batch)
                 row = {"model": name, "method": method, "seed": seed, "batch": args.batch, "sparsity": args.sparsity,

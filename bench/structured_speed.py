@@ -30,7 +30,7 @@ Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`
 - ``dense_passes``: the dense export with the same passes, so that the table also says how much of the speed-up
   is the pruning alone (``fp32_vs_dense_passes``).
 
-Results: bench/results/structured_speed.json; BENCHMARKS.md, section 15.
+Results: bench/results/structured_speed.json; BENCHMARKS.md, section 16.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ where it measures faster on this machine.
 - ``unfused_layernorm``: an ``Add`` whose only consumer is a ``LayerNormalization`` becomes a ``Sum`` (the same
   function). ORT fuses ``Add -> LayerNormalization`` into its ``SkipLayerNormalization`` kernel, which ran 8x
   slower than ``Sum`` + ``LayerNormalization`` at ``[1, 128, 768]``, 1 thread, on an AMD EPYC with AVX-512
-  (0.93 ms against 0.11 ms, BENCHMARKS.md section 15): at batch 1 it took 23 % of a BERT-base-shaped encoder with
+  (0.93 ms against 0.11 ms, BENCHMARKS.md section 16): at batch 1 it took 23 % of a BERT-base-shaped encoder with
   a quarter of its heads and neurons left. The fused kernel may be the faster one elsewhere, hence the timing.
 
 :func:`choose` times the graph with each pass against without it (interleaved, median, through the timing

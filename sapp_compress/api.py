@@ -263,7 +263,7 @@ def prune(
 
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
-    table = _latency_table(student, splan, train, prune_cfg, speed) if prune_cfg.target_speedup else None
+    table, timer = _latency_table(student, splan, train, prune_cfg, speed) if prune_cfg.target_speedup else (None, None)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
     lr = choose_lr(student, plans, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
     train_cfg = dataclasses.replace(train_cfg, lr=lr.value)
@@ -274,7 +274,8 @@ def prune(
         from .structure.allocate import Allocator
 
         allocator = Allocator(table, speed or _default_speed(prune_cfg), _loss_on_rows(student, teacher, task, train,
-                                                                                        train_cfg, device))
+                                                                                        train_cfg, device),
+                              timer=timer)
         method.before_sparsify = allocator
 
     dense_out = predict(dense, eval_shard, cpu)
@@ -327,22 +328,24 @@ SENSITIVITY_ROWS = 32
 
 
 def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, speed):
-    """The latency table of ``--target-speedup`` (before any fine-tuning); an unreachable target is exit 2."""
-    from .structure.allocate import build_table
+    """The latency table of ``--target-speedup`` (before any fine-tuning) and the whole-model timer the allocations
+    are measured with; an unreachable target is exit 2."""
+    from .structure.allocate import WholeTimer, build_table
 
     t0 = time.perf_counter()
     speed = speed or _default_speed(cfg)
     n = len(train)
     feed = _onnx_rows(train, np.arange(speed.batch) % n)
     calibration = _onnx_rows(train, np.unique(np.linspace(0, n - 1, min(n, 32)).astype(np.int64)))
-    table = build_table(student, splan, _onnx_rows(train, np.arange(2)), feed, speed, calibration, inner_of=unwrap)
+    timer = WholeTimer(student, splan, _onnx_rows(train, np.arange(2)), feed, speed, calibration, inner_of=unwrap)
+    table = build_table(student, splan, timer.export_rows, feed, speed, calibration, inner_of=unwrap, timer=timer)
     table.seconds = round(time.perf_counter() - t0, 3)
     best = table.best_speedup()
     if best < cfg.target_speedup:
         raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this model "
                             f"reaches on this machine (every head, neuron and channel family at its smallest "
                             f"width, batch {speed.batch}, {speed.precision}) is {best:.2f}x")
-    return table
+    return table, timer
 
 
 def _loss_on_rows(student: nn.Module, teacher, task, train: Shard, cfg: TrainConfig, device):

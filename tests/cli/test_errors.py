@@ -189,7 +189,7 @@ def test_sigint_exits_130_and_leaves_nothing(tmp_path, mlp_path):
     out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sapp_compress", str(mlp_path), "-o", str(out), "--report", str(rep),
-         "--steps", "100000"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+         "--steps", "100000", "--lr", "1e-3"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     # wait until fine-tuning is under way (the progress line), then interrupt
     deadline = time.time() + 120
