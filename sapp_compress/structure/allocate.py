@@ -227,7 +227,8 @@ def _as_precision(proto, precision: str, feed, calibration, threads, cache):
 
 class WholeTimer:
     """The whole model with given family widths, timed against the dense one in ONNX Runtime: exported (from a
-    copy of ``model`` taken now: latency does not depend on the weights' values), in the target's precision,
+    copy of ``model`` taken now: latency does not depend on the weights' values) with the graph passes the
+    written model gets (:mod:`converters.passes`; the dense model as exported), in the target's precision,
     interleaved on ``feed`` (the serving batch), through the timing cache. ``timer(widths)`` returns
     ``(dense_ms, ms)``; ``timer(None)`` the dense model against itself."""
 
@@ -247,13 +248,18 @@ class WholeTimer:
 
         from .remove import remove
 
-        m = self.model
-        if widths is not None:
+        from converters import passes
+
+        if widths is None:
+            proto = _export(self.model, self.export_rows)
+        else:  # as the written model will be: with the graph passes that measure faster here
             m = copy.deepcopy(self.model)
             remove(self.inner_of(m), self.plan.families,
                    {f.name: np.arange(f.n_units) < widths.get(f.name, f.n_units) for f in self.plan.families})
-        return _as_precision(_export(m, self.export_rows), self.target.precision, self.feed, self.calibration,
-                             self.target.threads, self.cache)
+            proto = passes.choose(_export(m, self.export_rows), self.feed, threads=self.target.threads,
+                                  cache=self.cache).model
+        return _as_precision(proto, self.target.precision, self.feed, self.calibration, self.target.threads,
+                             self.cache)
 
     def __call__(self, widths: dict[str, int] | None) -> tuple[float, float]:
         from converters.latency import model_ms
