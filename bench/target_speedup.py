@@ -66,6 +66,7 @@ def run(name: str, target: float, batch: int, steps: int, tmp: Path) -> dict:
     row = {"model": name, "target": target, "batch": batch, "predicted": t["predicted"], "measured": t["measured"],
            "in_range": target <= t["measured"] <= 1.25 * target,
            "rounds": [{k: r[k] for k in ("round", "measured", "predicted", "ms", "widths")} for r in t["rounds"]],
+           "allocations": t["allocations"],
            "table_seconds": rep["timings"].get("latency_table"), "allocation_seconds": rep["timings"].get("allocation"),
            "parameters": rep["structure"]["parameters"]}
     print(f"{name} X={target:g} batch {batch}: predicted {t['predicted']:.2f}x, measured {t['measured']:.2f}x "
