@@ -143,6 +143,10 @@ class LatencyTable:
                              for f in self.widths}}
 
 
+#: the loss added per unit share removed, so that equal losses resolve to the wider choice
+TIE = 1e-9
+
+
 def allocate(table: LatencyTable, loss: dict[str, list[float]], target_ms: float) -> dict[str, int] | None:
     """The kept-unit count per family (one of its candidate widths) with the least summed ``loss`` (family ->
     loss growth at each candidate width) whose predicted latency is at most ``target_ms``; None when even the
@@ -153,6 +157,10 @@ def allocate(table: LatencyTable, loss: dict[str, list[float]], target_ms: float
         return {f: table.widths[f][-1] for f in names} if table.rest_ms <= target_ms else None
     if budget < sum(table.ms[f][0] for f in names) - 1e-12:
         return None
+    # among choices that lose the same (loss growth is clamped at zero, so a trained model's early measurement
+    # ties often), remove less: a tie-break far below any measured loss growth
+    loss = {f: [lo + TIE * (1.0 - w / table.widths[f][-1]) for w, lo in zip(table.widths[f], loss[f])]
+            for f in names}
     step = budget / BINS
     # to the nearest step: a choice that meets the budget exactly stays feasible; the error is at most half a
     # step per family (1/800 of the budget each)
@@ -184,7 +192,7 @@ def allocate(table: LatencyTable, loss: dict[str, list[float]], target_ms: float
     return out
 
 
-__all__ = ["BINS", "LatencyTable", "allocate", "candidate_widths", "family_specs"]
+__all__ = ["BINS", "LatencyTable", "TIE", "allocate", "candidate_widths", "family_specs"]
 
 
 # --- building the table and the loss, and the hook that allocates during the fine-tune --------------------

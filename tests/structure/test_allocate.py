@@ -32,6 +32,15 @@ def test_allocation_minimises_loss_under_the_latency_budget():
     assert _table().best_speedup() == pytest.approx(10.0 / 4.0)
 
 
+def test_equal_losses_keep_the_wider_choice():
+    """A trained model's loss growth, clamped at zero, often ties: then the allocation removes as little as the
+    budget allows, not as much as it can (it fell to the smallest widths, 3.4x for a 2.3x target)."""
+    zero = {"A": [0.0] * 4, "B": [0.0] * 4}
+    assert allocate(_table(), zero, 10.0) == {"A": 4, "B": 64}
+    w = allocate(_table(), zero, 6.0)  # 4 ms for the families: two of the widest pairs fit exactly
+    assert _table().predict(w) == pytest.approx(6.0) and w in ({"A": 2, "B": 32}, {"A": 3, "B": 16}, {"A": 1, "B": 48})
+
+
 def test_calibration_goes_through_two_measured_models():
     t = _table()
     t.calibrate(half_ms=7.0)  # full widths sum to 8, half widths (2 heads, 32 neurons) to 4
