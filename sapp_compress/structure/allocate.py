@@ -338,9 +338,6 @@ class Allocator:
         self.history: list[dict] = []
         self.loss: dict[str, list[float]] = {}
 
-    def target_ms(self) -> float:
-        return self.table.dense_ms / (self.target.speedup * (1.0 + MARGIN))
-
     def sensitivity(self, method) -> dict[str, list[float]]:
         import torch
 
