@@ -28,7 +28,9 @@ Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`
 - ``tool_int8``: what ``--quantize int8`` writes: the same through ``converters.quantize_whole`` (the fastest of
   ORT's int8 forms of the smaller graph, measured at the larger batch);
 - ``dense_passes``: the dense export with the same passes, so that the table also says how much of the speed-up
-  is the pruning alone (``fp32_vs_dense_passes``).
+  is the pruning alone (``fp32_vs_dense_passes``); where a pass applies, ORT's three int8 forms of that graph
+  too (``ort_dyn_s8+passes``, ...: ``int8_vs_ort_best_passes``), since a pass that helps the smaller graph also
+  helps ORT's int8 of the dense one.
 
 Results: bench/results/structured_speed.json; BENCHMARKS.md, section 16.
 """
@@ -153,6 +155,9 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
     for name_ in dict.fromkeys(applied):
         dense_proto = passes.PASSES[name_](dense_proto)[0]
     graphs["dense_passes"] = dense_proto.SerializeToString()
+    if applied:  # ORT's int8 of the dense graph with the same passes: how much of the int8 gain is the pruning
+        for k in ORT_NAMES:
+            graphs[f"{k}+passes"] = ort_int8(graphs["dense_passes"], k, calib)
     out = {"model": desc, "families": len(plan.families), "choices": choices,
            "sizes": {k: len(v) for k, v in graphs.items()}, "batches": {}}
     for b in batches:
@@ -166,19 +171,24 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         med = medians(time_sessions(sessions(graphs, threads=1, spin=False), feed, rounds, loop_s=0.0))
         peers = [k for k in ORT_NAMES if errs[k] <= ok]
         best = min(peers, key=med.get) if peers else None
-        row = {"ms": {k: round(v, 3) for k, v in med.items()}, "int8_error": errs, "ort_best": best}
+        peers_p = [f"{k}+passes" for k in ORT_NAMES if errs.get(f"{k}+passes", np.inf) <= ok]
+        best_p = min(peers_p, key=med.get) if peers_p else None
+        row = {"ms": {k: round(v, 3) for k, v in med.items()}, "int8_error": errs, "ort_best": best,
+               "ort_best_passes": best_p}
         for s in sparsities:
             row[f"s{s}"] = {"fp32_vs_dense": med["dense"] / med[f"tool_fp32 s{s}"],
                             "fp32_vs_dense_passes": med["dense_passes"] / med[f"tool_fp32 s{s}"],
                             "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
+                            "int8_vs_ort_best_passes": (med[best_p] / med[f"tool_int8 s{s}"]) if best_p else None,
                             "int8_vs_dense": med["dense"] / med[f"tool_int8 s{s}"]}
         out["batches"][str(b)] = row
         print(f"{name} batch {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()), flush=True)
         for s in sparsities:
             r = row[f"s{s}"]
             ib = f"{r['int8_vs_ort_best']:.2f}x" if r["int8_vs_ort_best"] else "-"
+            ip = (f" ({r['int8_vs_ort_best_passes']:.2f}x {best_p})" if r["int8_vs_ort_best_passes"] else "")
             print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32 ({r['fp32_vs_dense_passes']:.2f}x with the same "
-                  f"passes); int8 {ib} ORT's best int8 ({best}), "
+                  f"passes); int8 {ib} ORT's best int8 ({best}){ip}, "
                   f"{r['int8_vs_dense']:.2f}x dense fp32", flush=True)
     return out
 

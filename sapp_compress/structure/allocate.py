@@ -200,7 +200,7 @@ __all__ = ["BINS", "LatencyTable", "TIE", "allocate", "candidate_widths", "famil
 #: the allocation aims this much above the target, so that timing noise leaves the measured speed-up at or above it
 MARGIN = 0.05
 #: whole-model measurements of an allocation (and re-allocations through them) at each allocation
-REFINE = 4
+REFINE = 5
 
 
 @dataclass(frozen=True)
@@ -376,14 +376,21 @@ class Allocator:
             widths = {f: w[0] for f, w in self.table.widths.items()}
         return widths
 
+    def _loss_at(self, widths: dict[str, int]) -> float:
+        return sum(float(np.interp(w, self.table.widths[f], self.loss[f])) for f, w in widths.items() if f in self.loss)
+
     def measured_allocation(self) -> tuple[dict[str, int], list[dict]]:
         """Allocate on the table for the target (plus :data:`MARGIN`), then time the whole model at those widths
         against the dense one; while the measured speed-up is outside [X, (1 + 2 MARGIN) X], ask the table for a
-        speed-up scaled by how far the measurement fell from the goal and allocate again (at most :data:`REFINE`
-        measurements). The per-op sums mislead most where an allocation is far from the models the fit went
-        through (measured on the BERT-base-shaped encoder: every head family at one head predicted 2.11x and
-        measured 2.50x). Returns the widths measured closest to the target from above (else the fastest
-        measured) and the measurements."""
+        speed-up scaled by how far the measurement fell from the goal (or interpolated between two measurements
+        that bracket it) and allocate again, at most :data:`REFINE` measurements. When the next ask gives an
+        allocation already measured, the ask halfway (geometrically) between the bracketing asks is tried
+        instead. The per-op sums mislead most where an allocation is far from the models the fit went through
+        (measured on the BERT-base-shaped encoder: every head family at one head predicted 2.11x and measured
+        2.50x). Returns, of the allocations measured at or above the target, the one of least loss (the
+        nearest to the target among equals; else the fastest measured), and the measurements."""
+        import math
+
         x = self.target.speedup
         ask = x * (1.0 + MARGIN)
         widths = self._allocate(ask)
@@ -400,10 +407,19 @@ class Allocator:
             ask = min(max(_next_ask(seen, x * (1.0 + MARGIN)), 1.0 + 1e-6), self.table.best_speedup())
             nxt = self._allocate(ask)
             if any(m["widths"] == nxt for m in seen):
-                break
+                below = [m["asked"] for m in seen if m["measured"] < x]
+                above = [m["asked"] for m in seen if m["measured"] > (1 + 2 * MARGIN) * x]
+                if not (below and above):
+                    break
+                ask = math.sqrt(max(below) * min(above))
+                nxt = self._allocate(ask)
+                if any(m["widths"] == nxt for m in seen):
+                    break
             widths = nxt
         above = [m for m in seen if m["measured"] >= x]
-        best = min(above, key=lambda m: m["measured"]) if above else max(seen, key=lambda m: m["measured"])
+        if not above:
+            return max(seen, key=lambda m: m["measured"])["widths"], seen
+        best = min(above, key=lambda m: (round(self._loss_at(m["widths"]), 12), m["measured"]))
         return best["widths"], seen
 
 

@@ -130,3 +130,26 @@ def test_allocator_sets_each_familys_target_at_the_first_and_last_sparsify():
     kept = {layer.name: int(layer.alive().sum()) for layer in method.layers}
     assert kept == widths
     assert np.isclose(method.target(method.layers[0]), 1 - 128 / 256)
+
+
+def test_search_bisects_a_repeated_ask_and_keeps_the_least_loss():
+    """Noisy measurements (a narrower model measured slower): asked 2.1x, (1 head, 16 neurons) measures 2.5x; the
+    ask scaled down (1.76x) gives (2, 16), 2.6x; scaled again (1.43x), (3, 32), 0.9x. Interpolating between the
+    bracketing measurements asks for an allocation already measured, so the geometric midpoint of the bracketing
+    asks is tried: 1.59x, (2, 32), 1.7x. Of the two at or above 2x, (2, 16) loses less (3.0 against 5.0) and is
+    kept, though (1, 16) measured closer to the target."""
+    measured = {(1, 16): 2.5, (2, 16): 2.6, (3, 32): 0.9, (2, 32): 1.7}
+    calls = []
+
+    def timer(widths):
+        calls.append((widths["A"], widths["B"]))
+        return 10.0, 10.0 / measured.get(calls[-1], 1.1)
+
+    alloc = Allocator(_table(), SpeedTarget(2.0), lambda: 0.0, timer=timer)
+    alloc.loss = {"A": [3.0, 1.0, 0.2, 0.0], "B": [2.0, 0.5, 0.1, 0.0]}
+    widths, seen = alloc.measured_allocation()
+    assert calls[:4] == [(1, 16), (2, 16), (3, 32), (2, 32)]
+    asks = [m["asked"] for m in seen]
+    assert asks[:3] == pytest.approx([2.1, 2.1 * 2.1 / 2.5, 2.1 * 2.1 / 2.5 * 2.1 / 2.6])
+    assert asks[3] == pytest.approx(np.sqrt(asks[2] * asks[1]))  # the bisection
+    assert widths == {"A": 2, "B": 16}
