@@ -324,7 +324,7 @@ def _onnx_rows(shard: Shard, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 
 #: rows of the training shard the latency-aware allocation measures each family's loss growth on
-SENSITIVITY_ROWS = 32
+SENSITIVITY_ROWS = 64
 
 
 def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, speed):
@@ -348,20 +348,42 @@ def _latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, sp
     return table, timer
 
 
+def _divergence(task, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """How far outputs ``out`` are from the dense model's ``ref``: KL divergence of the class distributions for a
+    classifier, binary cross-entropy against the dense model's probabilities for a binary one, else the mean
+    squared difference."""
+    import torch.nn.functional as F
+
+    out, ref = out.float(), ref.float()
+    if task.is_classifier:
+        n = out.shape[-1]
+        return F.kl_div(F.log_softmax(out.reshape(-1, n), -1), F.log_softmax(ref.reshape(-1, n), -1),
+                        reduction="batchmean", log_target=True)
+    if task.name == "binary":
+        return F.binary_cross_entropy_with_logits(out.reshape(-1), torch.sigmoid(ref.reshape(-1)))
+    return F.mse_loss(out.reshape(ref.shape), ref)
+
+
 def _loss_on_rows(student: nn.Module, teacher, task, train: Shard, cfg: TrainConfig, device):
-    """``loss_of()``: the task loss of ``student`` on fixed rows of the training shard, without gradients."""
+    """``loss_of()``: how far ``student``'s outputs on fixed rows of the training shard are from the dense
+    model's (``student`` as it is now, before any pruning; :func:`_divergence`), without gradients. Against the
+    dense outputs rather than the labels: a trained model fits its training rows, so the labels' loss barely
+    moves (and its growth, clamped at zero, ties) where the outputs already change."""
     idx = np.unique(np.linspace(0, len(train) - 1, min(len(train), SENSITIVITY_ROWS)).astype(np.int64))
     xs = to_tensors(tuple(np.asarray(x[idx]) for x in train.inputs), device)
-    with torch.no_grad():
-        target = teacher(*xs).float() if teacher is not None else to_tensors((train.y[idx],), device)[0]
 
-    def loss_of() -> float:
+    def outputs() -> torch.Tensor:
         was = student.training
         student.eval()
         with torch.no_grad():
-            out = float(task.loss(student(*xs).float(), target, cfg.distill_temperature))
+            out = student(*xs).float()
         student.train(was)
         return out
+
+    ref = outputs()
+
+    def loss_of() -> float:
+        return float(_divergence(task, outputs(), ref))
 
     return loss_of
 

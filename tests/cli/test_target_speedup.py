@@ -18,6 +18,7 @@ from conftest import ROOT, one_line_error  # noqa: E402
 from sapp_compress.cli import main  # noqa: E402
 from sapp_compress.errors import ModelLoadError  # noqa: E402
 from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.structure.allocate import REFINE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,7 @@ def test_target_speedup_end_to_end(case, tmp_path):
     # the fit went through the measured half-width model; every allocation was measured as a whole model
     cal = t["table"]["calibration"]
     assert cal["half"]["ms"] > 0 and all(k == "half" or k.startswith("allocation ") for k in cal)
-    assert all(1 <= len(a["measured"]) <= 4 for a in t["allocations"])
+    assert all(1 <= len(a["measured"]) <= REFINE for a in t["allocations"])
     widths = t["rounds"][-1]["widths"]
     assert widths == {row["name"]: row["kept_units"] for row in r["layers"]}
     assert t["measured"] == pytest.approx(t["rounds"][-1]["ms"]["dense"] / t["rounds"][-1]["ms"]["pruned"])

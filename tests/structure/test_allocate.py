@@ -153,3 +153,25 @@ def test_search_bisects_a_repeated_ask_and_keeps_the_least_loss():
     assert asks[:3] == pytest.approx([2.1, 2.1 * 2.1 / 2.5, 2.1 * 2.1 / 2.5 * 2.1 / 2.6])
     assert asks[3] == pytest.approx(np.sqrt(asks[2] * asks[1]))  # the bisection
     assert widths == {"A": 2, "B": 16}
+
+
+def test_allocation_loss_is_the_divergence_from_the_dense_outputs():
+    """The loss growth the allocation weighs is measured against the dense model's outputs, not the labels: zero
+    for the unpruned model, and it grows when a unit goes even where every training row stays correctly
+    classified (the labels' loss would then barely move)."""
+    from calib_data.shards import Shard
+    from sapp_compress.api import _loss_on_rows
+    from sapp_compress.config import TrainConfig
+    from sapp_compress.tasks import Task
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(40, 8)
+    y = model(x).argmax(1).numpy()  # the labels the model already fits
+    shard = Shard((x.numpy(),), y, ("x",))
+    loss_of = _loss_on_rows(model, None, Task("classification", 3), shard, TrainConfig(), torch.device("cpu"))
+    assert loss_of() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        model[0].weight[3].zero_()
+        model[0].bias[3] = 0.0
+    assert loss_of() > 1e-4
