@@ -149,6 +149,12 @@ class LRProbeConfig:
         keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).
         warmup: the candidates' warm-up fraction (None: the fine-tune's).
         fallback: the rate used when the budget is too short to probe (the report says so).
+        scoring: the held-out rows scored, all evaluations together, at most this many times the rows the probe
+            trains on (its steps times the batch size): half to the last rung, the other half shared by the
+            earlier evaluations, never fewer than 32 rows an evaluation (nor more than are held out). A forward
+            row costs about a third of a training row, so the scoring adds at most ~40 % to the probe's
+            training; on a transformer scored on all 418 held-out rows at every rung it had tripled the probe
+            (BENCHMARKS.md section 15).
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -160,6 +166,7 @@ class LRProbeConfig:
     keep: float = 1.0 / 3.0
     warmup: float | None = None
     fallback: float = 1e-3
+    scoring: float = 1.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -177,6 +184,8 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.max_rows: expected a positive integer, got {self.max_rows!r}")
         if not self.fallback > 0:
             raise ConfigError(f"lr_probe.fallback: expected a positive rate, got {self.fallback!r}")
+        if not self.scoring > 0:
+            raise ConfigError(f"lr_probe.scoring: expected a positive multiple, got {self.scoring!r}")
         from .lr_probe import STRATEGIES  # the registry imports this module
 
         if self.strategy not in STRATEGIES:

@@ -9,7 +9,8 @@ logits and their rate rule, the coupled l2, warm-up and cosine decay over the pr
 the copy trains in the method's final sparse phase (masks fixed), so what is measured is how well each rate
 recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
 ..., final sparse) into the probe's steps instead. A copy's score is the task's loss on the held-out rows
-(lower is better); the winner's rate is the fine-tune's.
+(lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
+every candidate of a rung on the same rows); the winner's rate is the fine-tune's.
 
 The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
 :data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
@@ -54,6 +55,9 @@ from .tasks import Task
 from .training import fine_tune, to_tensors
 
 log = logging.getLogger(__name__)
+
+#: the fewest held-out rows an evaluation scores (:attr:`LRProbeConfig.scoring`)
+MIN_SCORED = 32
 
 #: the shortest compressed program worth measuring (a dense step, a prune, a sparse step, ...); a budget that
 #: cannot give the last rung this many steps falls back to ``LRProbeConfig.fallback``
@@ -109,6 +113,18 @@ def staircase(n: int, budget: int, keep: float) -> Schedule | None:
     """The LR range test: one run of ``budget`` steps, ``budget // n`` at each candidate, lowest first."""
     per = budget // n
     return Schedule(per * n, tuple(per * (i + 1) for i in range(n)), (1,) * n, runs=1) if per >= 1 else None
+
+
+def scored_rows(sched: Schedule, n: int, allowed: float, held: int) -> tuple[int, ...]:
+    """Held-out rows scored at each rung of ``sched`` with ``n`` candidates, ``allowed`` rows in all: half to the
+    last rung's evaluations, the other half shared by the earlier ones (one rung: all of it), at least
+    :data:`MIN_SCORED` and at most ``held`` an evaluation. Every candidate of a rung is scored on the same rows."""
+    evals = [sched.runs or n] + list(sched.keeps[:-1])
+    clamp = lambda r: int(min(held, max(MIN_SCORED, r)))  # noqa: E731
+    if len(evals) == 1:
+        return (clamp(allowed / evals[0]),)
+    early = clamp(allowed / 2 / sum(evals[:-1]))
+    return (early,) * (len(evals) - 1) + (clamp(allowed / 2 / evals[-1]),)
 
 
 # ------------------------------------------------------------------------------------------------- result
@@ -197,6 +213,8 @@ class _Runner:
                                              else train_cfg.lr_probe.warmup)
         self.live: dict[float, tuple[nn.Module, object, _Memory]] = {}
         self.steps = 0
+        self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
+        self.rows_per_rung: tuple[int, ...] = ()
         with torch.no_grad():
             self.targets = (to_tensors((held.y,), torch.device("cpu"))[0] if teacher is None
                             else _outputs(teacher, held, device).cpu())
@@ -242,11 +260,12 @@ class _Runner:
     def _loss(self, model: nn.Module, chunk: int = 256) -> float:
         """The task's loss on the held-out rows (means over chunks, weighted by their rows)."""
         model.eval()
-        total, n = 0.0, len(self.held)
+        total, n = 0.0, min(len(self.held), self.rows or len(self.held))
         for i in range(0, n, chunk):
-            xs = to_tensors(tuple(x[i : i + chunk] for x in self.held.inputs), self.device)
+            j = min(i + chunk, n)
+            xs = to_tensors(tuple(x[i:j] for x in self.held.inputs), self.device)
             out = model(*xs).float()
-            t = self.targets[i : i + chunk].to(self.device)
+            t = self.targets[i:j].to(self.device)
             total += float(self.task.loss(out, t, self.train_cfg.distill_temperature)) * len(t)
         return total / n
 
@@ -299,11 +318,13 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
         return ProbeResult(cfg.fallback, "fallback", cfg.strategy, reason=why)
     fit, held = split
     runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program)
+    runner.rows_per_rung = scored_rows(sched, len(cands), cfg.scoring * budget * train_cfg.batch_size, len(held))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
-                      time.perf_counter() - t0, {"trained": len(fit), "scored": len(held)},
+                      time.perf_counter() - t0,
+                      {"trained": len(fit), "scored": len(held), "scored_per_rung": list(runner.rows_per_rung)},
                       cpu_seconds=time.process_time() - c0)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
@@ -314,6 +335,7 @@ def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
     scores: dict[float, list[float]] = {lr: [] for lr in cands}
     alive = list(cands)
     for rung, (stop, keep) in enumerate(zip(sched.stops, sched.keeps)):
+        runner.rows = runner.rows_per_rung[rung]
         for lr in alive:
             scores[lr].append(runner.advance(lr, stop))
             log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
@@ -330,6 +352,7 @@ def range_test(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
     """One run up a staircase of the candidates, lowest first, ``sched.stops[i]`` the end of stair ``i``; the
     held-out loss after each stair; the winner is the stair that lowered it most (steepest descent)."""
     stops = sched.stops
+    runner.rows = min(runner.rows_per_rung)  # every stair against the one before: the same rows throughout
 
     def stair(step: int) -> float:
         return cands[min(sum(step >= s for s in stops), len(cands) - 1)]
@@ -373,5 +396,5 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_PROGRAM", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
-           "probe_lr", "probe_split", "staircase"]
+__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
+           "probe_lr", "probe_split", "scored_rows", "staircase"]

@@ -90,7 +90,9 @@ def test_probe_never_sees_the_evaluation_shard():
     a = prune(student, train, CFG, _train("auto"), eval_shard=ev)
     b = prune(student, train, CFG, _train("auto"), eval_shard=shuffled)
     assert a.lr_choice.digest() == b.lr_choice.digest()
-    assert a.lr_choice.rows == {"trained": 1474, "scored": 164}  # 10 % of the 1638 training rows
+    # 10 % of the 1638 training rows held out; scored: 1.2 x 30 steps x 8 rows = 288, half over the first rung's
+    # evaluations (at least 32 each), half over the last's
+    assert a.lr_choice.rows == {"trained": 1474, "scored": 164, "scored_per_rung": [32, 72]}
 
 
 def test_too_short_a_budget_falls_back():
@@ -141,3 +143,19 @@ def test_ranks_with_different_scores_stop(monkeypatch):
     monkeypatch.setattr(distributed, "gather_digests", lambda d: [d, "0" * 64])
     with pytest.raises(RuntimeError, match="the lr probe's scores differ across ranks at rung 0"):
         lr_probe._check_same_scores({1e-3: 0.5}, 0)
+
+
+def test_scoring_rows_are_bounded_by_the_probes_training():
+    """Half of the allowed rows go to the last rung's evaluations, the other half to the earlier ones; clamped to
+    [MIN_SCORED, held-out rows]. The default halving over 7 candidates scores 7 then 3."""
+    from sapp_compress.lr_probe import MIN_SCORED, halving, scored_rows
+
+    sched = halving(7, 29, 1.0 / 3.0)
+    assert (sched.runs or 7, sched.keeps[:-1]) == (7, (3,))
+    # a transformer's probe: 29 steps of 32 rows, 1.2x -> 1113.6 rows: 556.8 / 7 = 79, 556.8 / 3 = 185
+    assert scored_rows(sched, 7, 1.2 * 29 * 32, 418) == (79, 185)
+    assert scored_rows(sched, 7, 1e6, 418) == (418, 418)  # plenty: every held-out row at every rung
+    assert scored_rows(sched, 7, 10, 418) == (MIN_SCORED, MIN_SCORED)
+    assert scored_rows(sched, 7, 10, 20) == (20, 20)  # never more than are held out
+    grid = halving(7, 29, 1.0 / 3.0).__class__(4, (4,), (1,))
+    assert scored_rows(grid, 7, 700, 418) == (100,)
