@@ -190,7 +190,10 @@ def test_sigint_exits_130_and_leaves_nothing(tmp_path, mlp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sapp_compress", str(mlp_path), "-o", str(out), "--report", str(rep),
          "--steps", "100000", "--lr", "1e-3"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # a suite started in the background by a non-interactive shell runs with SIGINT ignored, which children
+        # inherit (and Python then honours): the child gets the default disposition, as from a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait until fine-tuning is under way (the progress line), then interrupt
     deadline = time.time() + 120
     line = ""
