@@ -273,8 +273,7 @@ def prune(
     if table is not None:
         from .structure.allocate import Allocator
 
-        allocator = Allocator(table, speed or _default_speed(prune_cfg), _loss_on_rows(student, teacher, task, train,
-                                                                                        train_cfg, device),
+        allocator = Allocator(table, speed or _default_speed(prune_cfg), _loss_on_rows(student, task, train, device),
                               timer=timer)
         method.before_sparsify = allocator
 
@@ -364,7 +363,7 @@ def _divergence(task, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.reshape(ref.shape), ref)
 
 
-def _loss_on_rows(student: nn.Module, teacher, task, train: Shard, cfg: TrainConfig, device):
+def _loss_on_rows(student: nn.Module, task, train: Shard, device):
     """``loss_of()``: how far ``student``'s outputs on fixed rows of the training shard are from the dense
     model's (``student`` as it is now, before any pruning; :func:`_divergence`), without gradients. Against the
     dense outputs rather than the labels: a trained model fits its training rows, so the labels' loss barely

@@ -166,7 +166,6 @@ def test_allocation_loss_is_the_divergence_from_the_dense_outputs():
     classified (the labels' loss would then barely move)."""
     from calib_data.shards import Shard
     from sapp_compress.api import _loss_on_rows
-    from sapp_compress.config import TrainConfig
     from sapp_compress.tasks import Task
 
     torch.manual_seed(0)
@@ -174,7 +173,7 @@ def test_allocation_loss_is_the_divergence_from_the_dense_outputs():
     x = torch.randn(40, 8)
     y = model(x).argmax(1).numpy()  # the labels the model already fits
     shard = Shard((x.numpy(),), y, ("x",))
-    loss_of = _loss_on_rows(model, None, Task("classification", 3), shard, TrainConfig(), torch.device("cpu"))
+    loss_of = _loss_on_rows(model, Task("classification", 3), shard, torch.device("cpu"))
     assert loss_of() == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
         model[0].weight[3].zero_()
