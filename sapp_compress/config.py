@@ -155,6 +155,10 @@ class LRProbeConfig:
             row costs about a third of a training row, so the scoring adds at most ~40 % to the probe's
             training; on a transformer scored on all 418 held-out rows at every rung it had tripled the probe
             (BENCHMARKS.md section 15).
+        anneal: where a candidate's rate decays to zero: ``program`` (one warm-up and cosine over the whole
+            program, as the fine-tune has: an early rung scores a candidate at nearly its peak rate) or ``rung``
+            (every rung is a warm-up and cosine cycle of its own, a warm restart from where the last one stopped,
+            so every score is taken with the rate annealed, as the fine-tune's final model is).
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -167,6 +171,7 @@ class LRProbeConfig:
     warmup: float | None = None
     fallback: float = 1e-3
     scoring: float = 1.2
+    anneal: str = "program"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -192,6 +197,8 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if self.phase not in ("program", "sparse"):
             raise ConfigError(f"lr_probe.phase: expected program|sparse, got {self.phase!r}")
+        if self.anneal not in ("program", "rung"):
+            raise ConfigError(f"lr_probe.anneal: expected program|rung, got {self.anneal!r}")
 
 
 DEVICES = ("auto", "cpu", "cuda")

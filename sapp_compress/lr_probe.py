@@ -51,6 +51,7 @@ from calib_data.shards import Shard
 from . import distributed
 from .config import LRProbeConfig, PruneConfig, TrainConfig
 from .methods import METHODS
+from .schedules import cosine_lr
 from .tasks import Task
 from .training import fine_tune, to_tensors
 
@@ -145,6 +146,7 @@ class ProbeResult:
     cpu_seconds: float = 0.0
     fine_tune_seconds: float | None = None
     fine_tune_cpu_seconds: float | None = None
+    anneal: str = "program"
 
     def to_json(self) -> dict:
         """The report's ``lr`` entry (``value``, ``source``, ``scores`` per candidate, ``probe`` details)."""
@@ -152,7 +154,7 @@ class ProbeResult:
             return {"value": self.value, "source": self.source}
         out = {"value": self.value, "source": self.source,
                "scores": {f"{lr:g}": [_finite(v) for v in s] for lr, s in self.scores.items()}}
-        probe = {"strategy": self.strategy, "metric": "held-out loss (lower is better), one per rung reached",
+        probe = {"strategy": self.strategy, "anneal": self.anneal, "metric": "held-out loss (lower is better), one per rung reached",
                  "program_steps": self.program, "rungs": list(self.stops), "steps": self.steps,
                  "seconds": round(self.seconds, 3), "rows": self.rows}
         if self.fine_tune_seconds:
@@ -207,7 +209,7 @@ class _Runner:
                  program: int) -> None:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
-        self.phase = train_cfg.lr_probe.phase
+        self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
         self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
                                              warmup=train_cfg.warmup if train_cfg.lr_probe.warmup is None
                                              else train_cfg.lr_probe.warmup)
@@ -325,9 +327,15 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
                       time.perf_counter() - t0,
                       {"trained": len(fit), "scored": len(held), "scored_per_rung": list(runner.rows_per_rung)},
-                      cpu_seconds=time.process_time() - c0)
+                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
+
+
+def rung_cycle(start: int, stop: int, warmup: float) -> Callable[[int], float]:
+    """The rate's multiple at each step of a rung run as its own cycle (``LRProbeConfig.anneal = "rung"``): warm-up
+    and cosine from ``start`` to ``stop``, so the rung's last step runs at nearly zero."""
+    return lambda step: cosine_lr((step - start) / max(1, stop - start), warmup)
 
 
 def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
@@ -336,8 +344,10 @@ def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
     alive = list(cands)
     for rung, (stop, keep) in enumerate(zip(sched.stops, sched.keeps)):
         runner.rows = runner.rows_per_rung[rung]
+        start = sched.stops[rung - 1] if rung else 0
+        lr_at = rung_cycle(start, stop, runner.train_cfg.warmup) if runner.anneal == "rung" else None
         for lr in alive:
-            scores[lr].append(runner.advance(lr, stop))
+            scores[lr].append(runner.advance(lr, stop, lr_at))
             log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
                      scores[lr][-1])
         _check_same_scores({lr: scores[lr][-1] for lr in alive}, rung)
@@ -397,4 +407,4 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
 
 
 __all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
-           "probe_lr", "probe_split", "scored_rows", "staircase"]
+           "probe_lr", "probe_split", "rung_cycle", "scored_rows", "staircase"]

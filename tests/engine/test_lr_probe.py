@@ -159,3 +159,26 @@ def test_scoring_rows_are_bounded_by_the_probes_training():
     assert scored_rows(sched, 7, 10, 20) == (20, 20)  # never more than are held out
     grid = halving(7, 29, 1.0 / 3.0).__class__(4, (4,), (1,))
     assert scored_rows(grid, 7, 700, 418) == (100,)
+
+
+def test_rung_cycles_anneal_every_rung():
+    """``anneal="rung"``: each rung is a warm-up and cosine cycle of its own, so the step before every score runs
+    near zero (the default decays once, over the whole program: an early rung scores near the peak)."""
+    from sapp_compress.lr_probe import rung_cycle
+    from sapp_compress.schedules import cosine_lr
+
+    sched = halving(7, 130, 1 / 3)  # rungs end at 10 and 30
+    first, second = rung_cycle(0, 10, 0.1), rung_cycle(10, 30, 0.1)
+    assert first(0) == pytest.approx(cosine_lr(0.0, 0.1)) and first(1) == pytest.approx(1.0)
+    assert first(9) < 0.05 and second(29) < 0.01  # the last step of each rung: annealed
+    assert second(10) < 0.6 and second(12) == pytest.approx(1.0)  # a warm restart, warm-up again
+    assert cosine_lr(9 / sched.program, 0.1) > 0.85  # the default: rung 0 scores at ~90 % of the peak
+
+
+def test_probe_with_rung_cycles_picks_the_known_best_rate():
+    student, shard = scaled_regression()
+    train = dataclasses.replace(_train("auto"), lr_probe=LRProbeConfig(candidates=RATES, anneal="rung"))
+    res = prune(student, shard, CFG, train)
+    assert res.lr == 1e-3 and res.lr_choice.to_json()["probe"]["anneal"] == "rung"
+    with pytest.raises(ConfigError, match="lr_probe.anneal: expected program|rung"):
+        LRProbeConfig(anneal="cycle")
