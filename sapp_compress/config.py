@@ -159,6 +159,10 @@ class LRProbeConfig:
             program, as the fine-tune has: an early rung scores a candidate at nearly its peak rate) or ``rung``
             (every rung is a warm-up and cosine cycle of its own, a warm restart from where the last one stopped,
             so every score is taken with the rate annealed, as the fine-tune's final model is).
+        prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction
+            of the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the
+            fine-tune's warm-up does, so a candidate's first steps are not Adam's first steps at its peak rate.
+            Counted in the probe's steps, on top of ``budget``.
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -172,6 +176,7 @@ class LRProbeConfig:
     fallback: float = 1e-3
     scoring: float = 1.2
     anneal: str = "program"
+    prime: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -197,6 +202,8 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if self.phase not in ("program", "sparse"):
             raise ConfigError(f"lr_probe.phase: expected program|sparse, got {self.phase!r}")
+        if not 0.0 <= self.prime < 1.0:
+            raise ConfigError(f"lr_probe.prime: expected a fraction in [0, 1), got {self.prime!r}")
         if self.anneal not in ("program", "rung"):
             raise ConfigError(f"lr_probe.anneal: expected program|rung, got {self.anneal!r}")
 

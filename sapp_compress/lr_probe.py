@@ -206,10 +206,11 @@ class _Runner:
 
     def __init__(self, student: nn.Module, plans: list, teacher: nn.Module | None, task: Task, fit: Shard,
                  held: Shard, prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device,
-                 program: int) -> None:
+                 program: int, prime: int = 0) -> None:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
         self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
+        self.prime, self.primed = prime, None
         self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
                                              warmup=train_cfg.warmup if train_cfg.lr_probe.warmup is None
                                              else train_cfg.lr_probe.warmup)
@@ -224,36 +225,61 @@ class _Runner:
     def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
         """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the
         program; its held-out loss there (inf when it diverged). ``lr_at``: the rate's multiple at each step
-        (default: the fine-tune's cosine with warm-up over the program)."""
+        of the program (default: the fine-tune's cosine with warm-up over the program). With priming, the
+        program follows the ``prime`` steps every candidate shares (rate zero)."""
         if lr not in self.live:
-            model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
-            method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.program)
-            model.to(self.device)
-            if self.phase == "sparse":
-                method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
-            self.live[lr] = (model, method, _Memory())
+            model, method = self._fresh()
+            memory = _Memory()
+            if self.prime:
+                memory.state = copy.deepcopy(self._primed())
+            self.live[lr] = (model, method, memory)
             torch.manual_seed(self.train_cfg.seed)
         model, method, memory = self.live[lr]
         done = int(memory.state["step"]) if memory.state else 0
-        memory.stop = stop
+        memory.stop = self.prime + stop
+        rate = lr_at or (lambda step: cosine_lr(step / max(1, self.program), self.train_cfg.warmup))
         cfg = dataclasses.replace(self.train_cfg, lr=lr)
         try:
-            fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.program, stop=stop,
-                      checkpointer=memory, lr_at=lr_at)
+            fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.prime + self.program,
+                      stop=self.prime + stop, checkpointer=memory,
+                      lr_at=lambda step: 0.0 if step < self.prime else rate(step - self.prime))
             loss = self._loss(model)
         except FloatingPointError:
             loss = math.inf
-        self.steps += stop - done
+        self.steps += self.prime + stop - done
         return loss if math.isfinite(loss) else math.inf
+
+    def _fresh(self) -> tuple[nn.Module, object]:
+        """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``)."""
+        model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
+        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.prime + self.program)
+        model.to(self.device)
+        if self.phase == "sparse":
+            method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
+        return model, method
+
+    def _primed(self) -> dict:
+        """The state every candidate starts from with ``prime`` steps: ``prime`` steps at rate zero from the
+        starting weights, which fill the optimizer's moments (and BatchNorm's statistics) and move no weight;
+        run once, shared. Without them a candidate's first steps are Adam's first steps, whose second moment
+        rests on one or two gradients: about ``lr`` on every weight, a shock that the fine-tune's warm-up (a
+        few steps at a low rate) never gives it, and that ranks every rate above ~3e-4 last on a trained
+        transformer (BENCHMARKS.md section 15)."""
+        if self.primed is None:
+            model, method = self._fresh()
+            memory = _Memory()
+            memory.stop = self.prime
+            torch.manual_seed(self.train_cfg.seed)
+            fine_tune(model, self.teacher, method, self.task, self.fit, dataclasses.replace(self.train_cfg, lr=1.0),
+                      self.device, self.prime + self.program, stop=self.prime, checkpointer=memory,
+                      lr_at=lambda step: 0.0)
+            self.primed = memory.state
+            self.steps += self.prime
+        return self.primed
 
     def start_loss(self) -> float:
         """The held-out loss of the starting weights with the method attached (masks as the probe starts)."""
-        model, plans = copy.deepcopy((self.student, self.plans))
-        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.program)
-        model.to(self.device)
-        if self.phase == "sparse":
-            method.finish()
-        return self._loss(model)
+        return self._loss(self._fresh()[0])
 
     def drop(self, lr: float) -> None:
         self.live.pop(lr, None)
@@ -319,7 +345,8 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
         log.info("lr probe skipped: %s; lr %g", why, cfg.fallback)
         return ProbeResult(cfg.fallback, "fallback", cfg.strategy, reason=why)
     fit, held = split
-    runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program)
+    runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program,
+                     int(round(cfg.prime * total_steps)))
     runner.rows_per_rung = scored_rows(sched, len(cands), cfg.scoring * budget * train_cfg.batch_size, len(held))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

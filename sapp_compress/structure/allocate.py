@@ -384,20 +384,23 @@ class Allocator:
         return widths
 
     def measured_allocation(self) -> tuple[dict[str, int], list[dict]]:
-        """Allocate on the table for the target (plus :data:`MARGIN`), then time the whole model at those widths
-        against the dense one; while the measured speed-up is outside [X, (1 + 2 MARGIN) X], ask the table for a
-        speed-up scaled by how far the measurement fell from the goal (or interpolated between two measurements
-        that bracket it) and allocate again, at most :data:`REFINE` measurements. When the next ask gives an
+        """Allocate on the table for the target plus :data:`MARGIN` (the goal), then time the whole model at those
+        widths against the dense one; while the measured speed-up is outside [(1 + MARGIN) X, (1 + 3 MARGIN) X],
+        ask the table for a speed-up scaled by how far the measurement fell from the goal (or interpolated
+        between two measurements that bracket it) and allocate again, at most :data:`REFINE` measurements. When the next ask gives an
         allocation already measured, the ask halfway (geometrically) between the bracketing asks is tried
         instead. The per-op sums mislead most where an allocation is far from the models the fit went through
         (measured on the BERT-base-shaped encoder: every head family at one head predicted 2.11x and measured
-        2.50x). Returns the widths measured closest to the target from above (else the fastest measured) and the
+        2.50x). Returns the widths measured closest to the goal from above (else the fastest measured) and the
         measurements: the search stops at the first measurement in range, so a kept allocation out of range
-        means none landed."""
+        means none landed. The band starts at the goal, not at X: the written model is timed again after export,
+        and on a BERT-base-sized model two interleaved timings of the same dense graph differed by 8 % with a
+        job on the other core, so an allocation kept at 1.02 X measured 0.95 X there (BENCHMARKS.md 17.1)."""
         import math
 
         x = self.target.speedup
-        ask = x * (1.0 + MARGIN)
+        goal, top = x * (1.0 + MARGIN), x * (1.0 + 3 * MARGIN)
+        ask = goal
         widths = self._allocate(ask)
         if self.timer is None:
             return widths, []
@@ -407,13 +410,13 @@ class Allocator:
             got = dense_ms / ms
             seen.append({"widths": widths, "asked": ask, "predicted": self.table.dense_ms / self.table.predict(widths),
                          "measured": got, "ms": {"dense": dense_ms, "pruned": ms}})
-            if x <= got <= (1 + 2 * MARGIN) * x:
+            if goal <= got <= top:
                 break
-            ask = min(max(_next_ask(seen, x * (1.0 + MARGIN)), 1.0 + 1e-6), self.table.best_speedup())
+            ask = min(max(_next_ask(seen, goal), 1.0 + 1e-6), self.table.best_speedup())
             nxt = self._allocate(ask)
             if any(m["widths"] == nxt for m in seen):
-                below = [m["asked"] for m in seen if m["measured"] < x]
-                above = [m["asked"] for m in seen if m["measured"] > (1 + 2 * MARGIN) * x]
+                below = [m["asked"] for m in seen if m["measured"] < goal]
+                above = [m["asked"] for m in seen if m["measured"] > top]
                 if not (below and above):
                     break
                 ask = math.sqrt(max(below) * min(above))
@@ -421,7 +424,7 @@ class Allocator:
                 if any(m["widths"] == nxt for m in seen):
                     break
             widths = nxt
-        above = [m for m in seen if m["measured"] >= x]
+        above = [m for m in seen if m["measured"] >= goal]
         best = min(above, key=lambda m: m["measured"]) if above else max(seen, key=lambda m: m["measured"])
         return best["widths"], seen
 

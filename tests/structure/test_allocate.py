@@ -10,7 +10,7 @@ from torch import nn
 from sapp_compress import PruneConfig
 from sapp_compress.methods import METHODS
 from sapp_compress.structure import discover
-from sapp_compress.structure.allocate import (SENSITIVITY_POINTS, Allocator, LatencyTable, SpeedTarget, allocate,
+from sapp_compress.structure.allocate import (REFINE, SENSITIVITY_POINTS, Allocator, LatencyTable, SpeedTarget, allocate,
                                               candidate_widths, family_specs, recalibrated)
 from sapp_compress.structure.gates import FamilyPlan
 
@@ -55,8 +55,8 @@ def test_allocation_is_measured_and_searched_until_it_lands():
     latency: quadratic in each family's ops) says the small widths save more. Asked for 2.1x (the target plus the
     margin), the table gives (1 head, 16 neurons), which measures 4.0x, outside [2, 2.2]; the next ask is scaled
     down by 2.1 / 4.0 (1.10x: (4, 48), 1.21x), then interpolated between the two measurements that bracket the
-    goal (1.48x: (2, 32), 2.5x; then 1.38x: (3, 32), 1.90x): four measurements (REFINE), none in range, and the
-    one closest to the target from above is kept."""
+    goal (1.48x: (2, 32), 2.5x; then 1.38x: (3, 32), 1.90x): four measurements, none in [2.1, 2.3], and the
+    one closest to the goal (2.1x) from above is kept."""
     def true_ms(w):
         a = np.interp(w["A"], [1, 2, 3, 4], [1, 2, 3, 4])
         b = np.interp(w["B"], [16, 32, 48, 64], [1, 2, 3, 4])
@@ -75,11 +75,20 @@ def test_allocation_is_measured_and_searched_until_it_lands():
     assert [round(m["measured"], 3) for m in seen] == [4.0, 1.212, 2.5, 1.905]
     assert [round(m["asked"], 3) for m in seen] == [2.1, 1.102, 1.483, 1.381]
     assert widths == {"A": 2, "B": 32}
-    # a measurement in range ends the search at once
+    # a measurement in range ends the search at once: the range starts at the goal, X (1 + MARGIN), not at X
     calls.clear()
-    alloc = Allocator(_table(), SpeedTarget(2.0), lambda: 0.0, timer=lambda w: (calls.append(w), (10.0, 4.8))[1])
+    alloc = Allocator(_table(), SpeedTarget(2.0), lambda: 0.0, timer=lambda w: (calls.append(w), (10.0, 4.5))[1])
     alloc.loss = {"A": [3.0, 1.0, 0.2, 0.0], "B": [2.0, 0.5, 0.1, 0.0]}
-    assert alloc.measured_allocation()[0] == {"A": 1, "B": 16} and len(calls) == 1
+    assert alloc.measured_allocation()[0] == {"A": 1, "B": 16} and len(calls) == 1  # 2.22x
+    # 2.05x is above X but below the goal: not in range, the search goes on, and keeps the one above the goal
+    measured = {(1, 16): 2.5, (2, 16): 2.05}
+    calls.clear()
+    alloc = Allocator(_table(), SpeedTarget(2.0), lambda: 0.0,
+                      timer=lambda w: (calls.append(w), (10.0, 10.0 / measured.get((w["A"], w["B"]), 1.1)))[1])
+    alloc.loss = {"A": [3.0, 1.0, 0.2, 0.0], "B": [2.0, 0.5, 0.1, 0.0]}
+    widths, seen = alloc.measured_allocation()
+    assert calls[:2] == [{"A": 1, "B": 16}, {"A": 2, "B": 16}] and len(calls) <= REFINE
+    assert widths == {"A": 1, "B": 16}
 
 
 def _mlp():
