@@ -167,16 +167,16 @@ class LRProbeConfig:
 
     candidates: tuple[float, ...] = LR_CANDIDATES
     strategy: str = "halving"
-    budget: float = 0.1
+    budget: float = 0.09
     held_out: float = 0.1
     max_rows: int = 512
     phase: str = "sparse"
     keep: float = 1.0 / 3.0
     warmup: float | None = None
     fallback: float = 1e-3
-    scoring: float = 1.2
+    scoring: float = 0.8
     anneal: str = "program"
-    prime: float = 0.0
+    prime: float = 0.04
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -218,9 +219,7 @@ class _Runner:
         self.steps = 0
         self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
         self.rows_per_rung: tuple[int, ...] = ()
-        with torch.no_grad():
-            self.targets = (to_tensors((held.y,), torch.device("cpu"))[0] if teacher is None
-                            else _outputs(teacher, held, device).cpu())
+        self.targets: torch.Tensor | None = None  # of the first held-out rows scored so far (:meth:`_targets`)
 
     def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
         """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the
@@ -285,6 +284,19 @@ class _Runner:
         self.live.pop(lr, None)
 
     @torch.no_grad()
+    def _targets(self, n: int) -> torch.Tensor:
+        """The targets of the first ``n`` held-out rows: their labels, or the teacher's outputs, computed for the
+        rows the probe scores only (a transformer's outputs on all 418 held-out rows cost more than the rows the
+        bounded scoring reads)."""
+        if self.targets is None or len(self.targets) < n:
+            n = min(len(self.held), max(n, *self.rows_per_rung, 0))  # every rung's rows at once
+            if self.teacher is None:
+                self.targets = to_tensors((self.held.y,), torch.device("cpu"))[0]
+            else:
+                self.targets = _outputs(self.teacher, self.held.subset(np.arange(n)), self.device).cpu()
+        return self.targets
+
+    @torch.no_grad()
     def _loss(self, model: nn.Module, chunk: int = 256) -> float:
         """The task's loss on the held-out rows (means over chunks, weighted by their rows)."""
         model.eval()
@@ -293,7 +305,7 @@ class _Runner:
             j = min(i + chunk, n)
             xs = to_tensors(tuple(x[i:j] for x in self.held.inputs), self.device)
             out = model(*xs).float()
-            t = self.targets[i:j].to(self.device)
+            t = self._targets(n)[i:j].to(self.device)
             total += float(self.task.loss(out, t, self.train_cfg.distill_temperature)) * len(t)
         return total / n
 

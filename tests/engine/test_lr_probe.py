@@ -17,7 +17,7 @@ RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def scaled_regression(seed: int = 0, n: int = 2048, d_in: int = 64, d_out: int = 16, scale: float = 1e-2,
-                      noise: float = 0.3) -> tuple[nn.Module, Shard]:
+                      noise: float = 0.3, offset: float = 1.0) -> tuple[nn.Module, Shard]:
     """A linear teacher with weights of scale ``scale`` (inputs scaled by 1 / scale, so outputs are O(1)), noisy
     targets, and a student = teacher + an offset of the same scale. Adam moves every weight by about its rate
     per step, so the rate that fits is set by ``scale``: below 1e-3 the student cannot travel the offset in the
@@ -28,15 +28,23 @@ def scaled_regression(seed: int = 0, n: int = 2048, d_in: int = 64, d_out: int =
     y = (x @ w.T + noise * rng.normal(size=(n, d_out))).astype(np.float32)
     student = nn.Linear(d_in, d_out, bias=False)
     with torch.no_grad():
-        student.weight.copy_(torch.from_numpy(w + scale * rng.normal(size=w.shape).astype(np.float32)))
+        student.weight.copy_(torch.from_numpy(w + offset * scale * rng.normal(size=w.shape).astype(np.float32)))
     return student, Shard((x,), y, "scaled-regression")
 
 
 CFG = PruneConfig(block="8", sparsity=0.5, method="magnitude", min_blocks=1)
 
 
-def _train(lr, **kw) -> TrainConfig:
-    return TrainConfig(steps=300, batch_size=8, lr=lr, log_every=10**9, lr_probe=LRProbeConfig(candidates=RATES), **kw)
+#: the probe without priming (``prime=0``, its earlier budget and scoring): on the scaled regression it finds the
+#: clearly best rate; the default, primed probe chooses 1e-2 there (R^2 0.443 against 1e-3's 0.469: the probe's 27
+#: steps favour the rate that travels the offset fastest once Adam's first steps no longer penalise it; on trained
+#: transformers the priming is what finds their best rate, BENCHMARKS.md section 15.2)
+UNPRIMED = dict(prime=0.0, budget=0.1, scoring=1.2)
+
+
+def _train(lr, probe: dict | None = None, **kw) -> TrainConfig:
+    return TrainConfig(steps=300, batch_size=8, lr=lr, log_every=10**9,
+                       lr_probe=LRProbeConfig(candidates=RATES, **(probe or {})), **kw)
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -55,12 +63,12 @@ def test_schedules_fit_the_budget(strategy):
 
 def test_probe_picks_the_known_best_rate():
     """On the scaled regression, fixed rates 1e-5..1e-1 score R^2 0.01 / 0.29 / 0.47 / 0.44 / 0.34 (measured
-    here, seed 0): 1e-3 is clearly best, and the probe (30 steps of the 300) chooses it."""
+    here, seed 0): 1e-3 is clearly best, and the unprimed probe (30 steps of the 300) chooses it."""
     student, shard = scaled_regression()
     fixed = {lr: prune(student, shard, CFG, _train(lr)).metrics["pruned_torch"]["score"] for lr in RATES}
     best = max(fixed, key=fixed.get)
     assert best == 1e-3 and fixed[best] > max(v for lr, v in fixed.items() if lr != best) + 0.01, fixed
-    res = prune(student, shard, CFG, _train("auto"))
+    res = prune(student, shard, CFG, _train("auto", UNPRIMED))
     assert res.lr_source == "probe" and res.lr == best
     probe = res.lr_choice.to_json()
     assert set(probe["scores"]) == {f"{lr:g}" for lr in RATES}
@@ -90,9 +98,9 @@ def test_probe_never_sees_the_evaluation_shard():
     a = prune(student, train, CFG, _train("auto"), eval_shard=ev)
     b = prune(student, train, CFG, _train("auto"), eval_shard=shuffled)
     assert a.lr_choice.digest() == b.lr_choice.digest()
-    # 10 % of the 1638 training rows held out; scored: 1.2 x 30 steps x 8 rows = 288, half over the first rung's
-    # evaluations (at least 32 each), half over the last's
-    assert a.lr_choice.rows == {"trained": 1474, "scored": 164, "scored_per_rung": [32, 72]}
+    # 10 % of the 1638 training rows held out; scored: 0.8 x 27 steps x 8 rows = 172.8, half over the first
+    # rung's 5 evaluations (at least 32 each), half over the last rung's 2 (43 each)
+    assert a.lr_choice.rows == {"trained": 1474, "scored": 164, "scored_per_rung": [32, 43]}
 
 
 def test_too_short_a_budget_falls_back():
@@ -177,8 +185,35 @@ def test_rung_cycles_anneal_every_rung():
 
 def test_probe_with_rung_cycles_picks_the_known_best_rate():
     student, shard = scaled_regression()
-    train = dataclasses.replace(_train("auto"), lr_probe=LRProbeConfig(candidates=RATES, anneal="rung"))
-    res = prune(student, shard, CFG, train)
+    res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "anneal": "rung"}))
     assert res.lr == 1e-3 and res.lr_choice.to_json()["probe"]["anneal"] == "rung"
     with pytest.raises(ConfigError, match="lr_probe.anneal: expected program|rung"):
         LRProbeConfig(anneal="cycle")
+
+
+def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
+    """``prime``: steps at rate zero run once and are shared: every candidate starts from the same primed state,
+    whose weights are the starting weights and whose Adam moments are filled; the steps count once."""
+    from sapp_compress import lr_probe
+
+    student, shard = scaled_regression()
+    primed = []
+    real = lr_probe._Runner._primed
+
+    def spy(self):
+        state = real(self)
+        primed.append(state)
+        return state
+
+    monkeypatch.setattr(lr_probe._Runner, "_primed", spy)
+    res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "prime": 0.05}))
+    state = primed[0]
+    assert len(primed) == len(RATES) and all(s is state for s in primed)  # one priming, shared
+    assert state["step"] == 15  # 5 % of 300 steps
+    weights = [v for k, v in state["model"].items() if k.endswith("original")] or [state["model"]["weight"]]
+    assert torch.equal(weights[0], student.weight.detach())  # rate zero: no weight moved
+    moments = [s for s in state["optimizer"]["state"].values() if "exp_avg_sq" in s]
+    assert moments and all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in moments)
+    probe = res.lr_choice.to_json()["probe"]
+    assert probe["steps"] == 15 + halving(len(RATES), 30, 1 / 3).cost(len(RATES))
+    assert res.lr in (1e-3, 1e-2)  # the best two rates (R^2 0.469 and 0.443; test_probe_picks_the_known_best_rate)
