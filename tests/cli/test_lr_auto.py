@@ -4,7 +4,7 @@ import json
 
 from conftest import one_line_error
 
-from sapp_compress.config import LR_CANDIDATES
+from sapp_compress.config import LR_CANDIDATES, LRProbeConfig
 
 FAST = ["--steps", "200", "--onnx-format", "compact", "--device", "cpu"]
 
@@ -19,7 +19,9 @@ def test_report_says_what_the_probe_measured(tmp_path, run_cli, mlp_path):
     assert min(lr["scores"], key=lambda k: (lr["scores"][k][-1] if len(lr["scores"][k]) == 2 else 9e9, float(k))) \
         == f"{lr['value']:g}"  # the winner: the best of the last rung
     p = lr["probe"]
-    assert p["strategy"] == "halving" and p["steps"] <= 20 and p["rungs"][-1] == p["program_steps"]
+    cfg = LRProbeConfig()  # the budget's steps plus the shared priming steps
+    assert p["strategy"] == "halving" and p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200)
+    assert p["rungs"][-1] == p["program_steps"]
     assert p["seconds"] > 0 and p["fine_tune_seconds"] > 0 and p["fraction_of_fine_tune"] > 0
     assert p["rows"]["scored"] > 0 and len(lr["digests_per_rank"]) == 1
 
