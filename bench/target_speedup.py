@@ -1,6 +1,7 @@
 """``--target-speedup X`` on realistic shapes: does the measured speed-up land in [X, 1.25 X]?
 
     python bench/target_speedup.py [--models encoder,resnet18] [--targets 2,3] [--batch 8] [--steps 30]
+        [--quantize int8 --out bench/results/target_speedup_int8.json]
 
 Each run is the whole pipeline (``sapp_compress.pipeline.compress``: latency table, allocation at the first
 and last sparsify phase, fine-tune, export, the measured check and its corrective round), fp32, 1 ONNX Runtime
@@ -54,22 +55,24 @@ def resnet18(tmp: Path) -> tuple[Path, dict, bool]:
 MODELS = {"encoder": encoder, "resnet18": resnet18}
 
 
-def run(name: str, target: float, batch: int, steps: int, tmp: Path) -> dict:
+def run(name: str, target: float, batch: int, steps: int, tmp: Path, quantize: str = "none") -> dict:
     path, data, trust = MODELS[name](tmp)
     np.savez(tmp / f"{name}.npz", **data)
     prune_cfg = PruneConfig(block="8", sparsity=0.5, structure="channels", target_speedup=target)
     train_cfg = TrainConfig(steps=steps, batch_size=8)
     out = OutputConfig(output=tmp / f"{name}.onnx", report=tmp / f"{name}.json", export_batch_size=batch,
-                       threads=1, accept_missed_target=True)
+                       threads=1, accept_missed_target=True, quantize=quantize)
     rep = compress(path, prune_cfg, train_cfg, out, data=tmp / f"{name}.npz", trust_model=trust)
     t = rep["target_speedup"]
-    row = {"model": name, "target": target, "batch": batch, "predicted": t["predicted"], "measured": t["measured"],
+    row = {"model": name, "target": target, "batch": batch, "quantize": quantize, "predicted": t["predicted"],
+           "measured": t["measured"], "vs_ort_int8": t.get("vs_ort_int8"),
            "in_range": target <= t["measured"] <= 1.25 * target,
            "rounds": [{k: r[k] for k in ("round", "measured", "predicted", "ms", "widths")} for r in t["rounds"]],
            "allocations": t["allocations"],
            "table_seconds": rep["timings"].get("latency_table"), "allocation_seconds": rep["timings"].get("allocation"),
            "parameters": rep["structure"]["parameters"]}
-    print(f"{name} X={target:g} batch {batch}: predicted {t['predicted']:.2f}x, measured {t['measured']:.2f}x "
+    vs = f", {t['vs_ort_int8']:.2f}x ORT's int8" if t.get("vs_ort_int8") else ""
+    print(f"{name} X={target:g} {quantize} batch {batch}: predicted {t['predicted']:.2f}x, measured {t['measured']:.2f}x{vs} "
           f"({len(t['rounds'])} round(s)); table {row['table_seconds']}s, allocations {row['allocation_seconds']}s",
           flush=True)
     return row
@@ -81,13 +84,16 @@ def main() -> None:
     ap.add_argument("--targets", default="2,3", type=harness.floats)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"),
+                    help="int8: the table and X are for the int8 graph against dense fp32; the row also gives the "
+                         "speed-up against ONNX Runtime's own int8 of the dense model")
     a = ap.parse_args(sys.argv[1:])
     print(f"machine: {machine_line()}; ONNX Runtime 1 thread", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sapp_target_") as d:
         for name in a.models:
             for target in a.targets:
-                rows.append(run(name, target, a.batch, a.steps, Path(d)))
+                rows.append(run(name, target, a.batch, a.steps, Path(d), a.quantize))
     write_results(a.out, {"machine": machine(), "rows": rows})
     print(f"wrote {a.out}")
 
