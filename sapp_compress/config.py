@@ -167,16 +167,16 @@ class LRProbeConfig:
 
     candidates: tuple[float, ...] = LR_CANDIDATES
     strategy: str = "halving"
-    budget: float = 0.09
+    budget: float = 0.08
     held_out: float = 0.1
     max_rows: int = 512
     phase: str = "sparse"
     keep: float = 1.0 / 3.0
     warmup: float | None = None
     fallback: float = 1e-3
-    scoring: float = 0.8
+    scoring: float = 0.6
     anneal: str = "program"
-    prime: float = 0.04
+    prime: float = 0.03
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
