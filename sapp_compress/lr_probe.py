@@ -8,7 +8,12 @@ logits and their rate rule, the coupled l2, warm-up and cosine decay over the pr
 ``phase="sparse"`` (the default) the method first prunes to the target sparsity at once by its own scores and
 the copy trains in the method's final sparse phase (masks fixed), so what is measured is how well each rate
 recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
-..., final sparse) into the probe's steps instead. A copy's score is the task's loss on the held-out rows
+..., final sparse) into the probe's steps instead. Before the copies branch, ``LRProbeConfig.prime`` of the
+fine-tune's steps run once at rate zero from the starting weights and every copy starts from that state (Adam's
+moments filled, no weight moved): a copy's first steps are then not Adam's first steps at its peak rate, which
+move every weight by about the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md
+section 15.2). ``LRProbeConfig.anneal = "rung"`` runs each rung as its own warm-up and cosine cycle instead of
+one over the program (measured there too; not the default). A copy's score is the task's loss on the held-out rows
 (lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
 every candidate of a rung on the same rows); the winner's rate is the fine-tune's.
 
