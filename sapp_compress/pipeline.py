@@ -504,7 +504,7 @@ def _reach_target(res: PruneResult, original, proto, onnx_bytes: bytes, int8: bo
     for attempt in range(2):
         table = st.speed["table"]
         m = _measure_speedup(original, proto, onnx_bytes, int8, out, feed, calibration)
-        m.update(widths=widths, predicted=table.dense_ms / table.predict(widths), round=attempt)
+        m.update(widths=widths, predicted=table.speedup(widths), round=attempt)
         rows.append(m)
         if m["measured"] >= TARGET_TOLERANCE * cfg.target_speedup or attempt == 1:
             break

@@ -99,7 +99,10 @@ class LatencyTable:
 
     Attributes:
         widths / ms: family name -> candidate kept-unit counts (ascending) and their ops' latency.
-        dense_ms: the whole dense model, measured; rest_ms and scale: ``model = rest + scale * sum_f ms_f``.
+        dense_ms: the whole dense model, measured (in the target's precision); rest_ms and scale: ``model = rest
+            + scale * sum_f ms_f``.
+        reference_ms: the whole dense model in fp32, which X is against (``--quantize int8``: the table is for the
+            int8 graph, the speed-up against dense fp32); None: ``dense_ms``.
         calibration: the whole smaller models the fit went through (``half``: every family at half width; then
             each allocation measured during the fine-tune, :class:`Allocator`).
     """
@@ -113,6 +116,16 @@ class LatencyTable:
     half_ms: float | None = None
     seconds: float = 0.0
     calibration: dict = field(default_factory=dict)
+    reference_ms: float | None = None
+
+    @property
+    def ref_ms(self) -> float:
+        """What a speed-up is against: the fp32 dense model."""
+        return self.dense_ms if self.reference_ms is None else self.reference_ms
+
+    def speedup(self, widths: dict[str, int]) -> float:
+        """The predicted speed-up over the fp32 dense model at these widths."""
+        return self.ref_ms / self.predict(widths)
 
     def family_ms(self, name: str, width: int) -> float:
         return float(np.interp(width, self.widths[name], self.ms[name]))
@@ -134,10 +147,10 @@ class LatencyTable:
 
     def best_speedup(self) -> float:
         """The largest predicted speed-up: every family at its smallest width."""
-        return self.dense_ms / self.predict({f: w[0] for f, w in self.widths.items()})
+        return self.speedup({f: w[0] for f, w in self.widths.items()})
 
     def to_json(self) -> dict:
-        return {"dense_ms": self.dense_ms, "half_ms": self.half_ms, "rest_ms": self.rest_ms, "scale": self.scale,
+        return {"dense_ms": self.dense_ms, "reference_ms": self.ref_ms, "half_ms": self.half_ms, "rest_ms": self.rest_ms, "scale": self.scale,
                 "seconds": self.seconds, "calibration": self.calibration,
                 "families": {f: {"widths": self.widths[f], "ms": [round(v, 4) for v in self.ms[f]]}
                              for f in self.widths}}
@@ -242,7 +255,8 @@ class WholeTimer:
     copy of ``model`` taken now: latency does not depend on the weights' values) with the graph passes the
     written model gets (:mod:`converters.passes`; the dense model as exported), in the target's precision,
     interleaved on ``feed`` (the serving batch), through the timing cache. ``timer(widths)`` returns
-    ``(dense_ms, ms)``; ``timer(None)`` the dense model against itself."""
+    ``(reference_ms, ms)``: the fp32 dense model, which X is against, and the model at ``widths`` in the target's
+    precision (with int8 the dense int8 model is timed too, :meth:`times`)."""
 
     def __init__(self, model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
                  target: SpeedTarget, calibration: dict | None = None, inner_of=lambda m: m) -> None:
@@ -253,7 +267,7 @@ class WholeTimer:
         self.model, self.plan, self.export_rows, self.feed = copy.deepcopy(model), plan, export_rows, feed
         self.target, self.calibration, self.inner_of = target, calibration, inner_of
         self.cache = TimingCache.open(target.cache)
-        self._dense = None
+        self._dense = self._reference = None
 
     def graph(self, widths: dict[str, int] | None):
         import copy
@@ -273,14 +287,25 @@ class WholeTimer:
         return _as_precision(proto, self.target.precision, self.feed, self.calibration, self.target.threads,
                              self.cache)
 
-    def __call__(self, widths: dict[str, int] | None) -> tuple[float, float]:
+    def times(self, widths: dict[str, int] | None) -> dict[str, float]:
+        """``dense`` (in the target's precision), ``reference`` (the dense model in fp32: the same as ``dense``
+        in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved."""
         from converters.latency import model_ms
 
         if self._dense is None:
             self._dense = self.graph(None)
-        ms = model_ms({"dense": self._dense, "pruned": self.graph(widths)}, self.feed, threads=self.target.threads,
-                      cache=self.cache, precision=self.target.precision)
-        return ms["dense"], ms["pruned"]
+            self._reference = (None if self.target.precision == "fp32"
+                               else _export(self.model, self.export_rows))
+        graphs = {"dense": self._dense, "pruned": self.graph(widths)}
+        if self._reference is not None:
+            graphs["reference"] = self._reference
+        ms = model_ms(graphs, self.feed, threads=self.target.threads, cache=self.cache,
+                      precision=self.target.precision)
+        return {"dense": ms["dense"], "reference": ms.get("reference", ms["dense"]), "pruned": ms["pruned"]}
+
+    def __call__(self, widths: dict[str, int] | None) -> tuple[float, float]:
+        ms = self.times(widths)
+        return ms["reference"], ms["pruned"]
 
 
 def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
@@ -300,8 +325,10 @@ def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], 
                        cache=OpCache(timer.cache, target.threads) if timer.cache is not None else None)
     ms = {f.name: [sum(timed[s] for s in specs[(f.name, w)]) for w in widths[f.name]] for f in plan.families}
     half = {f.name: max(1, f.n_units // 2) for f in plan.families}
-    dense_ms, half_ms = timer(half)
-    table = LatencyTable(widths, ms, dense_ms, n_units={f.name: f.n_units for f in plan.families})
+    whole = timer.times(half)
+    half_ms = whole["pruned"]
+    table = LatencyTable(widths, ms, whole["dense"], n_units={f.name: f.n_units for f in plan.families},
+                         reference_ms=None if target.precision == "fp32" else whole["reference"])
     table.calibrate(half_ms)
     table.half_ms = half_ms
     table.calibration = {"half": {"widths": half, "ms": half_ms}}
@@ -374,11 +401,11 @@ class Allocator:
         widths, measured = self.measured_allocation()
         method.targets.update({f: 1.0 - w / self.table.n_units[f] for f, w in widths.items()})
         self.history.append({"phase": phase_index, "widths": widths,
-                             "predicted_speedup": self.table.dense_ms / self.table.predict(widths),
+                             "predicted_speedup": self.table.speedup(widths),
                              "measured": measured, "seconds": round(time.perf_counter() - t0, 3)})
 
     def _allocate(self, speedup: float) -> dict[str, int]:
-        widths = allocate(self.table, self.loss, self.table.dense_ms / speedup)
+        widths = allocate(self.table, self.loss, self.table.ref_ms / speedup)
         if widths is None:  # the table said reachable; the loss does not change that, but be safe
             widths = {f: w[0] for f, w in self.table.widths.items()}
         return widths
@@ -408,7 +435,7 @@ class Allocator:
         for _ in range(REFINE):
             dense_ms, ms = self.timer(widths)
             got = dense_ms / ms
-            seen.append({"widths": widths, "asked": ask, "predicted": self.table.dense_ms / self.table.predict(widths),
+            seen.append({"widths": widths, "asked": ask, "predicted": self.table.speedup(widths),
                          "measured": got, "ms": {"dense": dense_ms, "pruned": ms}})
             if goal <= got <= top:
                 break
@@ -438,7 +465,7 @@ def recalibrated(table: LatencyTable, widths: dict[str, int], dense_ms: float, p
     full = sum(table.ms[f][-1] for f in table.widths)
     part = sum(table.family_ms(f, widths.get(f, table.n_units[f])) for f in table.widths)
     out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units, table.half_ms,
-                       table.seconds, dict(table.calibration))
+                       table.seconds, dict(table.calibration), table.reference_ms)
     if full - part > 1e-9:
         out.scale = max(0.0, (dense_ms - pruned_ms) / (full - part))
         out.rest_ms = dense_ms - out.scale * full
@@ -464,10 +491,11 @@ def shrink(res, table: LatencyTable, widths: dict[str, int], speedup: float, den
     from .remove import remove
 
     st = res.structure
-    table = recalibrated(table, widths, dense_ms, pruned_ms)
+    # with int8 the table is for the int8 graph: refit through its own dense model, not the fp32 one X is against
+    table = recalibrated(table, widths, dense_ms if table.reference_ms is None else table.dense_ms, pruned_ms)
     st.speed["table"] = table
     sub = LatencyTable({f: [w for w in table.widths[f] if w <= widths[f]] or [widths[f]] for f in table.widths},
-                       {}, table.dense_ms, table.rest_ms, table.scale, table.n_units)
+                       {}, table.dense_ms, table.rest_ms, table.scale, table.n_units, reference_ms=table.reference_ms)
     sub.ms = {f: [table.family_ms(f, w) for w in sub.widths[f]] for f in sub.widths}
     loss = st.speed.get("loss") or {}
     sub_loss = {f: [float(np.interp(w, table.widths[f], loss[f])) if f in loss else 0.0 for w in sub.widths[f]]

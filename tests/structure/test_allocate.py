@@ -41,6 +41,22 @@ def test_equal_losses_keep_the_wider_choice():
     assert _table().predict(w) == pytest.approx(6.0) and w in ({"A": 2, "B": 32}, {"A": 3, "B": 16}, {"A": 1, "B": 48})
 
 
+def test_int8_table_speedups_are_against_dense_fp32():
+    """With --quantize int8 the table is for the int8 graph (its dense model 4 ms here) but X is against the dense
+    fp32 model (10 ms, ``reference_ms``): the int8 model at full width is already 2.5x, so X = 2 keeps every unit,
+    and the best reachable is the fp32 model against the smallest int8 widths. (The search measured against the
+    int8 dense model before: asked X = 2, the encoder's written int8 model measured 4.99x dense fp32.)"""
+    t = _table()
+    int8 = LatencyTable(t.widths, {f: [v * 0.4 for v in ms] for f, ms in t.ms.items()}, dense_ms=4.0,
+                        rest_ms=t.rest_ms * 0.4, scale=t.scale, n_units=t.n_units, reference_ms=10.0)
+    assert int8.speedup({}) == pytest.approx(2.5) and int8.best_speedup() == pytest.approx(10.0 / 1.6)
+    alloc = Allocator(int8, SpeedTarget(2.0, precision="int8"), lambda: 0.0)
+    alloc.loss = {"A": [3.0, 1.0, 0.2, 0.0], "B": [2.0, 0.5, 0.1, 0.0]}
+    assert alloc.measured_allocation()[0] == {"A": 4, "B": 64}  # 4 ms fits 10 / 2.1 = 4.76 ms
+    assert alloc._allocate(4.0)["A"] < 4  # 2.5 ms: units go
+    assert recalibrated(int8, {"A": 1, "B": 16}, 4.0, 2.0).ref_ms == 10.0
+
+
 def test_calibration_goes_through_two_measured_models():
     t = _table()
     t.calibrate(half_ms=7.0)  # full widths sum to 8, half widths (2 heads, 32 neurons) to 4
