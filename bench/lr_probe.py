@@ -248,7 +248,8 @@ def table(rows: list[dict], args) -> None:
                 "yes" if a[0] >= means[best][0] - spread else f"no ({means[best][0] - a[0]:+.4f})")
             frac_s = " / ".join(_fractions(auto, k) for k in ("cpu_fraction_of_fine_tune", "fraction_of_fine_tune"))
             choices = ", ".join(f"{r['lr']:g}" for r in sorted(auto, key=lambda r: r["seed"]))
-            print(f"| {method} | " + " | ".join(cells) + f" | {'-' if best is None else format(best, 'g')} | {_fmt(task, auto)} | {choices} | {within} | "
+            best_s = "-" if best is None else f"{best:g}"
+            print(f"| {method} | " + " | ".join(cells) + f" | {best_s} | {_fmt(task, auto)} | {choices} | {within} | "
                   f"{frac_s} |")
         probes = [r for r in rows if r["task"] == task and r["kind"] == "probe"]
         for cfg in sorted({json.dumps(r["probe_config"], sort_keys=True) for r in probes}):

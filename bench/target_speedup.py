@@ -72,8 +72,8 @@ def run(name: str, target: float, batch: int, steps: int, tmp: Path, quantize: s
            "table_seconds": rep["timings"].get("latency_table"), "allocation_seconds": rep["timings"].get("allocation"),
            "parameters": rep["structure"]["parameters"]}
     vs = f", {t['vs_ort_int8']:.2f}x ORT's int8" if t.get("vs_ort_int8") else ""
-    print(f"{name} X={target:g} {quantize} batch {batch}: predicted {t['predicted']:.2f}x, measured {t['measured']:.2f}x{vs} "
-          f"({len(t['rounds'])} round(s)); table {row['table_seconds']}s, allocations {row['allocation_seconds']}s",
+    print(f"{name} X={target:g} {quantize} batch {batch}: predicted {t['predicted']:.2f}x, "
+          f"measured {t['measured']:.2f}x{vs} ({len(t['rounds'])} round(s)); table {row['table_seconds']}s, allocations {row['allocation_seconds']}s",
           flush=True)
     return row
 

@@ -160,8 +160,9 @@ class ProbeResult:
             return {"value": self.value, "source": self.source}
         out = {"value": self.value, "source": self.source,
                "scores": {f"{lr:g}": [_finite(v) for v in s] for lr, s in self.scores.items()}}
-        probe = {"strategy": self.strategy, "anneal": self.anneal, "metric": "held-out loss (lower is better), one per rung reached",
-                 "program_steps": self.program, "rungs": list(self.stops), "steps": self.steps,
+        probe = {"strategy": self.strategy, "anneal": self.anneal,
+                 "metric": "held-out loss (lower is better), one per rung reached", "program_steps": self.program,
+                 "rungs": list(self.stops), "steps": self.steps,
                  "seconds": round(self.seconds, 3), "rows": self.rows}
         if self.fine_tune_seconds:
             probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)

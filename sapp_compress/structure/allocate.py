@@ -150,8 +150,8 @@ class LatencyTable:
         return self.speedup({f: w[0] for f, w in self.widths.items()})
 
     def to_json(self) -> dict:
-        return {"dense_ms": self.dense_ms, "reference_ms": self.ref_ms, "half_ms": self.half_ms, "rest_ms": self.rest_ms, "scale": self.scale,
-                "seconds": self.seconds, "calibration": self.calibration,
+        return {"dense_ms": self.dense_ms, "reference_ms": self.ref_ms, "half_ms": self.half_ms,
+                "rest_ms": self.rest_ms, "scale": self.scale, "seconds": self.seconds, "calibration": self.calibration,
                 "families": {f: {"widths": self.widths[f], "ms": [round(v, 4) for v in self.ms[f]]}
                              for f in self.widths}}
 
@@ -277,7 +277,7 @@ class WholeTimer:
         from converters import passes
 
         if widths is None:
-            proto = _export(self.model, self.export_rows)
+            proto = self.reference()
         else:  # as the written model will be: with the graph passes that measure faster here
             m = copy.deepcopy(self.model)
             remove(self.inner_of(m), self.plan.families,
@@ -287,6 +287,12 @@ class WholeTimer:
         return _as_precision(proto, self.target.precision, self.feed, self.calibration, self.target.threads,
                              self.cache)
 
+    def reference(self):
+        """The dense model exported in fp32 (once): what X is against."""
+        if self._reference is None:
+            self._reference = _export(self.model, self.export_rows)
+        return self._reference
+
     def times(self, widths: dict[str, int] | None) -> dict[str, float]:
         """``dense`` (in the target's precision), ``reference`` (the dense model in fp32: the same as ``dense``
         in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved."""
@@ -294,11 +300,9 @@ class WholeTimer:
 
         if self._dense is None:
             self._dense = self.graph(None)
-            self._reference = (None if self.target.precision == "fp32"
-                               else _export(self.model, self.export_rows))
         graphs = {"dense": self._dense, "pruned": self.graph(widths)}
-        if self._reference is not None:
-            graphs["reference"] = self._reference
+        if self.target.precision != "fp32":
+            graphs["reference"] = self.reference()
         ms = model_ms(graphs, self.feed, threads=self.target.threads, cache=self.cache,
                       precision=self.target.precision)
         return {"dense": ms["dense"], "reference": ms.get("reference", ms["dense"]), "pruned": ms["pruned"]}
@@ -414,11 +418,11 @@ class Allocator:
         """Allocate on the table for the target plus :data:`MARGIN` (the goal), then time the whole model at those
         widths against the dense one; while the measured speed-up is outside [(1 + MARGIN) X, (1 + 3 MARGIN) X],
         ask the table for a speed-up scaled by how far the measurement fell from the goal (or interpolated
-        between two measurements that bracket it) and allocate again, at most :data:`REFINE` measurements. When the next ask gives an
-        allocation already measured, the ask halfway (geometrically) between the bracketing asks is tried
-        instead. The per-op sums mislead most where an allocation is far from the models the fit went through
-        (measured on the BERT-base-shaped encoder: every head family at one head predicted 2.11x and measured
-        2.50x). Returns the widths measured closest to the goal from above (else the fastest measured) and the
+        between two measurements that bracket it) and allocate again, at most :data:`REFINE` measurements.
+        When the next ask gives an allocation already measured, the ask halfway (geometrically) between the
+        bracketing asks is tried instead. The per-op sums mislead most where an allocation is far from the models
+        the fit went through (measured on the BERT-base-shaped encoder: every head family at one head predicted
+        2.11x and measured 2.50x). Returns the widths measured closest to the goal from above (else the fastest measured) and the
         measurements: the search stops at the first measurement in range, so a kept allocation out of range
         means none landed. The band starts at the goal, not at X: the written model is timed again after export,
         and on a BERT-base-sized model two interleaved timings of the same dense graph differed by 8 % with a
