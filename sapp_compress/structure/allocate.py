@@ -422,9 +422,9 @@ class Allocator:
         When the next ask gives an allocation already measured, the ask halfway (geometrically) between the
         bracketing asks is tried instead. The per-op sums mislead most where an allocation is far from the models
         the fit went through (measured on the BERT-base-shaped encoder: every head family at one head predicted
-        2.11x and measured 2.50x). Returns the widths measured closest to the goal from above (else the fastest measured) and the
-        measurements: the search stops at the first measurement in range, so a kept allocation out of range
-        means none landed. The band starts at the goal, not at X: the written model is timed again after export,
+        2.11x and measured 2.50x). Returns the widths measured closest to the goal from above (else the fastest
+        measured) and the measurements: the search stops at the first measurement in range, so a kept allocation
+        out of range means none landed. The band starts at the goal, not at X: the written model is timed again after export,
         and on a BERT-base-sized model two interleaved timings of the same dense graph differed by 8 % with a
         job on the other core, so an allocation kept at 1.02 X measured 0.95 X there (BENCHMARKS.md 17.1)."""
         import math
