@@ -217,7 +217,9 @@ class _Runner:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
         self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
-        self.prime, self.primed = prime, None
+        self.prime = prime
+        self.template: tuple[nn.Module, object] | None = None  # the finished copy every candidate starts as
+        self.primed: tuple[nn.Module, object, dict] | None = None  # (model, method, state) after priming
         self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
                                              warmup=train_cfg.warmup if train_cfg.lr_probe.warmup is None
                                              else train_cfg.lr_probe.warmup)
@@ -233,10 +235,11 @@ class _Runner:
         of the program (default: the fine-tune's cosine with warm-up over the program). With priming, the
         program follows the ``prime`` steps every candidate shares (rate zero)."""
         if lr not in self.live:
-            model, method = self._fresh()
             memory = _Memory()
             if self.prime:
-                memory.state = copy.deepcopy(self._primed())
+                model, method, memory.state = self._branch()
+            else:
+                model, method = self._fresh()
             self.live[lr] = (model, method, memory)
             torch.manual_seed(self.train_cfg.seed)
         model, method, memory = self.live[lr]
@@ -255,15 +258,19 @@ class _Runner:
         return loss if math.isfinite(loss) else math.inf
 
     def _fresh(self) -> tuple[nn.Module, object]:
-        """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``)."""
-        model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
-        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.prime + self.program)
-        model.to(self.device)
-        if self.phase == "sparse":
-            method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
-        return model, method
+        """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``): a copy of
+        one such model built once (a structured method's ``finish`` scores every unit of every family, which on a
+        resnet18 cost more than the copy)."""
+        if self.template is None:
+            model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
+            method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.prime + self.program)
+            model.to(self.device)
+            if self.phase == "sparse":
+                method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
+            self.template = (model, method)
+        return copy.deepcopy(self.template)  # one memo: the method's layers name the copy's modules
 
-    def _primed(self) -> dict:
+    def _primed(self) -> tuple[nn.Module, object, dict]:
         """The state every candidate starts from with ``prime`` steps: ``prime`` steps at rate zero from the
         starting weights, which fill the optimizer's moments (and BatchNorm's statistics) and move no weight;
         run once, shared. Without them a candidate's first steps are Adam's first steps, whose second moment
@@ -278,9 +285,17 @@ class _Runner:
             fine_tune(model, self.teacher, method, self.task, self.fit, dataclasses.replace(self.train_cfg, lr=1.0),
                       self.device, self.prime + self.program, stop=self.prime, checkpointer=memory,
                       lr_at=lambda step: 0.0)
-            self.primed = memory.state
+            self.primed = (model, method, memory.state)
             self.steps += self.prime
         return self.primed
+
+    def _branch(self) -> tuple[nn.Module, object, dict]:
+        """A candidate at the primed state: a copy of the primed model and method, and a resume state whose
+        optimizer moments are its own (the weights, BatchNorm's statistics and masks come with the copy)."""
+        model, method, state = self._primed()
+        model, method = copy.deepcopy((model, method))
+        return model, method, {**state, "model": model.state_dict(), "optimizer": copy.deepcopy(state["optimizer"]),
+                               "method": copy.deepcopy(state["method"]), "history": list(state["history"])}
 
     def start_loss(self) -> float:
         """The held-out loss of the starting weights with the method attached (masks as the probe starts)."""
@@ -391,15 +406,20 @@ def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
         runner.rows = runner.rows_per_rung[rung]
         start = sched.stops[rung - 1] if rung else 0
         lr_at = rung_cycle(start, stop, runner.train_cfg.warmup) if runner.anneal == "rung" else None
+        best: list[float] = []
         for lr in alive:
             scores[lr].append(runner.advance(lr, stop, lr_at))
             log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
                      scores[lr][-1])
+            # the best `keep` so far (ties go to the lower rate); the others are dropped at once, so at most
+            # keep + 1 candidates (their weights and optimizer moments) are alive: on a resnet18 every new
+            # one's first step paid about a step more for the fresh memory it took
+            best = sorted([*best, lr], key=lambda r: (scores[r][-1], r))
+            for out in best[keep:]:
+                runner.drop(out)
+            best = best[:keep]
         _check_same_scores({lr: scores[lr][-1] for lr in alive}, rung)
-        ranked = sorted(alive, key=lambda lr: (scores[lr][-1], lr))  # ties go to the lower rate
-        for lr in ranked[keep:]:
-            runner.drop(lr)
-        alive = ranked[:keep]
+        alive = best
     return alive[0], scores
 
 

@@ -201,9 +201,9 @@ def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
     real = lr_probe._Runner._primed
 
     def spy(self):
-        state = real(self)
-        primed.append(state)
-        return state
+        out = real(self)
+        primed.append(out[2])  # (model, method, resume state)
+        return out
 
     monkeypatch.setattr(lr_probe._Runner, "_primed", spy)
     res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "prime": 0.05}))
@@ -217,3 +217,27 @@ def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
     probe = res.lr_choice.to_json()["probe"]
     assert probe["steps"] == 15 + halving(len(RATES), 30, 1 / 3).cost(len(RATES))
     assert res.lr in (1e-3, 1e-2)  # the best two rates (R^2 0.469 and 0.443; test_probe_picks_the_known_best_rate)
+
+
+def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
+    """Every candidate alive holds a copy of the model and its optimizer moments: a rung drops a candidate as soon
+    as ``keep`` better ones have been scored, so at most ``keep + 1`` are alive at once (not all of them), and the
+    survivors are still the rung's best."""
+    from sapp_compress import lr_probe
+
+    student, shard = scaled_regression()
+    alive = []
+    real = lr_probe._Runner.advance
+
+    def spy(self, lr, stop, lr_at=None):
+        loss = real(self, lr, stop, lr_at)
+        alive.append(len(self.live))
+        return loss
+
+    monkeypatch.setattr(lr_probe._Runner, "advance", spy)
+    res = prune(student, shard, CFG, _train("auto"))
+    keep = halving(len(RATES), 24, 1 / 3).keeps[0]
+    assert len(alive) > len(RATES) and max(alive) == keep + 1
+    scores = res.lr_choice.scores
+    first = sorted(RATES, key=lambda r: (scores[r][0], r))
+    assert sorted(r for r in RATES if len(scores[r]) > 1) == sorted(first[:keep])  # the best of the first rung went on
