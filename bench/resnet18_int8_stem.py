@@ -23,7 +23,6 @@ from harness import machine, machine_line, parser, write_results
 from converters.qdq import QDQ_OPS, calibration_batches, quantize_qdq  # noqa: E402
 from converters.runtime import session, time_interleaved  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
-from sapp_compress.structure.plan import kept_units  # noqa: E402
 from sapp_compress.structure.remove import random_keep, remove  # noqa: E402
 
 
@@ -38,7 +37,7 @@ def main() -> None:
     ex = rows(2)
     plan = discover(model, tuple(torch.from_numpy(v) for v in ex.values()), names_from=model)
     small = copy.deepcopy(model)
-    remove(small, plan, random_keep(plan.families, {f.name: kept_units(f.n_units, 0.5) for f in plan.families}, seed=0))
+    remove(small, plan, random_keep(plan.families, {f.name: f.kept_units(0.5) for f in plan.families}, seed=0))
     calib = calibration_batches({"x": np.concatenate([rows(8, seed=s)["x"] for s in range(4)])})
     graphs = {}
     for name, m in (("dense", model), ("small", small)):

@@ -1,7 +1,7 @@
 """Structured pruning's speed in stock ONNX Runtime: the tool's smaller dense graph against the dense model and
 against ONNX Runtime's own int8 of the dense model.
 
-    python bench/structured_speed.py [--models encoder,resnet18,llama] [--sparsities 0.5,0.75] [--rounds 9]
+    python bench/structured_speed.py [--models encoder,resnet18,llama] [--sparsities 0.5,0.75] [--rounds 9] [--exact-widths]
 
 Models (random weights from their constructors; which units go does not change the speed, so a random choice
 of round((1 - s) n) units per family is removed through the tool's own discover / remove path, no fine-tune):
@@ -51,7 +51,6 @@ from converters import export_onnx, passes, quantize_whole, run_onnx  # noqa: E4
 from converters.int8 import default_weight_bits  # noqa: E402
 from sapp_compress.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
-from sapp_compress.structure.plan import kept_units  # noqa: E402
 from sapp_compress.structure.remove import random_keep, remove  # noqa: E402
 
 ERR_OK = 5e-2
@@ -124,7 +123,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def run_model(name: str, sparsities: list[float], batches: list[int], rounds: int) -> dict:
+def run_model(name: str, sparsities: list[float], batches: list[int], rounds: int, exact: bool = False) -> dict:
     torch.manual_seed(0)
     model, rows, desc = MODELS[name]()
     inner = model.inner if isinstance(model, Out) else model
@@ -140,7 +139,7 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
     timing = rows(max(batches), seed=7)
     applied = []
     for s in sparsities:
-        keep = random_keep(plan.families, {f.name: kept_units(f.n_units, s) for f in plan.families}, seed=0)
+        keep = random_keep(plan.families, {f.name: f.kept_units(s) for f in plan.families}, seed=0)
         small = copy.deepcopy(model)
         remove(small.inner if isinstance(small, Out) else small, plan, keep)
         chosen = passes.choose(_export(small, ex), timing, threads=1)
@@ -151,6 +150,11 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         graphs[f"tool_int8 s{s}"] = whole.model.SerializeToString()
         choices[f"tool_int8 s{s}"] = whole.to_json()
         choices[f"tool_fp32 s{s}"] = chosen.to_json()
+        if exact:  # the widths before they were rounded to multiples of 8: round((1 - s) n) for every family
+            keep = random_keep(plan.families, {f.name: int(round((1 - s) * f.n_units)) for f in plan.families}, seed=0)
+            small = copy.deepcopy(model)
+            remove(small.inner if isinstance(small, Out) else small, plan, keep)
+            graphs[f"exact_fp32 s{s}"] = passes.choose(_export(small, ex), timing, threads=1).model.SerializeToString()
     dense_proto = onnx.load_from_string(dense)
     for name_ in dict.fromkeys(applied):
         dense_proto = passes.PASSES[name_](dense_proto)[0]
@@ -181,6 +185,8 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
                             "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
                             "int8_vs_ort_best_passes": (med[best_p] / med[f"tool_int8 s{s}"]) if best_p else None,
                             "int8_vs_dense": med["dense"] / med[f"tool_int8 s{s}"]}
+            if exact:
+                row[f"s{s}"]["exact_fp32_vs_dense"] = med["dense"] / med[f"exact_fp32 s{s}"]
         out["batches"][str(b)] = row
         print(f"{name} batch {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()), flush=True)
         for s in sparsities:
@@ -189,7 +195,8 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
             ip = (f" ({r['int8_vs_ort_best_passes']:.2f}x {best_p})" if r["int8_vs_ort_best_passes"] else "")
             print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32 ({r['fp32_vs_dense_passes']:.2f}x with the same "
                   f"passes); int8 {ib} ORT's best int8 ({best}){ip}, "
-                  f"{r['int8_vs_dense']:.2f}x dense fp32", flush=True)
+                  f"{r['int8_vs_dense']:.2f}x dense fp32" + (
+                      f"; unrounded widths: fp32 {r['exact_fp32_vs_dense']:.2f}x dense fp32" if exact else ""), flush=True)
     return out
 
 
@@ -199,12 +206,14 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.75", type=harness.floats)
     ap.add_argument("--batches", default="1,8", type=harness.ints)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--exact-widths", action="store_true",
+                    help="also time round((1 - s) n) units per family, before the rounding to multiples of 8")
     a = ap.parse_args(sys.argv[1:])
     torch.set_num_threads(1)
     print(f"machine: {machine_line()}; ONNX Runtime 1 thread", flush=True)
-    res = {"machine": machine(), "rounds": a.rounds, "models": {}}
+    res = {"machine": machine(), "rounds": a.rounds, "exact_widths": a.exact_widths, "models": {}}
     for name in a.models:
-        res["models"][name] = run_model(name, a.sparsities, a.batches, a.rounds)
+        res["models"][name] = run_model(name, a.sparsities, a.batches, a.rounds, a.exact_widths)
     write_results(a.out, res)
     print(f"wrote {a.out}")
 

@@ -95,6 +95,10 @@ class MaskedLayer:
     masker: BlockMask
     powerprop: BlockPowerProp | None = None
 
+    def uniform_target(self, sparsity: float) -> float:
+        """The sparsity this layer ends at under a uniform ``sparsity``: that sparsity (blocks count exactly)."""
+        return sparsity
+
     @property
     def name(self) -> str:
         return self.plan.name

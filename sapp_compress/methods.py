@@ -111,8 +111,10 @@ class PruningMethod:
         )
         self._bounds = [(round(p.start * total_steps), round(p.end * total_steps)) for p in self.phases]
         self._entered = -1  # index of the last phase entered
-        #: layer name -> its own target sparsity (default: ``cfg.sparsity`` for every layer)
-        self.targets: dict[str, float] = {}
+        #: layer name -> its own target sparsity where it is not ``cfg.sparsity``: a neuron or channel family's
+        #: kept units rounded to a multiple of 8 (``uniform_target``), or a latency-aware allocation's width
+        self.targets: dict[str, float] = {
+            layer.name: t for layer in self.layers if (t := layer.uniform_target(cfg.sparsity)) != cfg.sparsity}
         #: called as ``before_sparsify(method, phase_index)`` when a sparsify phase starts, before it prunes: the
         #: place to set :attr:`targets` (a latency-aware allocation)
         self.before_sparsify = None

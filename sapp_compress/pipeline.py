@@ -318,12 +318,11 @@ def _precheck_structure(dense: nn.Module, plans, shard: Shard, quantize: str, sp
     int8 with ``quantize``), so a smaller model that cannot be exported fails before the fine-tune."""
     import converters
 
-    from .structure.plan import kept_units
     from .structure.remove import random_keep, remove
 
     model = copy.deepcopy(dense)
     families = [p.family for p in plans]
-    remove(unwrap(model), families, random_keep(families, {f.name: kept_units(f.n_units, sparsity) for f in families}))
+    remove(unwrap(model), families, random_keep(families, {f.name: f.kept_units(sparsity) for f in families}))
     proto = export_model(model, shard)
     try:
         converters.run_onnx(proto, onnx_feed(shard, _rows(shard, EXPORT_ROWS)))

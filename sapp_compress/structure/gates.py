@@ -116,6 +116,11 @@ class MaskedFamily:
             return getattr(m.parametrizations, p).original
         return self.tensors[name]
 
+    def uniform_target(self, sparsity: float) -> float:
+        """The sparsity this family ends at under a uniform ``sparsity``: its kept units as
+        :meth:`GroupFamily.kept_units` counts them (neurons and channels in multiples of 8)."""
+        return 1.0 - self.family.kept_units(sparsity) / self.family.n_units
+
     def alive(self) -> torch.Tensor:
         return self.masker.mask > 0
 

@@ -27,6 +27,11 @@ from .trace import ChannelGraph, OpRecord, trace
 
 Key = tuple[str, int]  # (tensor name, axis)
 
+#: a neuron or channel family of at least twice this many units keeps a multiple of it under a uniform
+#: ``--sparsity``: ONNX Runtime's conv and GEMM kernels lose much of their speed off multiples of 8 (a resnet18 at
+#: s = 0.6 kept 26 / 51 / 102 / 205 channels and ran slower than at s = 0.5; BENCHMARKS.md section 16.4)
+UNIT_MULTIPLE = 8
+
 
 @dataclass(frozen=True)
 class GroupFamily:
@@ -60,6 +65,17 @@ class GroupFamily:
     def unit_size(self) -> int:
         """Channels per unit on the first producer axis (the head size for heads, 1 for neurons)."""
         return int(len(self.units[0][self.producers[0]]))
+
+    def kept_units(self, sparsity: float) -> int:
+        """Units this family keeps at a uniform ``sparsity``: ``round((1 - sparsity) n)``, and for neuron and channel
+        families of at least ``2 * UNIT_MULTIPLE`` units the nearest multiple of :data:`UNIT_MULTIPLE` to it (ties
+        up), unless that is the whole family (a prune asked for is never dropped) or the count is under the
+        multiple. Heads and conv groups are counted exactly: each is a whole slice of its kernels already."""
+        k = int(round((1.0 - sparsity) * self.n_units))
+        if self.kind not in ("neurons", "channels") or self.n_units < 2 * UNIT_MULTIPLE or k < UNIT_MULTIPLE:
+            return k
+        snapped = UNIT_MULTIPLE * int(k / UNIT_MULTIPLE + 0.5)
+        return snapped if snapped < self.n_units else k
 
     def index(self, key: Key) -> np.ndarray:
         """``[n_units, per_unit]``: each unit's indices along tensor axis ``key``."""

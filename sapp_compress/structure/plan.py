@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 PARITY_RTOL = 1e-4
 
 
-def kept_units(n: int, sparsity: float) -> int:
-    """Units a family of ``n`` keeps at ``sparsity`` (as the pruning methods count them)."""
-    return int(round((1.0 - sparsity) * n))
-
-
 def _outputs(model: nn.Module, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(*inputs).float()
@@ -71,7 +66,7 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
         GeometryError: no family can lose units, or ``cfg.sparsity`` leaves a family with no unit.
     """
     plan = select(discover(model, inputs, names_from=inner), cfg.include, cfg.exclude)
-    zero = [f for f in plan.families if kept_units(f.n_units, cfg.sparsity) < 1]
+    zero = [f for f in plan.families if f.kept_units(cfg.sparsity) < 1]
     if zero:
         f = zero[0]
         more = f" (and {len(zero) - 1} more families)" if len(zero) > 1 else ""
@@ -79,7 +74,7 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
             f"--sparsity {cfg.sparsity:g} keeps round({1 - cfg.sparsity:g} x {f.n_units}) = 0 of the {f.n_units} "
             f"{f.kind} of {f.name}{more}: lower --sparsity, or --exclude '{f.name}'")
     if plan.families:
-        keep = random_keep(plan.families, {f.name: kept_units(f.n_units, cfg.sparsity) for f in plan.families})
+        keep = random_keep(plan.families, {f.name: f.kept_units(cfg.sparsity) for f in plan.families})
         bad = check_removal(model, inner_of, plan.families, keep, inputs)
         if bad:
             for name, why in bad.items():
@@ -96,4 +91,4 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
     return [FamilyPlan(f, inner) for f in plan.families], skipped, plan
 
 
-__all__ = ["PARITY_RTOL", "check_removal", "kept_units", "plan_families"]
+__all__ = ["PARITY_RTOL", "check_removal", "plan_families"]

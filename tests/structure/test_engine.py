@@ -67,7 +67,8 @@ def test_gates_fold_to_what_the_masked_model_computes(method):
             if layer.masker.logits is not None:
                 layer.masker.logits.normal_()
     m.finish()
-    assert [int(layer.alive().sum()) for layer in m.layers] == [round(0.4 * 64), round(0.4 * 48)]
+    # round(0.4 x 64) = 26 and round(0.4 x 48) = 19, to the nearest multiple of 8 (GroupFamily.kept_units)
+    assert [int(layer.alive().sum()) for layer in m.layers] == [24, 16]
     x = torch.randn(16, 32)
     with torch.no_grad():
         masked = model(x)
@@ -142,5 +143,46 @@ def test_sapp_ranks_units_by_attention():
     m.finish()
     for layer in m.layers:
         n = layer.grid[1]
-        assert torch.equal(layer.alive().reshape(-1), torch.arange(n) >= n - round(0.25 * n))
+        kept = layer.family.kept_units(0.75)  # 16 of 64, 16 of 48 (12, kept up to a multiple of 8)
+        assert kept == 16 and torch.equal(layer.alive().reshape(-1), torch.arange(n) >= n - kept)
     _ = copy
+
+
+def _family(kind: str, n: int):
+    from sapp_compress.structure.groups import GroupFamily
+
+    key = ("w", 0)
+    return GroupFamily("f", kind, tuple({key: np.array([i])} for i in range(n)), (key,), (), ())
+
+
+@pytest.mark.parametrize(("kind", "n", "sparsity", "kept"), [
+    ("channels", 64, 0.6, 24), ("channels", 128, 0.6, 48), ("channels", 256, 0.6, 104), ("channels", 512, 0.6, 208),
+    ("neurons", 3072, 0.6, 1232), ("neurons", 100, 0.5, 48),  # 50 -> 48: nearest multiple of 8
+    ("channels", 64, 0.5, 32), ("channels", 96, 0.75, 24),  # already multiples: unchanged
+    ("neurons", 36, 0.5, 16),  # 18 -> 16
+    ("channels", 48, 0.75, 16), ("channels", 40, 0.7, 16),  # 12: a tie between 8 and 16, kept up
+    ("channels", 64, 0.95, 3), ("channels", 12, 0.5, 6), ("channels", 64, 0.0, 64),  # under 8, small, all: exact
+    ("channels", 16, 0.25, 12), ("neurons", 24, 0.125, 21),  # the multiple would keep the whole family: exact
+    ("heads", 12, 0.5, 6), ("heads", 64, 0.6, 26), ("conv groups", 64, 0.6, 26),  # whole slices: exact
+])
+def test_uniform_widths_are_kernel_friendly(kind, n, sparsity, kept):
+    """A neuron or channel family of 16 units or more keeps a multiple of 8 under a uniform sparsity (ONNX
+    Runtime's kernels run other widths far slower, BENCHMARKS.md 16.4); heads, small families, counts under 8
+    and counts whose multiple would be the whole family are exact."""
+    assert _family(kind, n).kept_units(sparsity) == kept
+
+
+def test_methods_end_at_the_kernel_friendly_widths_and_allocations_are_exact():
+    """The engine prunes every family to ``kept_units`` (the gradual schedules aim at it, so it is reached
+    exactly); a latency-aware allocation's widths (``targets``) are kept as chosen, multiples of 8 or not."""
+    model = _model()
+    cfg = PruneConfig(block="8", sparsity=0.6, method="gmp", structure="channels")
+    m = METHODS["gmp"](cfg, _plans(model), total_steps=20)
+    for step in range(20):
+        m.begin_step(step)
+    m.finish()
+    assert [int(layer.alive().sum()) for layer in m.layers] == [24, 16]
+    m = METHODS["magnitude"](cfg, _plans(_model()), total_steps=10)
+    m.targets.update({m.layers[0].name: 1 - 26 / 64})
+    m.finish()
+    assert [int(layer.alive().sum()) for layer in m.layers] == [26, 16]
