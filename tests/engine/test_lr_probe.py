@@ -241,3 +241,17 @@ def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
     scores = res.lr_choice.scores
     first = sorted(RATES, key=lambda r: (scores[r][0], r))
     assert sorted(r for r in RATES if len(scores[r]) > 1) == sorted(first[:keep])  # the best of the first rung went on
+
+
+@pytest.mark.parametrize("method", ["sapp", "gmp"])
+def test_primed_probe_over_the_whole_program_is_deterministic(method):
+    """``phase="program"`` with priming: the priming runs the program's first steps at rate zero (dense phase,
+    no prune yet), every candidate continues from there through the method's own program; two runs measure the
+    same scores and the fine-tune after it is the fixed run at its choice."""
+    student, shard = scaled_regression(seed=2)
+    cfg = dataclasses.replace(CFG, method=method)
+    probe = {"phase": "program", "prime": 0.05}
+    a, b = (prune(student, shard, cfg, _train("auto", probe, seed=1)) for _ in range(2))
+    assert a.lr_choice.source == "probe" and a.lr_choice.digest() == b.lr_choice.digest()
+    assert all(len(s) >= 1 and all(np.isfinite(s)) for s in a.lr_choice.scores.values())
+    assert prune(student, shard, cfg, _train(a.lr, seed=1)).mask_digest == a.mask_digest
