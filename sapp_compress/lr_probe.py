@@ -412,8 +412,7 @@ def successive(runner: _Runner, cands: list[float], sched: Schedule) -> tuple[fl
             log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
                      scores[lr][-1])
             # the best `keep` so far (ties go to the lower rate); the others are dropped at once, so at most
-            # keep + 1 candidates (their weights and optimizer moments) are alive: on a resnet18 every new
-            # one's first step paid about a step more for the fresh memory it took
+            # keep + 1 candidates (each a copy of the model and its optimizer moments) are held, not all of them
             best = sorted([*best, lr], key=lambda r: (scores[r][-1], r))
             for out in best[keep:]:
                 runner.drop(out)
