@@ -267,6 +267,11 @@ def prune(
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
     lr = choose_lr(student, plans, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
     train_cfg = dataclasses.replace(train_cfg, lr=lr.value)
+    if not lr.informative:
+        warnings.append(
+            f"--lr auto: no candidate rate beat a constant prediction on the probe's held-out rows (the best, "
+            f"{lr.value:g}, {lr.scores[lr.value][-1]:.4g} against {lr.constant_loss:.4g}): its {lr.steps} steps could "
+            "not tell the rates apart and the rate is a guess: fix --lr, or give the fine-tune more steps")
     method = METHODS[prune_cfg.method](prune_cfg, plans, total_steps)
     student.to(device)
     allocator = None

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib_data.shards import Shard
+from calib_data.shards import IGNORE_INDEX, Shard
 
 from . import distributed
 from .config import LRProbeConfig, PruneConfig, TrainConfig
@@ -153,6 +153,17 @@ class ProbeResult:
     fine_tune_seconds: float | None = None
     fine_tune_cpu_seconds: float | None = None
     anneal: str = "program"
+    #: the held-out loss of the best constant prediction on the rows the last rung scored (:func:`constant_loss`)
+    constant_loss: float | None = None
+
+    @property
+    def informative(self) -> bool:
+        """Whether the chosen rate's last score beats a constant prediction: when no candidate does, the probe's
+        steps could not tell the rates apart (on a CNN with 90 % of its blocks pruned at once, every rate's
+        held-out loss was still above chance: BENCHMARKS.md section 15.3) and its choice is a guess."""
+        if self.source != "probe" or self.constant_loss is None or self.value not in self.scores:
+            return True
+        return self.scores[self.value][-1] < self.constant_loss
 
     def to_json(self) -> dict:
         """The report's ``lr`` entry (``value``, ``source``, ``scores`` per candidate, ``probe`` details)."""
@@ -164,6 +175,9 @@ class ProbeResult:
                  "metric": "held-out loss (lower is better), one per rung reached", "program_steps": self.program,
                  "rungs": list(self.stops), "steps": self.steps,
                  "seconds": round(self.seconds, 3), "rows": self.rows}
+        if self.constant_loss is not None:
+            probe["constant_loss"] = _finite(self.constant_loss)
+            probe["informative"] = self.informative
         if self.fine_tune_seconds:
             probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)
             probe["fraction_of_fine_tune"] = round(self.seconds / self.fine_tune_seconds, 4)
@@ -332,6 +346,29 @@ class _Runner:
 
 
 @torch.no_grad()
+def constant_loss(task: Task, target: torch.Tensor, temperature: float = 1.0) -> float:
+    """The task's loss of the best input-independent prediction on ``target`` (held-out labels, or the teacher's
+    outputs): the class prior's cross-entropy, the base rate's log-loss, the targets' variance, the KL to the
+    teacher's mean distribution. A candidate that does not beat it has learnt nothing the probe can rank."""
+    t = target
+    if task.name == "classification":
+        labels = t.reshape(-1)
+        labels = labels[labels != IGNORE_INDEX].long()
+        if labels.numel() == 0:
+            return math.inf
+        prior = torch.bincount(labels, minlength=task.n_outputs).float() / labels.numel()
+        out = prior.clamp_min(1e-12).log().expand(labels.numel(), -1)
+        return float(task.loss(out, labels, temperature))
+    if task.name == "binary":
+        p = t.float().mean().clamp(1e-6, 1 - 1e-6)
+        return float(task.loss(torch.full_like(t, float(torch.logit(p)), dtype=torch.float32), t, temperature))
+    if task.name == "distill_classification":
+        q = torch.softmax(t.float() / temperature, dim=-1).reshape(-1, t.shape[-1]).mean(0)
+        return float(task.loss((temperature * q.clamp_min(1e-12).log()).expand_as(t), t, temperature))
+    return float(task.loss(t.float().mean(0, keepdim=True).expand_as(t), t, temperature))
+
+
+@torch.no_grad()
 def _outputs(model: nn.Module, shard: Shard, device: torch.device, chunk: int = 256) -> torch.Tensor:
     model.eval()
     return torch.cat([model(*to_tensors(tuple(x[i : i + chunk] for x in shard.inputs), device)).float()
@@ -384,10 +421,14 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
+    floor = None
+    if cfg.strategy != "range":  # the staircase scores one run, not candidates side by side
+        n = min(len(held), runner.rows_per_rung[-1])
+        floor = constant_loss(task, runner._targets(n)[:n], train_cfg.distill_temperature)
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
                       time.perf_counter() - t0,
                       {"trained": len(fit), "scored": len(held), "scored_per_rung": list(runner.rows_per_rung)},
-                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal)
+                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal, constant_loss=floor)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
 
@@ -471,4 +512,4 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
 
 
 __all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
-           "probe_lr", "probe_split", "rung_cycle", "scored_rows", "staircase"]
+           "probe_lr", "probe_split", "rung_cycle", "scored_rows", "staircase", "constant_loss"]

@@ -255,3 +255,37 @@ def test_primed_probe_over_the_whole_program_is_deterministic(method):
     assert a.lr_choice.source == "probe" and a.lr_choice.digest() == b.lr_choice.digest()
     assert all(len(s) >= 1 and all(np.isfinite(s)) for s in a.lr_choice.scores.values())
     assert prune(student, shard, cfg, _train(a.lr, seed=1)).mask_digest == a.mask_digest
+
+
+def test_constant_loss_is_the_best_input_independent_prediction():
+    """The floor the probe's scores are held against: the class prior's cross-entropy, the base rate's log-loss,
+    the targets' variance, the KL to the teacher's mean distribution (0 when every row has the same target)."""
+    from sapp_compress.lr_probe import constant_loss
+    from sapp_compress.tasks import Task
+
+    labels = torch.tensor([0, 0, 0, 1])  # prior (0.75, 0.25, 0): entropy 0.5623
+    assert constant_loss(Task("classification", 3), labels) == pytest.approx(0.5623, abs=1e-4)
+    y = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
+    assert constant_loss(Task("binary", 1), y) == pytest.approx(0.5623, abs=1e-4)
+    r = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    assert constant_loss(Task("regression", 2), r) == pytest.approx((1 + 4) / 2, abs=1e-6)
+    same = torch.tensor([[2.0, 0.0, -1.0]] * 5)
+    assert constant_loss(Task("distill_classification", 3), same, 2.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_probe_that_cannot_beat_a_constant_says_so():
+    """Labels independent of the inputs: no candidate beats the class prior on the held-out rows, so the report
+    marks the probe uninformative and the run warns; a task the probe can learn (the scaled regression) does not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 32)).astype(np.float32)
+    shard = Shard((x,), rng.integers(0, 4, size=2048).astype(np.int64), "random-labels")
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    res = prune(model, shard, CFG, _train("auto"))
+    probe = res.lr_choice.to_json()["probe"]
+    assert probe["informative"] is False and np.log(4) - 0.05 < probe["constant_loss"] <= np.log(4)  # the prior
+    assert res.lr_choice.scores[res.lr][-1] >= probe["constant_loss"]
+    assert any("no candidate rate beat a constant prediction" in w for w in res.warnings)
+    student, reg = scaled_regression()
+    ok = prune(student, reg, CFG, _train("auto"))
+    assert ok.lr_choice.informative and ok.lr_choice.to_json()["probe"]["informative"] is True
+    assert not any("constant prediction" in w for w in ok.warnings)
