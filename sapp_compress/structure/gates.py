@@ -95,7 +95,7 @@ class MaskedFamily:
     plan: FamilyPlan
     masker: UnitMask
     gates: dict[str, tuple[nn.Module, str]]  # consumer tensor -> (module, parameter name)
-    tensors: dict[str, nn.Parameter]  # every parameter the family touches (consumers: their originals)
+    tensors: dict[str, nn.Parameter]  # the parameters it touches or decays but does not gate (originals if gated)
     decay_terms: list[tuple[str, list[tuple[int, torch.Tensor, UnitMask]]]] = field(default_factory=list)
 
     @property
@@ -207,8 +207,13 @@ def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool, density
                 terms[t].append((a, torch.as_tensor(fam.index(key), dtype=torch.long), masker))
                 owner.setdefault(t, i)
     for i, ((fam, masker), plan) in enumerate(zip(pending, plans)):
-        tensors = {t: params[t] for t, _ in fam.keys if t in params and t not in gates}
         mine = [(t, terms[t]) for t in sorted(terms) if owner[t] == i]
+        # every parameter the family touches or decays that it does not gate itself, a tensor gated by another
+        # family included (its original, the same Parameter): a unit's producer rows in a layer whose input
+        # channels another family gates (a chain of Linear layers, a squeeze-excitation's fc2) count in its norm
+        own = {t for t, _ in fam.consumers}
+        names = {t for t, _ in fam.keys if t in params} | {t for t, _ in mine}
+        tensors = {t: params[t] for t in sorted(names) if t not in own}
         out.append(MaskedFamily(plan, masker, {t: gate_slots[t] for t, _ in fam.consumers}, tensors, mine))
     return out
 

@@ -186,3 +186,49 @@ def test_methods_end_at_the_kernel_friendly_widths_and_allocations_are_exact():
     m.targets.update({m.layers[0].name: 1 - 26 / 64})
     m.finish()
     assert [int(layer.alive().sum()) for layer in m.layers] == [26, 16]
+
+
+def test_a_chained_familys_norm_counts_its_producer_rows():
+    """Family "2 (neurons)" makes model[2]'s rows, whose input columns family "0 (neurons)" gates: its group norm
+    still counts those rows (with its bias and its consumer columns in model[4])."""
+    model = _model()
+    layers = attach(_plans(model), attention=False, powerprop=False, density=0.5)
+    fam = {layer.name: layer for layer in layers}["2 (neurons)"]
+    w2 = model[2].parametrizations.weight.original.detach()
+    b2, w4 = model[2].bias.detach(), model[4].parametrizations.weight.original.detach()
+    want = (w2.pow(2).sum(1) + b2.pow(2) + w4.pow(2).sum(0)).sqrt()
+    torch.testing.assert_close(fam.norms().reshape(-1), want, rtol=1e-5, atol=1e-6)
+
+
+class _SqueezeExcite(nn.Module):
+    """A conv, a squeeze-excitation (pool, 1x1 conv down, 1x1 conv up, sigmoid, scale), a conv, a head: the up
+    projection's rows belong to the first conv's channels while its input columns are the squeeze's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 32, 1)
+        self.out = nn.Conv2d(32, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(self.out(x * s)).mean((2, 3)))
+
+
+def test_squeeze_excitation_prunes_with_the_coupled_decay():
+    """The coupled l2 decays the up projection through the family that owns it although another family gates it
+    (torchvision's mobilenet_v3 and efficientnet failed here with a KeyError); the pruned model is smaller and
+    computes what the masked one did."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 3, 8, 8)).astype(np.float32)
+    shard = Shard((x,), rng.integers(0, 4, size=256).astype(np.int64), "synthetic")
+    res = prune(_SqueezeExcite(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp", structure="channels"),
+                TrainConfig(steps=20, batch_size=32, lr=1e-3, weight_decay=1e-2))
+    m = res.model
+    # 16 of 32 channels, at most 8 of 16 squeeze units (a kept unit whose consumer slices ended at zero goes too)
+    assert m.conv.out_channels == m.fc1.in_channels == m.fc2.out_channels == m.out.in_channels == 16
+    assert 1 <= m.fc1.out_channels == m.fc2.in_channels <= 8
+    assert res.structure.parity <= 1e-5
