@@ -91,6 +91,22 @@ def test_torchvision_cnn_int8(tmp_path):
     assert _onnx_params(tmp_path / "m.onnx") < 0.8 * sum(p.numel() for p in case.model.parameters())
 
 
+@pytest.mark.parametrize(("name", "library"), [("mobilenet_v3_small", "torchvision"), ("efficientnet", "timm")])
+def test_squeeze_excitation_cnns(name, library, tmp_path):
+    """Library CNNs with squeeze-excitation blocks (torchvision's mobilenet_v3_small, timm's efficientnet_b0): the
+    expansion channels, the squeeze units and the depthwise convs' channels go together, the coupled decay reaches
+    the up projection that two families touch (it raised KeyError in the first training step), and the smaller
+    model runs in ORT as the pruned one does."""
+    needs(library)
+    case = CASES[name](tmp_path)
+    code, out, rep = run(case, tmp_path, *FAST)
+    assert code == 0, out
+    kept = {lay["name"]: (lay["units"], lay["kept_units"]) for lay in rep["layers"]}
+    assert len(kept) >= 10 and all(k < n for n, k in kept.values())
+    assert rep["verification"]["passed"]
+    assert _onnx_params(tmp_path / "m.onnx") < 0.7 * sum(p.numel() for p in case.model.parameters())
+
+
 def test_no_prunable_group_fails_before_the_fine_tune(tmp_path):
     torch.save(nn.Sequential(nn.Linear(8, 3)), tmp_path / "one.pt")
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32),
