@@ -10,6 +10,8 @@ of round((1 - s) n) units per family is removed through the tool's own discover 
   sequence 128, output ``last_hidden_state``; batch 1 and 8;
 - ``resnet18``: torchvision resnet18 at 224x224 (the first conv of each block loses channels; the residual width
   stays); batch 1 and 8;
+- ``mobilenet_v3_small``, ``efficientnet_b0``: torchvision's, 224x224 (squeeze-excitation blocks: the expansion
+  channels, their depthwise conv and the squeeze units go); batch 1 and 8;
 - ``llama``: transformers' ``LlamaModel`` (hidden 768, 12 query / 4 kv heads of 64, SwiGLU 2048, 4 layers),
   prefill of 128 tokens, output ``last_hidden_state`` (no LM head: a vocabulary projection of the last token is
   the same for every width); batch 1 and 8.
@@ -101,7 +103,22 @@ def llama():
             "LlamaModel, GQA 12/4 heads, SwiGLU, 4 layers, prefill of 128 tokens")
 
 
-MODELS = {"encoder": encoder, "resnet18": resnet18, "llama": llama}
+def _images224(n, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}
+
+
+def mobilenet_v3_small():
+    tv = require("torchvision", "mobilenet_v3_small")
+    return tv.models.mobilenet_v3_small(num_classes=1000).eval(), _images224, "torchvision mobilenet_v3_small, 224x224"
+
+
+def efficientnet_b0():
+    tv = require("torchvision", "efficientnet_b0")
+    return tv.models.efficientnet_b0(num_classes=1000).eval(), _images224, "torchvision efficientnet_b0, 224x224"
+
+
+MODELS = {"encoder": encoder, "resnet18": resnet18, "llama": llama, "mobilenet_v3_small": mobilenet_v3_small,
+          "efficientnet_b0": efficientnet_b0}
 
 
 def ort_int8(dense: bytes, kind: str, calib: list[dict]) -> bytes:
