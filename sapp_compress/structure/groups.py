@@ -283,11 +283,23 @@ _TAPS = "the kernel's spatial taps (not channels)"
 
 
 def _unique_names(families: list[GroupFamily]) -> None:
+    """Families that share a name take their first producer's module; those that still share one (a conv whose
+    output channels a shuffle or a split sends to different consumers: ShuffleNet) are numbered by their lowest
+    channel, ``stage2.0.branch2.5 #1 (channels)``, ``#2``, ... (the report, ``--include`` / ``--exclude`` and the
+    engine's per-family state are keyed by name)."""
     seen = Counter(f.name for f in families)
-    for i, f in enumerate(families):
+    for f in families:
         if seen[f.name] > 1:
-            first = _module_of(f.producers[0][0])
-            object.__setattr__(families[i], "name", f"{first} ({f.kind})")
+            object.__setattr__(f, "name", f"{_module_of(f.producers[0][0])} ({f.kind})")
+    groups: dict[str, list[GroupFamily]] = defaultdict(list)
+    for f in families:
+        groups[f.name].append(f)
+    for name, same in groups.items():
+        if len(same) < 2:
+            continue
+        same.sort(key=lambda f: min(int(u[f.producers[0]].min()) for u in f.units))
+        for i, f in enumerate(same, 1):
+            object.__setattr__(f, "name", f"{name[: -len(f' ({f.kind})')]} #{i} ({f.kind})")
 
 
 def _is_weight(model: nn.Module, tensor: str) -> bool:

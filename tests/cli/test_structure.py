@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+import real_models  # noqa: E402
 from real_models import MODELS as CASES  # noqa: E402
 
 from conftest import one_line_error  # noqa: E402
@@ -105,6 +106,23 @@ def test_squeeze_excitation_cnns(name, library, tmp_path):
     assert len(kept) >= 10 and all(k < n for n, k in kept.values())
     assert rep["verification"]["passed"]
     assert _onnx_params(tmp_path / "m.onnx") < 0.7 * sum(p.numel() for p in case.model.parameters())
+
+
+def test_channel_shuffle_cnn(tmp_path):
+    """torchvision's shufflenet_v2: a channel shuffle interleaves a conv's channels before a split, so the removal is
+    exact only for keep sets that match across the families it makes; the plan's check (two keep sets) leaves those
+    whole, the others are pruned, and the smaller model runs in ORT as the pruned one does (it failed: first on two
+    families with one name, then on a removal check that one keep set had passed)."""
+    needs("torchvision")
+    tv = require("torchvision", "this test")
+    torch.manual_seed(0)
+    case = real_models._torch(tmp_path, "shufflenet", tv.models.shufflenet_v2_x0_5(num_classes=10),
+                              real_models._images(labels=10))
+    code, out, rep = run(case, tmp_path, *FAST)
+    assert code == 0, out
+    names = [lay["name"] for lay in rep["layers"]]
+    assert len(names) >= 10 and len(set(names)) == len(names)
+    assert rep["verification"]["passed"] and rep["structure"]["parity"] <= 1e-4
 
 
 def test_no_prunable_group_fails_before_the_fine_tune(tmp_path):
