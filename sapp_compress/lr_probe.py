@@ -15,7 +15,9 @@ move every weight by about the rate and ranked every rate above 3e-4 last on a t
 section 15.2). ``LRProbeConfig.anneal = "rung"`` runs each rung as its own warm-up and cosine cycle instead of
 one over the program (measured there too; not the default). A copy's score is the task's loss on the held-out rows
 (lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
-every candidate of a rung on the same rows); the winner's rate is the fine-tune's.
+every candidate of a rung on the same rows); the winner's rate is the fine-tune's. The winner's last score is also
+held against the best constant prediction's loss on the same rows (:func:`constant_loss`): when no candidate beats it
+the probe could not tell the rates apart, which the report (``informative``) and a warning say.
 
 The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
 :data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
