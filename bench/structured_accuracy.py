@@ -179,11 +179,15 @@ def main() -> None:
     ap.add_argument("--text-model", default=str(ROOT / "examples" / "models" / "stdlib_bert"))
     ap.add_argument("--text-train", default=str(RESULTS / "tmp" / "text_train.npz"))
     ap.add_argument("--text-test", default=str(RESULTS / "tmp" / "text_test.npz"))
-    ap.add_argument("--rows", default=str(RESULTS / "structured_accuracy.jsonl"))
+    ap.add_argument("--rows", default=str(RESULTS / "structured_accuracy.jsonl"),
+                    help="one JSON line per run; with --rows elsewhere and no --out, the summary goes beside it")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--latency-aware", action="store_true")
     ap.add_argument("--batch", type=int, default=8, help="the serving batch of --latency-aware")
     a = ap.parse_args(sys.argv[1:])
+    own_out = any(v.split("=")[0] == "--out" for v in sys.argv[1:])
+    if not own_out and Path(a.rows) != RESULTS / "structured_accuracy.jsonl":
+        a.out = str(Path(a.rows).with_suffix(".json"))  # never overwrite the default summary with other rows
     print(f"machine: {machine_line()}", flush=True)
     if a.latency_aware:
         with tempfile.TemporaryDirectory(prefix="sapp_lat_") as d:
