@@ -163,6 +163,17 @@ class LRProbeConfig:
             of the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the
             fine-tune's warm-up does, so a candidate's first steps are not Adam's first steps at its peak rate.
             Counted in the probe's steps, on top of ``budget``.
+        dense_check: for a method whose program starts with a dense phase (SA++, GMP, ACDC, Powerprop), the
+            winner is first run for the probe's program length from the starting weights in that dense phase
+            (its rate ramped from zero), and vetoed when that costs the model more than this share of its
+            held-out advantage over a constant prediction (a model with no advantage must not get worse) and
+            ends above ``dense_ratio`` times the next lower candidate's loss after the same steps; the next lower
+            candidate is then checked in its place. The probe's candidates train in the final sparse phase, which
+            a rate that wrecks the dense model can still win. Measured (BENCHMARKS.md section 15.5): 1e-2 cost the
+            trained stdlib_bert 90-320 % of its advantage in 5-8 dense steps, 8-380x the next lower rate's loss
+            (every fine-tune there ends at chance); CTR 80 %, but 1.12x the next lower rate's (1e-2 is its best
+            rate); every other winner under 30 %. None: no check.
+        dense_ratio: see ``dense_check``.
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -177,6 +188,8 @@ class LRProbeConfig:
     scoring: float = 0.6
     anneal: str = "program"
     prime: float = 0.03
+    dense_check: float | None = 0.5
+    dense_ratio: float = 3.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -206,6 +219,10 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.prime: expected a fraction in [0, 1), got {self.prime!r}")
         if self.anneal not in ("program", "rung"):
             raise ConfigError(f"lr_probe.anneal: expected program|rung, got {self.anneal!r}")
+        if self.dense_check is not None and not 0.0 < self.dense_check <= 1.0:
+            raise ConfigError(f"lr_probe.dense_check: expected a share in (0, 1] or None, got {self.dense_check!r}")
+        if not self.dense_ratio >= 1.0:
+            raise ConfigError(f"lr_probe.dense_ratio: expected a ratio >= 1, got {self.dense_ratio!r}")
 
 
 DEVICES = ("auto", "cpu", "cuda")

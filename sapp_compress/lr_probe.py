@@ -19,6 +19,14 @@ every candidate of a rung on the same rows); the winner's rate is the fine-tune'
 held against the best constant prediction's loss on the same rows (:func:`constant_loss`): when no candidate beats it
 the probe could not tell the rates apart, which the report (``informative``) and a warning say.
 
+The candidates train in the final sparse phase, so they cannot see what a rate does to a method's *dense* phase,
+where SA++, GMP, ACDC and Powerprop start: on the trained stdlib_bert 1e-2 recovers the pruned model as fast as any
+rate, and wrecks the dense model in SA++'s first steps (held-out loss 0.007 to 1.96 in five; the fine-tune ended
+at chance). So for such a method the winner is then run from the starting weights in the dense phase for the
+program's length (:func:`dense_check`), and vetoed, for the next lower candidate, when that loses more than
+``LRProbeConfig.dense_check`` of the model's held-out advantage over a constant prediction and ends more than
+``LRProbeConfig.dense_ratio`` times above the next lower rate's loss.
+
 The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
 :data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
 the loop that runs them:
@@ -157,6 +165,8 @@ class ProbeResult:
     anneal: str = "program"
     #: the held-out loss of the best constant prediction on the rows the last rung scored (:func:`constant_loss`)
     constant_loss: float | None = None
+    #: the winner's dense-phase check (:func:`dense_check`; None: not run, or the method does not start dense)
+    dense: DenseCheck | None = None
 
     @property
     def informative(self) -> bool:
@@ -180,6 +190,8 @@ class ProbeResult:
         if self.constant_loss is not None:
             probe["constant_loss"] = _finite(self.constant_loss)
             probe["informative"] = self.informative
+        if self.dense is not None:
+            probe["dense_check"] = self.dense.to_json()
         if self.fine_tune_seconds:
             probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)
             probe["fraction_of_fine_tune"] = round(self.seconds / self.fine_tune_seconds, 4)
@@ -192,9 +204,12 @@ class ProbeResult:
 
 
     def digest(self) -> str:
-        """sha256 of the choice and every score: equal digests, the same measurements (compared across ranks)."""
-        body = json.dumps([self.value, self.source, sorted((lr, [repr(v) for v in s]) for lr, s in self.scores.items())])
-        return hashlib.sha256(body.encode()).hexdigest()
+        """sha256 of the choice, every score and the dense check's losses: equal digests, the same measurements
+        (compared across ranks)."""
+        body = [self.value, self.source, sorted((lr, [repr(v) for v in s]) for lr, s in self.scores.items())]
+        if self.dense is not None:  # the dense check's measurements too (a method that starts dense)
+            body.append(sorted((lr, repr(v)) for lr, v in self.dense.losses.items()))
+        return hashlib.sha256(json.dumps(body).encode()).hexdigest()
 
 
 def _finite(v: float) -> float | None:
@@ -244,6 +259,7 @@ class _Runner:
         self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
         self.rows_per_rung: tuple[int, ...] = ()
         self.targets: torch.Tensor | None = None  # of the first held-out rows scored so far (:meth:`_targets`)
+        self.unused: tuple[nn.Module, object] | None = None  # the dense start's copy, not trained yet
 
     def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
         """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the
@@ -320,6 +336,39 @@ class _Runner:
     def drop(self, lr: float) -> None:
         self.live.pop(lr, None)
 
+    def _dense(self, total_steps: int) -> tuple[nn.Module, object]:
+        """A copy of the starting weights with the method attached for the fine-tune's ``total_steps``, before
+        its first step: at the start of its program (a dense phase, for the methods that have one)."""
+        model, plans = copy.deepcopy((self.student, self.plans))
+        return model.to(self.device), METHODS[self.prune_cfg.method](self.prune_cfg, plans, total_steps)
+
+    def dense_steps(self, total_steps: int) -> int:
+        """Steps the fine-tune's program stays in its first phase when that is dense (else 0)."""
+        first = (self.template or self._fresh())[1].phases[0]  # the program's fractions, whatever its length
+        return int(round(first.end * total_steps)) if first.kind == "dense" else 0
+
+    def dense_start(self, total_steps: int) -> float:
+        """The held-out loss of the starting weights at the start of the fine-tune's dense phase; the copy
+        measured is kept for the first :meth:`dense_loss`."""
+        model, method = self._dense(total_steps)
+        self.unused = (model, method)
+        return self._loss(model, batch_stats=True)
+
+    def dense_loss(self, lr: float, steps: int, total_steps: int) -> float:
+        """The held-out loss after the first ``steps`` steps of the fine-tune's dense phase at peak rate ``lr``,
+        ramped linearly from zero over them (inf when it diverged)."""
+        model, method = self.unused or self._dense(total_steps)
+        self.unused = None
+        torch.manual_seed(self.train_cfg.seed)
+        try:
+            fine_tune(model, self.teacher, method, self.task, self.fit, dataclasses.replace(self.train_cfg, lr=lr),
+                      self.device, total_steps, stop=steps, lr_at=lambda step: (step + 1) / steps)
+            loss = self._loss(model, batch_stats=True)
+        except FloatingPointError:
+            loss = math.inf
+        self.steps += steps
+        return loss if math.isfinite(loss) else math.inf
+
     @torch.no_grad()
     def _targets(self, n: int) -> torch.Tensor:
         """The targets of the first ``n`` held-out rows: their labels, or the teacher's outputs, computed for the
@@ -334,9 +383,16 @@ class _Runner:
         return self.targets
 
     @torch.no_grad()
-    def _loss(self, model: nn.Module, chunk: int = 256) -> float:
-        """The task's loss on the held-out rows (means over chunks, weighted by their rows)."""
+    def _loss(self, model: nn.Module, chunk: int = 256, batch_stats: bool = False) -> float:
+        """The task's loss on the held-out rows (means over chunks, weighted by their rows). ``batch_stats``:
+        BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
+        rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
+        dense steps at 1e-2; the model is a throwaway copy)."""
         model.eval()
+        if batch_stats:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
         total, n = 0.0, min(len(self.held), self.rows or len(self.held))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
@@ -423,6 +479,10 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
+        check = None
+        if cfg.dense_check is not None:
+            best, check = dense_check(runner, cands, best, sched.program, total_steps, cfg.dense_check,
+                                      cfg.dense_ratio)
     floor = None
     if cfg.strategy != "range":  # the staircase scores one run, not candidates side by side
         n = min(len(held), runner.rows_per_rung[-1])
@@ -430,9 +490,67 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
                       time.perf_counter() - t0,
                       {"trained": len(fit), "scored": len(held), "scored_per_rung": list(runner.rows_per_rung)},
-                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal, constant_loss=floor)
+                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal, constant_loss=floor, dense=check)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
+
+
+@dataclass
+class DenseCheck:
+    """The dense-phase check of the probe's winner (:attr:`LRProbeConfig.dense_check`): the held-out loss of
+    the starting weights (``start``) and of each rate checked after ``steps`` dense steps, against ``bound`` and
+    ``ratio`` times the next lower rate's (:func:`dense_check`)."""
+
+    steps: int
+    start: float
+    bound: float
+    ratio: float
+    losses: dict[float, float]
+    vetoed: list[float]
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "start": _finite(self.start), "bound": _finite(self.bound), "ratio": self.ratio,
+                "losses": {f"{lr:g}": _finite(v) for lr, v in self.losses.items()},
+                "vetoed": [f"{lr:g}" for lr in self.vetoed]}
+
+
+def dense_check(runner: _Runner, cands: list[float], best: float, steps: int, total_steps: int,
+                share: float, ratio: float) -> tuple[float, DenseCheck | None]:
+    """Veto a winner that wrecks the method's dense phase; (the rate, the check), or (``best``, None) for a method
+    that does not start dense.
+
+    From ``best`` down the candidates, each rate's first ``steps`` dense steps (:meth:`_Runner.dense_loss`) are
+    run. A rate whose held-out loss stays within ``start + share * max(0, constant - start)`` is the fine-tune's;
+    one above it is vetoed only if it also ends above ``ratio`` times the next lower rate's loss: where every rate
+    loses about as much, the loss is the task's noise at a hot rate, not a destroyed model (CTR: 1e-2, its best
+    rate, ends 1.12x above 3e-3, and the trained stdlib_bert 8-380x above the next lower; BENCHMARKS.md 15.5).
+    The probe's candidates train in the final sparse phase, where a rate that destroys a trained model's dense
+    function can still recover the pruned one fastest."""
+    steps = min(steps, runner.dense_steps(total_steps))
+    if steps < 1:
+        return best, None
+    start = runner.dense_start(total_steps)
+    n = runner.rows or len(runner.held)
+    floor = constant_loss(runner.task, runner._targets(n)[:n], runner.train_cfg.distill_temperature)
+    bound = start + share * max(0.0, floor - start)
+    check = DenseCheck(steps, start, bound, ratio, {}, [])
+    order = sorted((c for c in cands if c <= best), reverse=True)
+
+    def loss(lr: float) -> float:
+        if lr not in check.losses:
+            check.losses[lr] = runner.dense_loss(lr, steps, total_steps)
+            log.info("lr probe: dense check, lr %g: held-out loss %.5g after %d dense steps (bound %.5g)", lr,
+                     check.losses[lr], steps, bound)
+        return check.losses[lr]
+
+    chosen = order[-1]
+    for i, lr in enumerate(order):
+        if loss(lr) <= bound or i + 1 == len(order) or loss(lr) <= ratio * loss(order[i + 1]):
+            chosen = lr
+            break
+        check.vetoed.append(lr)
+    _check_same_scores(check.losses, -1)
+    return chosen, check
 
 
 def rung_cycle(start: int, stop: int, warmup: float) -> Callable[[int], float]:
@@ -513,5 +631,6 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "ProbeResult", "Schedule", "Strategy", "choose_lr", "grid", "halving",
-           "probe_lr", "probe_split", "rung_cycle", "scored_rows", "staircase", "constant_loss"]
+__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy", "choose_lr",
+           "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle", "scored_rows",
+           "staircase"]

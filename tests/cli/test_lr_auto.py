@@ -16,11 +16,14 @@ def test_report_says_what_the_probe_measured(tmp_path, run_cli, mlp_path):
     assert lr["source"] == "probe" and lr["value"] in LR_CANDIDATES
     assert set(lr["scores"]) == {f"{c:g}" for c in LR_CANDIDATES}  # every candidate, a held-out loss per rung
     assert all(isinstance(v, list) and v for v in lr["scores"].values())
-    assert min(lr["scores"], key=lambda k: (lr["scores"][k][-1] if len(lr["scores"][k]) == 2 else 9e9, float(k))) \
-        == f"{lr['value']:g}"  # the winner: the best of the last rung
     p = lr["probe"]
-    cfg = LRProbeConfig()  # the budget's steps plus the shared priming steps
-    assert p["strategy"] == "halving" and p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200)
+    winner = min(lr["scores"], key=lambda k: (lr["scores"][k][-1] if len(lr["scores"][k]) == 2 else 9e9, float(k)))
+    check = p["dense_check"]  # SA++ (the default method) starts dense: the winner's dense steps were checked
+    assert list(check["losses"])[0] == winner and check["vetoed"] == list(check["losses"])[:-1]
+    assert f"{lr['value']:g}" == list(check["losses"])[-1]  # the best of the last rung, unless the check vetoed it
+    cfg = LRProbeConfig()  # the budget's steps, the shared priming steps and the dense check's
+    assert p["strategy"] == "halving"
+    assert p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200) + check["steps"] * len(check["losses"])
     assert p["rungs"][-1] == p["program_steps"]
     assert p["seconds"] > 0 and p["fine_tune_seconds"] > 0 and p["fraction_of_fine_tune"] > 0
     assert p["rows"]["scored"] > 0 and len(lr["digests_per_rank"]) == 1

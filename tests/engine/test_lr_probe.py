@@ -134,6 +134,8 @@ def test_probe_on_structural_families():
     (dict(candidates=(1e-3,)), "at least 2 positive rates"),
     (dict(budget=0.0), "lr_probe.budget: expected a fraction in (0, 1)"),
     (dict(strategy="nope"), "lr_probe.strategy: expected one of"),
+    (dict(dense_check=0.0), "lr_probe.dense_check: expected a share in (0, 1] or None, got 0.0"),
+    (dict(dense_check=1.5), "lr_probe.dense_check: expected a share in (0, 1] or None, got 1.5"),
 ])
 def test_bad_probe_config(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -289,3 +291,40 @@ def test_a_probe_that_cannot_beat_a_constant_says_so():
     ok = prune(student, reg, CFG, _train("auto"))
     assert ok.lr_choice.informative and ok.lr_choice.to_json()["probe"]["informative"] is True
     assert not any("constant prediction" in w for w in ok.warnings)
+
+
+def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
+    """SA++'s program starts dense. On the scaled regression (weights of scale 1e-2) a peak rate of 1e-1 moves
+    every weight by about 0.1 a step: its first dense steps take the held-out loss far above the start and far
+    above what 1e-2's do, so the check vetoes it and steps down; 1e-3 passes as it is; the check is deterministic
+    and counted in the probe's steps; magnitude (no dense phase) has none."""
+    from sapp_compress import lr_probe
+
+    seen: dict = {}
+    real = lr_probe.dense_check
+
+    def spy(runner, cands, best, *rest):
+        out = real(runner, cands, best, *rest)
+        seen["steps"] = runner.steps
+        # the same runner, while it still holds the starting weights (the fine-tune trains them afterwards)
+        seen.update({lr: real(runner, cands, lr, *rest) for lr in (1e-1, 1e-3)}, again=real(runner, cands, 1e-1, *rest))
+        return out
+
+    monkeypatch.setattr(lr_probe, "dense_check", spy)
+    student, shard = scaled_regression()
+    res = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto"))
+    rep = res.lr_choice.to_json()["probe"]
+    assert set(rep["dense_check"]) == {"steps", "start", "bound", "ratio", "losses", "vetoed"}
+    assert rep["dense_check"]["steps"] == rep["program_steps"]  # SA++'s dense phase (30 steps) is longer
+    hot, check = seen[1e-1]
+    assert check.vetoed == [1e-1] and hot == 1e-2
+    assert check.losses[1e-1] > check.bound and check.losses[1e-1] > check.ratio * check.losses[1e-2], check
+    assert seen["again"][1].losses == check.losses  # deterministic
+    cool, check = seen[1e-3]
+    assert cool == 1e-3 and check.vetoed == [] and check.losses[1e-3] <= check.bound
+    monkeypatch.setattr(lr_probe, "dense_check", real)
+    off = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto", {"dense_check": None}))
+    assert "dense_check" not in off.lr_choice.to_json()["probe"]
+    assert seen["steps"] == off.lr_choice.steps + rep["dense_check"]["steps"] * len(rep["dense_check"]["losses"])
+    mag = prune(student, shard, CFG, _train("auto"))
+    assert "dense_check" not in mag.lr_choice.to_json()["probe"]
