@@ -269,3 +269,28 @@ def test_families_of_one_conv_split_by_a_shuffle_get_distinct_names_and_prune_ex
         res = prune(_ChannelShuffle(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp", structure="channels"),
                     TrainConfig(steps=12, batch_size=32, lr=1e-3, seed=seed))
         assert res.structure.parity <= 1e-5
+
+
+@pytest.mark.parametrize("zeroed, width", [(3, 24), (9, 16), (0, 24)])
+def test_fold_keeps_a_rounded_width_on_its_multiple(zeroed, width):
+    """A kept unit whose consumer slices ended at zero goes at the fold, but a neuron family kept at a multiple of
+    8 (24 of 64 here) loses such units only in whole eights: 3 zeroed -> still 24 wide, 9 -> 16; the other family
+    (16 of 48 kept, none zeroed) is untouched, and the removal computes what the masked model did."""
+    model = _model()
+    cfg = PruneConfig(block="8", sparsity=0.6, method="magnitude", structure="channels")
+    m = METHODS["magnitude"](cfg, _plans(model), total_steps=10)
+    m.finish()
+    alive = np.flatnonzero(m.layers[0].alive().reshape(-1).numpy())
+    assert len(alive) == 24
+    with torch.no_grad():  # the consumer (model[2]) columns of `zeroed` kept units: zero, as if revived and unmoved
+        model[2].parametrizations.weight.original[:, alive[:zeroed]] = 0
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        masked = model(x)
+    keep = fold(m.layers)
+    assert [int(k.sum()) for k in keep.values()] == [width, 16]
+    assert not keep[m.layers[0].name][alive[: (zeroed // 8) * 8]].any()  # the lowest-indexed zeroed units went
+    remove(model, [layer.family for layer in m.layers], keep)
+    assert model[0].out_features == width
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-6)
