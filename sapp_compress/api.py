@@ -287,8 +287,12 @@ def prune(
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
              total_steps, device, lr.value, lr.source)
     cpu_t0 = time.process_time()
+    initial = lr.dense.state if lr.dense is not None else None  # the dense check ran the first steps at lr.value
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
-                        checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense))
+                        checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense),
+                        initial_state=initial)
+    if initial is not None:
+        lr.dense.resumed = outcome.continued
     lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu_t0
 
     student.to(cpu).eval()

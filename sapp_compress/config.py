@@ -164,15 +164,15 @@ class LRProbeConfig:
             fine-tune's warm-up does, so a candidate's first steps are not Adam's first steps at its peak rate.
             Counted in the probe's steps, on top of ``budget``.
         dense_check: for a method whose program starts with a dense phase (SA++, GMP, ACDC, Powerprop), the
-            winner is first run for the probe's program length from the starting weights in that dense phase
-            (its rate ramped from zero), and vetoed when that costs the model more than this share of its
-            held-out advantage over a constant prediction (a model with no advantage must not get worse) and
-            ends above ``dense_ratio`` times the next lower candidate's loss after the same steps; the next lower
-            candidate is then checked in its place. The probe's candidates train in the final sparse phase, which
-            a rate that wrecks the dense model can still win. Measured (BENCHMARKS.md section 15.5): 1e-2 cost the
-            trained stdlib_bert 90-320 % of its advantage in 5-8 dense steps, 8-380x the next lower rate's loss
-            (every fine-tune there ends at chance); CTR 80 %, but 1.12x the next lower rate's (1e-2 is its best
-            rate); every other winner under 30 %. None: no check.
+            fine-tune's own first steps (its warm-up and one step at the peak) are run at the winner on a copy, and
+            the winner is vetoed when that costs the model more than this share of its held-out advantage over a
+            constant prediction (a model with no advantage must not get worse) and ends above ``dense_ratio``
+            times the next lower candidate's loss after the same steps; the next lower candidate is then checked
+            in its place. The fine-tune continues from the run of the rate chosen, so a check that passes costs
+            no steps. The probe's candidates train in the final sparse phase, which a rate that wrecks the dense
+            model can still win. Measured (BENCHMARKS.md section 15.5): 1e-2 destroys the trained stdlib_bert in
+            SA++'s dense phase (every fine-tune there ends at chance) while CTR, whose best rate it is, loses
+            about as much at every rate. None: no check.
         dense_ratio: see ``dense_check``.
     """
 

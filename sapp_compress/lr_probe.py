@@ -21,11 +21,13 @@ the probe could not tell the rates apart, which the report (``informative``) and
 
 The candidates train in the final sparse phase, so they cannot see what a rate does to a method's *dense* phase,
 where SA++, GMP, ACDC and Powerprop start: on the trained stdlib_bert 1e-2 recovers the pruned model as fast as any
-rate, and wrecks the dense model in SA++'s first steps (held-out loss 0.007 to 1.96 in five; the fine-tune ended
-at chance). So for such a method the winner is then run from the starting weights in the dense phase for the
-program's length (:func:`dense_check`), and vetoed, for the next lower candidate, when that loses more than
-``LRProbeConfig.dense_check`` of the model's held-out advantage over a constant prediction and ends more than
-``LRProbeConfig.dense_ratio`` times above the next lower rate's loss.
+rate, and wrecks the dense model in SA++'s first steps (training loss 0.008 to 3.4 by the end of the warm-up; the
+fine-tune ends at chance). So for such a method the fine-tune's own first steps (its warm-up and one step at the
+peak) are run at the winner on a copy (:func:`dense_check`), and the winner is vetoed, for the next lower candidate,
+when that loses more than ``LRProbeConfig.dense_check`` of the model's held-out advantage over a constant
+prediction and ends more than ``LRProbeConfig.dense_ratio`` times above the next lower rate's loss. The fine-tune
+continues from the run of the rate chosen (bit for bit the fixed-rate run's first steps), so a check that passes
+costs the probe no steps.
 
 The candidates share one budget of ``budget * T`` optimizer steps for a fine-tune of ``T`` steps, spent by a
 :data:`STRATEGIES` entry: a pure function of (candidates, budget) giving the program length and the *rungs*, and
@@ -192,11 +194,12 @@ class ProbeResult:
             probe["informative"] = self.informative
         if self.dense is not None:
             probe["dense_check"] = self.dense.to_json()
-        if self.fine_tune_seconds:
-            probe["fine_tune_seconds"] = round(self.fine_tune_seconds, 3)
-            probe["fraction_of_fine_tune"] = round(self.seconds / self.fine_tune_seconds, 4)
+        wall, cpu = self.dense.reused_seconds if self.dense is not None else (0.0, 0.0)
+        if self.fine_tune_seconds:  # the dense check's run the fine-tune continued from counts as the fine-tune's
+            probe["fine_tune_seconds"] = round(self.fine_tune_seconds + wall, 3)
+            probe["fraction_of_fine_tune"] = round((self.seconds - wall) / (self.fine_tune_seconds + wall), 4)
         if self.fine_tune_cpu_seconds:  # process CPU time: the same ratio, unmoved by other jobs on the machine
-            probe["cpu_fraction_of_fine_tune"] = round(self.cpu_seconds / self.fine_tune_cpu_seconds, 4)
+            probe["cpu_fraction_of_fine_tune"] = round((self.cpu_seconds - cpu) / (self.fine_tune_cpu_seconds + cpu), 4)
         if self.reason:
             probe["reason"] = self.reason
         out["probe"] = probe
@@ -249,6 +252,9 @@ class _Runner:
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
         self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
         self.prime = prime
+        self.fine_tune_cfg = train_cfg  # the fine-tune's own settings (the dense check runs its first steps)
+        self.train: Shard | None = None  # the whole training shard (the fine-tune's), for the dense check
+        self.rng: tuple | None = None  # the RNG states as the fine-tune will find them (CPU, CUDA)
         self.template: tuple[nn.Module, object] | None = None  # the finished copy every candidate starts as
         self.primed: tuple[nn.Module, object, dict] | None = None  # (model, method, state) after priming
         self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
@@ -259,7 +265,6 @@ class _Runner:
         self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
         self.rows_per_rung: tuple[int, ...] = ()
         self.targets: torch.Tensor | None = None  # of the first held-out rows scored so far (:meth:`_targets`)
-        self.unused: tuple[nn.Module, object] | None = None  # the dense start's copy, not trained yet
 
     def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
         """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the
@@ -336,38 +341,36 @@ class _Runner:
     def drop(self, lr: float) -> None:
         self.live.pop(lr, None)
 
-    def _dense(self, total_steps: int) -> tuple[nn.Module, object]:
-        """A copy of the starting weights with the method attached for the fine-tune's ``total_steps``, before
-        its first step: at the start of its program (a dense phase, for the methods that have one)."""
-        model, plans = copy.deepcopy((self.student, self.plans))
-        return model.to(self.device), METHODS[self.prune_cfg.method](self.prune_cfg, plans, total_steps)
-
     def dense_steps(self, total_steps: int) -> int:
         """Steps the fine-tune's program stays in its first phase when that is dense (else 0)."""
         first = (self.template or self._fresh())[1].phases[0]  # the program's fractions, whatever its length
         return int(round(first.end * total_steps)) if first.kind == "dense" else 0
 
-    def dense_start(self, total_steps: int) -> float:
-        """The held-out loss of the starting weights at the start of the fine-tune's dense phase; the copy
-        measured is kept for the first :meth:`dense_loss`."""
-        model, method = self._dense(total_steps)
-        self.unused = (model, method)
-        return self._loss(model, batch_stats=True)
-
-    def dense_loss(self, lr: float, steps: int, total_steps: int) -> float:
-        """The held-out loss after the first ``steps`` steps of the fine-tune's dense phase at peak rate ``lr``,
-        ramped linearly from zero over them (inf when it diverged)."""
-        model, method = self.unused or self._dense(total_steps)
-        self.unused = None
-        torch.manual_seed(self.train_cfg.seed)
+    def dense_run(self, lr: float, steps: int, total_steps: int) -> tuple[float, float, dict, float, float]:
+        """The fine-tune's own first ``steps`` steps at peak rate ``lr`` (its schedule, data order and RNG), on a
+        copy: (held-out loss before, after (inf when it diverged), the run's state at ``steps`` for the fine-tune
+        to continue from, wall and CPU seconds of the run)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        cpu, cuda = self.rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        model, plans = copy.deepcopy((self.student, self.plans))
+        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, total_steps)  # as the fine-tune attaches it
+        model.to(self.device)
+        before = self._loss(model, batch_stats=True)
+        memory = _Memory()
+        memory.stop = steps
+        cfg = dataclasses.replace(self.fine_tune_cfg, lr=lr, checkpoint_dir=None, resume=False)
         try:
-            fine_tune(model, self.teacher, method, self.task, self.fit, dataclasses.replace(self.train_cfg, lr=lr),
-                      self.device, total_steps, stop=steps, lr_at=lambda step: (step + 1) / steps)
+            fine_tune(model, self.teacher, method, self.task, self.train, cfg, self.device, total_steps, stop=steps,
+                      checkpointer=memory)
             loss = self._loss(model, batch_stats=True)
         except FloatingPointError:
             loss = math.inf
         self.steps += steps
-        return loss if math.isfinite(loss) else math.inf
+        after = loss if math.isfinite(loss) else math.inf
+        return before, after, memory.state, time.perf_counter() - t0, time.process_time() - c0
 
     @torch.no_grad()
     def _targets(self, n: int) -> torch.Tensor:
@@ -387,12 +390,14 @@ class _Runner:
         """The task's loss on the held-out rows (means over chunks, weighted by their rows). ``batch_stats``:
         BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
         rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
-        dense steps at 1e-2; the model is a throwaway copy)."""
+        dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued by
+        the fine-tune)."""
         model.eval()
-        if batch_stats:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
+        saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:  # batch statistics, and the running ones left exactly as they were (momentum 0)
+            m.train()
+            m.momentum = 0.0
         total, n = 0.0, min(len(self.held), self.rows or len(self.held))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
@@ -400,6 +405,10 @@ class _Runner:
             out = model(*xs).float()
             t = self._targets(n)[i:j].to(self.device)
             total += float(self.task.loss(out, t, self.train_cfg.distill_temperature)) * len(t)
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
         return total / n
 
 
@@ -476,13 +485,14 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     runner = _Runner(student, plans, teacher, task, fit, held, prune_cfg, train_cfg, device, sched.program,
                      int(round(cfg.prime * total_steps)))
     runner.rows_per_rung = scored_rows(sched, len(cands), cfg.scoring * budget * train_cfg.batch_size, len(held))
+    runner.train = train
+    runner.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         best, scores = STRATEGIES[cfg.strategy].run(runner, cands, sched)
         check = None
         if cfg.dense_check is not None:
-            best, check = dense_check(runner, cands, best, sched.program, total_steps, cfg.dense_check,
-                                      cfg.dense_ratio)
+            best, check = dense_check(runner, cands, best, total_steps, cfg.dense_check, cfg.dense_ratio)
     floor = None
     if cfg.strategy != "range":  # the staircase scores one run, not candidates side by side
         n = min(len(held), runner.rows_per_rung[-1])
@@ -498,8 +508,10 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
 @dataclass
 class DenseCheck:
     """The dense-phase check of the probe's winner (:attr:`LRProbeConfig.dense_check`): the held-out loss of
-    the starting weights (``start``) and of each rate checked after ``steps`` dense steps, against ``bound`` and
-    ``ratio`` times the next lower rate's (:func:`dense_check`)."""
+    the starting weights (``start``) and of each rate checked after the fine-tune's first ``steps`` steps at it,
+    against ``bound`` and ``ratio`` times the next lower rate's (:func:`dense_check`). ``state`` is the chosen
+    rate's run at ``steps``, which the fine-tune continues from (``resumed``), so a check that passes costs no
+    steps: ``reused_seconds`` of the probe's time were the fine-tune's."""
 
     steps: int
     start: float
@@ -507,48 +519,71 @@ class DenseCheck:
     ratio: float
     losses: dict[float, float]
     vetoed: list[float]
+    state: dict | None = None
+    run_seconds: dict[float, tuple[float, float]] = field(default_factory=dict)
+    resumed: bool = False
+
+    @property
+    def reused_seconds(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of the run the fine-tune continued from (0 when it did not)."""
+        if not self.resumed or self.state is None:
+            return 0.0, 0.0
+        return self.run_seconds.get(self.chosen, (0.0, 0.0))
+
+    @property
+    def chosen(self) -> float | None:
+        passed = [lr for lr in self.losses if lr not in self.vetoed]
+        return passed[0] if passed else None
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "start": _finite(self.start), "bound": _finite(self.bound), "ratio": self.ratio,
-                "losses": {f"{lr:g}": _finite(v) for lr, v in self.losses.items()},
-                "vetoed": [f"{lr:g}" for lr in self.vetoed]}
+        out = {"steps": self.steps, "start": _finite(self.start), "bound": _finite(self.bound), "ratio": self.ratio,
+               "losses": {f"{lr:g}": _finite(v) for lr, v in self.losses.items()},
+               "vetoed": [f"{lr:g}" for lr in self.vetoed], "resumed": self.resumed}
+        if self.resumed:
+            out["seconds_reused_by_fine_tune"] = round(self.reused_seconds[0], 3)
+        return out
 
 
-def dense_check(runner: _Runner, cands: list[float], best: float, steps: int, total_steps: int,
-                share: float, ratio: float) -> tuple[float, DenseCheck | None]:
+def dense_check(runner: _Runner, cands: list[float], best: float, total_steps: int, share: float,
+                ratio: float) -> tuple[float, DenseCheck | None]:
     """Veto a winner that wrecks the method's dense phase; (the rate, the check), or (``best``, None) for a method
     that does not start dense.
 
-    From ``best`` down the candidates, each rate's first ``steps`` dense steps (:meth:`_Runner.dense_loss`) are
-    run. A rate whose held-out loss stays within ``start + share * max(0, constant - start)`` is the fine-tune's;
-    one above it is vetoed only if it also ends above ``ratio`` times the next lower rate's loss: where every rate
-    loses about as much, the loss is the task's noise at a hot rate, not a destroyed model (CTR: 1e-2, its best
-    rate, ends 1.12x above 3e-3, and the trained stdlib_bert 8-380x above the next lower; BENCHMARKS.md 15.5).
-    The probe's candidates train in the final sparse phase, where a rate that destroys a trained model's dense
-    function can still recover the pruned one fastest."""
-    steps = min(steps, runner.dense_steps(total_steps))
+    From ``best`` down the candidates, each rate runs the fine-tune's own first steps, its warm-up and one step at
+    the peak (:meth:`_Runner.dense_run`). A rate whose held-out loss then stays within ``start + share *
+    max(0, constant - start)`` is the fine-tune's, and the fine-tune continues from that run; one above it is
+    vetoed only if it also ends above ``ratio`` times the next lower rate's loss: where every rate loses about as
+    much, the loss is the task's noise at a hot rate, not a destroyed model (BENCHMARKS.md 15.5). The probe's
+    candidates train in the final sparse phase, where a rate that destroys a trained model's dense function can
+    still recover the pruned one fastest."""
+    warm = math.ceil(runner.fine_tune_cfg.warmup * total_steps) + 1
+    steps = min(max(warm, MIN_PROGRAM), runner.dense_steps(total_steps), total_steps - 1)
     if steps < 1:
         return best, None
-    start = runner.dense_start(total_steps)
     n = runner.rows or len(runner.held)
     floor = constant_loss(runner.task, runner._targets(n)[:n], runner.train_cfg.distill_temperature)
-    bound = start + share * max(0.0, floor - start)
-    check = DenseCheck(steps, start, bound, ratio, {}, [])
+    check = DenseCheck(steps, math.nan, math.nan, ratio, {}, [])
+    states: dict[float, dict] = {}
     order = sorted((c for c in cands if c <= best), reverse=True)
 
     def loss(lr: float) -> float:
         if lr not in check.losses:
-            check.losses[lr] = runner.dense_loss(lr, steps, total_steps)
-            log.info("lr probe: dense check, lr %g: held-out loss %.5g after %d dense steps (bound %.5g)", lr,
-                     check.losses[lr], steps, bound)
+            start, check.losses[lr], states[lr], wall, cpu = runner.dense_run(lr, steps, total_steps)
+            check.run_seconds[lr] = (wall, cpu)
+            if math.isnan(check.start):
+                check.start = start
+                check.bound = start + share * max(0.0, floor - start)
+            log.info("lr probe: dense check, lr %g: held-out loss %.5g after the fine-tune's first %d steps "
+                     "(bound %.5g)", lr, check.losses[lr], steps, check.bound)
         return check.losses[lr]
 
     chosen = order[-1]
     for i, lr in enumerate(order):
-        if loss(lr) <= bound or i + 1 == len(order) or loss(lr) <= ratio * loss(order[i + 1]):
+        if loss(lr) <= check.bound or i + 1 == len(order) or loss(lr) <= ratio * loss(order[i + 1]):
             chosen = lr
             break
         check.vetoed.append(lr)
+    check.state = states.get(chosen)
     _check_same_scores(check.losses, -1)
     return chosen, check
 

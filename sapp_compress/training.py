@@ -109,6 +109,8 @@ class TrainOutcome:
     history: list[dict]
     seconds: float
     steps: int
+    #: whether the run continued from ``initial_state`` (the lr probe's dense check), not from step 0 or a checkpoint
+    continued: bool = False
 
 
 def tied_parameters(model: nn.Module) -> set[int]:
@@ -145,6 +147,7 @@ def fine_tune(
     stop: int | None = None,
     checkpointer: Checkpointer | None = None,
     lr_at: Callable[[int], float] | None = None,
+    initial_state: dict | None = None,
 ) -> TrainOutcome:
     """Fine-tune ``model`` (already parametrized by ``method``) over a budget of ``total_steps`` steps.
 
@@ -153,7 +156,9 @@ def fine_tune(
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
     phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint.
     ``lr_at(step)`` is the multiple of ``cfg.lr`` at each step (default: :func:`cosine_lr` with warm-up over
-    ``total_steps``; the LR range test of :mod:`sapp_compress.lr_probe` gives its own)."""
+    ``total_steps``; the LR range test of :mod:`sapp_compress.lr_probe` gives its own). ``initial_state``: a
+    snapshot of this very run's first steps, taken elsewhere (the lr probe's dense check runs them), to resume
+    from when the checkpointer has none."""
     masked, logits, rest = _param_groups(model, method)
     logit_lr = method.logit_lr_scale(cfg.lr)
     tensorwise = getattr(method.options, "logit_norm", "element") == "layer"
@@ -175,6 +180,10 @@ def fine_tune(
     if state is not None:
         start = _restore(state, model, opt, method, scaler, history)
         log.info("resumed from %s at step %d", checkpointer.path, start)
+    elif initial_state is not None:
+        start = _restore(initial_state, model, opt, method, scaler, history)
+        log.info("continued from the lr probe's dense check at step %d", start)
+    continued = state is None and initial_state is not None
     t0 = time.perf_counter()
     model.train()
     if teacher is not None:
@@ -238,7 +247,7 @@ def fine_tune(
         method.finish()
         if info.active:
             distributed.check_same_masks(method.masks(), "the end of fine-tuning")
-    return TrainOutcome(history, time.perf_counter() - t0, stop)
+    return TrainOutcome(history, time.perf_counter() - t0, stop, continued)
 
 
 def train_dense(model: nn.Module, train: Shard, task: Task, *, steps: int, batch_size: int, lr: float,

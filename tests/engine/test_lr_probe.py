@@ -77,16 +77,22 @@ def test_probe_picks_the_known_best_rate():
     assert res.metrics["pruned_torch"]["score"] == pytest.approx(fixed[best], abs=1e-6)
 
 
-def test_auto_is_deterministic_and_is_the_fixed_run_at_its_choice():
+@pytest.mark.parametrize("method", ["magnitude", "sapp"])
+def test_auto_is_deterministic_and_is_the_fixed_run_at_its_choice(method):
     """Two runs: the same scores and choice; and the fine-tune after the probe is, bit for bit, the one a fixed
-    --lr at the chosen rate gives (the probe leaves the RNG as it found it)."""
+    --lr at the chosen rate gives (the probe leaves the RNG as it found it; with SA++, which starts dense, the
+    fine-tune continues from the dense check's run of its own first steps)."""
     student, shard = scaled_regression(seed=1)
-    a, b = (prune(student, shard, CFG, _train("auto", seed=3)) for _ in range(2))
+    cfg = dataclasses.replace(CFG, method=method)
+    a, b = (prune(student, shard, cfg, _train("auto", seed=3)) for _ in range(2))
+    check = a.lr_choice.to_json()["probe"].get("dense_check")
+    assert (check is not None and check["resumed"]) == (method == "sapp")
     assert a.lr_choice.scores == b.lr_choice.scores and a.lr == b.lr
     assert a.lr_choice.digest() == b.lr_choice.digest()
-    fixed = prune(student, shard, CFG, _train(a.lr, seed=3))
+    fixed = prune(student, shard, cfg, _train(a.lr, seed=3))
     assert fixed.mask_digest == a.mask_digest
     assert all(np.array_equal(x.weight, y.weight) for x, y in zip(a.layers, fixed.layers))
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in fixed.history]
 
 
 def test_probe_never_sees_the_evaluation_shard():
@@ -295,9 +301,10 @@ def test_a_probe_that_cannot_beat_a_constant_says_so():
 
 def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     """SA++'s program starts dense. On the scaled regression (weights of scale 1e-2) a peak rate of 1e-1 moves
-    every weight by about 0.1 a step: its first dense steps take the held-out loss far above the start and far
-    above what 1e-2's do, so the check vetoes it and steps down; 1e-3 passes as it is; the check is deterministic
-    and counted in the probe's steps; magnitude (no dense phase) has none."""
+    every weight by about 0.1 a step: the fine-tune's first steps at it (its warm-up and one step at the peak) take
+    the held-out loss far above the start and far above what 1e-2's do, so the check vetoes it and steps down;
+    1e-3 passes as it is; the check is deterministic and counted in the probe's steps; magnitude (no dense phase)
+    has none."""
     from sapp_compress import lr_probe
 
     seen: dict = {}
@@ -314,10 +321,11 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     student, shard = scaled_regression()
     res = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto"))
     rep = res.lr_choice.to_json()["probe"]
-    assert set(rep["dense_check"]) == {"steps", "start", "bound", "ratio", "losses", "vetoed"}
-    assert rep["dense_check"]["steps"] == rep["program_steps"]  # SA++'s dense phase (30 steps) is longer
+    assert set(rep["dense_check"]) == {"steps", "start", "bound", "ratio", "losses", "vetoed", "resumed",
+                                       "seconds_reused_by_fine_tune"}
+    assert rep["dense_check"]["steps"] == 16 and rep["dense_check"]["resumed"]  # 5 % of 300 steps, then the peak
     hot, check = seen[1e-1]
-    assert check.vetoed == [1e-1] and hot == 1e-2
+    assert check.vetoed == [1e-1] and hot == 1e-2 and check.state is not None and int(check.state["step"]) == 16
     assert check.losses[1e-1] > check.bound and check.losses[1e-1] > check.ratio * check.losses[1e-2], check
     assert seen["again"][1].losses == check.losses  # deterministic
     cool, check = seen[1e-3]
