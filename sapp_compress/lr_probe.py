@@ -349,8 +349,7 @@ class _Runner:
     def dense_run(self, lr: float, steps: int, total_steps: int) -> tuple[float, float, dict, float, float]:
         """The fine-tune's own first ``steps`` steps at peak rate ``lr`` (its schedule, data order and RNG), on a
         copy: (held-out loss before, after (inf when it diverged), the run's state at ``steps`` for the fine-tune
-        to continue from, wall and CPU seconds of the run)."""
-        t0, c0 = time.perf_counter(), time.process_time()
+        to continue from, wall and CPU seconds of its steps: what the fine-tune does not run again)."""
         cpu, cuda = self.rng
         torch.set_rng_state(cpu)
         if cuda is not None:
@@ -362,15 +361,17 @@ class _Runner:
         memory = _Memory()
         memory.stop = steps
         cfg = dataclasses.replace(self.fine_tune_cfg, lr=lr, checkpoint_dir=None, resume=False)
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             fine_tune(model, self.teacher, method, self.task, self.train, cfg, self.device, total_steps, stop=steps,
                       checkpointer=memory)
+            wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             loss = self._loss(model, batch_stats=True)
         except FloatingPointError:
-            loss = math.inf
+            wall, cpu_s, loss = time.perf_counter() - t0, time.process_time() - c0, math.inf
         self.steps += steps
         after = loss if math.isfinite(loss) else math.inf
-        return before, after, memory.state, time.perf_counter() - t0, time.process_time() - c0
+        return before, after, memory.state, wall, cpu_s
 
     @torch.no_grad()
     def _targets(self, n: int) -> torch.Tensor:
