@@ -292,7 +292,8 @@ def prune(
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense),
                         initial_state=initial)
     if initial is not None:
-        lr.dense.resumed = outcome.continued
+        lr.dense.resumed, lr.dense.state = outcome.continued, None  # a model and its optimizer: not kept
+    del initial
     lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu_t0
 
     student.to(cpu).eval()

@@ -527,7 +527,7 @@ class DenseCheck:
     @property
     def reused_seconds(self) -> tuple[float, float]:
         """(wall, CPU) seconds of the run the fine-tune continued from (0 when it did not)."""
-        if not self.resumed or self.state is None:
+        if not self.resumed:
             return 0.0, 0.0
         return self.run_seconds.get(self.chosen, (0.0, 0.0))
 
