@@ -270,7 +270,7 @@ def prune(
     if not lr.informative:
         warnings.append(
             f"--lr auto: no candidate rate beat a constant prediction on the probe's held-out rows (the best, "
-            f"{lr.value:g}, {lr.scores[lr.value][-1]:.4g} against {lr.constant_loss:.4g}): its {lr.steps} steps could "
+            f"{lr.value:g}, {lr.scores[lr.value][-1]:.4g} against {lr.constant_loss:.4g}): its {lr.candidate_steps} steps could "
             "not tell the rates apart and the rate is a guess: fix --lr, or give the fine-tune more steps")
     method = METHODS[prune_cfg.method](prune_cfg, plans, total_steps)
     student.to(device)

@@ -179,6 +179,11 @@ class ProbeResult:
             return True
         return self.scores[self.value][-1] < self.constant_loss
 
+    @property
+    def candidate_steps(self) -> int:
+        """The steps that measured the candidates (priming included), without the dense check's."""
+        return self.steps - (self.dense.steps * len(self.dense.losses) if self.dense is not None else 0)
+
     def to_json(self) -> dict:
         """The report's ``lr`` entry (``value``, ``source``, ``scores`` per candidate, ``probe`` details)."""
         if self.source == "--lr":
