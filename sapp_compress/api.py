@@ -287,13 +287,11 @@ def prune(
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plans), prune_cfg.method,
              total_steps, device, lr.value, lr.source)
     cpu_t0 = time.process_time()
-    initial = lr.dense.state if lr.dense is not None else None  # the dense check ran the first steps at lr.value
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense),
-                        initial_state=initial)
-    if initial is not None:
-        lr.dense.resumed, lr.dense.state = outcome.continued, None  # a model and its optimizer: not kept
-    del initial
+                        initial_state=lr.dense.state if lr.dense is not None else None)  # its first steps at lr.value
+    if lr.dense is not None:
+        lr.dense.resumed, lr.dense.state = outcome.continued, None  # a model and its optimizer moments: not kept
     lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu_t0
 
     student.to(cpu).eval()

@@ -304,13 +304,16 @@ class _Runner:
         one such model built once (a structured method's ``finish`` scores every unit of every family, which on a
         resnet18 cost more than the copy)."""
         if self.template is None:
-            model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
-            method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, self.prime + self.program)
-            model.to(self.device)
+            model, method = self._attached(self.prime + self.program)
             if self.phase == "sparse":
                 method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
             self.template = (model, method)
         return copy.deepcopy(self.template)  # one memo: the method's layers name the copy's modules
+
+    def _attached(self, total_steps: int) -> tuple[nn.Module, object]:
+        """A copy of the starting weights on the device, with the method attached for ``total_steps`` steps."""
+        model, plans = copy.deepcopy((self.student, self.plans))  # one memo: the plans name the copy's modules
+        return model.to(self.device), METHODS[self.prune_cfg.method](self.prune_cfg, plans, total_steps)
 
     def _primed(self) -> tuple[nn.Module, object, dict]:
         """The state every candidate starts from with ``prime`` steps: ``prime`` steps at rate zero from the
@@ -359,9 +362,7 @@ class _Runner:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-        model, plans = copy.deepcopy((self.student, self.plans))
-        method = METHODS[self.prune_cfg.method](self.prune_cfg, plans, total_steps)  # as the fine-tune attaches it
-        model.to(self.device)
+        model, method = self._attached(total_steps)  # as the fine-tune attaches it
         before = self._loss(model, batch_stats=True)
         memory = _Memory()
         memory.stop = steps
@@ -537,9 +538,9 @@ class DenseCheck:
         return self.run_seconds.get(self.chosen, (0.0, 0.0))
 
     @property
-    def chosen(self) -> float | None:
-        passed = [lr for lr in self.losses if lr not in self.vetoed]
-        return passed[0] if passed else None
+    def chosen(self) -> float:
+        """The first rate checked that was not vetoed (rates are checked from the winner down)."""
+        return next(lr for lr in self.losses if lr not in self.vetoed)
 
     def to_json(self) -> dict:
         out = {"steps": self.steps, "start": _finite(self.start), "bound": _finite(self.bound), "ratio": self.ratio,
@@ -583,15 +584,13 @@ def dense_check(runner: _Runner, cands: list[float], best: float, total_steps: i
                      "(bound %.5g)", lr, check.losses[lr], steps, check.bound)
         return check.losses[lr]
 
-    chosen = order[-1]
-    for i, lr in enumerate(order):
+    for i, lr in enumerate(order):  # the lowest rate is never vetoed: nothing lower to hold it against
         if loss(lr) <= check.bound or i + 1 == len(order) or loss(lr) <= ratio * loss(order[i + 1]):
-            chosen = lr
             break
         check.vetoed.append(lr)
-    check.state = states.get(chosen)
+    check.state = states[check.chosen]
     _check_same_scores(check.losses, -1)
-    return chosen, check
+    return check.chosen, check
 
 
 def rung_cycle(start: int, stop: int, warmup: float) -> Callable[[int], float]:
