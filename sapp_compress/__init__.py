@@ -9,7 +9,8 @@ The Python API (the CLI is a thin layer over it):
 - :func:`load_pruned` -- read back a ``--save-torch`` file (``sapp_compress.saving``).
 
 Importing the package also installs an import hook that lets torchvision (and timm, transformers) import
-where the installed torchvision's compiled ops do not load with this torch (``sapp_compress.extras``).
+where the installed torchvision's compiled ops do not load with this torch
+(``sapp_compress.torchvision_compat``; the install also runs that hook at every interpreter start).
 """
 __version__ = "0.1.0"
 

@@ -264,3 +264,43 @@ def test_save_torch_file_of_a_torchvision_model_loads_in_a_fresh_interpreter(tmp
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "(1, 10)"
+
+
+def _fresh(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter of this environment, from a directory outside the checkout (so nothing but
+    what the install put in site-packages runs before it)."""
+    import os
+    import tempfile
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir(), env={**os.environ, **env})
+
+
+def test_users_own_code_imports_torchvision_without_importing_sapp_compress(tmp_path):
+    """The install's start-up file (``sapp_compress_torchvision.pth``, setup.py) installs the torchvision hook in
+    every interpreter of the environment: a user's script that never imports sapp_compress builds and runs a
+    torchvision model, imports timm, and unpickles a torchvision model. Where torchvision's compiled ops do not
+    load with this torch (the README's install), the same script fails with the start-up hook switched off,
+    which shows it is the hook that makes it work; with a matching torchvision build both work."""
+    needs("torchvision")
+    import importlib.metadata
+
+    installs = list(importlib.metadata.distributions(name="sapp-compress"))  # an egg-info in the checkout too
+    if not installs:
+        pytest.skip("sapp-compress is not installed (pip install -e .): the start-up file comes with the install")
+    files = {str(f) for dist in installs for f in dist.files or ()}
+    assert "sapp_compress_torchvision.pth" in files, "the install did not put the start-up file in site-packages"
+    tv = require("torchvision", "this test")
+    torch.save(tv.models.resnet18(num_classes=10).eval(), tmp_path / "resnet.pt")
+    code = ("import torch, torchvision, timm\n"
+            f"m = torch.load({str(tmp_path / 'resnet.pt')!r}, weights_only=False)\n"
+            "assert isinstance(m, torchvision.models.ResNet)\n"
+            "y = torchvision.models.mobilenet_v3_small(num_classes=4).eval()(torch.zeros(1, 3, 32, 32))\n"
+            "assert 'sapp_compress' not in __import__('sys').modules\n"
+            "print(tuple(m(torch.zeros(1, 3, 32, 32)).shape), tuple(y.shape))\n")
+    run = _fresh(code)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "(1, 10) (1, 4)"
+    native = _fresh("import torch, torchvision; torch.ops.torchvision.nms", SAPP_COMPRESS_NO_TORCHVISION_HOOK="1")
+    if native.returncode != 0:  # the ops do not load here: without the hook the user's import fails
+        assert "torchvision::nms does not exist" in native.stderr, native.stderr[-2000:]
