@@ -117,6 +117,9 @@ def _matches(idx: GraphIndex, lb: LayerBlocks, cache: dict[str, np.ndarray]
 
 def _resolve(lb: LayerBlocks, found: list[tuple[str, str, np.ndarray]]):
     """(the match to use, the copies to merge into it), or why there is none."""
+    if not found and not lb.weight.any():
+        return (f"the weight is all zeros (shape {lb.weight.shape}) and no initializer under its name holds it: "
+                "the exporter stores equal tensors once, so another layer's zeros stand for it")
     if not found:
         return (f"no initializer of the exported graph holds this weight (shape {lb.weight.shape}, as is, "
                 "transposed or BatchNorm-scaled): the graph only holds a tensor computed from it, e.g. folded with "

@@ -397,6 +397,30 @@ def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConf
     return final
 
 
+def _store_unplaceable_dense(res: PruneResult, proto, report: dict) -> None:
+    """Pruned layers the exported graph no longer holds as the pre-check found them stay as the exporter stored
+    them (dense), with the reason, instead of failing the run after its fine-tune. The exporter stores equal
+    initializers once: a layer whose kept blocks are still all zero (SA++ revives a block at zero, and a
+    few-step fine-tune may end before it grows) then shares one zero tensor with another such layer, which no
+    longer says which layer is which. The graph still computes the pruned model (its values are the pruned
+    ones, zeros included); the verification that follows checks it."""
+    import converters
+
+    from .geometry import SkippedLayer
+
+    missing = converters.unplaceable(proto, res.layers)
+    if not missing:
+        return
+    res.layers = [lb for lb in res.layers if lb.name not in missing]
+    for name, why in missing.items():
+        skip = SkippedLayer(name, f"pruned, but stored dense: after the fine-tune, {why}")
+        res.skipped.append(skip)
+        report["skipped"].append(skip.to_json())
+    report.setdefault("warnings", []).append(
+        f"{len(missing)} pruned layer(s) stored dense, the exported graph no longer holding them as a separate "
+        f"weight ({', '.join(sorted(missing))}); the model is still the pruned one (see skipped)")
+
+
 def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
     from converters import FORMULATIONS
 
@@ -621,6 +645,7 @@ def compress(
                 onnx_bytes, int8, dense_proto = _reach_target(res, original, dense_proto, onnx_bytes, int8, prune_cfg,
                                                               out, timing_feed, calibration, report)
         else:
+            _store_unplaceable_dense(res, dense_proto, report)
             cache = converters.TimingCache.open(out.cache)
             try:
                 conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,

@@ -304,3 +304,41 @@ def test_users_own_code_imports_torchvision_without_importing_sapp_compress(tmp_
     native = _fresh("import torch, torchvision; torch.ops.torchvision.nms", SAPP_COMPRESS_NO_TORCHVISION_HOOK="1")
     if native.returncode != 0:  # the ops do not load here: without the hook the user's import fails
         assert "torchvision::nms does not exist" in native.stderr, native.stderr[-2000:]
+
+
+def test_pruned_layer_whose_zeros_the_export_shares_is_stored_dense_not_fatal():
+    """Seen on timm's mobilevit_xxs after a 4-step fine-tune: two same-shape layers whose kept blocks were still
+    all zero (SA++ revives a block at zero) were stored by the exporter as one zero tensor, and the conversion,
+    after the whole fine-tune, failed the run (exit 2). Now the layer the graph no longer holds under its own name
+    stays as exported (its values are the pruned ones), with the reason, and the run goes on."""
+    from types import SimpleNamespace
+
+    from converters import LayerBlocks
+    from sapp_compress.pipeline import _store_unplaceable_dense, export_model
+
+    class TwoZero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    model = TwoZero().eval()
+    with torch.no_grad():
+        model.a.weight.zero_()
+        model.b.weight.zero_()
+    proto = export_model(model, Shard((np.zeros((4, 16), np.float32),), None, "test"))
+    layers = [LayerBlocks(f"{n}.weight", "linear", (16, 16), (8, 8), np.eye(2, dtype=bool),
+                          weight=m.weight.detach().numpy().copy())
+              for n, m in (("a", model.a), ("b", model.b))]
+    res = SimpleNamespace(layers=list(layers), skipped=[])
+    report = {"skipped": []}
+    _store_unplaceable_dense(res, proto, report)
+    names = {init.name for init in proto.graph.initializer}
+    gone = [lb.name for lb in layers if lb.name not in names]
+    assert gone, "the exporter kept both zero weights: nothing to test on this torch"
+    assert [lb.name for lb in res.layers] == [lb.name for lb in layers if lb.name not in gone]
+    assert [s["name"] for s in report["skipped"]] == gone
+    assert "all zeros" in report["skipped"][0]["reason"] and "stored dense" in report["skipped"][0]["reason"]
+    assert "stored dense" in report["warnings"][0]
