@@ -286,15 +286,24 @@ def rule(*names: str):
     return deco
 
 
-def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | None = None) -> Info | None:
+def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | None = None,
+         data: list[torch.Size] = ()) -> Info | None:
     """Elementwise: labels of the operands are joined position by position. ``infos`` has one entry per tensor
-    operand (None: an unlabelled tensor that is not a parameter, i.e. data). Data dominates: with any operand
-    that is not made of parameters only, the result is an activation with one label; otherwise one label per
-    parameter axis."""
+    operand (None: an unlabelled tensor that is not a parameter, i.e. data, whose shapes ``data`` gives). Data
+    dominates: with any operand that is not made of parameters only, the result is an activation with one
+    label; otherwise one label per parameter axis."""
     acts = [align(lab, ndim) for i in infos if i is not None and not i.param for lab in i.labels]
     params = [align(lab, ndim) for i in infos if i is not None and i.param for lab in i.labels]
     if any(i is None or not i.param for i in infos) and not acts and params:
-        acts = [params.pop(0)]  # data times a parameter (an input scaled per channel): an activation
+        # data times a parameter (an input scaled per channel): an activation. A tensor of several parameter
+        # axes (a relative position bias: table rows by position, columns by head) is labelled by the axis that
+        # broadcasts against the data (the heads; the data, a shifted-window mask, varies by position)
+        pick = 0
+        if len(params) > 1 and data:
+            over = [{a - len(d) for a in range(len(d)) if d[a] > 1} for d in data]
+            fits = [j for j, p in enumerate(params) if not any(varies(p) & o for o in over)]
+            pick = fits[0] if fits else 0
+        acts = [params.pop(pick)]
     if acts:
         out = acts[0]
         for other in acts[1:]:
@@ -361,10 +370,12 @@ def _unary(tr, name, func, args, kwargs, out):
       "logical_and", "logical_or", "atan2", "hypot", "masked_fill", "where", "addcmul", "addcdiv", "lerp", "rsub",
       "copy")
 def _elementwise(tr, name, func, args, kwargs, out):
-    infos = [tr.of(a) for a in _tensors((args, kwargs))]
+    tensors = list(_tensors((args, kwargs)))
+    infos = [tr.of(a) for a in tensors]
+    data = [t.shape for t, i in zip(tensors, infos) if i is None]
     res = "add" if name in ("add", "sub", "rsub") else None
     for t in _outputs(out):
-        tr.set(t, meet(tr, infos, t.dim(), residual_op=res))
+        tr.set(t, meet(tr, infos, t.dim(), residual_op=res, data=data))
 
 
 def _expanded(lab: torch.Tensor, shape) -> torch.Tensor:
@@ -762,6 +773,10 @@ def _sdpa(tr, name, func, args, kwargs, out):
     ikt = Info([align(lab, k.dim()).transpose(-1, -2) for lab in ik.labels], ik.param) if ik else None
     scores = torch.empty(q.shape[:-1] + (k.shape[-2],))
     _contract(tr, q, iq, kt, ikt, scores)
+    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    im, iscores = tr.of(mask), tr.info.get(id(scores))
+    if im is not None and iscores is not None:  # a mask made of parameters (Swin's relative position bias):
+        tr.set(scores, meet(tr, [iscores, im], scores.dim()))  # added to the scores, head by head
     _contract(tr, scores, tr.info.get(id(scores)), v, iv, out)
 
 

@@ -139,6 +139,20 @@ def vit():
                           "vit.layers.{i}.mlp (neurons)": ("neurons", 128, 1)}, 2))
 
 
+def swin():
+    """Window attention with a relative position bias (a table of positions x heads, added to the scores as
+    the attention mask; the shifted windows add a data mask to it): a head is its rows of q, k and v, its
+    columns of o and its column of the bias table."""
+    t = require("transformers", "the tests")
+    m = t.SwinForImageClassification(t.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                                                  num_heads=[2, 4], window_size=4, num_labels=3))
+    fams = {}
+    for s, (heads, width) in enumerate(((2, 128), (4, 256))):
+        fams.update(_layers({f"swin.encoder.layers.{s}.blocks.{{i}}.attention (heads)": ("heads", heads, 16),
+                             f"swin.encoder.layers.{s}.blocks.{{i}}.mlp (neurons)": ("neurons", width, 1)}, 2))
+    return Built(Out(_no_zero_weights(m).eval(), ("pixel_values",)), _img(), fams)
+
+
 def whisper_encoder():
     t = require("transformers", "the tests")
     cfg = t.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
@@ -213,7 +227,7 @@ MODELS: dict[str, tuple[Callable[[], Built], str | None, int]] = {
     "bert": (bert, "transformers", 5), "bert_features": (bert_features, "transformers", 4),
     "distilbert": (distilbert, "transformers", 5), "roberta": (roberta, "transformers", 5),
     "gpt2": (gpt2, "transformers", 4), "llama_gqa": (llama_gqa, "transformers", 4), "vit": (vit, "transformers", 4),
-    "whisper_encoder": (whisper_encoder, "transformers", 6), "resnet18": (resnet18, "torchvision", 8),
+    "whisper_encoder": (whisper_encoder, "transformers", 6), "swin": (swin, "transformers", 8), "resnet18": (resnet18, "torchvision", 8),
     # mobilenet_v3_small: 11 inverted-residual expansions, 9 squeeze-excite bottlenecks, its stem (no residual
     # after it), its last conv's channels and the classifier's hidden layer
     "mobilenet_v3_small": (mobilenet_v3_small, "torchvision", 23),

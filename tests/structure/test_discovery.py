@@ -78,6 +78,18 @@ def test_heads_and_gqa_units(discovered):
     assert mlp.consumers == (("model.layers.0.mlp.down_proj.weight", 1),)
 
 
+def test_relative_position_bias_column_goes_with_its_head(discovered):
+    """Swin adds a bias table (positions x heads) to the scores through the attention mask, in the shifted
+    windows summed with a mask of the data: a head's unit holds its column of the table, which the removal
+    slices (before, the table kept every head and the smaller model failed, so heads stayed whole)."""
+    _, plan = discovered("swin")
+    for block in (0, 1):  # unshifted, shifted
+        p = f"swin.encoder.layers.1.blocks.{block}.attention."
+        u = plan.family(p[:-1] + " (heads)").units[3]
+        assert list(u[(p + "relative_position_bias.relative_position_bias_table", 1)]) == [3]
+        assert list(u[(p + "q_proj.weight", 0)]) == list(range(48, 64))
+
+
 def test_fused_projections_split_by_head(discovered):
     """GPT-2's c_attn and nn.MultiheadAttention's in_proj_weight hold q, k and v: a head is its rows in each."""
     _, plan = discovered("gpt2")
