@@ -153,6 +153,16 @@ def swin():
     return Built(Out(_no_zero_weights(m).eval(), ("pixel_values",)), _img(), fams)
 
 
+def t5_encoder():
+    """T5's relative attention bias (an embedding of position buckets x heads) is computed in the first block
+    and added to every block's scores: a head index is one unit across all blocks, with its bias column."""
+    t = require("transformers", "the tests")
+    m = t.T5EncoderModel(t.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+    fams = {"encoder.block (heads)": ("heads", 4, 16)}
+    fams.update(_layers({"encoder.block.{i}.layer.1.DenseReluDense (neurons)": ("neurons", 128, 1)}, 2))
+    return Built(Out(m.eval(), ("input_ids",)), _ids(), fams)
+
+
 def whisper_encoder():
     t = require("transformers", "the tests")
     cfg = t.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
@@ -227,7 +237,8 @@ MODELS: dict[str, tuple[Callable[[], Built], str | None, int]] = {
     "bert": (bert, "transformers", 5), "bert_features": (bert_features, "transformers", 4),
     "distilbert": (distilbert, "transformers", 5), "roberta": (roberta, "transformers", 5),
     "gpt2": (gpt2, "transformers", 4), "llama_gqa": (llama_gqa, "transformers", 4), "vit": (vit, "transformers", 4),
-    "whisper_encoder": (whisper_encoder, "transformers", 6), "swin": (swin, "transformers", 8), "resnet18": (resnet18, "torchvision", 8),
+    "whisper_encoder": (whisper_encoder, "transformers", 6), "swin": (swin, "transformers", 8),
+    "t5_encoder": (t5_encoder, "transformers", 3), "resnet18": (resnet18, "torchvision", 8),
     # mobilenet_v3_small: 11 inverted-residual expansions, 9 squeeze-excite bottlenecks, its stem (no residual
     # after it), its last conv's channels and the classifier's hidden layer
     "mobilenet_v3_small": (mobilenet_v3_small, "torchvision", 23),

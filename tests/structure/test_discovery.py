@@ -88,6 +88,11 @@ def test_relative_position_bias_column_goes_with_its_head(discovered):
         u = plan.family(p[:-1] + " (heads)").units[3]
         assert list(u[(p + "relative_position_bias.relative_position_bias_table", 1)]) == [3]
         assert list(u[(p + "q_proj.weight", 0)]) == list(range(48, 64))
+    _, plan = discovered("t5_encoder")  # one bias for every block: a head goes from all of them at once
+    u = plan.family("encoder.block (heads)").units[2]
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert list(u[(bias, 1)]) == [2]
+    assert all(list(u[(f"encoder.block.{b}.layer.0.SelfAttention.q.weight", 0)]) == list(range(32, 48)) for b in (0, 1))
 
 
 def test_fused_projections_split_by_head(discovered):
