@@ -10,6 +10,7 @@ the dense export. The matrix of section 8 (tests/models) holds the models the te
 
     python bench/rim_models.py                       # every model, blocks and channels
     python bench/rim_models.py --models llama_causal,swin_hf --structures channels
+    python bench/rim_models.py --quantize int8 --models llama_cls,tv_densenet121
     python bench/rim_models.py --table
 """
 from __future__ import annotations
@@ -116,7 +117,8 @@ MODELS = {
 TWO_HEADS = {"llama_causal", "llama_cls", "qwen2_causal", "mistral_cls", "swin_hf"}
 
 
-def run(name: str, structure: str, tmp: Path) -> dict:
+def run(name: str, structure: str, tmp: Path, quantize: str = "none") -> dict:
+    torch.manual_seed(0)  # the constructors' random weights, the same on every run
     kind, model, arrays = MODELS[name]()
     model.eval()
     if kind == "hf":
@@ -129,14 +131,14 @@ def run(name: str, structure: str, tmp: Path) -> dict:
     sparsity = "0.5" if structure == "channels" and name in TWO_HEADS else "0.8"
     cmd = ["sapp-compress", str(path), "--data", str(tmp / "shard.npz"), "-o", str(tmp / "m.onnx"),
            "--report", str(tmp / "report.json"), "--block", "16", "--sparsity", sparsity, "--steps", "4",
-           "--batch-size", "16", "--min-blocks", "1", "--onnx-format", "blocked", "--structure", structure, *extra]
+           "--batch-size", "16", "--min-blocks", "1", "--onnx-format", "blocked", "--structure", structure, "--quantize", quantize, *extra]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     rep = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").exists() else {}
     ver = rep.get("verification") or {}
     left_whole = sorted({line.split(" left whole:")[0].split(": ")[-1] for line in res.stderr.splitlines()
                          if " left whole: " in line})
-    return {"model": name, "structure": structure, "sparsity": float(sparsity), "exit": res.returncode,
+    return {"model": name, "structure": structure, "quantize": quantize, "sparsity": float(sparsity), "exit": res.returncode,
             "seconds": round(time.perf_counter() - t, 1), "error": rep.get("error"),
             "pruned": len(rep.get("layers") or []), "max_abs_diff": ver.get("max_abs_diff"),
             "passed": ver.get("passed"), "size": (rep["onnx_bytes"] / rep["dense_onnx_bytes"])
@@ -145,16 +147,16 @@ def run(name: str, structure: str, tmp: Path) -> dict:
 
 
 def table(rows: list[dict]) -> None:
-    last = {(r["model"], r["structure"]): r for r in rows}
+    last = {(r["model"], r["structure"], r.get("quantize", "none")): r for r in rows}
     print("| model | structure | exit | pruned layers / families | max abs diff ORT vs torch | size vs dense | notes |")
     print("|---|---|---|---|---|---|---|")
-    for (m, s), r in last.items():
+    for (m, s, q), r in last.items():
         note = "; ".join(w.split(";")[0] for w in r["warnings"] if "collapsed" not in w) or ""
         if r["left_whole"]:
             note = (note + "; " if note else "") + f"{len(r['left_whole'])} families left whole"
         diff = f"{r['max_abs_diff']:.1e}" if r["max_abs_diff"] is not None else "-"
         size = f"{r['size']:.3f}" if r["size"] else "-"
-        print(f"| {m} | {s}{' s=' + str(r['sparsity']) if r['sparsity'] != 0.8 else ''} | {r['exit']} | "
+        print(f"| {m} | {s}{' int8' if q == 'int8' else ''}{' s=' + str(r['sparsity']) if r['sparsity'] != 0.8 else ''} | {r['exit']} | "
               f"{r['pruned']} | {diff} | {size} | {note or (r['error'] or '')[:80]} |")
 
 
@@ -162,6 +164,7 @@ def main() -> None:
     ap = harness.parser(__doc__, "rim_models.jsonl")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--structures", default="blocks,channels")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"))
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
@@ -170,7 +173,7 @@ def main() -> None:
     for s in names(args.structures):
         for m in names(args.models):
             with tempfile.TemporaryDirectory() as tmp:
-                row = run(m, s, Path(tmp))
+                row = run(m, s, Path(tmp), args.quantize)
             append_row(args.out, row)
             print(f"{m} {s}: exit {row['exit']}, {row['pruned']} pruned, diff {row['max_abs_diff']}, "
                   f"size {row['size']}", flush=True)
