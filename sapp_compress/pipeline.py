@@ -397,9 +397,10 @@ def _verify_stages(res: PruneResult, shard: Shard, stages: list, out: OutputConf
     return final
 
 
-def _store_unplaceable_dense(res: PruneResult, proto, report: dict) -> None:
+def _store_unplaceable_dense(res: PruneResult, proto, report: dict) -> bool:
     """Pruned layers the exported graph no longer holds as the pre-check found them stay as the exporter stored
-    them (dense), with the reason, instead of failing the run after its fine-tune. The exporter stores equal
+    them (dense), with the reason, instead of failing the run after its fine-tune (called when the conversion
+    could not place one; True if any was left dense). The exporter stores equal
     initializers once: a layer whose kept blocks are still all zero (SA++ revives a block at zero, and a
     few-step fine-tune may end before it grows) then shares one zero tensor with another such layer, which no
     longer says which layer is which. The graph still computes the pruned model (its values are the pruned
@@ -410,7 +411,7 @@ def _store_unplaceable_dense(res: PruneResult, proto, report: dict) -> None:
 
     missing = converters.unplaceable(proto, res.layers)
     if not missing:
-        return
+        return False
     res.layers = [lb for lb in res.layers if lb.name not in missing]
     for name, why in missing.items():
         skip = SkippedLayer(name, f"pruned, but stored dense: after the fine-tune, {why}")
@@ -419,6 +420,7 @@ def _store_unplaceable_dense(res: PruneResult, proto, report: dict) -> None:
     report.setdefault("warnings", []).append(
         f"{len(missing)} pruned layer(s) stored dense, the exported graph no longer holding them as a separate "
         f"weight ({', '.join(sorted(missing))}); the model is still the pruned one (see skipped)")
+    return True
 
 
 def _layer_rows(res: PruneResult, conv, sp) -> list[dict]:
@@ -645,17 +647,19 @@ def compress(
                 onnx_bytes, int8, dense_proto = _reach_target(res, original, dense_proto, onnx_bytes, int8, prune_cfg,
                                                               out, timing_feed, calibration, report)
         else:
-            _store_unplaceable_dense(res, dense_proto, report)
             cache = converters.TimingCache.open(out.cache)
-            try:
-                conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format, timing_inputs=timing_feed,
-                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration,
-                                          cache=cache, plan=plan)
-            except converters.PlanError as e:
-                raise UsageError(f"--plan {out.plan}: {e}") from None
-            except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
-                raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude that "
-                                       "layer to leave it dense") from None
+            for attempt in (1, 2):
+                try:
+                    conv = converters.convert(dense_proto, res.layers, fmt=out.onnx_format,
+                                              timing_inputs=timing_feed, threads=out.threads, quantize=out.quantize,
+                                              calibration_inputs=calibration, cache=cache, plan=plan)
+                    break
+                except converters.PlanError as e:
+                    raise UsageError(f"--plan {out.plan}: {e}") from None
+                except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
+                    if attempt == 2 or not _store_unplaceable_dense(res, dense_proto, report):
+                        raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude "
+                                               "that layer to leave it dense") from None
             onnx_bytes = conv.model.SerializeToString()
             sp = converters.measure_sparsity(onnx_bytes, res.layers)
             report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall,

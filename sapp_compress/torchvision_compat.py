@@ -42,15 +42,16 @@ def declare_missing_ops() -> bool:
     declared.append(lib)
     import logging
 
-    logging.getLogger("sapp_compress.extras").info(
+    logging.getLogger("sapp_compress.torchvision_compat").info(
         "torchvision's compiled ops do not load with this torch; its models are used without them")
     return True
 
 
 class TorchvisionOpsFinder:
-    """A meta path finder (an import hook) that finds nothing: on the import of :data:`TRIGGER` it first declares the missing
-    schemas (:func:`declare_missing_ops`), then lets the import proceed as usual. (Not an ``importlib.abc.MetaPathFinder`` subclass: that import would
-    cost every interpreter start in the environment a millisecond; ``find_spec`` is all the protocol needs.)"""
+    """A meta path finder (an import hook) that finds nothing: on the import of :data:`TRIGGER` it first declares
+    the missing schemas (:func:`declare_missing_ops`), then lets the import proceed as usual. Not an
+    ``importlib.abc.MetaPathFinder`` subclass: that import would run at every interpreter start in the
+    environment, and ``find_spec`` is all the protocol needs."""
 
     def find_spec(self, name, path=None, target=None):
         if name == TRIGGER:
