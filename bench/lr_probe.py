@@ -18,7 +18,8 @@ One JSON line per run in bench/results/lr_probe.jsonl; runs already there are sk
 Tasks (``--block`` / ``--sparsity`` default B = 16, s = 0.8):
 - ``digits_mlp``, ``digits_cnn``, ``ctr``: bench/accuracy.py's tasks, pretrained models and budgets (600 steps
   x 64, 400 x 64, 300 x 256), held-out 20 % chosen by the seed; ``ctr_cli``: the CTR task at the CLI's default
-  budget (10 epochs at batch 64: 7500 steps);
+  budget (10 epochs at batch 64: 7500 steps); ``ctr_trained``: the CTR model pretrained to its best validation
+  log-loss (bench/ctr_pretrain.py; BENCHMARKS.md section 15.7), at ``ctr``'s budget;
 - ``tiny_bert``: examples/models/tiny_bert on its own held-out split (bench/lr_family.py), 300 steps x 32;
 - ``stdlib_bert``: the trained examples/models/stdlib_bert on its own test passages, 300 steps x 32;
 - ``planted``: the planted block-sparse regression of BENCHMARKS.md section 3 (tests/engine/planted.py, noise
@@ -142,6 +143,7 @@ TASKS: dict[str, Callable[[int], Case]] = {
     "digits_cnn": functools.partial(_accuracy_task, "digits_cnn"),
     "ctr": functools.partial(_accuracy_task, "ctr"),
     "ctr_cli": _ctr_cli,
+    "ctr_trained": functools.partial(_accuracy_task, "ctr_trained"),
     "tiny_bert": _tiny_bert,
     "stdlib_bert": _stdlib_bert,
     "planted": _planted,
@@ -226,6 +228,7 @@ def table(rows: list[dict], args) -> None:
     rows = [r for r in rows if r["block"] == ("8x8" if r["task"] == "planted" else f"{args.block}x{args.block}")
             and r["sparsity"] == args.sparsity and r.get("train", {}) == json.loads(args.train)]
     metric = {"ctr": "log-loss (lower is better)", "ctr_cli": "log-loss (lower is better)",
+              "ctr_trained": "log-loss (lower is better)",
               "planted": "R^2 [planted blocks kept]"}
     for task in [t for t in TASKS if any(r["task"] == t for r in rows)]:
         print(f"\n#### {task}: {metric.get(task, 'accuracy')}\n")
