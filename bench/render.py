@@ -39,9 +39,13 @@ def _rows(name: str) -> list[dict]:
     return kept
 
 
+#: the CTR tasks: log-loss (lower is better), and their AUC as the pseudo-task ``<task>_auc``
+CTR_TASKS = ("ctr", "ctr_trained")
+
+
 def _metric(task: str) -> tuple[str, bool]:
     """(metric key in the results, higher is better)."""
-    return ("log_loss", False) if task == "ctr" else ("accuracy", True)
+    return ("log_loss", False) if task in CTR_TASKS else ("accuracy", True)
 
 
 def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
@@ -52,15 +56,16 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
         key, _ = _metric(r["task"])
         cells[(r["task"], r["block"], r["sparsity"], r["method"])].append(r["pruned"][key])
         dense[r["task"]].append(r["dense"][key])
-        if r["task"] == "ctr":
+        if r["task"] in CTR_TASKS:
             cells[(r["task"] + "_auc", r["block"], r["sparsity"], r["method"])].append(r["pruned"]["auc"])
             dense[r["task"] + "_auc"].append(r["dense"]["auc"])
     out = []
     for task in sorted({k[0] for k in cells}):
-        higher = not task == "ctr"
+        higher = task not in CTR_TASKS
         methods = sorted({k[3] for k in cells if k[0] == task})
         configs = sorted({(k[1], k[2]) for k in cells if k[0] == task})
-        metric = {"ctr": "log-loss (lower is better)", "ctr_auc": "AUC"}.get(task, "accuracy")
+        metric = ("log-loss (lower is better)" if task in CTR_TASKS
+                  else "AUC" if task.endswith("_auc") and task[:-4] in CTR_TASKS else "accuracy")
         out.append(f"\n#### {task}: {metric}; dense {statistics.mean(dense[task]):.4f}\n")
         out.append("| B | s | " + " | ".join(methods) + " | best |")
         out.append("|---|---|" + "---|" * (len(methods) + 1))
@@ -78,7 +83,8 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
 
 def _cells(rows: list[dict], task: str, options: str) -> dict:
     """{(block, sparsity, method): [scores]} for one task (``ctr_auc`` reads the AUC of ``ctr``)."""
-    base, key = (("ctr", "auc") if task == "ctr_auc" else (task, _metric(task)[0]))
+    auc = task.endswith("_auc") and task[:-4] in CTR_TASKS
+    base, key = ((task[:-4], "auc") if auc else (task, _metric(task)[0]))
     out: dict = defaultdict(list)
     for r in rows:
         if r["task"] == base and json.dumps(r.get("options", {}), sort_keys=True) == options:
@@ -92,14 +98,15 @@ def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_
     the two seed stds, a tie otherwise."""
     out = []
     tasks = sorted({r["task"] for r in rows})
-    tasks += ["ctr_auc"] if "ctr" in tasks else []
+    tasks += [t + "_auc" for t in CTR_TASKS if t in tasks]
     seeds_of: dict = defaultdict(dict)
     for r in rows:
-        for t, key in ((r["task"], _metric(r["task"])[0]),) + ((("ctr_auc", "auc"),) if r["task"] == "ctr" else ()):
+        auc = ((r["task"] + "_auc", "auc"),) if r["task"] in CTR_TASKS else ()
+        for t, key in ((r["task"], _metric(r["task"])[0]),) + auc:
             seeds_of[(t, r["block"], r["sparsity"], r["method"],
                       json.dumps(r.get("options", {}), sort_keys=True))][r["seed"]] = r["pruned"][key]
     for task in tasks:
-        higher = task != "ctr"
+        higher = task not in CTR_TASKS
         base = _cells(rows, task, "{}")
         mine = _cells(rows, task, sapp_options)
         tally = {"wins": 0, "ties": 0, "loses": 0}
