@@ -294,3 +294,38 @@ def test_fold_keeps_a_rounded_width_on_its_multiple(zeroed, width):
     assert model[0].out_features == width
     with torch.no_grad():
         torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-6)
+
+
+class _ShuffleBN(_ChannelShuffle):
+    """The shuffle pattern with a BatchNorm after the first conv (its running statistics move on any forward in
+    training mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        p, q = x.chunk(2, dim=1)
+        return self.head(torch.cat([torch.relu(self.a(p)), torch.relu(self.b(q))], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_removal_check_leaves_the_model_exactly_as_it_was(training):
+    """The plan's removal check zeroes the removed units on the model itself (no copy) for its reference outputs,
+    family by family when the joint check fails (the shuffle's families fail it), and restores every parameter and
+    buffer, BatchNorm's running statistics included, bit for bit."""
+    from sapp_compress.config import BlockSpec
+    from sapp_compress.structure.plan import plan_families
+
+    torch.manual_seed(0)
+    model = _ShuffleBN().train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fams, skipped, _ = plan_families(model, model, (torch.randn(4, 3, 8, 8),),
+                                     PruneConfig(BlockSpec(1, 1), 0.5, structure="channels"))
+    assert fams and model.training == training
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
