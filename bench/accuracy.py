@@ -119,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     def done() -> set:
-        # re-read before every cell: several processes may share one results file (each takes what is left)
+        # re-read before every cell, and claimed (harness.claim): several processes may share one results file
         return {key(r) for r in harness.read_rows(args.out)}
 
     options = json.loads(args.options)
@@ -130,10 +130,15 @@ def main() -> None:
     digests = {t: model_digest(pretrain(t)) for t in harness.names(args.tasks)}
     for task, method, block, sparsity, seed in grid:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
-        if k in done():
+        if k in done() or not harness.claim(args.out, k):
             continue
-        row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale, args.lr)
-        harness.append_row(args.out, row)
+        try:
+            if k in done():  # written by another process between the read and the claim
+                continue
+            row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale, args.lr)
+            harness.append_row(args.out, row)
+        finally:
+            harness.release(args.out, k)
         print(f"{task:10s} {method:9s} B={block:<2d} s={sparsity:.2f} seed={seed} "
               f"score {row['pruned']['score']:.4f} (dense {row['dense']['score']:.4f}) lr {row['lr']:g} "
               f"{row['seconds']:.1f}s",

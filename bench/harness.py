@@ -21,7 +21,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -240,6 +242,43 @@ def append_row(path: str | Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _claim_file(path: str | Path, key) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(f"{path}.claims") / digest
+
+
+def claim(path: str | Path, key) -> bool:
+    """Whether this process may run the cell ``key`` of the results file ``path``: an exclusive claim file beside
+    it (``<path>.claims/<digest>``, holding the claimant's pid), so that processes sharing one results file run
+    each cell once even when they reach it together (re-reading the file before a cell is not enough: two
+    processes started together ran every cell twice). A claim whose process is gone is taken over; :func:`release`
+    removes the claim once the row is written."""
+    f = _claim_file(path, key)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(f.read_text() or "0")
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ProcessLookupError, ValueError):
+                f.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            except (FileNotFoundError, PermissionError):
+                return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(path: str | Path, key) -> None:
+    """Remove this process's claim on ``key`` (:func:`claim`)."""
+    _claim_file(path, key).unlink(missing_ok=True)
 
 
 class Clock:

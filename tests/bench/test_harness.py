@@ -70,3 +70,20 @@ def test_harness_random_masks_are_balanced_and_reproducible(harness):
     assert all(np.array_equal(a.kept, b.kept) for a, b in zip(*masks))
     kept = harness.balanced_kept(np.random.default_rng(0), 8, 10, 0.8)
     assert kept.shape == (8, 10) and set(kept.sum(axis=1)) == {2}
+
+
+def test_claims_give_each_cell_to_one_process(harness, tmp_path):
+    """Processes sharing a results file claim a cell before running it: a second claim on a held cell fails, a
+    released one can be claimed again, and a claim whose process is gone is taken over."""
+    out = tmp_path / "rows.jsonl"
+    cell = ("ctr", "abc", "sapp", 8, 0.8, 0, "{}")
+    assert harness.claim(out, cell)
+    other = tmp_path / "rows.jsonl.claims"
+    (held,) = list(other.iterdir())
+    held.write_text("1")  # pid 1 (init): alive, not this process
+    assert not harness.claim(out, cell)
+    assert harness.claim(out, ("ctr", "abc", "sapp", 8, 0.9, 0, "{}"))  # another cell
+    held.write_text("999999999")  # no such process: taken over
+    assert harness.claim(out, cell) and held.read_text() == str(__import__("os").getpid())
+    harness.release(out, cell)
+    assert not held.exists() and harness.claim(out, cell)
