@@ -33,27 +33,16 @@ def check_removal(model: nn.Module, inner_of, families: list[GroupFamily], keep:
     """Family name -> why its removal is not exact, for the families whose removal (``keep``) changes anything
     beyond zeroing their removed units' consumers. ``inner_of(model)`` is the module whose names the families
     use. Checked on all families at once, then one by one only if that fails."""
-    live = model.state_dict()  # the model's own tensors: the reference is the model itself, zeroed and restored
-
-    def masked_outputs(fams) -> torch.Tensor:
-        """The outputs with ``fams``' removed units zeroed, the model left exactly as it was (a deep copy per
-        check cost more than the check on ShuffleNet, which checks 80 families one by one)."""
-        saved = {k: v.detach().clone() for k, v in live.items()}
-        try:
-            with torch.no_grad():
-                zero_removed(inner_of(model), fams, keep)
-            return _outputs(model, inputs)
-        finally:
-            with torch.no_grad():
-                for k, v in live.items():
-                    v.copy_(saved[k])
-
     def diff(fams) -> str | None:
-        ref = masked_outputs(fams)
+        # a fresh copy per check, not the model zeroed and restored in place (1.45x faster on ShuffleNet's 80
+        # one-by-one checks): a module may cache what it derives from its weights (timm's LeViT caches its
+        # attention biases in eval mode), and a forward with zeroed weights would leave that cache stale
+        ref = copy.deepcopy(model)
+        zero_removed(inner_of(ref), fams, keep)
         small = copy.deepcopy(model)
         try:
             remove(inner_of(small), fams, keep)
-            d = max_rel_diff(ref, _outputs(small, inputs))
+            d = max_rel_diff(_outputs(ref, inputs), _outputs(small, inputs))
         except Exception as e:  # noqa: BLE001 -- a module that breaks when smaller: reported, not raised
             return f"the smaller module fails ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         if not d <= PARITY_RTOL:
