@@ -556,7 +556,9 @@ def _matmul(tr, name, func, args, kwargs, out):
 
 @rule("addmm", "baddbmm", "addbmm")
 def _addmm(tr, name, func, args, kwargs, out):
-    c, a, b = args[0], args[1], args[2]
+    # positional or by name (Bloom calls alibi.baddbmm(batch1=..., batch2=..., beta=..., alpha=...))
+    names = ("input", "mat1", "mat2") if name == "addmm" else ("input", "batch1", "batch2")
+    c, a, b = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
     if id(b) in tr.params and b.dim() == 2:  # transformers' Conv1D: x @ W with W [in, out]
         tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1), (tuple(a.shape), tuple(b.shape))))
     tmp = torch.empty(out.shape)

@@ -155,3 +155,25 @@ def test_removal_updates_module_sizes(discovered):
     remove(m, plan, keep)
     assert (m.blocks[0].attn.num_heads, m.blocks[0].attn.qkv.out_features, m.blocks[0].mlp.fc1.out_features) == \
         (1, 192, 1)
+
+
+def test_baddbmm_by_keyword_joins_its_operands():
+    """``bias.baddbmm(batch1=q, batch2=k^T)`` (Bloom's alibi scores name their operands): the tracer reads them by
+    name, and q's and k's neurons, contracted together in the scores, are one family (it raised IndexError)."""
+    from torch import nn
+
+    class Scores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            q, k = self.q(x), self.k(x)
+            bias = torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+            s = bias.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=0.25)
+            return self.o(torch.softmax(s, -1) @ q).mean(1)
+
+    torch.manual_seed(0)
+    (fam,) = discover(Scores(), (torch.randn(2, 5, 8),)).families
+    assert fam.n_units == 16 and {t for t, _ in fam.producers} == {"q.weight", "q.bias", "k.weight", "k.bias"}
+    assert fam.consumers == (("o.weight", 1),)
