@@ -111,10 +111,23 @@ MODELS = {
  "timm_regnety": lambda: ("torch", timm().create_model("regnety_002", num_classes=10), images()),
  "timm_ghostnet": lambda: ("torch", timm().create_model("ghostnet_050", num_classes=10), images()),
  "timm_deit": lambda: ("torch", timm().create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10), images()),
+ # added 2026-12-04 (BENCHMARKS 8.2)
+ "opt_causal": lambda: ("hf", hf().OPTForCausalLM(hf().OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)), tokens(None)),
+ "gpt_neox_causal": lambda: ("hf", hf().GPTNeoXForCausalLM(hf().GPTNeoXConfig(**L)), tokens(None)),
+ "bloom_cls": lambda: ("hf", hf().BloomForSequenceClassification(hf().BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, num_labels=3, pad_token_id=0)), tokens()),
+ "mobilebert_cls": lambda: ("hf", hf().MobileBertForSequenceClassification(hf().MobileBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32, num_feedforward_networks=2, max_position_embeddings=64, num_labels=3)), tokens()),
+ "beit_cls": lambda: ("hf", hf().BeitForImageClassification(hf().BeitConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, use_relative_position_bias=True, num_labels=3)), images(name="pixel_values", labels=3)),
+ "tv_mobilenet_v3_large": lambda: ("torch", tv().models.mobilenet_v3_large(num_classes=10), images()),
+ "tv_regnet_x_400mf": lambda: ("torch", tv().models.regnet_x_400mf(num_classes=10), images()),
+ "timm_levit": lambda: ("torch", timm().create_model("levit_128s", img_size=64, num_classes=10), images(size=64)),
+ "timm_poolformer": lambda: ("torch", timm().create_model("poolformer_s12", num_classes=10), images()),
+ "timm_edgenext": lambda: ("torch", timm().create_model("edgenext_xx_small", num_classes=10), images(size=64)),
+ "timm_mixer": lambda: ("torch", timm().create_model("mixer_s16_224", img_size=64, num_classes=10), images(size=64)),
 }
 
-#: the models whose attention has 2 heads in a layer: --structure channels at s = 0.8 keeps none (exit 2 by design)
-TWO_HEADS = {"llama_causal", "llama_cls", "qwen2_causal", "mistral_cls", "swin_hf"}
+#: the models with 2 heads (or 2 conv groups) in a layer: --structure channels at s = 0.8 keeps none (exit 2 by
+#: design), so they run at s = 0.5
+TWO_HEADS = {"llama_causal", "llama_cls", "qwen2_causal", "mistral_cls", "swin_hf", "tv_regnet_x_400mf"}
 
 
 def run(name: str, structure: str, tmp: Path, quantize: str = "none") -> dict:

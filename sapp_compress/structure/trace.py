@@ -31,6 +31,8 @@ turns it into units and families.
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -871,6 +873,7 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
              for m in model.modules() if isinstance(m, nn.RNNBase)]
     modes = {m: m.training for m in model.modules()}
     grads = {id(p): p.requires_grad for p in model.parameters()}
+    attrs = {m: _own_attributes(m) for m in model.modules()}
     model.eval()
     try:
         for p in model.parameters():
@@ -890,7 +893,33 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
             p.requires_grad_(grads[id(p)])
         for m, mode in modes.items():
             m.training = mode
+        for m, saved in attrs.items():
+            _restore_attributes(m, saved)
     return graph
+
+
+def _own_attributes(module: nn.Module) -> dict:
+    """A module's own attributes (not its parameters, buffers, submodules or hooks), dicts and lists copied one
+    level deep: what a forward may fill in (timm's LeViT caches its attention biases in a dict in eval mode)."""
+    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training"}
+
+
+def _restore_attributes(module: nn.Module, saved: dict) -> None:
+    """Put back what :func:`_own_attributes` saved, in place for dicts and lists; drop attributes the forward
+    added. The trace runs with gradients enabled, so a cache it filled would hold tensors of the traced graph: no
+    copy of the model could be made afterwards, and later forwards would read values from before the fine-tune."""
+    for k in [k for k in vars(module) if not k.startswith("_") and k != "training" and k not in saved]:
+        delattr(module, k)
+    for k, v in saved.items():
+        cur = vars(module).get(k)
+        if isinstance(v, dict) and isinstance(cur, dict):
+            cur.clear()
+            cur.update(v)
+        elif isinstance(v, list) and isinstance(cur, list):
+            cur[:] = v
+        elif cur is not v:
+            setattr(module, k, v)
 
 
 def _opaque_module(tracer: Tracer, kind: str):

@@ -177,3 +177,34 @@ def test_baddbmm_by_keyword_joins_its_operands():
     (fam,) = discover(Scores(), (torch.randn(2, 5, 8),)).families
     assert fam.n_units == 16 and {t for t, _ in fam.producers} == {"q.weight", "q.bias", "k.weight", "k.bias"}
     assert fam.consumers == (("o.weight", 1),)
+
+
+def test_trace_leaves_a_modules_cache_as_it_was():
+    """A module that caches what it derives from its weights in eval mode (timm's LeViT: its attention biases, in a
+    dict): the trace, which runs with gradients enabled, leaves the cache as it found it. A cache it filled held
+    tensors of the traced graph, which no deep copy of the model accepts (--structure channels exited 1)."""
+    import copy as copy_module
+
+    from torch import nn
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+            self.bias = nn.Parameter(torch.randn(16))
+            self.cache: dict = {}
+
+        def forward(self, x):
+            if not self.training:
+                self.last = x.shape[0]  # an attribute the forward adds
+                if "b" not in self.cache:
+                    self.cache["b"] = self.bias * 2
+                return self.out(torch.relu(self.fc(x) + self.cache["b"]))
+            return self.out(torch.relu(self.fc(x) + self.bias * 2))
+
+    torch.manual_seed(0)
+    m = Cached().eval()
+    fams = discover(m, (torch.randn(4, 8),)).families
+    assert [f.n_units for f in fams] == [16]
+    assert m.cache == {} and not hasattr(m, "last") and not m.training
+    copy_module.deepcopy(m)  # raised "Only Tensors created explicitly by the user ..." with the traced cache
