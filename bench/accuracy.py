@@ -130,10 +130,10 @@ def main() -> None:
     digests = {t: model_digest(pretrain(t)) for t in harness.names(args.tasks)}
     for task, method, block, sparsity, seed in grid:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
-        if k in done() or not harness.claim(args.out, k):
+        if not harness.claim(args.out, k):  # another process runs it
             continue
         try:
-            if k in done():  # written by another process between the read and the claim
+            if k in done():  # written already (a resumed sweep, or another process before the claim)
                 continue
             row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale, args.lr)
             harness.append_row(args.out, row)

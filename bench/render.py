@@ -43,6 +43,12 @@ def _rows(name: str) -> list[dict]:
 CTR_TASKS = ("ctr", "ctr_trained")
 
 
+def _auc_of(task: str) -> str | None:
+    """The CTR task whose AUC the pseudo-task ``task`` (``<ctr task>_auc``) reads; None for any other task."""
+    base = task[:-4] if task.endswith("_auc") else None
+    return base if base in CTR_TASKS else None
+
+
 def _metric(task: str) -> tuple[str, bool]:
     """(metric key in the results, higher is better)."""
     return ("log_loss", False) if task in CTR_TASKS else ("accuracy", True)
@@ -64,8 +70,7 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
         higher = task not in CTR_TASKS
         methods = sorted({k[3] for k in cells if k[0] == task})
         configs = sorted({(k[1], k[2]) for k in cells if k[0] == task})
-        metric = ("log-loss (lower is better)" if task in CTR_TASKS
-                  else "AUC" if task.endswith("_auc") and task[:-4] in CTR_TASKS else "accuracy")
+        metric = "log-loss (lower is better)" if task in CTR_TASKS else "AUC" if _auc_of(task) else "accuracy"
         out.append(f"\n#### {task}: {metric}; dense {statistics.mean(dense[task]):.4f}\n")
         out.append("| B | s | " + " | ".join(methods) + " | best |")
         out.append("|---|---|" + "---|" * (len(methods) + 1))
@@ -83,8 +88,7 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
 
 def _cells(rows: list[dict], task: str, options: str) -> dict:
     """{(block, sparsity, method): [scores]} for one task (``ctr_auc`` reads the AUC of ``ctr``)."""
-    auc = task.endswith("_auc") and task[:-4] in CTR_TASKS
-    base, key = ((task[:-4], "auc") if auc else (task, _metric(task)[0]))
+    base, key = (_auc_of(task), "auc") if _auc_of(task) else (task, _metric(task)[0])
     out: dict = defaultdict(list)
     for r in rows:
         if r["task"] == base and json.dumps(r.get("options", {}), sort_keys=True) == options:

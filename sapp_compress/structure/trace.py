@@ -32,7 +32,6 @@ turns it into units and families.
 from __future__ import annotations
 
 import copy
-
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -898,18 +897,22 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
     return graph
 
 
+def _own(name: str) -> bool:
+    """An attribute a module's own code sets (not torch's: parameters, buffers, submodules, hooks, the mode)."""
+    return not name.startswith("_") and name != "training"
+
+
 def _own_attributes(module: nn.Module) -> dict:
     """A module's own attributes (not its parameters, buffers, submodules or hooks), dicts and lists copied one
     level deep: what a forward may fill in (timm's LeViT caches its attention biases in a dict in eval mode)."""
-    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in vars(module).items()
-            if not k.startswith("_") and k != "training"}
+    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in vars(module).items() if _own(k)}
 
 
 def _restore_attributes(module: nn.Module, saved: dict) -> None:
     """Put back what :func:`_own_attributes` saved, in place for dicts and lists; drop attributes the forward
     added. The trace runs with gradients enabled, so a cache it filled would hold tensors of the traced graph: no
     copy of the model could be made afterwards, and later forwards would read values from before the fine-tune."""
-    for k in [k for k in vars(module) if not k.startswith("_") and k != "training" and k not in saved]:
+    for k in [k for k in vars(module) if _own(k) and k not in saved]:
         delattr(module, k)
     for k, v in saved.items():
         cur = vars(module).get(k)
