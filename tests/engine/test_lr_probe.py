@@ -217,14 +217,32 @@ def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
     res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "prime": 0.05}))
     state = primed[0]
     assert len(primed) == len(RATES) and all(s is state for s in primed)  # one priming, shared
-    assert state["step"] == 15  # 5 % of 300 steps
+    assert state["step"] == 16  # 5 % of 300 steps, and the program's first step (at warm-up's rate zero)
     weights = [v for k, v in state["model"].items() if k.endswith("original")] or [state["model"]["weight"]]
     assert torch.equal(weights[0], student.weight.detach())  # rate zero: no weight moved
     moments = [s for s in state["optimizer"]["state"].values() if "exp_avg_sq" in s]
     assert moments and all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in moments)
     probe = res.lr_choice.to_json()["probe"]
-    assert probe["steps"] == 15 + halving(len(RATES), 30, 1 / 3).cost(len(RATES))
+    # the shared first step counts once, not once per candidate
+    assert probe["steps"] == 15 + halving(len(RATES), 30, 1 / 3).cost(len(RATES)) - (len(RATES) - 1)
     assert res.lr in (1e-3, 1e-2)  # the best two rates (R^2 0.469 and 0.443; test_probe_picks_the_known_best_rate)
+
+
+def test_the_candidates_first_step_runs_once(monkeypatch):
+    """With priming, the program's first step runs at warm-up's rate zero for every candidate (the same state,
+    batch and RNG), so it is run once with the priming: every score is what a candidate that ran that step itself
+    measures (there at a rate of ~1e-11 x its peak: equal to 1e-6), in n - 1 fewer steps."""
+    from sapp_compress import lr_probe
+
+    student, shard = scaled_regression()
+    train = _train("auto", {**UNPRIMED, "prime": 0.05})
+    shared = prune(student, shard, CFG, train).lr_choice
+    monkeypatch.setattr(lr_probe._Runner, "warm_start", staticmethod(lambda cfg: False))
+    own = prune(student, shard, CFG, train).lr_choice
+    assert shared.value == own.value and shared.scores.keys() == own.scores.keys()
+    for lr, s in own.scores.items():
+        assert np.allclose(shared.scores[lr], s, rtol=1e-6, atol=0), lr
+    assert own.steps - shared.steps == len(RATES) - 1
 
 
 def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
