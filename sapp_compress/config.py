@@ -143,7 +143,9 @@ class LRProbeConfig:
         phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores,
             then its final sparse phase: masks fixed) or ``program`` (the method's whole program, dense, sparsify,
             sparse, ..., compressed into the probe's steps).
-        budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's.
+        budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's (the
+            candidates' first program step, which their warm-up runs at rate zero, runs once with the priming, so
+            ``n - 1`` of them are not spent).
         held_out: fraction of the training shard's rows the candidates are scored on (never trained on by the
             probe; the fine-tune then trains on every row), at most ``max_rows`` rows.
         keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).

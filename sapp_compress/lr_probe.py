@@ -9,8 +9,8 @@ logits and their rate rule, the coupled l2, warm-up and cosine decay over the pr
 the copy trains in the method's final sparse phase (masks fixed), so what is measured is how well each rate
 recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
 ..., final sparse) into the probe's steps instead. Before the copies branch, ``LRProbeConfig.prime`` of the
-fine-tune's steps run once at rate zero from the starting weights and every copy starts from that state (Adam's
-moments filled, no weight moved): a copy's first steps are then not Adam's first steps at its peak rate, which
+fine-tune's steps run once at rate zero from the starting weights, with the program's first step, which every
+copy's warm-up runs at rate zero too, and every copy starts from that state (Adam's moments filled, no weight moved): a copy's first steps are then not Adam's first steps at its peak rate, which
 move every weight by about the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md
 section 15.2). ``LRProbeConfig.anneal = "rung"`` runs each rung as its own warm-up and cosine cycle instead of
 one over the program (measured there too; not the default). A copy's score is the task's loss on the held-out rows
