@@ -176,6 +176,14 @@ class LRProbeConfig:
             SA++'s dense phase (every fine-tune there ends at chance) while CTR, whose best rate it is, loses
             about as much at every rate. None: no check.
         dense_ratio: see ``dense_check``.
+        batch_stats: score the candidates with BatchNorm normalising by each held-out chunk's own statistics
+            instead of its running ones (left as they were). After the one-shot prune the running statistics
+            describe the dense model, and a few steps at a high rate move the weights faster than they follow:
+            scored by them, a structured resnet18's candidates had held-out losses of 0.08-0.23 that were almost
+            all stale statistics (0.002-0.01 by batch statistics), the probe chose 3e-5 / 1e-4 where 3e-4 is best
+            (BENCHMARKS.md section 15.9). The fine-tune's final model has had hundreds of steps to update them;
+            the probe's candidates have not. The dense check always scores this way. Models without BatchNorm
+            score the same either way, bit for bit.
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -192,6 +200,7 @@ class LRProbeConfig:
     prime: float = 0.03
     dense_check: float | None = 0.5
     dense_ratio: float = 3.0
+    batch_stats: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))

@@ -256,6 +256,7 @@ class _Runner:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
         self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
+        self.batch_stats = train_cfg.lr_probe.batch_stats
         self.prime = prime
         #: steps every candidate runs identically, run once before they branch: the priming, and with it the
         #: program's first step when several candidates branch and their warm-up runs it at rate zero (see
@@ -304,7 +305,7 @@ class _Runner:
             fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.prime + self.program,
                       stop=self.prime + stop, checkpointer=memory,
                       lr_at=lambda step: 0.0 if step < self.shared else rate(step - self.prime))
-            loss = self._loss(model)
+            loss = self._loss(model, batch_stats=self.batch_stats)
         except FloatingPointError:
             loss = math.inf
         self.steps += self.prime + stop - done
@@ -414,7 +415,7 @@ class _Runner:
         BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
         rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
         dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued by
-        the fine-tune)."""
+        the fine-tune). The candidates are scored this way too (:attr:`LRProbeConfig.batch_stats`)."""
         model.eval()
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
         saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
@@ -422,6 +423,8 @@ class _Runner:
             m.train()
             m.momentum = 0.0
         total, n = 0.0, min(len(self.held), self.rows or len(self.held))
+        if norms:  # chunks of equal size: a chunk's statistics normalise it, and a tail of a few rows has none to speak of
+            chunk = math.ceil(n / math.ceil(n / chunk))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
             xs = to_tensors(tuple(x[i:j] for x in self.held.inputs), self.device)

@@ -354,3 +354,36 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     assert seen["steps"] == off.lr_choice.steps + rep["dense_check"]["steps"] * len(rep["dense_check"]["losses"])
     mag = prune(student, shard, CFG, _train("auto"))
     assert "dense_check" not in mag.lr_choice.to_json()["probe"]
+
+
+def _bn_mlp(seed: int = 0, n: int = 1024) -> tuple[nn.Module, Shard]:
+    """A regression by an MLP with a BatchNorm between its layers, its running statistics those of its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 4, generator=g))
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    model.train()
+    with torch.no_grad():
+        model(x)  # running statistics from the data (momentum 0.1, one batch)
+    return model.eval(), Shard((x.numpy(),), y.numpy(), "bn-mlp")
+
+
+def test_candidates_are_scored_by_batch_statistics():
+    """``batch_stats`` (the default): BatchNorm normalises each held-out chunk by its own statistics when a candidate
+    is scored, so the running statistics a model arrives with (after a one-shot prune they describe the dense
+    model) change no score, bit for bit; scored by them (``batch_stats=False``) they do. A model without BatchNorm
+    scores the same either way."""
+    import copy
+
+    model, shard = _bn_mlp()
+    stale = copy.deepcopy(model)
+    stale[1].running_mean += 3.0
+    stale[1].running_var *= 20.0
+    by_batch = [prune(m, shard, CFG, _train("auto")).lr_choice for m in (model, stale)]
+    assert by_batch[0].source == "probe" and by_batch[0].digest() == by_batch[1].digest()
+    by_running = [prune(m, shard, CFG, _train("auto", {"batch_stats": False})).lr_choice for m in (model, stale)]
+    assert by_running[0].digest() != by_running[1].digest()
+    assert by_running[0].digest() != by_batch[0].digest()
+    student, data = scaled_regression()
+    same = [prune(student, data, CFG, _train("auto", {"batch_stats": b})).lr_choice.digest() for b in (True, False)]
+    assert same[0] == same[1]
