@@ -22,6 +22,8 @@ Tasks (``--block`` / ``--sparsity`` default B = 16, s = 0.8):
   log-loss (bench/ctr_pretrain.py; BENCHMARKS.md section 15.7), at ``ctr``'s budget;
 - ``tiny_bert``: examples/models/tiny_bert on its own held-out split (bench/lr_family.py), 300 steps x 32;
 - ``stdlib_bert``: the trained examples/models/stdlib_bert on its own test passages, 300 steps x 32;
+- ``digits_resnet18``: bench/structured_accuracy.py's torchvision resnet18 trained on the digits, ``--structure
+  channels`` at s = 0.5 (``--block`` / ``--sparsity`` do not apply), the default budget (300 steps of 32);
 - ``planted``: the planted block-sparse regression of BENCHMARKS.md section 3 (tests/engine/planted.py, noise
   30, B = 8, 560 steps x 128, coupled l2 1e-2, no clipping); score R^2 on the held-out 20 %, and the share of
   planted blocks kept.
@@ -138,6 +140,23 @@ def _planted(seed: int) -> Case:
                 lambda res: {"recovered": recovery(res.layers[0].kept, planted)})
 
 
+def _digits_resnet18(seed: int) -> Case:
+    """bench/structured_accuracy.py's torchvision resnet18 trained on the digits (3 x 32 x 32), ``--structure
+    channels --sparsity 0.5`` at the default budget (300 steps), scored on its 20 % test split."""
+    import structured_accuracy
+
+    path, train, test = structured_accuracy.digits_resnet18()
+    model = torch.load(path, weights_only=False)
+    return Case(model, load_shard(train), load_shard(test), {"block": "8", "sparsity": 0.5, "structure": "channels"},
+                {}, harness_digest(path))
+
+
+def harness_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 TASKS: dict[str, Callable[[int], Case]] = {
     "digits_mlp": functools.partial(_accuracy_task, "digits_mlp"),
     "digits_cnn": functools.partial(_accuracy_task, "digits_cnn"),
@@ -147,6 +166,7 @@ TASKS: dict[str, Callable[[int], Case]] = {
     "tiny_bert": _tiny_bert,
     "stdlib_bert": _stdlib_bert,
     "planted": _planted,
+    "digits_resnet18": _digits_resnet18,
 }
 
 
@@ -225,8 +245,10 @@ def score_of(r: dict) -> float:
 
 
 def table(rows: list[dict], args) -> None:
-    rows = [r for r in rows if r["block"] == ("8x8" if r["task"] == "planted" else f"{args.block}x{args.block}")
-            and r["sparsity"] == args.sparsity and r.get("train", {}) == json.loads(args.train)]
+    own = {"planted": ("8x8", args.sparsity), "digits_resnet18": (None, 0.5)}  # tasks with their own geometry
+    rows = [r for r in rows if (own[r["task"]][0] in (None, r["block"]) and r["sparsity"] == own[r["task"]][1]
+                                if r["task"] in own else
+                                r["block"] == f"{args.block}x{args.block}" and r["sparsity"] == args.sparsity) and r.get("train", {}) == json.loads(args.train)]
     metric = {"ctr": "log-loss (lower is better)", "ctr_cli": "log-loss (lower is better)",
               "ctr_trained": "log-loss (lower is better)",
               "planted": "R^2 [planted blocks kept]"}

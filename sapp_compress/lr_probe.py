@@ -415,7 +415,7 @@ class _Runner:
         BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
         rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
         dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued by
-        the fine-tune). The candidates are scored this way too (:attr:`LRProbeConfig.batch_stats`)."""
+        the fine-tune). With :attr:`LRProbeConfig.batch_stats` the candidates are scored this way too."""
         model.eval()
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
         saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]

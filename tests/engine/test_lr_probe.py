@@ -369,19 +369,19 @@ def _bn_mlp(seed: int = 0, n: int = 1024) -> tuple[nn.Module, Shard]:
 
 
 def test_candidates_are_scored_by_batch_statistics():
-    """``batch_stats`` (the default): BatchNorm normalises each held-out chunk by its own statistics when a candidate
-    is scored, so the running statistics a model arrives with (after a one-shot prune they describe the dense
-    model) change no score, bit for bit; scored by them (``batch_stats=False``) they do. A model without BatchNorm
-    scores the same either way."""
+    """``batch_stats``: BatchNorm normalises each held-out chunk by its own statistics when a candidate is scored,
+    so the running statistics a model arrives with (after a one-shot prune they describe the dense model) change no
+    score, bit for bit; scored by them (the default) they do. A model without BatchNorm scores the same either
+    way."""
     import copy
 
     model, shard = _bn_mlp()
     stale = copy.deepcopy(model)
     stale[1].running_mean += 3.0
     stale[1].running_var *= 20.0
-    by_batch = [prune(m, shard, CFG, _train("auto")).lr_choice for m in (model, stale)]
+    by_batch = [prune(m, shard, CFG, _train("auto", {"batch_stats": True})).lr_choice for m in (model, stale)]
     assert by_batch[0].source == "probe" and by_batch[0].digest() == by_batch[1].digest()
-    by_running = [prune(m, shard, CFG, _train("auto", {"batch_stats": False})).lr_choice for m in (model, stale)]
+    by_running = [prune(m, shard, CFG, _train("auto")).lr_choice for m in (model, stale)]
     assert by_running[0].digest() != by_running[1].digest()
     assert by_running[0].digest() != by_batch[0].digest()
     student, data = scaled_regression()
