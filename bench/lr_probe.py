@@ -107,8 +107,6 @@ STDLIB_BERT = ROOT / "examples" / "models" / "stdlib_bert"
 @functools.lru_cache(maxsize=1)
 def _stdlib_shards() -> tuple[Shard, Shard, str]:
     """examples/models/stdlib_bert's training and test shards (its own tokenizer, 128 tokens)."""
-    import hashlib
-
     from calib_data.text import text_shard
 
     tmp = Path(tempfile.mkdtemp(prefix="lr_probe_"))
@@ -117,8 +115,7 @@ def _stdlib_shards() -> tuple[Shard, Shard, str]:
         out[part] = tmp / f"{part}.npz"
         text_shard(STDLIB_BERT, ROOT / "calib_data" / "text" / f"stdlib_areas.{part}.jsonl", out[part],
                    label_field="label")
-    digest = hashlib.sha256((STDLIB_BERT / "model.safetensors").read_bytes()).hexdigest()[:12]
-    return load_shard(out["train"]), load_shard(out["test"]), digest
+    return load_shard(out["train"]), load_shard(out["test"]), _file_digest(STDLIB_BERT / "model.safetensors")
 
 
 def _stdlib_bert(seed: int) -> Case:
@@ -148,10 +145,11 @@ def _digits_resnet18(seed: int) -> Case:
     path, train, test = structured_accuracy.digits_resnet18()
     model = torch.load(path, weights_only=False)
     return Case(model, load_shard(train), load_shard(test), {"block": "8", "sparsity": 0.5, "structure": "channels"},
-                {}, harness_digest(path))
+                {}, _file_digest(path))
 
 
-def harness_digest(path: Path) -> str:
+def _file_digest(path: Path) -> str:
+    """A short sha256 of a model file (rows are comparable only when they fine-tuned the same model)."""
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -245,10 +243,10 @@ def score_of(r: dict) -> float:
 
 
 def table(rows: list[dict], args) -> None:
-    own = {"planted": ("8x8", args.sparsity), "digits_resnet18": (None, 0.5)}  # tasks with their own geometry
-    rows = [r for r in rows if (own[r["task"]][0] in (None, r["block"]) and r["sparsity"] == own[r["task"]][1]
-                                if r["task"] in own else
-                                r["block"] == f"{args.block}x{args.block}" and r["sparsity"] == args.sparsity) and r.get("train", {}) == json.loads(args.train)]
+    own = {"planted": ("8x8", args.sparsity), "digits_resnet18": ("8x8", 0.5)}  # tasks with their own geometry
+    rows = [r for r in rows if (r["block"], r["sparsity"]) == own.get(r["task"], (f"{args.block}x{args.block}",
+                                                                                 args.sparsity))
+            and r.get("train", {}) == json.loads(args.train)]
     metric = {"ctr": "log-loss (lower is better)", "ctr_cli": "log-loss (lower is better)",
               "ctr_trained": "log-loss (lower is better)",
               "planted": "R^2 [planted blocks kept]"}

@@ -1,60 +1,36 @@
 """The lr probe alone, two designs interleaved in one process: its seconds and steps per design (A/B timing).
 
-A structured run of bench/structured_accuracy.py's digits resnet18 (``--structure channels``) through
-``compress``, stopped after the probe (:func:`lr_probe._probe_only`'s trick), with the candidates' first program
-step shared (``shared``, the default since 2026-12-04) and run by every candidate (``own``); the order alternates.
+bench/lr_probe.py's ``digits_resnet18`` task (bench/structured_accuracy.py's resnet18, ``--structure channels
+--sparsity 0.5``), stopped after the probe (bench/lr_probe.py's ``_probe_only``), with the candidates' first
+program step shared (``shared``, the default since 2026-12-04) and run by every candidate (``own``); the order
+alternates.
 
     python bench/lr_probe_ab.py --repeats 3
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
 import harness
-
-sys.path.insert(0, str(harness.ROOT / "tests" / "engine"))
-import sapp_compress.api as api  # noqa: E402
-from sapp_compress import lr_probe  # noqa: E402
-from sapp_compress.config import PruneConfig, TrainConfig  # noqa: E402
-from sapp_compress.pipeline import OutputConfig, compress  # noqa: E402
+import lr_probe as bench_probe
+from sapp_compress import lr_probe
 
 
-class _Stop(Exception):
-    pass
-
-
-def probe_once(design: str, method: str, seed: int, tmp: Path) -> dict:
-    import structured_accuracy
-
-    path, train, test = structured_accuracy.digits_resnet18()
-    seen = {}
-    real_choose, real_fine_tune, real_warm = api.choose_lr, api.fine_tune, lr_probe._Runner.__dict__["warm_start"]
-
-    def choose(*a, **k):
-        seen["lr"] = real_choose(*a, **k)
-        raise _Stop
-
-    api.choose_lr = choose
+def probe_once(design: str, method: str, seed: int) -> dict:
+    args = argparse.Namespace(block=8, sparsity=0.5, probe="{}", train="{}")
+    case, cfg, tc, _ = bench_probe.setup("digits_resnet18", method, seed, "probe", "auto", args)
+    real_warm = lr_probe._Runner.warm_start
     if design == "own":
-        lr_probe._Runner.warm_start = staticmethod(lambda cfg: False)
+        lr_probe._Runner.warm_start = lambda self: False
     try:
-        compress(path, PruneConfig(block="8", sparsity=0.5, method=method, structure="channels"),
-                 TrainConfig(seed=seed), OutputConfig(output=tmp / "m.onnx", report=tmp / "r.json", threads=1),
-                 data=train, eval_data=test, trust_model=True)
-    except _Stop:
-        pass
+        res = bench_probe._probe_only(case, cfg, tc)
     finally:
-        api.choose_lr, api.fine_tune, lr_probe._Runner.warm_start = real_choose, real_fine_tune, real_warm
-    res = seen["lr"]
-    return {"design": design, "lr": res.value, "steps": res.steps, "seconds": res.seconds,
-            "digest": res.digest()}
+        lr_probe._Runner.warm_start = real_warm
+    return {"design": design, "lr": res.value, "steps": res.steps, "seconds": res.seconds, "digest": res.digest()}
 
 
 def main() -> None:
@@ -66,12 +42,10 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"machine: {harness.machine_line()}", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            for design in (("shared", "own") if r % 2 == 0 else ("own", "shared")):
-                row = probe_once(design, args.method, args.seed, Path(tmp))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for r in range(args.repeats):
+        for design in (("shared", "own") if r % 2 == 0 else ("own", "shared")):
+            rows.append(probe_once(design, args.method, args.seed))
+            print(json.dumps(rows[-1]), flush=True)
     out = {"model": "digits_resnet18", "method": args.method, "seed": args.seed, "machine": harness.machine_line(),
            "runs": rows}
     for d in ("shared", "own"):

@@ -10,8 +10,8 @@ the copy trains in the method's final sparse phase (masks fixed), so what is mea
 recovers the pruned model; ``phase="program"`` compresses the method's whole program (dense, sparsify, sparse,
 ..., final sparse) into the probe's steps instead. Before the copies branch, ``LRProbeConfig.prime`` of the
 fine-tune's steps run once at rate zero from the starting weights, with the program's first step, which every
-copy's warm-up runs at rate zero too, and every copy starts from that state (Adam's moments filled, no weight moved): a copy's first steps are then not Adam's first steps at its peak rate, which
-move every weight by about the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md
+copy's warm-up runs at rate zero too, and every copy starts from that state (Adam's moments filled, no weight
+moved): a copy's first steps are then not Adam's first steps at its peak rate, which move every weight by about the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md
 section 15.2). ``LRProbeConfig.anneal = "rung"`` runs each rung as its own warm-up and cosine cycle instead of
 one over the program (measured there too; not the default). A copy's score is the task's loss on the held-out rows
 (lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
@@ -258,10 +258,6 @@ class _Runner:
         self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
         self.batch_stats = train_cfg.lr_probe.batch_stats
         self.prime = prime
-        #: steps every candidate runs identically, run once before they branch: the priming, and with it the
-        #: program's first step when several candidates branch and their warm-up runs it at rate zero (see
-        #: :meth:`_primed`; the range test's one run climbs from the lowest candidate instead)
-        self.shared = prime + 1 if prime and branches > 1 and self.warm_start(train_cfg) else prime
         self.fine_tune_cfg = train_cfg  # the fine-tune's own settings (the dense check runs its first steps)
         self.train: Shard | None = None  # the whole training shard (the fine-tune's), for the dense check
         self.rng: tuple | None = None  # the RNG states as the fine-tune will find them (CPU, CUDA)
@@ -270,18 +266,20 @@ class _Runner:
         self.train_cfg = dataclasses.replace(train_cfg, log_every=10**9, checkpoint_dir=None, resume=False,
                                              warmup=train_cfg.warmup if train_cfg.lr_probe.warmup is None
                                              else train_cfg.lr_probe.warmup)
+        #: steps every candidate runs identically, run once before they branch: the priming, and with it the
+        #: program's first step when several candidates branch and their warm-up runs it at rate zero (see
+        #: :meth:`_primed`; the range test's one run climbs from the lowest candidate instead)
+        self.shared = prime + 1 if prime and branches > 1 and self.warm_start() else prime
         self.live: dict[float, tuple[nn.Module, object, _Memory]] = {}
         self.steps = 0
         self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
         self.rows_per_rung: tuple[int, ...] = ()
         self.targets: torch.Tensor | None = None  # of the first held-out rows scored so far (:meth:`_targets`)
 
-    @staticmethod
-    def warm_start(train_cfg: TrainConfig) -> bool:
+    def warm_start(self) -> bool:
         """Whether a candidate's program starts with a warm-up from rate zero (its first step then moves no
         weight, whatever the candidate's rate)."""
-        warmup = train_cfg.warmup if train_cfg.lr_probe.warmup is None else train_cfg.lr_probe.warmup
-        return warmup > 0
+        return self.train_cfg.warmup > 0
 
     def advance(self, lr: float, stop: int, lr_at: Callable[[int], float] | None = None) -> float:
         """Run candidate ``lr`` from where it stopped (or from the starting weights) to step ``stop`` of the

@@ -237,7 +237,7 @@ def test_the_candidates_first_step_runs_once(monkeypatch):
     student, shard = scaled_regression()
     train = _train("auto", {**UNPRIMED, "prime": 0.05})
     shared = prune(student, shard, CFG, train).lr_choice
-    monkeypatch.setattr(lr_probe._Runner, "warm_start", staticmethod(lambda cfg: False))
+    monkeypatch.setattr(lr_probe._Runner, "warm_start", lambda self: False)
     own = prune(student, shard, CFG, train).lr_choice
     assert shared.value == own.value and shared.scores.keys() == own.scores.keys()
     for lr, s in own.scores.items():
