@@ -158,9 +158,15 @@ class LRProbeConfig:
             training; on a transformer scored on all 418 held-out rows at every rung it had tripled the probe
             (BENCHMARKS.md section 15).
         anneal: where a candidate's rate decays to zero: ``program`` (one warm-up and cosine over the whole
-            program, as the fine-tune has: an early rung scores a candidate at nearly its peak rate) or ``rung``
+            program, as the fine-tune has: an early rung scores a candidate at nearly its peak rate), ``rung``
             (every rung is a warm-up and cosine cycle of its own, a warm restart from where the last one stopped,
-            so every score is taken with the rate annealed, as the fine-tune's final model is).
+            so every score is taken with the rate annealed, as the fine-tune's final model is) or ``auto`` (the
+            default): ``rung`` when the candidates run the method's whole program (``phase="sparse"`` and a
+            method that prunes once at step 0 and then trains sparse: magnitude), ``program`` otherwise. Measured
+            (BENCHMARKS.md section 15.10): where the probe reproduces the whole program, annealed rungs see past
+            the short horizon (magnitude on the digits MLP and stdlib_bert gets its best fixed rate); where a dense
+            and a sparsify phase come first (SA++, GMP, ACDC, Powerprop), the hot first rung is what keeps out
+            the rates those phases do not survive (1e-2 on the digits MLP and stdlib_bert, 15.4).
         prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction
             of the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the
             fine-tune's warm-up does, so a candidate's first steps are not Adam's first steps at its peak rate.
@@ -183,10 +189,11 @@ class LRProbeConfig:
             all stale statistics (0.002-0.01 by batch statistics), the probe chose 3e-5 / 1e-4 where 3e-4 is best
             (BENCHMARKS.md section 15.9). The fine-tune's final model has had hundreds of steps to update them;
             the probe's candidates have not. The dense check always scores this way. Models without BatchNorm
-            score the same either way, bit for bit. Not the default: freed of the stale statistics' penalty, the
+            score the same either way, bit for bit. None (``auto``, the default): on when the candidates run the
+            method's whole program (as ``anneal``), off otherwise: freed of the stale statistics' penalty, the
             probe chose 1e-2 on the digits CNN at B = 8, s = 0.95, which SA++'s sparsify phase did not survive on
-            one seed of three (0.9331 against 0.9916 at 3e-3, the running statistics' choice); the resnet18 gained
-            less (0.9852 against 0.9824, mean of three seeds) than that cell lost.
+            one seed of three (0.9331 against 0.9916 at 3e-3, the running statistics' choice), while magnitude,
+            which has no such phase, gets the rates it wants there (15.10).
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -199,11 +206,11 @@ class LRProbeConfig:
     warmup: float | None = None
     fallback: float = 1e-3
     scoring: float = 0.6
-    anneal: str = "program"
+    anneal: str = "auto"
     prime: float = 0.03
     dense_check: float | None = 0.5
     dense_ratio: float = 3.0
-    batch_stats: bool = False
+    batch_stats: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -231,8 +238,10 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.phase: expected program|sparse, got {self.phase!r}")
         if not 0.0 <= self.prime < 1.0:
             raise ConfigError(f"lr_probe.prime: expected a fraction in [0, 1), got {self.prime!r}")
-        if self.anneal not in ("program", "rung"):
-            raise ConfigError(f"lr_probe.anneal: expected program|rung, got {self.anneal!r}")
+        if self.anneal not in ("auto", "program", "rung"):
+            raise ConfigError(f"lr_probe.anneal: expected auto|program|rung, got {self.anneal!r}")
+        if self.batch_stats not in (None, True, False):
+            raise ConfigError(f"lr_probe.batch_stats: expected true, false or null (auto), got {self.batch_stats!r}")
         if self.dense_check is not None and not 0.0 < self.dense_check <= 1.0:
             raise ConfigError(f"lr_probe.dense_check: expected a share in (0, 1] or None, got {self.dense_check!r}")
         if not self.dense_ratio >= 1.0:

@@ -11,9 +11,18 @@ recovers the pruned model; ``phase="program"`` compresses the method's whole pro
 ..., final sparse) into the probe's steps instead. Before the copies branch, ``LRProbeConfig.prime`` of the
 fine-tune's steps run once at rate zero from the starting weights, with the program's first step, which every
 copy's warm-up runs at rate zero too, and every copy starts from that state (Adam's moments filled, no weight
-moved): a copy's first steps are then not Adam's first steps at its peak rate, which move every weight by about the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md
-section 15.2). ``LRProbeConfig.anneal = "rung"`` runs each rung as its own warm-up and cosine cycle instead of
-one over the program (measured there too; not the default). A copy's score is the task's loss on the held-out rows
+moved): a copy's first steps are then not Adam's first steps at its peak rate, which move every weight by about
+the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md section 15.2).
+
+Where a copy *is* the fine-tune in miniature (``phase="sparse"`` and a method that prunes once at step 0 and then
+trains sparse: magnitude; :attr:`_Runner.whole_program`), the probe by default (``anneal="auto"``,
+``batch_stats=None``) scores it as the fine-tune's final model will be: every rung its own warm-up and cosine cycle
+(``anneal="rung"``), so each score is taken with the rate annealed, and BatchNorm normalising by batch statistics
+(``batch_stats``), not running ones left stale by the one-shot prune. Both let higher rates win, which such a method
+wants (section 15.10: magnitude's best fixed rate on the digits MLP, the digits CNN and stdlib_bert), and which a
+method with a dense and a sparsify phase before its final sparse phase (SA++, GMP, ACDC, Powerprop) does not always
+survive (15.4, 15.9): for those the rate anneals over the whole program (an early rung scores a copy near its peak
+rate) and BatchNorm scores by its running statistics. A copy's score is the task's loss on the held-out rows
 (lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
 every candidate of a rung on the same rows); the winner's rate is the fine-tune's. The winner's last score is also
 held against the best constant prediction's loss on the same rows (:func:`constant_loss`): when no candidate beats it
@@ -165,6 +174,8 @@ class ProbeResult:
     fine_tune_seconds: float | None = None
     fine_tune_cpu_seconds: float | None = None
     anneal: str = "program"
+    #: whether the candidates were scored with BatchNorm's batch statistics (:attr:`LRProbeConfig.batch_stats`)
+    batch_stats: bool = False
     #: the held-out loss of the best constant prediction on the rows the last rung scored (:func:`constant_loss`)
     constant_loss: float | None = None
     #: the winner's dense-phase check (:func:`dense_check`; None: not run, or the method does not start dense)
@@ -190,7 +201,7 @@ class ProbeResult:
             return {"value": self.value, "source": self.source}
         out = {"value": self.value, "source": self.source,
                "scores": {f"{lr:g}": [_finite(v) for v in s] for lr, s in self.scores.items()}}
-        probe = {"strategy": self.strategy, "anneal": self.anneal,
+        probe = {"strategy": self.strategy, "anneal": self.anneal, "batch_stats": self.batch_stats,
                  "metric": "held-out loss (lower is better), one per rung reached", "program_steps": self.program,
                  "rungs": list(self.stops), "steps": self.steps,
                  "seconds": round(self.seconds, 3), "rows": self.rows}
@@ -255,8 +266,8 @@ class _Runner:
                  program: int, prime: int = 0, branches: int = 2) -> None:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
-        self.phase, self.anneal = train_cfg.lr_probe.phase, train_cfg.lr_probe.anneal
-        self.batch_stats = train_cfg.lr_probe.batch_stats
+        self.phase = train_cfg.lr_probe.phase
+        self.anneal_cfg, self.batch_stats_cfg = train_cfg.lr_probe.anneal, train_cfg.lr_probe.batch_stats
         self.prime = prime
         self.fine_tune_cfg = train_cfg  # the fine-tune's own settings (the dense check runs its first steps)
         self.train: Shard | None = None  # the whole training shard (the fine-tune's), for the dense check
@@ -313,12 +324,34 @@ class _Runner:
         """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``): a copy of
         one such model built once (a structured method's ``finish`` scores every unit of every family, which on a
         resnet18 cost more than the copy)."""
+        return copy.deepcopy(self._template())  # one memo: the method's layers name the copy's modules
+
+    def _template(self) -> tuple[nn.Module, object]:
         if self.template is None:
             model, method = self._attached(self.prime + self.program)
             if self.phase == "sparse":
                 method.finish()  # masks at the target now, by the method's own scores; the final sparse phase
             self.template = (model, method)
-        return copy.deepcopy(self.template)  # one memo: the method's layers name the copy's modules
+        return self.template
+
+    @property
+    def whole_program(self) -> bool:
+        """Whether the candidates run the method's whole program: phase ``sparse`` and a program that prunes once
+        at step 0 and then trains sparse (magnitude), so a candidate is the fine-tune in miniature."""
+        *before, last = self._template()[1].phases
+        return self.phase == "sparse" and last.kind == "sparse" and all(p.end == 0.0 for p in before)
+
+    @property
+    def anneal(self) -> str:
+        """:attr:`LRProbeConfig.anneal` resolved: ``auto`` is ``rung`` for a whole program, else ``program``."""
+        if self.anneal_cfg != "auto":
+            return self.anneal_cfg
+        return "rung" if self.whole_program else "program"
+
+    @property
+    def batch_stats(self) -> bool:
+        """:attr:`LRProbeConfig.batch_stats` resolved: None (auto) is on for a whole program, else off."""
+        return self.whole_program if self.batch_stats_cfg is None else bool(self.batch_stats_cfg)
 
     def _attached(self, total_steps: int) -> tuple[nn.Module, object]:
         """A copy of the starting weights on the device, with the method attached for ``total_steps`` steps."""
@@ -366,7 +399,7 @@ class _Runner:
 
     def dense_steps(self, total_steps: int) -> int:
         """Steps the fine-tune's program stays in its first phase when that is dense (else 0)."""
-        first = (self.template or self._fresh())[1].phases[0]  # the program's fractions, whatever its length
+        first = self._template()[1].phases[0]  # the program's fractions, whatever its length
         return int(round(first.end * total_steps)) if first.kind == "dense" else 0
 
     def dense_run(self, lr: float, steps: int, total_steps: int) -> tuple[float, float, dict, float, float]:
@@ -524,7 +557,8 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     res = ProbeResult(best, "probe", cfg.strategy, scores, sched.program, sched.stops, runner.steps,
                       time.perf_counter() - t0,
                       {"trained": len(fit), "scored": len(held), "scored_per_rung": list(runner.rows_per_rung)},
-                      cpu_seconds=time.process_time() - c0, anneal=cfg.anneal, constant_loss=floor, dense=check)
+                      cpu_seconds=time.process_time() - c0, anneal=runner.anneal, batch_stats=runner.batch_stats,
+                      constant_loss=floor, dense=check)
     log.info("lr probe: %g (%d steps, %.1fs)", best, runner.steps, res.seconds)
     return res
 

@@ -195,7 +195,7 @@ def test_probe_with_rung_cycles_picks_the_known_best_rate():
     student, shard = scaled_regression()
     res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "anneal": "rung"}))
     assert res.lr == 1e-3 and res.lr_choice.to_json()["probe"]["anneal"] == "rung"
-    with pytest.raises(ConfigError, match="lr_probe.anneal: expected program|rung"):
+    with pytest.raises(ConfigError, match="lr_probe.anneal: expected auto|program|rung"):
         LRProbeConfig(anneal="cycle")
 
 
@@ -371,8 +371,8 @@ def _bn_mlp(seed: int = 0, n: int = 1024) -> tuple[nn.Module, Shard]:
 def test_candidates_are_scored_by_batch_statistics():
     """``batch_stats``: BatchNorm normalises each held-out chunk by its own statistics when a candidate is scored,
     so the running statistics a model arrives with (after a one-shot prune they describe the dense model) change no
-    score, bit for bit; scored by them (the default) they do. A model without BatchNorm scores the same either
-    way."""
+    score, bit for bit; scored by them (``batch_stats=False``) they do. A model without BatchNorm scores the same
+    either way."""
     import copy
 
     model, shard = _bn_mlp()
@@ -381,9 +381,34 @@ def test_candidates_are_scored_by_batch_statistics():
     stale[1].running_var *= 20.0
     by_batch = [prune(m, shard, CFG, _train("auto", {"batch_stats": True})).lr_choice for m in (model, stale)]
     assert by_batch[0].source == "probe" and by_batch[0].digest() == by_batch[1].digest()
-    by_running = [prune(m, shard, CFG, _train("auto")).lr_choice for m in (model, stale)]
+    by_running = [prune(m, shard, CFG, _train("auto", {"batch_stats": False})).lr_choice for m in (model, stale)]
     assert by_running[0].digest() != by_running[1].digest()
     assert by_running[0].digest() != by_batch[0].digest()
     student, data = scaled_regression()
     same = [prune(student, data, CFG, _train("auto", {"batch_stats": b})).lr_choice.digest() for b in (True, False)]
     assert same[0] == same[1]
+
+
+@pytest.mark.parametrize("method, phase, resolved", [("magnitude", "sparse", ("rung", True)),
+                                                     ("sapp", "sparse", ("program", False)),
+                                                     ("magnitude", "program", ("program", False))])
+def test_auto_scores_the_final_model_where_the_probe_is_the_whole_program(method, phase, resolved):
+    """``anneal="auto"`` and ``batch_stats=None`` (the defaults): where a candidate is the fine-tune in miniature
+    (phase ``sparse`` and magnitude's program, one prune at step 0 then sparse), every rung anneals and BatchNorm
+    scores by batch statistics; SA++ (dense and sparsify phases first), or the compressed whole program, keep one
+    anneal over the program and the running statistics. The defaults measure exactly what the explicit settings
+    measure, bit for bit, and the report names them."""
+    model, shard = _bn_mlp()
+    cfg = dataclasses.replace(CFG, method=method)
+    auto = prune(model, shard, cfg, _train("auto", {"phase": phase})).lr_choice
+    anneal, batch_stats = resolved
+    explicit = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": anneal,
+                                                        "batch_stats": batch_stats})).lr_choice
+    assert auto.source == "probe" and (auto.anneal, auto.batch_stats) == resolved
+    other = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": "program" if anneal == "rung" else "rung",
+                                                     "batch_stats": not batch_stats})).lr_choice
+    assert auto.digest() == explicit.digest() != other.digest()
+    probe = auto.to_json()["probe"]
+    assert (probe["anneal"], probe["batch_stats"]) == resolved
+    with pytest.raises(ConfigError, match="lr_probe.batch_stats: expected true, false or null"):
+        LRProbeConfig(batch_stats="yes")
