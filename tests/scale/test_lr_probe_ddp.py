@@ -6,23 +6,32 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-MLP = ROOT / "examples" / "models" / "digits_mlp.pt"
+MODELS = ROOT / "examples" / "models"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def test_torchrun_two_ranks_choose_the_same_rate(tmp_path):
+@pytest.mark.parametrize("model, method, resolved", [
+    ("digits_mlp.pt", "sapp", ("program", False)),
+    # magnitude's probe anneals every rung and scores the CNN's BatchNorm by batch statistics (BENCHMARKS 15.10)
+    ("digits_cnn.pt", "magnitude", ("rung", True)),
+])
+def test_torchrun_two_ranks_choose_the_same_rate(tmp_path, model, method, resolved):
     torchrun = shutil.which("torchrun")
     assert torchrun, "torchrun is installed with torch"
     out, rep = tmp_path / "ddp.onnx", tmp_path / "ddp.json"
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sapp_compress", str(MLP), "-o", str(out),
-         "--report", str(rep), "--steps", "200", "--device", "cpu", "--onnx-format", "compact", "--seed", "1"],
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sapp_compress", str(MODELS / model), "-o", str(out),
+         "--report", str(rep), "--steps", "200", "--device", "cpu", "--onnx-format", "compact", "--seed", "1",
+         "--method", method],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(rep.read_text())
     lr = r["lr"]
     assert lr["source"] == "probe" and len(lr["scores"]) == 7
+    assert (lr["probe"]["anneal"], lr["probe"]["batch_stats"]) == resolved
     digests = lr["digests_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert r["mask_digests_per_rank"][0] == r["mask_digests_per_rank"][1]
