@@ -87,6 +87,10 @@ log = logging.getLogger(__name__)
 #: the fewest held-out rows an evaluation scores (:attr:`LRProbeConfig.scoring`)
 MIN_SCORED = 32
 
+#: the fewest held-out rows the probe scores on: one row is no measurement, and BatchNorm's batch statistics (the
+#: dense check's scoring, and magnitude's candidates') need two (a single row raised in the probe before the fine-tune)
+MIN_HELD = 2
+
 #: the shortest compressed program worth measuring (a dense step, a prune, a sparse step, ...); a budget that
 #: cannot give the last rung this many steps falls back to ``LRProbeConfig.fallback``
 MIN_PROGRAM = 4
@@ -502,10 +506,10 @@ def _outputs(model: nn.Module, shard: Shard, device: torch.device, chunk: int = 
 # -------------------------------------------------------------------------------------------------- probe
 def probe_split(train: Shard, cfg: LRProbeConfig, seed: int) -> tuple[Shard, Shard] | None:
     """(rows the candidates train on, rows they are scored on): ``held_out`` of the shard, at most
-    ``max_rows``; None when the shard is too small to hold any out."""
+    ``max_rows``; None when the shard is too small to hold :data:`MIN_HELD` out."""
     n = len(train)
     k = min(int(round(cfg.held_out * n)), cfg.max_rows)
-    if k < 1 or n - k < 1:
+    if k < MIN_HELD or n - k < 1:
         return None
     return train.split(k / n, seed + 1)
 
@@ -535,7 +539,7 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     split = probe_split(train, cfg, train_cfg.seed)
     if sched is None or split is None:
         why = (f"a fine-tune of {total_steps} steps leaves the probe {budget} steps ({cfg.budget:.0%}), too few for "
-               f"{len(cands)} candidates" if sched is None else f"{len(train)} training rows are too few to hold any out")
+               f"{len(cands)} candidates" if sched is None else f"{len(train)} training rows are too few to hold {MIN_HELD} out ({cfg.held_out:.0%})")
         log.info("lr probe skipped: %s; lr %g", why, cfg.fallback)
         return ProbeResult(cfg.fallback, "fallback", cfg.strategy, reason=why)
     fit, held = split
@@ -722,6 +726,6 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy", "choose_lr",
+__all__ = ["MIN_HELD", "MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy", "choose_lr",
            "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle", "scored_rows",
            "staircase"]

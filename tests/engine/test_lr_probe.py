@@ -389,6 +389,24 @@ def test_candidates_are_scored_by_batch_statistics():
     assert same[0] == same[1]
 
 
+@pytest.mark.parametrize("method", ["magnitude", "sapp"])
+def test_a_shard_too_small_to_hold_two_rows_out_falls_back(method):
+    """A probe scored on one held-out row measures nothing, and BatchNorm has no batch statistics of one row (the
+    dense check's scoring and magnitude's raised there, before the fine-tune): a 12-row shard (10 training rows
+    after the evaluation split, 1 of them held out) falls back with the reason; 20 rows (2 held out) are probed,
+    batch statistics and all."""
+    model, _ = _bn_mlp()
+    cfg = dataclasses.replace(CFG, method=method)
+    for n, source in ((12, "fallback"), (20, "probe")):
+        _, shard = _bn_mlp(n=n)
+        res = prune(model, shard, cfg, dataclasses.replace(_train("auto"), batch_size=4))
+        assert res.lr_source == source, n
+    assert res.lr_choice.rows["scored"] == 2
+    _, small = _bn_mlp(n=12)
+    reason = prune(model, small, cfg, dataclasses.replace(_train("auto"), batch_size=4)).lr_choice.reason
+    assert reason == "10 training rows are too few to hold 2 out (10%)"
+
+
 @pytest.mark.parametrize("method, phase, resolved", [("magnitude", "sparse", ("rung", True)),
                                                      ("sapp", "sparse", ("program", False)),
                                                      ("magnitude", "program", ("program", False))])
