@@ -239,6 +239,14 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def runs_whole_program(phases: list, phase: str) -> bool:
+    """Whether a probe candidate in ``phase`` runs a method's whole program (``phases``): phase ``sparse`` and a
+    program that prunes once at step 0 and then trains sparse to the end (magnitude), so a candidate is the
+    fine-tune in miniature and is scored as its final model will be (``anneal="auto"``, ``batch_stats=None``)."""
+    *before, last = phases
+    return phase == "sparse" and last.kind == "sparse" and all(p.end == 0.0 for p in before)
+
+
 # ------------------------------------------------------------------------------------------------- runner
 class _Memory:
     """:func:`~sapp_compress.training.fine_tune`'s checkpointer interface, in memory: keeps the run's state once it
@@ -340,10 +348,8 @@ class _Runner:
 
     @property
     def whole_program(self) -> bool:
-        """Whether the candidates run the method's whole program: phase ``sparse`` and a program that prunes once
-        at step 0 and then trains sparse (magnitude), so a candidate is the fine-tune in miniature."""
-        *before, last = self._template()[1].phases
-        return self.phase == "sparse" and last.kind == "sparse" and all(p.end == 0.0 for p in before)
+        """Whether the candidates run the method's whole program (:func:`runs_whole_program`)."""
+        return runs_whole_program(self._template()[1].phases, self.phase)
 
     @property
     def anneal(self) -> str:
@@ -727,5 +733,5 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
 
 
 __all__ = ["MIN_HELD", "MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy", "choose_lr",
-           "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle", "scored_rows",
+           "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle", "runs_whole_program", "scored_rows",
            "staircase"]

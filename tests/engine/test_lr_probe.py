@@ -407,6 +407,18 @@ def test_a_shard_too_small_to_hold_two_rows_out_falls_back(method):
     assert reason == "10 training rows are too few to hold 2 out (10%)"
 
 
+def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
+    """Of the registered methods only magnitude's program (one prune at step 0, then sparse to the end) is what a
+    probe candidate runs in phase ``sparse``; every method with a dense phase first is not, nor is any method under
+    ``phase="program"`` (the default's settings differ only where this holds)."""
+    from sapp_compress.lr_probe import runs_whole_program
+    from sapp_compress.methods import METHODS
+
+    programs = {name: cls(dataclasses.replace(CFG, method=name), [], 100).phases for name, cls in METHODS.items()}
+    assert {name for name, ph in programs.items() if runs_whole_program(ph, "sparse")} == {"magnitude"}
+    assert not any(runs_whole_program(ph, "program") for ph in programs.values())
+
+
 @pytest.mark.parametrize("method, phase, resolved", [("magnitude", "sparse", ("rung", True)),
                                                      ("sapp", "sparse", ("program", False)),
                                                      ("magnitude", "program", ("program", False))])
