@@ -186,14 +186,14 @@ class LRProbeConfig:
             instead of its running ones (left as they were). After the one-shot prune the running statistics
             describe the dense model, and a few steps at a high rate move the weights faster than they follow:
             scored by them, a structured resnet18's candidates had held-out losses of 0.08-0.23 that were almost
-            all stale statistics (0.002-0.01 by batch statistics), the probe chose 3e-5 / 1e-4 where 3e-4 is best
-            (BENCHMARKS.md section 15.9). The fine-tune's final model has had hundreds of steps to update them;
-            the probe's candidates have not. The dense check always scores this way. Models without BatchNorm
-            score the same either way, bit for bit. None (``auto``, the default): on when the candidates run the
-            method's whole program (as ``anneal``), off otherwise: freed of the stale statistics' penalty, the
-            probe chose 1e-2 on the digits CNN at B = 8, s = 0.95, which SA++'s sparsify phase did not survive on
-            one seed of three (0.9331 against 0.9916 at 3e-3, the running statistics' choice), while magnitude,
-            which has no such phase, gets the rates it wants there (15.10).
+            all stale statistics (0.002-0.01 by batch statistics) and the probe chose 3e-5 / 1e-4 where 3e-4 is
+            best (BENCHMARKS.md section 15.9); on the same resnet18 pruned to 80 % of its 8 x 8 blocks every
+            candidate scored worse than a constant prediction and SA++ got 1e-5 and 0.87 accuracy, against 3e-3
+            and 0.99 by batch statistics (15.11). The fine-tune's final model has had hundreds of steps to update
+            them; the probe's candidates have not. The dense check always scores this way. Models without
+            BatchNorm score the same either way, bit for bit. The cost (15.9, 15.11): the higher rates it lets
+            through include 1e-2 on the digits CNN at B = 8, s = 0.95, which SA++'s sparsify phase did not
+            survive on one seed of three. False: the running statistics.
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -210,7 +210,7 @@ class LRProbeConfig:
     prime: float = 0.03
     dense_check: float | None = 0.5
     dense_ratio: float = 3.0
-    batch_stats: bool | None = None
+    batch_stats: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
@@ -240,8 +240,8 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.prime: expected a fraction in [0, 1), got {self.prime!r}")
         if self.anneal not in ("auto", "program", "rung"):
             raise ConfigError(f"lr_probe.anneal: expected auto|program|rung, got {self.anneal!r}")
-        if self.batch_stats not in (None, True, False):
-            raise ConfigError(f"lr_probe.batch_stats: expected true, false or null (auto), got {self.batch_stats!r}")
+        if self.batch_stats not in (True, False):
+            raise ConfigError(f"lr_probe.batch_stats: expected true or false, got {self.batch_stats!r}")
         if self.dense_check is not None and not 0.0 < self.dense_check <= 1.0:
             raise ConfigError(f"lr_probe.dense_check: expected a share in (0, 1] or None, got {self.dense_check!r}")
         if not self.dense_ratio >= 1.0:

@@ -15,14 +15,13 @@ moved): a copy's first steps are then not Adam's first steps at its peak rate, w
 the rate and ranked every rate above 3e-4 last on a trained transformer (BENCHMARKS.md section 15.2).
 
 Where a copy *is* the fine-tune in miniature (``phase="sparse"`` and a method that prunes once at step 0 and then
-trains sparse: magnitude; :attr:`_Runner.whole_program`), the probe by default (``anneal="auto"``,
-``batch_stats=None``) scores it as the fine-tune's final model will be: every rung its own warm-up and cosine cycle
-(``anneal="rung"``), so each score is taken with the rate annealed, and BatchNorm normalising by batch statistics
-(``batch_stats``), not running ones left stale by the one-shot prune. Both let higher rates win, which such a method
-wants (section 15.10: magnitude's best fixed rate on the digits MLP, the digits CNN and stdlib_bert), and which a
-method with a dense and a sparsify phase before its final sparse phase (SA++, GMP, ACDC, Powerprop) does not always
-survive (15.4, 15.9): for those the rate anneals over the whole program (an early rung scores a copy near its peak
-rate) and BatchNorm scores by its running statistics. A copy's score is the task's loss on the held-out rows
+trains sparse: magnitude; :func:`runs_whole_program`), every rung is by default (``anneal="auto"``) its own warm-up
+and cosine cycle, so each score is taken with the rate annealed, as the fine-tune's final model is; this lets
+higher rates win, which such a method wants (BENCHMARKS.md section 15.10: magnitude's best fixed rate on the digits
+MLP and stdlib_bert), and which a method with a dense and a sparsify phase before its final sparse phase (SA++, GMP,
+ACDC, Powerprop) does not always survive (15.4): for those the rate anneals over the whole program (an early rung
+scores a copy near its peak rate). BatchNorm layers score every copy by batch statistics (``batch_stats``), not
+running ones left stale by the one-shot prune (15.9, 15.11). A copy's score is the task's loss on the held-out rows
 (lower is better; the first rows of the held-out ones, as many as ``LRProbeConfig.scoring`` allows at that rung,
 every candidate of a rung on the same rows); the winner's rate is the fine-tune's. The winner's last score is also
 held against the best constant prediction's loss on the same rows (:func:`constant_loss`): when no candidate beats it
@@ -242,7 +241,7 @@ def _finite(v: float) -> float | None:
 def runs_whole_program(phases: list, phase: str) -> bool:
     """Whether a probe candidate in ``phase`` runs a method's whole program (``phases``): phase ``sparse`` and a
     program that prunes once at step 0 and then trains sparse to the end (magnitude), so a candidate is the
-    fine-tune in miniature and is scored as its final model will be (``anneal="auto"``, ``batch_stats=None``)."""
+    fine-tune in miniature, and every rung anneals as the fine-tune does (``anneal="auto"``)."""
     *before, last = phases
     return phase == "sparse" and last.kind == "sparse" and all(p.end == 0.0 for p in before)
 
@@ -279,7 +278,7 @@ class _Runner:
         self.student, self.plans, self.teacher, self.task = student, plans, teacher, task
         self.fit, self.held, self.prune_cfg, self.device, self.program = fit, held, prune_cfg, device, program
         self.phase = train_cfg.lr_probe.phase
-        self.anneal_cfg, self.batch_stats_cfg = train_cfg.lr_probe.anneal, train_cfg.lr_probe.batch_stats
+        self.anneal_cfg, self.batch_stats = train_cfg.lr_probe.anneal, train_cfg.lr_probe.batch_stats
         self.prime = prime
         self.fine_tune_cfg = train_cfg  # the fine-tune's own settings (the dense check runs its first steps)
         self.train: Shard | None = None  # the whole training shard (the fine-tune's), for the dense check
@@ -358,10 +357,6 @@ class _Runner:
             return self.anneal_cfg
         return "rung" if self.whole_program else "program"
 
-    @property
-    def batch_stats(self) -> bool:
-        """:attr:`LRProbeConfig.batch_stats` resolved: None (auto) is on for a whole program, else off."""
-        return self.whole_program if self.batch_stats_cfg is None else bool(self.batch_stats_cfg)
 
     def _attached(self, total_steps: int) -> tuple[nn.Module, object]:
         """A copy of the starting weights on the device, with the method attached for ``total_steps`` steps."""

@@ -23,7 +23,7 @@ def test_report_says_what_the_probe_measured(tmp_path, run_cli, mlp_path):
     assert f"{lr['value']:g}" == list(check["losses"])[-1]  # the best of the last rung, unless the check vetoed it
     cfg = LRProbeConfig()  # the budget's steps, the shared priming steps and the dense check's
     assert p["strategy"] == "halving"
-    assert (p["anneal"], p["batch_stats"]) == ("program", False)  # SA++ has phases before its final sparse one
+    assert (p["anneal"], p["batch_stats"]) == ("program", True)  # SA++ has phases before its final sparse one
     assert p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200) + check["steps"] * len(check["losses"])
     assert p["rungs"][-1] == p["program_steps"]
     assert p["seconds"] > 0 and p["fine_tune_seconds"] > 0 and p["fraction_of_fine_tune"] > 0

@@ -419,26 +419,23 @@ def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
     assert not any(runs_whole_program(ph, "program") for ph in programs.values())
 
 
-@pytest.mark.parametrize("method, phase, resolved", [("magnitude", "sparse", ("rung", True)),
-                                                     ("sapp", "sparse", ("program", False)),
-                                                     ("magnitude", "program", ("program", False))])
-def test_auto_scores_the_final_model_where_the_probe_is_the_whole_program(method, phase, resolved):
-    """``anneal="auto"`` and ``batch_stats=None`` (the defaults): where a candidate is the fine-tune in miniature
-    (phase ``sparse`` and magnitude's program, one prune at step 0 then sparse), every rung anneals and BatchNorm
-    scores by batch statistics; SA++ (dense and sparsify phases first), or the compressed whole program, keep one
-    anneal over the program and the running statistics. The defaults measure exactly what the explicit settings
-    measure, bit for bit, and the report names them."""
+@pytest.mark.parametrize("method, phase, anneal", [("magnitude", "sparse", "rung"), ("sapp", "sparse", "program"),
+                                                   ("magnitude", "program", "program")])
+def test_auto_anneals_every_rung_where_the_probe_is_the_whole_program(method, phase, anneal):
+    """``anneal="auto"`` (the default): where a candidate is the fine-tune in miniature (phase ``sparse`` and
+    magnitude's program, one prune at step 0 then sparse), every rung anneals; SA++ (dense and sparsify phases
+    first), or the compressed whole program, keep one anneal over the program. BatchNorm scores by batch statistics
+    either way (the default). The default measures exactly what the explicit setting measures, bit for bit, and the
+    report names it."""
     model, shard = _bn_mlp()
     cfg = dataclasses.replace(CFG, method=method)
     auto = prune(model, shard, cfg, _train("auto", {"phase": phase})).lr_choice
-    anneal, batch_stats = resolved
-    explicit = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": anneal,
-                                                        "batch_stats": batch_stats})).lr_choice
-    assert auto.source == "probe" and (auto.anneal, auto.batch_stats) == resolved
-    other = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": "program" if anneal == "rung" else "rung",
-                                                     "batch_stats": not batch_stats})).lr_choice
+    explicit = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": anneal})).lr_choice
+    other = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": "program" if anneal == "rung" else "rung"
+                                                     })).lr_choice
+    assert auto.source == "probe" and (auto.anneal, auto.batch_stats) == (anneal, True)
     assert auto.digest() == explicit.digest() != other.digest()
     probe = auto.to_json()["probe"]
-    assert (probe["anneal"], probe["batch_stats"]) == resolved
-    with pytest.raises(ConfigError, match="lr_probe.batch_stats: expected true, false or null"):
+    assert (probe["anneal"], probe["batch_stats"]) == (anneal, True)
+    with pytest.raises(ConfigError, match="lr_probe.batch_stats: expected true or false"):
         LRProbeConfig(batch_stats="yes")

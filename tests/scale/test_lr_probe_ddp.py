@@ -14,8 +14,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.mark.parametrize("model, method, resolved", [
-    ("digits_mlp.pt", "sapp", ("program", False)),
-    # magnitude's probe anneals every rung and scores the CNN's BatchNorm by batch statistics (BENCHMARKS 15.10)
+    ("digits_mlp.pt", "sapp", ("program", True)),
+    # magnitude's probe anneals every rung (BENCHMARKS 15.10); BatchNorm scored by batch statistics (15.11)
     ("digits_cnn.pt", "magnitude", ("rung", True)),
 ])
 def test_torchrun_two_ranks_choose_the_same_rate(tmp_path, model, method, resolved):
