@@ -86,8 +86,8 @@ log = logging.getLogger(__name__)
 #: the fewest held-out rows an evaluation scores (:attr:`LRProbeConfig.scoring`)
 MIN_SCORED = 32
 
-#: the fewest held-out rows the probe scores on: one row is no measurement, and BatchNorm's batch statistics (the
-#: dense check's scoring, and magnitude's candidates') need two (a single row raised in the probe before the fine-tune)
+#: the fewest held-out rows the probe scores on: one row is no measurement, and BatchNorm's batch statistics (how the
+#: candidates and the dense check are scored) need two (a single row raised in the probe, before the fine-tune)
 MIN_HELD = 2
 
 #: the shortest compressed program worth measuring (a dense step, a prune, a sparse step, ...); a budget that
@@ -325,7 +325,7 @@ class _Runner:
             fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.prime + self.program,
                       stop=self.prime + stop, checkpointer=memory,
                       lr_at=lambda step: 0.0 if step < self.shared else rate(step - self.prime))
-            loss = self._loss(model, batch_stats=self.batch_stats)
+            loss = self._loss(model)
         except FloatingPointError:
             loss = math.inf
         self.steps += self.prime + stop - done
@@ -356,7 +356,6 @@ class _Runner:
         if self.anneal_cfg != "auto":
             return self.anneal_cfg
         return "rung" if self.whole_program else "program"
-
 
     def _attached(self, total_steps: int) -> tuple[nn.Module, object]:
         """A copy of the starting weights on the device, with the method attached for ``total_steps`` steps."""
@@ -446,12 +445,14 @@ class _Runner:
         return self.targets
 
     @torch.no_grad()
-    def _loss(self, model: nn.Module, chunk: int = 256, batch_stats: bool = False) -> float:
+    def _loss(self, model: nn.Module, chunk: int = 256, batch_stats: bool | None = None) -> float:
         """The task's loss on the held-out rows (means over chunks, weighted by their rows). ``batch_stats``:
         BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
         rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
         dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued by
-        the fine-tune). With :attr:`LRProbeConfig.batch_stats` the candidates are scored this way too."""
+        the fine-tune). None: :attr:`LRProbeConfig.batch_stats` (how the candidates, and the range test's start,
+        are scored)."""
+        batch_stats = self.batch_stats if batch_stats is None else batch_stats
         model.eval()
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
         saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
@@ -459,7 +460,7 @@ class _Runner:
             m.train()
             m.momentum = 0.0
         total, n = 0.0, min(len(self.held), self.rows or len(self.held))
-        if norms:  # chunks of equal size: a chunk's statistics normalise it, and a tail of a few rows has none to speak of
+        if norms:  # chunks of equal size: each is normalised by its own statistics, which a tail of a few rows lacks
             chunk = math.ceil(n / math.ceil(n / chunk))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
@@ -540,7 +541,8 @@ def probe_lr(student: nn.Module, plans: list, teacher: nn.Module | None, task: T
     split = probe_split(train, cfg, train_cfg.seed)
     if sched is None or split is None:
         why = (f"a fine-tune of {total_steps} steps leaves the probe {budget} steps ({cfg.budget:.0%}), too few for "
-               f"{len(cands)} candidates" if sched is None else f"{len(train)} training rows are too few to hold {MIN_HELD} out ({cfg.held_out:.0%})")
+               f"{len(cands)} candidates" if sched is None
+               else f"{len(train)} training rows are too few to hold {MIN_HELD} out ({cfg.held_out:.0%})")
         log.info("lr probe skipped: %s; lr %g", why, cfg.fallback)
         return ProbeResult(cfg.fallback, "fallback", cfg.strategy, reason=why)
     fit, held = split
@@ -727,6 +729,6 @@ def _check_same_scores(scores: dict[float, float], rung: int) -> None:
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_HELD", "MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy", "choose_lr",
-           "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle", "runs_whole_program", "scored_rows",
-           "staircase"]
+__all__ = ["MIN_HELD", "MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "DenseCheck", "ProbeResult", "Schedule", "Strategy",
+           "choose_lr", "constant_loss", "dense_check", "grid", "halving", "probe_lr", "probe_split", "rung_cycle",
+           "runs_whole_program", "scored_rows", "staircase"]

@@ -396,15 +396,10 @@ def test_a_shard_too_small_to_hold_two_rows_out_falls_back(method):
     after the evaluation split, 1 of them held out) falls back with the reason; 20 rows (2 held out) are probed,
     batch statistics and all."""
     model, _ = _bn_mlp()
-    cfg = dataclasses.replace(CFG, method=method)
-    for n, source in ((12, "fallback"), (20, "probe")):
-        _, shard = _bn_mlp(n=n)
-        res = prune(model, shard, cfg, dataclasses.replace(_train("auto"), batch_size=4))
-        assert res.lr_source == source, n
-    assert res.lr_choice.rows["scored"] == 2
-    _, small = _bn_mlp(n=12)
-    reason = prune(model, small, cfg, dataclasses.replace(_train("auto"), batch_size=4)).lr_choice.reason
-    assert reason == "10 training rows are too few to hold 2 out (10%)"
+    cfg, train = dataclasses.replace(CFG, method=method), dataclasses.replace(_train("auto"), batch_size=4)
+    small, enough = (prune(model, _bn_mlp(n=n)[1], cfg, train).lr_choice for n in (12, 20))
+    assert small.source == "fallback" and small.reason == "10 training rows are too few to hold 2 out (10%)"
+    assert enough.source == "probe" and enough.rows["scored"] == 2
 
 
 def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
@@ -430,9 +425,8 @@ def test_auto_anneals_every_rung_where_the_probe_is_the_whole_program(method, ph
     model, shard = _bn_mlp()
     cfg = dataclasses.replace(CFG, method=method)
     auto = prune(model, shard, cfg, _train("auto", {"phase": phase})).lr_choice
-    explicit = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": anneal})).lr_choice
-    other = prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": "program" if anneal == "rung" else "rung"
-                                                     })).lr_choice
+    explicit, other = (prune(model, shard, cfg, _train("auto", {"phase": phase, "anneal": a})).lr_choice
+                       for a in (anneal, "program" if anneal == "rung" else "rung"))
     assert auto.source == "probe" and (auto.anneal, auto.batch_stats) == (anneal, True)
     assert auto.digest() == explicit.digest() != other.digest()
     probe = auto.to_json()["probe"]
