@@ -2,7 +2,7 @@
 
 The install puts one start-up file in site-packages, ``sapp_compress_torchvision.pth``, in a regular wheel
 (``build_py``) and in an editable install (``editable_wheel``). Python runs its one line at start-up: it loads
-``sapp_compress/torchvision_compat.py`` by path (standard library only, not the package, which imports torch)
+``sapp_compress/io/torchvision_compat.py`` by path (standard library only, not the package, which imports torch)
 and installs its import hook, so that in an environment where torchvision's compiled ops do not load with the
 installed torch (a CPU torch beside the index's torchvision wheel) a user's own ``import torchvision`` works
 without ``import sapp_compress`` first. The hook does nothing unless torchvision's import is about to fail for
@@ -20,7 +20,7 @@ _LOADER = "\\n".join([
     "try:",
     " import importlib.util as u",
     " s = u.find_spec('sapp_compress')",
-    " f = os.path.join(list(s.submodule_search_locations)[0], 'torchvision_compat.py')",
+    " f = os.path.join(list(s.submodule_search_locations)[0], 'io', 'torchvision_compat.py')",
     " m = u.module_from_spec(u.spec_from_file_location('_sapp_compress_torchvision', f))",
     " m.__spec__.loader.exec_module(m)",
     " m.install_import_hook()",

@@ -30,9 +30,10 @@ import harness
 from calib_data.shards import load_shard, shipped_shard
 from harness import RESULTS
 from sapp_compress import PruneConfig, TrainConfig, prune, zoo
-from sapp_compress.methods import METHODS
-from sapp_compress.tasks import infer_task
-from sapp_compress.training import predict, train_dense
+from sapp_compress.engine.methods import METHODS
+from sapp_compress.io.tasks import infer_task
+from sapp_compress.io.feeds import predict
+from sapp_compress.engine.training import train_dense
 
 TASKS = {
     # name: (shard, builder, pretrain TrainConfig, fine-tune TrainConfig, PruneConfig extras)

@@ -19,8 +19,9 @@ import torch
 
 from calib_data.shards import load_shard, shipped_shard
 from sapp_compress import zoo
-from sapp_compress.tasks import infer_task
-from sapp_compress.training import predict, train_dense
+from sapp_compress.io.tasks import infer_task
+from sapp_compress.io.feeds import predict
+from sapp_compress.engine.training import train_dense
 
 GRID = ("200:2e-3,400:2e-3,800:2e-3,1500:2e-3,3000:2e-3,300:1e-2,500:1e-2,800:1e-2,3000:1e-2,"
         "150:3e-2,200:3e-2,300:3e-2,400:3e-2,600:3e-2,200:1e-1,300:1e-1")

@@ -51,7 +51,7 @@ class Encoder(nn.Module):
 
 
 def build(hidden=768, intermediate=3072, heads=12, layers=4, vocab=1000, seed=0) -> Encoder:
-    from sapp_compress.extras import import_torchvision, require
+    from sapp_compress.io.extras import import_torchvision, require
 
     import_torchvision()  # transformers imports torchvision, whose compiled ops may not load on a CPU torch
     tf = require("transformers", "the encoder benchmark")

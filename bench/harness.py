@@ -161,9 +161,9 @@ def random_masks(model, block, sparsity: float, *, balanced: bool = True, seed: 
     import torch
 
     from sapp_compress import PruneConfig
-    from sapp_compress.geometry import plan_layers
-    from sapp_compress.masks import attach, fold
-    from sapp_compress.methods import select_top_k
+    from sapp_compress.blocks.geometry import plan_layers
+    from sapp_compress.blocks.masks import attach, fold
+    from sapp_compress.engine.methods import select_top_k
 
     cfg = PruneConfig(block=str(block), sparsity=sparsity, balanced=balanced, min_blocks=min_blocks,
                       indivisible=indivisible)

@@ -40,9 +40,10 @@ from converters import FORMULATIONS
 from converters.machine import cpu_model, has_vnni
 from harness import ROOT
 from sapp_compress import PruneConfig, TrainConfig
-from sapp_compress.api import prune
-from sapp_compress.loading import load_model
-from sapp_compress.pipeline import calibration_feed, export_model, onnx_feed, to_tensors
+from sapp_compress.pruning import prune
+from sapp_compress.io.loading import load_model
+from sapp_compress.io.feeds import calibration_feed, onnx_feed, to_tensors
+from sapp_compress.io.export import export_model
 
 #: task -> (shipped model file, bench/accuracy.py task whose shard and budget it uses, PruneConfig overrides).
 #: ``ctr`` prunes only ``mlp.0`` (256 x 221, padded to whole 8x8 blocks), as bench/accuracy.py does; no int8

@@ -59,14 +59,15 @@ def _mlp():
 def _convnet(builder: str):
     import real_models_speed as rms
 
-    from sapp_compress import adapters, pipeline
+    from sapp_compress.io import adapters
+    from sapp_compress.io.export import export_model
 
     torch.manual_seed(0)
     model, shard, config = getattr(rms, builder)()
     model.eval()
     wrapped, _, _ = adapters.adapt(model, shard)
     _, _, manifest = harness.random_masks(adapters.unwrap(wrapped), rms.BLOCK, rms.SPARSITY, seed=0)
-    dense = pipeline.export_model(wrapped, shard)
+    dense = export_model(wrapped, shard)
     rows = lambda n, seed=0: {"x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}  # noqa: E731
     return dense, manifest, rows, (1, 8), config
 

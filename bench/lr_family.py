@@ -33,9 +33,10 @@ import harness
 from calib_data.text import text_shard
 from harness import ROOT
 from sapp_compress.config import PruneConfig, TrainConfig
-from sapp_compress.geometry import plan_layers
-from sapp_compress.loading import load_model
-from sapp_compress.pipeline import OutputConfig, compress
+from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.io.loading import load_model
+from sapp_compress.config import OutputConfig
+from sapp_compress.pipeline import compress
 
 MODEL = ROOT / "examples" / "models" / "tiny_bert"
 TEXT = ROOT / "calib_data" / "text" / "stdlib_docs.jsonl"

@@ -46,7 +46,7 @@ import harness
 from harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
-import sapp_compress.api as api  # noqa: E402
+import sapp_compress.pruning as api  # noqa: E402
 from calib_data.shards import Shard, load_shard, shipped_shard  # noqa: E402
 from sapp_compress import PruneConfig, TrainConfig, prune  # noqa: E402
 from sapp_compress.config import LRProbeConfig  # noqa: E402
@@ -95,7 +95,7 @@ def _tiny_bert_shards() -> tuple[Shard, Shard, str]:
 
 def _tiny_bert(seed: int) -> Case:
     import lr_family
-    from sapp_compress.loading import load_model
+    from sapp_compress.io.loading import load_model
 
     train, ev, digest = _tiny_bert_shards()
     return Case(load_model(lr_family.MODEL), train, ev, {}, dict(steps=300, batch_size=32), digest)
@@ -121,7 +121,7 @@ def _stdlib_shards() -> tuple[Shard, Shard, str]:
 def _stdlib_bert(seed: int) -> Case:
     """The trained BERT classifier (4 layers, hidden 128, 0.875 test accuracy) on its own test passages, 300
     steps x 32 (tiny_bert's budget)."""
-    from sapp_compress.loading import load_model
+    from sapp_compress.io.loading import load_model
 
     train, ev, digest = _stdlib_shards()
     return Case(load_model(STDLIB_BERT), train, ev, {}, dict(steps=300, batch_size=32), digest)

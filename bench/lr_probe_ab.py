@@ -17,19 +17,19 @@ import torch
 
 import harness
 import lr_probe as bench_probe
-from sapp_compress import lr_probe
+from sapp_compress.engine.lr_probe import runner as lr_probe
 
 
 def probe_once(design: str, method: str, seed: int) -> dict:
     args = argparse.Namespace(block=8, sparsity=0.5, probe="{}", train="{}")
     case, cfg, tc, _ = bench_probe.setup("digits_resnet18", method, seed, "probe", "auto", args)
-    real_warm = lr_probe._Runner.warm_start
+    real_warm = lr_probe.Runner.warm_start
     if design == "own":
-        lr_probe._Runner.warm_start = lambda self: False
+        lr_probe.Runner.warm_start = lambda self: False
     try:
         res = bench_probe._probe_only(case, cfg, tc)
     finally:
-        lr_probe._Runner.warm_start = real_warm
+        lr_probe.Runner.warm_start = real_warm
     return {"design": design, "lr": res.value, "steps": res.steps, "seconds": res.seconds, "digest": res.digest()}
 
 

@@ -4,11 +4,11 @@ Every model is built by its own library's constructor with random weights (no do
 speed of the output depends only on which blocks are kept), wrapped, planned, masked, exported and converted
 through the same functions the CLI runs:
 
-    sapp_compress.adapters.adapt(model, shard)                 # ModelIO wrapper for keyword inputs / ModelOutput
-    sapp_compress.geometry.plan_layers(unwrap(model), PruneConfig(block="16", sparsity=0.8, balanced=True,
+    sapp_compress.io.adapters.adapt(model, shard)               # ModelIO wrapper for keyword inputs / ModelOutput
+    sapp_compress.blocks.geometry.plan_layers(unwrap(model), PruneConfig(block="16", sparsity=0.8, balanced=True,
                                                                    min_blocks=1))
     attach -> random balanced masks (k = round(0.2 * C) blocks in every block-row) -> fold   # as the zoo tests
-    sapp_compress.pipeline.export_model(model, shard)          # dense ONNX, the pipeline's export
+    sapp_compress.io.export.export_model(model, shard)        # dense ONNX, the pipeline's export
     converters.convert(proto, manifest, fmt="auto", timing_inputs=onnx_feed(shard, 16 rows), threads=T)
     converters.convert(proto, manifest, fmt="blocked")
 
@@ -57,9 +57,9 @@ import converters  # noqa: E402
 from calib_data.shards import Shard  # noqa: E402
 from converters.runtime import session  # noqa: E402
 from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
-from sapp_compress import adapters, pipeline  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
-from sapp_compress.training import to_tensors  # noqa: E402
+from sapp_compress.io import adapters, export, feeds  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
+from sapp_compress.io.feeds import to_tensors  # noqa: E402
 
 SEQ = 128
 ROWS = 16  # shard rows: the largest batch timed
@@ -354,13 +354,13 @@ def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict
             with torch.no_grad():
                 expected = wrapped(*xs1).float().numpy()
         with Stage("export", log):
-            dense = pipeline.export_model(wrapped, shard)
+            dense = export.export_model(wrapped, shard)
         del model, inner, wrapped, plans
         gc.collect()
         files = {"dense": workdir / f"{name}{layers or ''}.dense.onnx"}
         files["dense"].write_bytes(dense.SerializeToString())
-        feed16 = pipeline.onnx_feed(shard, tuple(np.asarray(x[:ROWS]) for x in shard.inputs))
-        feed1 = pipeline.onnx_feed(shard, tuple(np.asarray(x[:1]) for x in shard.inputs))
+        feed16 = feeds.onnx_feed(shard, tuple(np.asarray(x[:ROWS]) for x in shard.inputs))
+        feed1 = feeds.onnx_feed(shard, tuple(np.asarray(x[:1]) for x in shard.inputs))
         with Stage("convert_blocked", log):
             res = converters.convert(dense, manifest, fmt="blocked")
             files["blocked"] = workdir / f"{name}{layers or ''}.blocked.onnx"

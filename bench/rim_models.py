@@ -28,7 +28,7 @@ import harness
 from harness import append_row, machine_line, names, read_rows
 
 import sapp_compress  # noqa: F401 -- torchvision's import hook
-from sapp_compress.extras import require
+from sapp_compress.io.extras import require
 
 VOCAB, SEQ, N = 96, 16, 48
 

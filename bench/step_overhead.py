@@ -20,10 +20,12 @@ from torch import nn
 import harness
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, zoo
-from sapp_compress.geometry import plan_layers
-from sapp_compress.methods import METHODS
-from sapp_compress.tasks import Task
-from sapp_compress.training import BatchPlan, fine_tune, to_tensors
+from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.granularity import BLOCKS, Plan
+from sapp_compress.engine.methods import METHODS
+from sapp_compress.io.tasks import Task
+from sapp_compress.engine.training import BatchPlan, fine_tune
+from sapp_compress.io.feeds import to_tensors
 
 
 def plain_steps(model, task, shard, cfg, device, steps):
@@ -48,7 +50,7 @@ def sapp_steps(model, task, shard, cfg, device, steps, block):
     plans, _ = plan_layers(model, pcfg)
     # A long budget and an early stop: the timed steps are steady-state steps (phase boundaries, which
     # reset the optimizer, come every ~10 % of a real budget, not every other step).
-    method = METHODS["sapp"](pcfg, plans, 100 * steps)
+    method = METHODS["sapp"](pcfg, Plan(BLOCKS, plans), 100 * steps)
     model.to(device)
     fine_tune(model, None, method, task, shard, cfg, device, 100 * steps, stop=steps)
     if device.type == "cuda":

@@ -39,7 +39,8 @@ import harness
 from harness import RESULTS, append_row, machine, machine_line, parser, read_rows, write_results
 
 from sapp_compress.config import PruneConfig, TrainConfig  # noqa: E402
-from sapp_compress.pipeline import OutputConfig, compress  # noqa: E402
+from sapp_compress.config import OutputConfig  # noqa: E402
+from sapp_compress.pipeline import compress
 
 ROOT = harness.ROOT
 
@@ -49,7 +50,7 @@ def digits_resnet18(size: int = 32, epochs: int = 12) -> tuple[Path, Path, Path]
     import torch
     import torch.nn.functional as F
 
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     model_path = RESULTS / "models" / f"digits_resnet18_{size}.pt"
     train, test = RESULTS / "tmp" / f"digits{size}_train.npz", RESULTS / "tmp" / f"digits{size}_test.npz"
@@ -124,9 +125,9 @@ def measured_speedup(name: str, onnx_path: Path, args) -> float:
 
     from calib_data.shards import load_shard
     from converters.latency import model_ms
-    from sapp_compress import adapters
-    from sapp_compress.loading import load_model
-    from sapp_compress.pipeline import export_model
+    from sapp_compress.io import adapters
+    from sapp_compress.io.loading import load_model
+    from sapp_compress.io.export import export_model
 
     path, train, _, _ = model_source(name, args)
     shard = load_shard(train)

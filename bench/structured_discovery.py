@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "structure"))
 from library import MODELS, Built, Out  # noqa: E402
 from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
 from sapp_compress.structure.remove import max_rel_diff, random_keep, remove, zero_removed  # noqa: E402
 

@@ -51,7 +51,7 @@ from harness import machine, machine_line, medians, ort_dynamic, ort_static, par
 
 from converters import export_onnx, passes, quantize_whole, run_onnx  # noqa: E402
 from converters.int8 import default_weight_bits  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
 from sapp_compress.structure.remove import random_keep, remove  # noqa: E402
 

@@ -28,8 +28,9 @@ import harness
 from harness import machine, machine_line, parser, write_results
 
 from sapp_compress.config import PruneConfig, TrainConfig  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
-from sapp_compress.pipeline import OutputConfig, compress  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
+from sapp_compress.config import OutputConfig  # noqa: E402
+from sapp_compress.pipeline import compress
 
 
 def encoder(tmp: Path) -> tuple[Path, dict, bool]:

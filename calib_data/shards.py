@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sapp_compress.errors import DataError
+from calib_data.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ from .runtime import run_onnx
 from .verify import Verification, check, verify, verify_kernels
 
 __all__ = [
-    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks", "LayerChoice",
-    "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport", "TimingCache", "TimingKey",
-    "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check", "convert", "export_onnx", "locate",
-    "measure_sparsity", "quantize_whole", "run_onnx", "unplaceable", "verify", "verify_kernels",
+    "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
+    "LayerChoice", "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport",
+    "TimingCache", "TimingKey", "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check",
+    "convert", "export_onnx", "locate", "measure_sparsity", "quantize_whole", "run_onnx", "unplaceable",
+    "verify", "verify_kernels",
 ]

@@ -17,9 +17,9 @@ does not apply holds ``""``. Other measurements (per-layer latency tables) use t
 ``~/.cache/sapp-compress`` (:func:`default_root`); measurements live under ``timings/<kind>/``.
 
 **Format**: one JSON file per key, named by the sha256 of the key's canonical JSON:
-``{"format": 1, "key": {...the key's fields...}, "value": {...}, "written": "2026-12-04T10:00:00Z"}``. A file is
-written to a temporary name in its directory and renamed over the entry, so readers see a whole old entry or a
-whole new one, and concurrent runs cannot corrupt the cache (two runs measuring the same key both write
+``{"format": 1, "key": {...the key's fields...}, "value": {...}, "written": "2026-12-04T10:00:00Z"}``. A file
+is written to a temporary name in its directory and renamed over the entry, so readers see a whole old entry
+or a whole new one, and concurrent runs cannot corrupt the cache (two runs measuring the same key both write
 valid entries; the last rename wins). An entry that does not parse, or whose stored key differs from the one
 asked for, is ignored with a warning (and replaced by the next measurement), never an error; a cache
 directory that cannot be written is a warning too.
@@ -65,7 +65,8 @@ def digest(obj) -> str:
 
 
 def mask_digest(lb: LayerBlocks) -> str:
-    """A short sha256 of one layer's kept-block pattern: layout, weight shape, block, padding and the kept grid."""
+    """A short sha256 of one layer's kept-block pattern: layout, weight shape, block, padding and the kept
+    grid."""
     h = hashlib.sha256(json.dumps([lb.layout, list(lb.weight_shape), list(lb.block), bool(lb.padded),
                                    list(lb.kept.shape)]).encode())
     h.update(np.packbits(lb.kept.reshape(-1)).tobytes())
@@ -107,7 +108,8 @@ class TimingKey:
 
 
 class TimingCache:
-    """Measurements by :class:`TimingKey`, one JSON file each under ``root/timings/<kind>/`` (module docstring).
+    """Measurements by :class:`TimingKey`, one JSON file each under ``root/timings/<kind>/`` (module
+    docstring).
 
     ``read=False`` measures again and overwrites (``--no-cache``). ``hits`` / ``misses`` / ``writes`` count
     this object's lookups and stores."""
@@ -148,7 +150,8 @@ class TimingCache:
         try:
             entry = json.loads(text)
             if not isinstance(entry, dict) or entry.get("format") != FORMAT:
-                raise ValueError(f"expected format {FORMAT}, got {entry.get('format') if isinstance(entry, dict) else type(entry).__name__}")
+                got = entry.get("format") if isinstance(entry, dict) else type(entry).__name__
+                raise ValueError(f"expected format {FORMAT}, got {got}")
             if entry.get("key") != json.loads(json.dumps(key.to_json())):
                 raise ValueError("its stored key differs from the one asked for")
             value = entry["value"]
@@ -180,7 +183,8 @@ class TimingCache:
             self.writes += 1
         except OSError as e:
             if not self._warned_write:
-                log.warning("timing cache: cannot write under %s (%s): timings not cached", self.root, e.strerror)
+                log.warning("timing cache: cannot write under %s (%s): timings not cached", self.root,
+                            e.strerror)
                 self._warned_write = True
         finally:
             if tmp is not None and os.path.exists(tmp):

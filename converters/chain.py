@@ -11,17 +11,16 @@ pair, so both Transposes stay. Here the Reshape pair is removed when it is an id
 (``[M, O] -> [*lead, O] -> ... -> [M, O]`` through ops that act per feature), leaving
 ``Transpose1 -> Add -> Relu -> Transpose2``, which ORT cancels as it does in a 2-D MLP.
 
-Measured (onnxruntime 1.32, ORT_ENABLE_ALL, exporter graph of a 2-layer ``TransformerClassifier``, d_model 64,
-dim_ff 128, out_proj / linear1 / linear2 all blocked): Transposes in the optimized graph: dense 16; blocked
-without this pass 28; with it 24. What remains per encoder layer: the two of out_proj (its neighbours are the
-attention's head-merging Reshape and the residual Add + LayerNorm, which normalises over the last axis, so
-ORT cannot move a Transpose through it) and the FFN's two ends (same LayerNorm / residual Add). A 2-D MLP
-(Gemm -> bias -> Relu -> Gemm) needs no pass: ORT leaves 2 Transposes for any number of blocked layers.
+What stays per encoder layer (the pass cannot help): the Transposes of out_proj (between the attention's
+head-merging Reshape and the residual Add + LayerNorm, which normalises over the last axis, so ORT cannot move
+a Transpose through it) and the FFN's two ends. A 2-D MLP (Gemm -> bias -> Relu -> Gemm) needs no pass: ORT
+leaves 2 Transposes for any number of blocked layers. Transpose counts measured: BENCHMARKS.md section 19.4.
 
 Matched pattern (everything else is left alone):
 
 - ``R1 = Reshape(t, Concat(Slice(Shape(x1)), [O]))`` with ``t`` the output of a 2-D ``Transpose`` (perm
-  [1, 0]), optionally followed by a bias ``Add`` on it (both emitted by :class:`converters.ops.LinearHandler`);
+  [1, 0]), optionally followed by a bias ``Add`` on it (both emitted by
+  :class:`converters.ops.LinearHandler`);
 - a subgraph of unary ops in :data:`UNARY` and binary ops in :data:`BINARY` whose constant inputs have shape
   ``[O]`` or hold a single value (fan-out inside is allowed: the exporter decomposes GELU at opset < 20);
 - ``R2 = Reshape(u, [-1, O])`` consumed only by a ``Transpose`` perm [1, 0] (the next layer's entry);

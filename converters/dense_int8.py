@@ -72,8 +72,8 @@ def gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in m.graph.node:
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        if (node.op_type != "Gemm" or node.input[1] not in inits or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
-                or a.get("beta", 1.0) != 1.0):
+        if (node.op_type != "Gemm" or node.input[1] not in inits or a.get("transA", 0)
+                or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
@@ -84,7 +84,8 @@ def gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         out = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}__mm"
         nodes.append(helper.make_node("MatMul", [node.input[0], wname], [out], name=f"{node.name}_matmul"))
         if out != node.output[0]:
-            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}_bias"))
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     used = {i for n in m.graph.node for i in n.input}
@@ -104,10 +105,12 @@ def _dynamic(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
         try:
             quantize_dynamic(str(inp), str(out), per_channel=True, reduce_range=bits == 7,
                              weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gather", "Attention", "EmbedLayerNormalization"],
+                             op_types_to_quantize=["MatMul", "Gather", "Attention",
+                                                   "EmbedLayerNormalization"],
                              extra_options={"WeightSymmetric": True})
         except Exception as e:  # noqa: BLE001 -- the quantizer's own errors, in one line
-            raise ConverterError(f"ONNX Runtime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from e
+            raise ConverterError("ONNX Runtime's dynamic quantization failed: "
+                                 f"{str(e).strip().splitlines()[0]}") from e
         q = onnx.load(str(out))
     del q.metadata_props[:]
     q.metadata_props.extend(model.metadata_props)
@@ -125,7 +128,8 @@ def _has_conv(model: onnx.ModelProto) -> bool:
 
 #: form -> (builder(model, calibration batches, weight bits), why it does not apply or None)
 FORMS: dict[str, tuple[Callable, Callable[[onnx.ModelProto, list | None], str | None]]] = {
-    "dynamic": (_dynamic, lambda m, c: None if any(n.op_type in ("MatMul", "Gemm", "Gather") for n in m.graph.node)
+    "dynamic": (_dynamic, lambda m, c: None
+                if any(n.op_type in ("MatMul", "Gemm", "Gather") for n in m.graph.node)
                 else "no MatMul, Gemm or Gather to quantize"),
     "static": (_static, lambda m, c: None if _has_conv(m) and c else
                ("no convolution (the static form is the conv-net one)" if not _has_conv(m)
@@ -138,10 +142,10 @@ def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarra
                    forms: tuple[str, ...] | None = None, weight_bits: int | None = None,
                    cache: TimingCache | None = None, form: str | None = None) -> WholeInt8:
     """The fastest of ``model`` (fp32) and its int8 forms (:data:`FORMS`) at ``timing_inputs``. Without timing
-    inputs every applicable form is built (a dry run) and the first is returned untimed; with ``form`` that form
-    is built untimed (a replay). The timings go through ``cache`` (kind ``whole_int8``: the graph's digest, the
-    timing shapes, the forms, the weight bits, the threads, the machine), so the same graph on the same machine
-    gets the same choice, without timing.
+    inputs every applicable form is built (a dry run) and the first is returned untimed; with ``form`` that
+    form is built untimed (a replay). The timings go through ``cache`` (kind ``whole_int8``: the graph's
+    digest, the timing shapes, the forms, the weight bits, the threads, the machine), so the same graph on the
+    same machine gets the same choice, without timing.
 
     Raises:
         ConverterError: no int8 form applies, or ORT's quantizer fails.
@@ -164,7 +168,8 @@ def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarra
     if not timing_inputs:
         built = {name: build(name) for name in applicable}  # every form must build (the pre-check's dry run)
         return WholeInt8(built[applicable[0]], applicable[0], bits, reason="not timed")
-    key = TimingKey("whole_int8", graph_digest(model), shapes_text([list(v.shape) for v in timing_inputs.values()]),
+    key = TimingKey("whole_int8", graph_digest(model),
+                    shapes_text([list(v.shape) for v in timing_inputs.values()]),
                     str(len(next(iter(timing_inputs.values())))), "", ",".join(applicable), f"int8/w{bits}",
                     int(threads or 0))
     hit = cache.get(key) if cache is not None else None

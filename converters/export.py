@@ -1,15 +1,16 @@
 """torch -> ONNX export.
 
-We use torch's torch.export-based exporter (``dynamo=True``), not the TorchScript one: the TorchScript exporter
-warns that it is deprecated and will be removed, it renames parameters it folds (``onnx::Conv_35``), and
-the torch.export path is what torch maintains. Its graphs keep parameter names for Gemm/Conv weights and
+We use torch's torch.export-based exporter (``dynamo=True``), not the TorchScript one: the TorchScript
+exporter warns that it is deprecated and will be removed, it renames parameters it folds (``onnx::Conv_35``),
+and the torch.export path is what torch maintains. Its graphs keep parameter names for Gemm/Conv weights and
 transpose MatMul weights into fresh constants, so :mod:`converters.locate` matches weights by name first
 and by value (up to transpose and a per-output-channel scale from folded BatchNorm) after.
 
 Axes kept dynamic: the batch axis (0) of every input, and the sequence axis (1) of inputs named as token
-inputs (:data:`TOKEN_INPUTS`: ``input_ids``, ``attention_mask``, ...). torch.export specialises an axis whose example size is 1, so the example batch must have
-at least 2 rows (``export_onnx`` refuses fewer); an axis the model's own code fixes (a reshape to a constant
-batch) is found in the exported graph and reported in one line.
+inputs (:data:`TOKEN_INPUTS`: ``input_ids``, ``attention_mask``, ...). torch.export specialises an axis whose
+example size is 1, so the example batch must have at least 2 rows (``export_onnx`` refuses fewer); an axis the
+model's own code fixes (a reshape to a constant batch) is found in the exported graph and reported in one
+line.
 """
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
     args = tuple(t.cpu() for t in example_inputs)
     n = len(args)
     if any(t.dim() == 0 or t.shape[0] < 2 for t in args):
-        raise ConverterError("export needs an example batch of at least 2 rows: torch.export fixes an axis of "
-                             "size 1 to 1")
+        raise ConverterError("export needs an example batch of at least 2 rows: torch.export fixes an axis "
+                             "of size 1 to 1")
     input_names = input_names or (["x"] if n == 1 else [f"x{i}" for i in range(n)])
     output_names = output_names or ["y"]
     axes = dynamic_axes_for(input_names, args)
@@ -105,7 +106,8 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
     if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         dyn = (dyn,)  # forward(*xs): torch.export sees one argument, the tuple
     sink = io.StringIO()
-    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    noisy = [logging.getLogger(name)
+             for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
     levels = [lg.level for lg in noisy]
     try:
         for lg in noisy:
@@ -126,7 +128,7 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
     proto = prog.model_proto
     fixed = _fixed_axes(proto, input_names, axes)
     if fixed:
-        raise ConverterError(f"the model's graph cannot keep these axes dynamic: {', '.join(fixed)} (its code "
-                             "fixes them; the ONNX model would only run at that size)")
+        raise ConverterError(f"the model's graph cannot keep these axes dynamic: {', '.join(fixed)} (its "
+                             "code fixes them; the ONNX model would only run at that size)")
     proto.producer_name = "sapp-compress"
     return proto

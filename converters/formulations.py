@@ -3,14 +3,15 @@
 Each formulation turns a :class:`~converters.locate.Site` into a :class:`Rewrite` or says why it cannot.
 
 - ``dense``: unchanged.
-- ``sparse-initializer``: the weight becomes a ``SparseTensorProto`` (COO, sorted int64 linear indices) held by
-  a ``Constant`` node's ``sparse_value``. Only the file shrinks: ONNX Runtime densifies it at load. (A
+- ``sparse-initializer``: the weight becomes a ``SparseTensorProto`` (COO, sorted int64 linear indices) held
+  by a ``Constant`` node's ``sparse_value``. Only the file shrinks: ONNX Runtime densifies it at load. (A
   ``graph.sparse_initializer`` feeding Gemm/MatMul/Conv passes ``onnx.checker`` but fails its
   ``full_check``: strict type inference gives it type ``sparse_tensor(float)``, which those ops do not
   accept. The Constant form is valid under both and runs the same in ORT.)
-- ``compact``: the kept blocks as an ordinary initializer ``[nnz, br, bc(, taps)]`` plus one int64 linear block
-  index each; ``ConstantOfShape -> ScatterND (unique indices, no reduction) -> Transpose -> Reshape`` rebuilds the dense
-  weight under the original name, and ORT constant-folds that at load. Runtime = dense, file = compact.
+- ``compact``: the kept blocks as an ordinary initializer ``[nnz, br, bc(, taps)]`` plus one int64 linear
+  block index each; ``ConstantOfShape -> ScatterND (unique indices, no reduction) -> Transpose -> Reshape``
+  rebuilds the dense weight under the original name, and ORT constant-folds that at load. Runtime = dense,
+  file = compact.
 - ``blocked``: only kept blocks, computed block-sparse; the op handler of the consumer
   (:mod:`converters.ops`) builds the graph.
 """
@@ -66,7 +67,8 @@ class SparseInitializer(Formulation):
         values = tensor(values_name, dense.reshape(-1)[flat].astype(np.float32))
         indices = tensor(idx.fresh(f"{site.init_name}_indices"), flat)
         sp = helper.make_sparse_tensor(values, indices, list(dense.shape))
-        node = helper.make_node("Constant", [], [site.init_name], name=idx.fresh("sparse_weight"), sparse_value=sp)
+        node = helper.make_node("Constant", [], [site.init_name], name=idx.fresh("sparse_weight"),
+                                sparse_value=sp)
         return Rewrite("sparse-initializer", nodes=[node], drop_init=site.init_name,
                        value_tensors=[values_name], stored_bytes=flat.size * 12)
 
@@ -100,10 +102,12 @@ class Compact(Formulation):
         perm = (0, 2, 1, 3, *range(4, 4 + len(tail)))
         nodes = [
             helper.make_node("ConstantOfShape", [shape_name], [zeros],
-                             value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [1], [0])),
+                             value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                      [1], [0])),
             helper.make_node("ScatterND", [zeros, i_name, b_name], [scat]),  # unique indices: no reduction
         ]
-        inits = [tensor(b_name, blocks), tensor(i_name, flat), tensor(shape_name, const_i64((R * C, br, bc, *tail)))]
+        inits = [tensor(b_name, blocks), tensor(i_name, flat),
+                 tensor(shape_name, const_i64((R * C, br, bc, *tail)))]
         grid = self._reshape(nodes, inits, n, scat, (R, C, br, bc, *tail))
         nodes.append(helper.make_node("Transpose", [grid], [tr], perm=list(perm)))
         cur = tr
@@ -112,7 +116,8 @@ class Compact(Formulation):
         if (R * br, C * bc) != (rows, cols):
             sliced = n("unpadded")
             st, en, ax = n("starts"), n("ends"), n("axes")
-            inits += [tensor(st, const_i64([0, 0])), tensor(en, const_i64([rows, cols])), tensor(ax, const_i64([0, 1]))]
+            inits += [tensor(st, const_i64([0, 0])), tensor(en, const_i64([rows, cols])),
+                      tensor(ax, const_i64([0, 1]))]
             nodes.append(helper.make_node("Slice", [cur, st, en, ax], [sliced]))
             cur = sliced
         out = base
@@ -155,4 +160,5 @@ class Blocked(Formulation):
 
 
 #: formulation name -> formulation; ``auto`` (in :mod:`converters.convert`) chooses among these per layer.
-FORMULATIONS: dict[str, Formulation] = {f.name: f for f in (Blocked(), Compact(), SparseInitializer(), Dense())}
+FORMULATIONS: dict[str, Formulation] = {f.name: f
+                                        for f in (Blocked(), Compact(), SparseInitializer(), Dense())}

@@ -5,23 +5,25 @@ Notation as in :mod:`converters.ops`: W [O, I], blocks br x bc, kept grid [R, C]
 The layer input is quantized **once** (uint8, before the Gather that replicates it ``R*k/C`` times), the
 int8 weight blocks stay constants, one batched integer matmul runs per chunk of block-rows (chunks of the
 buckets of :func:`converters.ops.buckets`, cut by :func:`converters.ops.chunk_rows`), and one rescale
-follows. Graph forms (``layout``), same numbers:
+follows. Graph forms (``layout``, :data:`LAYOUTS`), same numbers; their measured speeds are in BENCHMARKS.md
+section 18:
 
 ``"row"`` (default: weights the constant *second* input, which ORT pre-packs once at load)::
 
     x [N, I] -DynamicQuantizeLinear-> xq u8, s_x, z_x
     xq -Transpose-> [I, N] -Reshape-> [C, bc, N] -Gather(axis 0, cols [Rb, k])-> -Reshape-> [Rb, k*bc, N]
       -Transpose-> [Rb, N, k*bc]
-    MatMulInteger(., Wq^T [Rb, k*bc, br] int8, z_x, 0) -> int32 -Cast-> -Mul(s_x * s_w [Rb, 1, br])-> [Rb, N, br]
+    MatMulInteger(., Wq^T [Rb, k*bc, br] int8, z_x, 0) -> int32
+      -Cast-> -Mul(s_x * s_w [Rb, 1, br])-> [Rb, N, br]
     Concat(chunks) -Gather(row order)-> -Transpose-> [N, R, br] -Reshape-> [N, O]
 
 Standard ONNX ops only (opset 18): ONNX Runtime fuses each MatMulInteger -> Cast -> Mul into its
 ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8, per-column scale [Rb, 1, br]) when it loads the model.
 ``"row-ms"`` writes that op directly (the model then needs the ``com.microsoft`` opset import:
-:func:`ensure_ms_opset`); measured the same speed.
+:func:`ensure_ms_opset`).
 
 ``"row-g1"``: the same matmuls, its input gathered from ``xq [N, C, bc]`` on axis 1 (``[N, Rb, k, bc]``, then
-a Transpose of whole rows): no gain at N = 1, slower at N = 32 (the Gather copies bc bytes at a time).
+a Transpose of whole rows).
 
 ``"feature"`` / ``"feature-u8"`` (activations feature-major, weights the constant *first* input)::
 
@@ -29,35 +31,17 @@ a Transpose of whole rows): no gain at N = 1, slower at N = 32 (the Gather copie
     MatMulInteger(Wq [Rb, br, k*bc], ., a_zero_point, z_x) -> int32 [Rb, br, N]
     Concat -Cast float-> -Gather(row order)-> -Reshape [O, N]-> -Mul(s_w [O, 1] * s_x)-> -Transpose->
 
-``"feature"`` stores int8 weights (S8 x U8: ORT 1.32 has no fast kernel for it: 5-15x slower than ``row``
-measured), ``"feature-u8"`` uint8 weights ``q + 128`` (zero point 128, MLAS's U8U8 kernel): ORT packs the first
-input on every call, which costs the whole int8 weight per run (2.5x slower than ``row`` at N = 1).
-ORT's MatMulIntegerToFloat needs a uint8 first input (1.32), so it cannot serve the feature forms; worse, ORT
-fuses MatMulInteger -> Cast -> Mul into it regardless of the input types, and the session then fails to load
-for int8 weights: the feature forms rescale after a Reshape, which the fusion does not match.
-
-Measured (bench/int8_speed.py -> bench/results/int8_speed.json: MLP 1024-4096-4096-1024 + ReLU, random balanced
-masks, 1 thread, Xeon with AVX-512 VNNI and AMX, a loaded 2-core machine; ranges of the medians of 3 interleaved
-passes, ms; dense fp32 16-17 at N = 1, 30-38 at N = 32):
-
-======================  ===========  ===========  ===========  ===========
-                         B16 s.8 N=1  B16 s.8 N=32 B32 s.9 N=1  B32 s.9 N=32
-======================  ===========  ===========  ===========  ===========
-row (default)            1.8-2.0      5.2-6.1      0.73-0.81    2.5-3.0
-fp32 blocked             2.6-2.8      12-16        1.2-1.3      5.0-7.3
-ORT's best int8, dense   2.4-2.5      3.4-4.0      2.4-2.6      3.5-3.8
-compact-int8             2.7-3.7      3.4-4.5      2.5-3.4      4.2-5.4
-======================  ===========  ===========  ===========  ===========
-
-row-g1 matches row at N = 1 and is 1.6x slower at N = 32 (B = 16); feature-u8 is 2.5-3.5x slower at N = 1.
-At B = 16, N = 32, most of row's time is moving activations (profile: Transpose 0.8 ms, Gather 0.4 ms, the
-integer matmuls 1.0 ms), while ORT's dense int8 GEMM runs on AMX at ~10x dense fp32.
+``"feature"`` stores int8 weights (S8 x U8), ``"feature-u8"`` uint8 weights ``q + 128`` (zero point 128,
+MLAS's U8U8 kernel); both are slower than ``row`` (no fast S8 x U8 kernel; ORT packs the first input on every
+call). ORT's MatMulIntegerToFloat needs a uint8 first input (1.32), so it cannot serve the feature forms;
+worse, ORT fuses MatMulInteger -> Cast -> Mul into it regardless of the input types, and the session then
+fails to load for int8 weights: the feature forms rescale after a Reshape, which the fusion does not match.
 
 Weights: symmetric, one scale per output row (max |w| over the row's kept blocks / q_max), q in
 [-q_max, q_max]. **Saturation**: without VNNI (AVX2 only), MLAS multiplies u8 x s8 pairs with
 ``vpmaddubsw``, whose int16 sum of two products saturates when ``2 * 255 * |q| > 32767``; q_max = 127
-then gives wrong answers (ORT's own S8 quantize_dynamic: 15 % error on an MLP on such a machine). With
-q_max = 63 (7-bit weights, ORT's ``reduce_range``) ``2 * 255 * 63 = 32130`` fits: exact. So
+then gives wrong answers (BENCHMARKS.md section 18). With q_max = 63 (7-bit weights, ORT's ``reduce_range``)
+``2 * 255 * 63 = 32130`` fits: exact. So
 :func:`default_weight_bits` reads the CPU flags: 8 bits with ``avx512_vnni`` / ``avx_vnni`` (the VNNI kernels
 accumulate in int32), 7 bits otherwise. The choice is recorded in :class:`Int8Rewrite` and in the node names.
 
@@ -67,8 +51,8 @@ quantize_dynamic does) or ``static`` (QuantizeLinear with a scale / zero point c
 
 Error (dynamic, per output ``y_o = sum_i w_oi x_i``): with ``x = s_x (xq - z_x) + e_x``, ``|e_x| <= s_x / 2``,
 and ``w = s_w[o] q + e_w``, ``|e_w| <= s_w[o] / 2``:
-``|y_o - y_hat_o| <= sum_i (|w_oi| s_x / 2 + |x_i| s_w[o] / 2 + s_x s_w[o] / 4)`` over the kept inputs of row o
-(plus float32 rounding of the rescale). The integer accumulation itself is exact (int32, and no saturation
+``|y_o - y_hat_o| <= sum_i (|w_oi| s_x / 2 + |x_i| s_w[o] / 2 + s_x s_w[o] / 4)`` over the kept inputs of row
+o (plus float32 rounding of the rescale). The integer accumulation itself is exact (int32, and no saturation
 with the bit width chosen above). :func:`error_bound` computes this bound for given inputs.
 """
 from __future__ import annotations
@@ -89,12 +73,12 @@ from .rewrite import Rewrite
 
 MS_DOMAIN = "com.microsoft"
 LAYOUTS = ("row", "row-ms", "row-g1", "feature", "feature-u8")
-#: the default graph form; chosen by bench/int8_speed.py's variant comparison (see the module docstring there)
+#: the default graph form; chosen by bench/int8_speed.py's variant comparison (see the module docstring there;
+#: BENCHMARKS.md section 18)
 DEFAULT_LAYOUT = "row"
-#: the batch the chunks of block-rows are sized for (see :func:`converters.ops.chunk_rows`, which counts 4 bytes a
-#: value: at uint8 a chunk's gathered activations take a quarter of CHUNK_BYTES at this batch); measured on the
-#: MLP of bench/int8_speed.py against 8 and 32: within the noise of the best at N = 1 and 32, where 8 lost 20 %
-#: at N = 32 (B = 16)
+#: the batch the chunks of block-rows are sized for (see :func:`converters.ops.chunk_rows`, which counts 4
+#: bytes a value: at uint8 a chunk's gathered activations take a quarter of CHUNK_BYTES at this batch);
+#: measured against 8 and 32 (BENCHMARKS.md section 18)
 CHUNK_REF = REFERENCE_BATCH // 2
 
 
@@ -108,8 +92,8 @@ def default_weight_bits(flags: frozenset[str] | None = None) -> int:
 def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row quantization of ``w [rows, cols]``: (q int8 [rows, cols], scale float32 [rows]).
 
-    ``scale = max|w_row| / q_max`` (q_max = 2**(bits-1) - 1), ``q = round(w / scale)`` (ties to even, as numpy);
-    an all-zero row gets scale 1 and q = 0."""
+    ``scale = max|w_row| / q_max`` (q_max = 2**(bits-1) - 1), ``q = round(w / scale)`` (ties to even, as
+    numpy); an all-zero row gets scale 1 and q = 0."""
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(w).max(axis=1).astype(np.float32)
     scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
@@ -155,7 +139,8 @@ class Int8Rewrite(Rewrite):
     layout: str = DEFAULT_LAYOUT
     kernel: str = ""
     vnni: bool = False
-    #: convs (:mod:`converters.qdq`): the nodes ORT's QDQ pass is to quantize for this layer, and its conv nodes
+    #: convs (:mod:`converters.qdq`): the nodes ORT's QDQ pass is to quantize for this layer, and its conv
+    #: nodes
     qdq_nodes: list[str] = field(default_factory=list)
     qdq_convs: list[str] = field(default_factory=list)
 
@@ -186,7 +171,8 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
     # quantize the input once
     if act is None:
         xq, xs, xz = (b.name(s) for s in ("xq", "xscale", "xzp"))
-        b.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=b.name("DynamicQuantizeLinear")))
+        b.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
+                                        name=b.name("DynamicQuantizeLinear")))
     else:
         xs = b.const("xscale", np.asarray(act[0], dtype=np.float32))
         xz = b.const("xzp", np.asarray(act[1], dtype=np.uint8))
@@ -226,7 +212,8 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
         if layout == "row-g1":
             src = b.node("Reshape", [xq, b.const("ncb", const_i64([-1, C, bc]))])
         else:
-            src = b.node("Reshape", [b.node("Transpose", [xq], perm=[1, 0]), b.const("cbn", const_i64([C, bc, -1]))])
+            src = b.node("Reshape",
+                         [b.node("Transpose", [xq], perm=[1, 0]), b.const("cbn", const_i64([C, bc, -1]))])
         swv = sw.reshape(R, br)
         for gi, rows in enumerate(groups):
             cols, valid = _gather_plan(lb.kept, rows)
@@ -245,7 +232,8 @@ def blocked_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
             ws = b.const(f"wscale{gi}", swv[rows].reshape(len(rows), 1, br))
             if layout != "row-ms":
                 acc = b.node("MatMulInteger", [g, wname, xz, b.const(f"wzp{gi}", np.asarray(0, np.int8))])
-                out = b.node("Mul", [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, ws])])
+                out = b.node("Mul",
+                             [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, ws])])
             else:
                 out = b.name("mitf")
                 b.nodes.append(helper.make_node("MatMulIntegerToFloat", [g, wname, xs, ws, xz], [out],
@@ -281,8 +269,8 @@ def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
     ``ConstantOfShape(int8 0) -> ScatterND(kept blocks, unique block ids) -> Reshape -> Transpose -> Reshape``
     rebuilds the dense int8 ``W^T [I, O]`` (ONNX Runtime constant-folds it at load and pre-packs it), then
     ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(s_x * s_w [O])`` (+ bias), which ORT fuses into
-    its DynamicQuantizeMatMul: the dense int8 speed of ``quantize_dynamic`` (per channel) with the block-sparse
-    file. Works on 2-D and N-D inputs (MatMulInteger broadcasts)."""
+    its DynamicQuantizeMatMul: the dense int8 speed of ``quantize_dynamic`` (per channel) with the
+    block-sparse file. Works on 2-D and N-D inputs (MatMulInteger broadcasts)."""
     bits = default_weight_bits() if weight_bits is None else int(weight_bits)
     lb, node = site.layer, site.node
     w = site.weight
@@ -312,7 +300,8 @@ def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
         xz = b.const("xzp", np.asarray(act[1], dtype=np.uint8))
         xq = b.node("QuantizeLinear", [node.input[0], xs, xz])
     acc = b.node("MatMulInteger", [xq, wt, xz, b.const("wzp", np.asarray(0, np.int8))])
-    y = b.node("Mul", [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, b.const("wscale", sw)])])
+    y = b.node("Mul",
+               [b.node("Cast", [acc], to=onnx.TensorProto.FLOAT), b.node("Mul", [xs, b.const("wscale", sw)])])
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         y = b.node("Add", [y, node.input[2]])
     b.nodes[-1].output[0] = node.output[0]
@@ -326,8 +315,8 @@ def compact_int8(site: Site, idx: GraphIndex, *, weight_bits: int | None = None,
 
 
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
-    """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in place;
-    :func:`converters.rewrite.apply` does not touch opset imports)."""
+    """Add the ``com.microsoft`` opset import that the ``row-ms`` layout's MatMulIntegerToFloat needs (in
+    place; :func:`converters.rewrite.apply` does not touch opset imports)."""
     if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
             o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -335,8 +324,8 @@ def ensure_ms_opset(model: onnx.ModelProto) -> None:
 
 def _linear_reason(name: str, site: Site) -> str | None:
     """Why an int8 formulation does not apply: linears and convs only, whole blocks (as the fp32 ``blocked``
-    needs) except for a compact conv; never on a weight shared by several nodes (each would be rewritten on its
-    own)."""
+    needs) except for a compact conv; never on a weight shared by several nodes (each would be rewritten on
+    its own)."""
     if shared_reason(site):
         return shared_reason(site)
     if site.node.op_type not in ("Gemm", "MatMul", "Conv"):
@@ -347,16 +336,17 @@ def _linear_reason(name: str, site: Site) -> str | None:
 
 
 def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
-    """The first step of an int8 conv (:mod:`converters.qdq`): the fp32 graph that ORT's QDQ pass then quantizes
-    (``blocked-int8``: the fp32 ``blocked`` graph; ``compact-int8``: the dense conv, its int8 weight stored
-    compactly after the pass), with the nodes to quantize named."""
+    """The first step of an int8 conv (:mod:`converters.qdq`): the fp32 graph that ORT's QDQ pass then
+    quantizes (``blocked-int8``: the fp32 ``blocked`` graph; ``compact-int8``: the dense conv, its int8 weight
+    stored compactly after the pass), with the nodes to quantize named."""
     bits = site.weight_bits or default_weight_bits()
     common = dict(weight_bits=bits, activation="static", layout="qdq", kernel="QLinearConv", vnni=has_vnni())
     if fmt == "blocked-int8":
         # channels-last: no Transpose pair around the Gather in ORT's NHWC int8 graph (ConvHandler.blocked)
         rw = OP_HANDLERS["Conv"].blocked(site, idx, channels_last_gather=True)
         return Int8Rewrite(fmt, nodes=rw.nodes, inits=rw.inits, replace_node=rw.replace_node,
-                           drop_init=rw.drop_init, value_tensors=rw.value_tensors, stored_bytes=rw.stored_bytes,
+                           drop_init=rw.drop_init, value_tensors=rw.value_tensors,
+                           stored_bytes=rw.stored_bytes,
                            qdq_nodes=[n.name for n in rw.nodes],
                            qdq_convs=[n.name for n in rw.nodes if n.op_type == "Conv"], **common)
     node = site.node
@@ -367,7 +357,8 @@ def qdq_conv(fmt: str, site: Site, idx: GraphIndex) -> Int8Rewrite:
     named.CopyFrom(node)
     named.name = idx.fresh("conv")
     return Int8Rewrite(fmt, nodes=[named], replace_node=node, value_tensors=[site.init_name],
-                       stored_bytes=site.weight.nbytes, qdq_nodes=[named.name], qdq_convs=[named.name], **common)
+                       stored_bytes=site.weight.nbytes, qdq_nodes=[named.name], qdq_convs=[named.name],
+                       **common)
 
 
 class _Int8(Formulation):
@@ -407,8 +398,9 @@ class CompactInt8(_Int8):
 class _Static(Formulation):
     """The linear int8 formulations with static activation scales: the input quantized with the (scale, zero
     point) calibrated on ``convert``'s calibration inputs (:attr:`Site.act`) by QuantizeLinear instead of
-    DynamicQuantizeLinear, which saves a pass over the input for its range; values outside the calibrated range
-    saturate. The two constants make it 5 bytes larger than the dynamic form, so a tie goes to dynamic."""
+    DynamicQuantizeLinear, which saves a pass over the input for its range; values outside the calibrated
+    range saturate. The two constants make it 5 bytes larger than the dynamic form, so a tie goes to
+    dynamic."""
 
     folds_to_dense = False
     precision = "int8"
@@ -438,4 +430,5 @@ class CompactInt8Static(_Static):
 
 #: the int8 formulations join the registry (``convert`` offers them with ``quantize="int8"``; the static ones
 #: where it has calibration inputs)
-FORMULATIONS.update({f.name: f for f in (BlockedInt8(), CompactInt8(), BlockedInt8Static(), CompactInt8Static())})
+FORMULATIONS.update({f.name: f
+                     for f in (BlockedInt8(), CompactInt8(), BlockedInt8Static(), CompactInt8Static())})

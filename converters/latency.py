@@ -162,12 +162,14 @@ def model_ms(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *,
     digests = {k: graph_digest(m) for k, m in models.items()}
     shapes = ";".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
     key = TimingKey("model_latency", ",".join(f"{k}:{d}" for k, d in sorted(digests.items())), shapes,
-                    str(len(next(iter(feed.values())))), "", ",".join(sorted(models)), precision, int(threads or 0))
+                    str(len(next(iter(feed.values())))), "", ",".join(sorted(models)), precision,
+                    int(threads or 0))
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         return {k: float(v) for k, v in hit.items()}
     sessions = {k: session(m, threads=threads, spin=False) for k, m in models.items()}
-    out = {k: round(v, 4) for k, v in time_interleaved(sessions, feed, min_rounds=7, max_rounds=41, budget_s=2.0).items()}
+    out = {k: round(v, 4)
+           for k, v in time_interleaved(sessions, feed, min_rounds=7, max_rounds=41, budget_s=2.0).items()}
     if cache is not None:
         cache.put(key, out)
     return out

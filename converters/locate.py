@@ -23,7 +23,7 @@ handler knows is left dense with that reason.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -63,6 +63,13 @@ class Site:
     act: tuple[float, int] | None = None
     consumers: int = 1
     weight_bits: int | None = None
+
+
+def relocate(model: onnx.ModelProto, site: Site) -> Site:
+    """The same site with its node objects taken from ``model``'s current node list."""
+    node = next(n for n in model.graph.node if n == site.node)
+    via = next(n for n in model.graph.node if n == site.via_transpose) if site.via_transpose else None
+    return replace(site, node=node, via_transpose=via)
 
 
 def shared_reason(site: Site) -> str | None:
@@ -118,12 +125,12 @@ def _matches(idx: GraphIndex, lb: LayerBlocks, cache: dict[str, np.ndarray]
 def _resolve(lb: LayerBlocks, found: list[tuple[str, str, np.ndarray]]):
     """(the match to use, the copies to merge into it), or why there is none."""
     if not found and not lb.weight.any():
-        return (f"the weight is all zeros (shape {lb.weight.shape}) and no initializer under its name holds it: "
-                "the exporter stores equal tensors once, so another layer's zeros stand for it")
+        return (f"the weight is all zeros (shape {lb.weight.shape}) and no initializer under its name holds "
+                "it: the exporter stores equal tensors once, so another layer's zeros stand for it")
     if not found:
         return (f"no initializer of the exported graph holds this weight (shape {lb.weight.shape}, as is, "
-                "transposed or BatchNorm-scaled): the graph only holds a tensor computed from it, e.g. folded with "
-                "a constant input")
+                "transposed or BatchNorm-scaled): the graph only holds a tensor computed from it, e.g. "
+                "folded with a constant input")
     named = [f for f in found if f[0] == lb.name]
     first = (named or found)[0]
     if all(np.array_equal(f[2], first[2]) for f in found):
@@ -135,8 +142,8 @@ def _resolve(lb: LayerBlocks, found: list[tuple[str, str, np.ndarray]]):
 
 
 def _merge(graph: onnx.GraphProto, keep: str, stored: str, copies: list[tuple[str, str, np.ndarray]]) -> None:
-    """Make every reader of ``copies`` read ``keep`` (through a Transpose where the copy is stored the other way
-    round), and drop the copies (in place)."""
+    """Make every reader of ``copies`` read ``keep`` (through a Transpose where the copy is stored the other
+    way round), and drop the copies (in place)."""
     rename = {}
     transposes = []
     for name, how, _ in copies:
@@ -172,7 +179,9 @@ def _consumer(idx: GraphIndex, name: str, stored: str):
         if not isinstance(c, str):
             return c
         reasons.append(c)
-    return reasons[0] if len(users) == 1 else f"the weight feeds {len(users)} nodes, none rewritable: {reasons[0]}"
+    if len(users) == 1:
+        return reasons[0]
+    return f"the weight feeds {len(users)} nodes, none rewritable: {reasons[0]}"
 
 
 def _one_consumer(idx: GraphIndex, user: tuple[onnx.NodeProto, int], stored: str):

@@ -69,5 +69,5 @@ class Machine:
 
     def line(self) -> str:
         """One line for logs and benchmark headers."""
-        return (f"{self.cpu}, {self.cores} cores, flags: {self.cpu_flags or 'none of ' + '/'.join(ISA_FLAGS[:5])}, "
-                f"onnxruntime {self.onnxruntime}")
+        flags = self.cpu_flags or "none of " + "/".join(ISA_FLAGS[:5])
+        return f"{self.cpu}, {self.cores} cores, flags: {flags}, onnxruntime {self.onnxruntime}"

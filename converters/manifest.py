@@ -20,7 +20,6 @@ not part of the weight.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,14 +109,6 @@ class LayerBlocks:
             kept=np.asarray(d["kept"], dtype=bool),
             padded=bool(d.get("padded", False)),
         )
-
-
-def dump_manifest(layers: list[LayerBlocks]) -> str:
-    return json.dumps([lb.to_json() for lb in layers])
-
-
-def load_manifest(text: str) -> list[LayerBlocks]:
-    return [LayerBlocks.from_json(d) for d in json.loads(text)]
 
 
 def view_of(lb: LayerBlocks, w: np.ndarray) -> np.ndarray:

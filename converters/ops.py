@@ -25,35 +25,20 @@ Linear branches are further cut into chunks of consecutive block-rows whose gath
 ``[rows, k*bc, N]`` take about :data:`CHUNK_BYTES` at N = :data:`REFERENCE_BATCH` (the batch is dynamic, so a
 fixed reference): one Gather of the whole layer replicates every input block ``R*k/C`` times (51x for a
 4096x4096 layer at B = 16, s = 0.8: 27 MB at N = 32), which then streams through memory twice; chunks stay in
-cache between their Gather and MatMul. Measured (MLP 1024-4096-4096-1024, balanced, interleaved, a loaded
-2-core machine): B = 16, s = 0.8, N = 32, 1 thread: 1.63x -> 2.75x over dense; B = 32, s = 0.9, N = 256:
-5.0x -> 6.0x (1 thread), 4.5x -> 6.1x (2 threads); the cost is at N = 1: 2.41x -> 2.06x (more nodes).
-Chunk outputs ``[rows, br, N]`` are joined by one Concat and reshaped to ``[O, N]`` once.
+cache between their Gather and MatMul (faster from N = 32 up, slower at N = 1: more nodes). Chunk outputs
+``[rows, br, N]`` are joined by one Concat and reshaped to ``[O, N]`` once.
 
 N-D inputs (a transformer's ``[batch, sequence, I]``, M = batch x sequence rows) differ in two ways:
 
 - chunks are sized for :data:`REFERENCE_TOKENS` rows, since M is hundreds to thousands. At B = 16,
-  s = 0.8 that is one block-row per chunk. Measured (one layer, feature-major in and out, 1 thread,
-  interleaved; speedup over dense at M = 128 / 1024): 768x768: 1 row 1.48x / 1.73x, 12 rows 1.64x / 1.02x;
-  3072x768: 1 row 1.47x / 1.68x, 12 rows 1.72x / 0.98x; 768x3072: 1 row 1.96x / 1.08x, 12 rows 1.24x / 0.95x.
+  s = 0.8 that is one block-row per chunk.
 - the Gather takes feature rows (index ``c*bc + e``) from ``x^T [I, M]`` straight into ``[rows, k*bc, M]``, so
-  a chunk is two nodes (Gather, MatMul) instead of four: with one block-row per chunk the per-node cost of
-  the Reshapes was 2.2 of 13.9 ms of a BERT-base layer at M = 128. The file keeps the block ids (8 bytes
-  per block); the feature ids are computed from them by constant nodes (Mul, Add, Reshape) that ONNX
+  a chunk is two nodes (Gather, MatMul) instead of four (each node costs time). The file keeps the block ids
+  (8 bytes per block); the feature ids are computed from them by constant nodes (Mul, Add, Reshape) that ONNX
   Runtime folds when it loads the model.
 
-Measured and not adopted (same single layers, 1 thread, M = 128 / 1024, speedup over dense): activations
-tokens-major as MatMul's A operand, one 2-D MatMul per block-row against the pre-packed weight block (Gather
-of [M, C, bc] on axis 1, Concat on the last axis): 768x768 1.27x / 1.02x, 3072x768 1.06x / 0.60x, 768x3072
-1.47x / 0.91x (ONNX Runtime copies the gathered 64-byte pieces one by one); Gemm(transA = 1) per block-row on
-the feature-major gather, output tokens-major (no output Transpose): 768x768 1.41x / 1.21x, 768x3072
-1.66x / 1.02x, against 1.47x / 1.34x and 2.00x / 1.09x for this graph with its output Transpose.
-
-Why blocked gains less on transformers than on MLPs (BERT-base shape, B = 16, s = 0.8, ``bench/encoder_speed.py``):
-the gathered activations are ``nnz / br`` x M floats per layer (362 MB for one encoder layer at M = 1024),
-written by the Gathers and read again when MLAS packs each small GEMM's activation operand, while the dense
-GEMM runs near the core's peak (about 200 GFLOP/s fp32 with AVX-512). The sparse linears are bound by that
-traffic: 1.3-1.7x per layer, against the 5x FLOP limit.
+The measurements behind these choices, the N-D alternatives measured and not adopted, and why blocked gains
+less on transformers than on MLPs (the gathered activations' memory traffic): BENCHMARKS.md section 19.1.
 """
 from __future__ import annotations
 
@@ -99,7 +84,8 @@ def buckets(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> list[np.ndarr
     return [g for g in reversed(groups) if len(g)]
 
 
-def chunk_rows(groups: list[np.ndarray], kept: np.ndarray, bc: int, n_ref: int | None = None) -> list[np.ndarray]:
+def chunk_rows(groups: list[np.ndarray], kept: np.ndarray, bc: int,
+               n_ref: int | None = None) -> list[np.ndarray]:
     """Cut every group of block-rows into consecutive pieces whose gathered activations ``[rows, k*bc, N]``
     (k = the group's padded kept count) take at most :data:`CHUNK_BYTES` at N = ``n_ref`` rows of activations
     (default :data:`REFERENCE_BATCH`)."""
@@ -146,8 +132,8 @@ class _Builder:
         return n
 
     def flatten_leading(self, x: str, features_in: int, features_out: int) -> tuple[str, str]:
-        """``x [*, I] -> [M, I]`` and the shape ``[*, O]`` to restore at the end (``Shape -> Slice -> Concat``,
-        the pattern :func:`converters.chain.feature_major` recognises)."""
+        """``x [*, I] -> [M, I]`` and the shape ``[*, O]`` to restore at the end
+        (``Shape -> Slice -> Concat``, the pattern :func:`converters.chain.feature_major` recognises)."""
         shp = self.node("Shape", [x])
         lead = self.node("Slice", [shp, self.const("s0", const_i64([0])), self.const("s1", const_i64([-1]))])
         out_shape = self.node("Concat", [lead, self.const("o", const_i64([features_out]))], axis=0)
@@ -193,7 +179,8 @@ class LinearHandler:
             cols, valid = _gather_plan(lb.kept, rows)
             k = cols.shape[1]
             wg = wv[rows[:, None], :, cols, :]  # [Rb, k, br, bc]
-            wg = np.where(valid[:, :, None, None], wg, 0.0).transpose(0, 2, 1, 3).reshape(len(rows), br, k * bc)
+            wg = np.where(valid[:, :, None, None], wg, 0.0)
+            wg = wg.transpose(0, 2, 1, 3).reshape(len(rows), br, k * bc)
             if nd_input:
                 # feature index c*bc + e of every kept column, computed from the block ids by constant nodes
                 # that ORT folds at load: the file keeps 8 bytes per block, the graph one node per chunk
@@ -235,15 +222,13 @@ class ConvHandler:
         return None
 
     def blocked(self, site: Site, idx: GraphIndex, channels_last_gather: bool = False) -> Rewrite:
-        """``channels_last_gather``: gather whole blocks of ``bc`` channels of the input moved to the last axis,
-        between a Transpose pair (``x -> [N, *sp, C/bc, bc] -Gather(axis -2)-> -> [N, C', *sp]``). In ORT's QDQ
-        int8 graphs, whose QLinearConvs its NHWC transformer runs channels-last, the pair cancels against the
-        Transposes that transformer puts around each conv (two per blocked conv otherwise: 11.5 % of an
-        all-blocked int8 resnet18 at batch 8), so the Gather runs channels-last with no Transpose at all (see
-        :mod:`converters.qdq`); in fp32 the pair would be pure cost. Measured on resnet18 with every pruned conv
-        ``blocked-int8`` (interleaved with the channels-first Gather, 1 thread, Xeon with AVX-512 VNNI and AMX):
-        0.97x the time at batch 8, 1.00-1.01x at batch 1. A Gather of single channels on the last axis (byte
-        copies) took about 2.8x as long for the whole model (separate runs)."""
+        """``channels_last_gather``: gather whole blocks of ``bc`` channels of the input moved to the last
+        axis, between a Transpose pair (``x -> [N, *sp, C/bc, bc] -Gather(axis -2)-> -> [N, C', *sp]``). In
+        ORT's QDQ int8 graphs, whose QLinearConvs its NHWC transformer runs channels-last, the pair cancels
+        against the Transposes that transformer puts around each conv (two per blocked conv otherwise), so the
+        Gather runs channels-last with no Transpose at all (see :mod:`converters.qdq`); in fp32 the pair would
+        be pure cost. Whole blocks, not single channels: a Gather on the last axis copies its pieces one by
+        one (measured: BENCHMARKS.md section 19.2)."""
         lb, node = site.layer, site.node
         w = site.weight
         O, Cin, *kernel = w.shape
@@ -268,8 +253,10 @@ class ConvHandler:
                 r = 2 + len(kernel)
                 if gi == 0:
                     x_last = b.node("Transpose", [node.input[0]], perm=[0, *range(2, r), 1])
-                    x_last = b.node("Reshape", [x_last, b.const("nsp_cb", const_i64([0] * (r - 1) + [C, bc]))])
-                xg = b.node("Gather", [x_last, b.const(f"blocks{gi}", cols.reshape(-1).astype(np.int64))], axis=r - 1)
+                    x_last = b.node("Reshape",
+                                    [x_last, b.const("nsp_cb", const_i64([0] * (r - 1) + [C, bc]))])
+                xg = b.node("Gather", [x_last, b.const(f"blocks{gi}", cols.reshape(-1).astype(np.int64))],
+                            axis=r - 1)
                 xg = b.node("Reshape", [xg, b.const(f"nsp_c{gi}", const_i64([0] * (r - 1) + [-1]))])
                 xg = b.node("Transpose", [xg], perm=[0, r - 1, *range(1, r - 1)])
             else:
@@ -286,7 +273,8 @@ class ConvHandler:
         if not single:
             o = b.node("Concat", outs, axis=1)
             order = np.concatenate([(r[:, None] * br + np.arange(br)).reshape(-1) for r in groups])
-            b.node("Gather", [o, b.const("chan_order", np.argsort(order).astype(np.int64))], node.output[0], axis=1)
+            b.node("Gather", [o, b.const("chan_order", np.argsort(order).astype(np.int64))], node.output[0],
+                   axis=1)
         return Rewrite("blocked", nodes=b.nodes, inits=b.inits, replace_node=node, drop_init=site.init_name,
                        value_tensors=b.value_tensors, stored_bytes=b.stored)
 

@@ -1,11 +1,12 @@
 """Whole-graph passes that keep ONNX Runtime's function and change only which kernels it picks, each kept only
 where it measures faster on this machine.
 
-- ``unfused_layernorm``: an ``Add`` whose only consumer is a ``LayerNormalization`` becomes a ``Sum`` (the same
-  function). ORT fuses ``Add -> LayerNormalization`` into its ``SkipLayerNormalization`` kernel, which ran 8x
-  slower than ``Sum`` + ``LayerNormalization`` at ``[1, 128, 768]``, 1 thread, on an AMD EPYC with AVX-512
-  (0.93 ms against 0.11 ms, BENCHMARKS.md section 16): at batch 1 it took 23 % of a BERT-base-shaped encoder with
-  a quarter of its heads and neurons left. The fused kernel may be the faster one elsewhere, hence the timing.
+- ``unfused_layernorm``: an ``Add`` whose only consumer is a ``LayerNormalization`` becomes a ``Sum`` (the
+  same function). ORT fuses ``Add -> LayerNormalization`` into its ``SkipLayerNormalization`` kernel, which
+  ran 8x slower than ``Sum`` + ``LayerNormalization`` at ``[1, 128, 768]``, 1 thread, on an AMD EPYC with
+  AVX-512 (0.93 ms against 0.11 ms, BENCHMARKS.md section 16): at batch 1 it took 23 % of a BERT-base-shaped
+  encoder with a quarter of its heads and neurons left. The fused kernel may be the faster one elsewhere,
+  hence the timing.
 
 :func:`choose` times the graph with each pass against without it (interleaved, median, through the timing
 cache) at the serving inputs and applies those that are faster by more than :data:`MIN_GAIN`.
@@ -28,7 +29,8 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def unfused_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every ``Add`` whose output goes only into a ``LayerNormalization`` (as its input) written as ``Sum``."""
+    """Every ``Add`` whose output goes only into a ``LayerNormalization`` (as its input) written as
+    ``Sum``."""
     m = _copy(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in m.graph.node:

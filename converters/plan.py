@@ -8,9 +8,9 @@ made for (weight shape, block, layout and a digest of the kept blocks: :func:`co
 The choices of ``auto``'s whole-model stage (every layer blocked, int8 convs off, fallbacks to dense runtime)
 are per-layer formats and reasons too, so the plan holds them.
 
-``convert(..., plan=plan)`` replays a plan: no timing, the same formats, reasons and weight bits, hence the same
-bytes for the same model and masks, on this machine or another. A plan that does not fit the layers (other
-names, shapes, blocks or kept blocks) raises :class:`PlanMismatch`, saying what differs.
+``convert(..., plan=plan)`` replays a plan: no timing, the same formats, reasons and weight bits, hence the
+same bytes for the same model and masks, on this machine or another. A plan that does not fit the layers
+(other names, shapes, blocks or kept blocks) raises :class:`PlanMismatch`, saying what differs.
 
 JSON form (one object per layer, in the report's ``layers[i]["plan"]``)::
 
@@ -105,11 +105,13 @@ class Plan:
         if not report["layers"]:
             raise PlanError("the report lists no converted layer (the run ended before its conversion)")
         if report.get("structure"):
-            raise PlanError("the report is of a structured run (--structure channels): it has no block-sparse "
-                            "formulations to replay")
-        missing = [str(r.get("name", "?")) for r in report["layers"] if not isinstance(r, dict) or "plan" not in r]
+            raise PlanError("the report is of a structured run (--structure channels): it has no "
+                            "block-sparse formulations to replay")
+        missing = [str(r.get("name", "?")) for r in report["layers"]
+                   if not isinstance(r, dict) or "plan" not in r]
         if missing:
-            raise PlanError(f"layers without a plan: {_few(missing)} (a report of an older version, before plans)")
+            raise PlanError(f"layers without a plan: {_few(missing)} (a report of an older version, before "
+                            "plans)")
         return cls.from_json([r["plan"] for r in report["layers"]])
 
     def __getitem__(self, name: str) -> LayerChoice:
@@ -139,6 +141,6 @@ class Plan:
                 if planned != here:
                     raise PlanMismatch(f"{lb.name}: {what}: the plan has {planned}, this model {here}")
             if masks and mask_digest(lb) != c.mask_digest:
-                raise PlanMismatch(f"{lb.name}: kept blocks: the plan has mask digest {c.mask_digest}, this model "
-                                   f"{mask_digest(lb)} (the plan was written for other masks: another seed, "
-                                   "sparsity, method or data)")
+                raise PlanMismatch(f"{lb.name}: kept blocks: the plan has mask digest {c.mask_digest}, this "
+                                   f"model {mask_digest(lb)} (the plan was written for other masks: another "
+                                   "seed, sparsity, method or data)")

@@ -2,8 +2,8 @@
 
 :class:`Timer` builds the :class:`~converters.cache.TimingKey` of each measurement ``auto`` makes (one layer's
 candidate formulations; whole candidate models against the dense one), returns the cached value when there is
-one, and otherwise measures, stores and counts. Everything ``auto`` decides from a measurement is a function of
-the value returned here, so a run whose measurements all come from the cache makes the same choices, and
+one, and otherwise measures, stores and counts. Everything ``auto`` decides from a measurement is a function
+of the value returned here, so a run whose measurements all come from the cache makes the same choices, and
 writes the same bytes, as the run that measured them.
 """
 from __future__ import annotations
@@ -53,13 +53,14 @@ def _size(t: onnx.TensorProto) -> int:
 
 
 class Timer:
-    """Looks ``auto``'s measurements up in ``cache`` (None: always measure) before measuring them; ``measured``
-    and ``cached`` count the measurements made and those read from the cache.
+    """Looks ``auto``'s measurements up in ``cache`` (None: always measure) before measuring them;
+    ``measured`` and ``cached`` count the measurements made and those read from the cache.
 
     ``model``: the graph the layers are timed in (their ops, weights and inputs); ``precision``: the
     quantization setting and the int8 weight bits (e.g. ``"fp32"``, ``"int8/w8"``)."""
 
-    def __init__(self, cache: TimingCache | None, model: onnx.ModelProto, threads: int | None, precision: str) -> None:
+    def __init__(self, cache: TimingCache | None, model: onnx.ModelProto, threads: int | None,
+                 precision: str) -> None:
         self.cache, self.threads, self.precision = cache, threads or 0, precision
         self.measured = self.cached = 0
         self._model = model
@@ -83,14 +84,16 @@ class Timer:
         node, via = site.node, site.via_transpose
         sig = {"node": [node.op_type, node.domain, [a.SerializeToString().hex() for a in node.attribute]],
                "via": [a.SerializeToString().hex() for a in via.attribute] if via is not None else None,
-               "inputs": [self._inits.get(n, "activation") for n in (*node.input, *(via.input if via else ()))],
+               "inputs": [self._inits.get(n, "activation")
+                          for n in (*node.input, *(via.input if via else ()))],
                "stored": site.stored}
         return f"{node.op_type}:{digest(sig)}"
 
     def layer(self, site: Site, in_shapes: list[list[int]], candidates: list[str],
               measure: Callable[[], dict]) -> dict:
         """One layer's candidates timed at ``in_shapes`` (``measure()`` when not cached)."""
-        key = TimingKey("layer", self.layer_op(site), shapes_text(in_shapes), ",".join(str(s[0]) for s in in_shapes),
+        key = TimingKey("layer", self.layer_op(site), shapes_text(in_shapes),
+                        ",".join(str(s[0]) for s in in_shapes),
                         mask_digest(site.layer), ",".join(sorted(candidates)), self.precision, self.threads)
         return self._lookup(key, measure)
 
@@ -102,6 +105,7 @@ class Timer:
             self._graph = graph_digest(self._model)
         shapes = ";".join(",".join(f"{k}={'x'.join(map(str, v))}" for k, v in f.items()) for f in feed_shapes)
         batch = ",".join(str(next(iter(f.values()))[0]) for f in feed_shapes)
-        key = TimingKey("model", f"model:{self._graph}", shapes, batch, digest([mask_digest(lb) for lb in layers]),
+        key = TimingKey("model", f"model:{self._graph}", shapes, batch,
+                        digest([mask_digest(lb) for lb in layers]),
                         f"{','.join(candidates)}:{digest(candidates)}", self.precision, self.threads)
         return self._lookup(key, measure)

@@ -40,7 +40,8 @@ def _compare(outs, expected, atol: float, rtol: float) -> tuple[list[dict], bool
         o, e = np.asarray(o, np.float64), np.asarray(e, np.float64)
         d = float(np.max(np.abs(o - e))) if o.size else 0.0
         scale = float(np.max(np.abs(e))) if e.size else 0.0
-        rows.append({"max_abs_diff": d, "max_rel_diff": d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))})
+        rows.append({"max_abs_diff": d, "max_rel_diff": d / scale if scale > 0
+                     else (0.0 if d == 0 else float("inf"))})
         ok &= d <= atol + rtol * scale
     return rows, ok
 
@@ -91,8 +92,8 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
             f"{worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|output|)", result)
     if not top1_ok:
         raise VerificationError(
-            f"ONNX Runtime's top-1 agrees with the pruned PyTorch model on {agree:.3f} of the rows, below the "
-            f"floor {floor:g} (max abs diff {worst_abs:.3g} is within tolerance)", result)
+            f"ONNX Runtime's top-1 agrees with the pruned PyTorch model on {agree:.3f} of the rows, below "
+            f"the floor {floor:g} (max abs diff {worst_abs:.3g} is within tolerance)", result)
     return result
 
 
@@ -151,10 +152,12 @@ def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]
     agree = None
     if ref and ref[0].ndim >= 2 and ref[0].shape[-1] > 1:
         agree = float(np.mean(np.asarray(got[0]).argmax(-1) == np.asarray(ref[0]).argmax(-1)))
-    result = Verification(worst_abs, worst_rel, agree, bool(ok), atol, rtol, {"optimizations_on_vs_off": rows})
+    result = Verification(worst_abs, worst_rel, agree, bool(ok), atol, rtol,
+                          {"optimizations_on_vs_off": rows})
     if not result.passed:
         raise VerificationError(
             f"ONNX Runtime's int8 kernels differ from the model's own quantization reference: max abs diff "
-            f"{worst_abs:.3g}, max rel diff {worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|reference|)",
+            f"{worst_abs:.3g}, max rel diff {worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x "
+            "max|reference|)",
             result)
     return result

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from calib_data.shards import load_shard, shipped_shard  # noqa: E402
 from sapp_compress import zoo  # noqa: E402
-from sapp_compress.tasks import infer_task  # noqa: E402
-from sapp_compress.training import predict, train_dense  # noqa: E402
+from sapp_compress.io.tasks import infer_task  # noqa: E402
+from sapp_compress.io.feeds import predict  # noqa: E402
+from sapp_compress.engine.training import train_dense
 
 OUT = ROOT / "examples" / "models"
 

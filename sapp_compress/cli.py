@@ -71,7 +71,7 @@ class LRType(click.ParamType):
 
 
 def _methods() -> list[str]:
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     return sorted(METHODS)
 
@@ -215,11 +215,12 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     progress = Progress(quiet)
     try:
-        from .config import PruneConfig, TrainConfig
-        from .pipeline import OutputConfig, compress, summary
+        from .config import OutputConfig, PruneConfig, TrainConfig
+        from .granularity import resolve
+        from .pipeline import compress
+        from .report import summary
 
-        if structure == "channels":
-            _warn_not_applicable(("block", "balanced", "min_blocks", "indivisible", "conv_layout", "onnx_format"))
+        _warn_not_applicable(structure, resolve(structure).ignored_options)
         if target_speedup is not None and _given("sparsity"):
             raise UsageError("give --target-speedup or --sparsity, not both (the target chooses each layer's "
                              "sparsity)")
@@ -246,10 +247,11 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
         progress.close()
         if isinstance(e, SystemExit):
             raise
-        from .pipeline import exit_code_of
+        from converters.export import one_line
+
+        from .errors import exit_code_of
 
         code = exit_code_of(e)
-        from converters.export import one_line
 
         msg = one_line(e)  # the first line, without terminal colour codes
         if code == 1 and verbose:
@@ -269,10 +271,10 @@ def _given(name: str) -> bool:
     return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
-def _warn_not_applicable(names: tuple[str, ...]) -> None:
-    """Options given on the command line that ``--structure channels`` ignores: say so, once each."""
+def _warn_not_applicable(structure: str, names: tuple[str, ...]) -> None:
+    """Options given on the command line that ``--structure`` ignores: say so, once each."""
     for n in [n for n in names if _given(n)]:
-        click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure channels (whole heads, "
+        click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure {structure} (whole heads, "
                    "neurons and channels are removed; the ONNX is a smaller dense graph): ignored", err=True)
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 _BLOCK_RE = re.compile(r"^\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*$")
 
@@ -66,7 +67,7 @@ class PruneConfig:
     Attributes:
         block: the block shape.
         sparsity: target fraction of blocks removed in each pruned layer, 0 < s < 1.
-        method: a name in :data:`sapp_compress.methods.METHODS`.
+        method: a name in :data:`sapp_compress.engine.methods.METHODS`.
         balanced: keep the same number of blocks in every block-row (fastest ONNX graph).
         min_blocks: layers with fewer blocks are left dense.
         indivisible: what to do when the block does not divide a layer: ``skip`` (leave dense, with a
@@ -82,7 +83,7 @@ class PruneConfig:
             units removed, and the block options do not apply). See :mod:`sapp_compress.structure`.
         target_speedup: with ``channels``, instead of a uniform ``sparsity``: each family's width is chosen so the
             model reaches this measured speed-up in ONNX Runtime on this machine
-            (:mod:`sapp_compress.structure.allocate`).
+            (:mod:`sapp_compress.speed.allocate`).
     """
 
     block: BlockSpec
@@ -133,19 +134,18 @@ LR_CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 @dataclass(frozen=True)
 class LRProbeConfig:
-    """How ``lr="auto"`` measures the rate (:mod:`sapp_compress.lr_probe`; BENCHMARKS.md section 15 says what
-    chose these values).
+    """How ``lr="auto"`` measures the rate (:mod:`sapp_compress.engine.lr_probe`). BENCHMARKS.md section 15 measures
+    each default against the alternatives; the sections named below say what chose it.
 
     Attributes:
         candidates: peak rates tried, each from the same starting weights.
-        strategy: a name in :data:`sapp_compress.lr_probe.STRATEGIES`: ``halving`` (successive halving),
-            ``grid`` (every candidate for the same number of steps) or ``range`` (an LR range test).
-        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores,
-            then its final sparse phase: masks fixed) or ``program`` (the method's whole program, dense, sparsify,
-            sparse, ..., compressed into the probe's steps).
+        strategy: a name in :data:`sapp_compress.engine.lr_probe.strategies.STRATEGIES`: ``halving`` (successive
+            halving), ``grid`` (every candidate for the same number of steps) or ``range`` (an LR range test).
+        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores, then
+            its final sparse phase: masks fixed) or ``program`` (the method's whole program, compressed into the
+            probe's steps).
         budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's (the
-            candidates' first program step, which their warm-up runs at rate zero, runs once with the priming, so
-            ``n - 1`` of them are not spent).
+            candidates' first program step, which their warm-up runs at rate zero, runs once with the priming).
         held_out: fraction of the training shard's rows the candidates are scored on (never trained on by the
             probe; the fine-tune then trains on every row), at most ``max_rows`` rows.
         keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).
@@ -153,47 +153,26 @@ class LRProbeConfig:
         fallback: the rate used when the budget is too short to probe (the report says so).
         scoring: the held-out rows scored, all evaluations together, at most this many times the rows the probe
             trains on (its steps times the batch size): half to the last rung, the other half shared by the
-            earlier evaluations, never fewer than 32 rows an evaluation (nor more than are held out). A forward
-            row costs about a third of a training row, so the scoring adds at most ~40 % to the probe's
-            training; on a transformer scored on all 418 held-out rows at every rung it had tripled the probe
-            (BENCHMARKS.md section 15).
+            earlier evaluations, never fewer than 32 rows an evaluation (nor more than are held out) (15.1).
         anneal: where a candidate's rate decays to zero: ``program`` (one warm-up and cosine over the whole
-            program, as the fine-tune has: an early rung scores a candidate at nearly its peak rate), ``rung``
-            (every rung is a warm-up and cosine cycle of its own, a warm restart from where the last one stopped,
-            so every score is taken with the rate annealed, as the fine-tune's final model is) or ``auto`` (the
-            default): ``rung`` when the candidates run the method's whole program (``phase="sparse"`` and a
-            method that prunes once at step 0 and then trains sparse: magnitude), ``program`` otherwise. Measured
-            (BENCHMARKS.md section 15.10): where the probe reproduces the whole program, annealed rungs see past
-            the short horizon (magnitude on the digits MLP and stdlib_bert gets its best fixed rate); where a dense
-            and a sparsify phase come first (SA++, GMP, ACDC, Powerprop), the hot first rung is what keeps out
-            the rates those phases do not survive (1e-2 on the digits MLP and stdlib_bert, 15.4).
-        prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction
-            of the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the
-            fine-tune's warm-up does, so a candidate's first steps are not Adam's first steps at its peak rate.
-            Counted in the probe's steps, on top of ``budget``.
+            program, as the fine-tune has), ``rung`` (every rung a warm-up and cosine cycle of its own, so every
+            score is taken with the rate annealed) or ``auto`` (the default): ``rung`` when the candidates run the
+            method's whole program (``phase="sparse"`` and a method that prunes once at step 0, then trains sparse:
+            magnitude), ``program`` otherwise (15.4, 15.10).
+        prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction of
+            the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the fine-tune's
+            warm-up does. Counted in the probe's steps, on top of ``budget`` (15.2).
         dense_check: for a method whose program starts with a dense phase (SA++, GMP, ACDC, Powerprop), the
             fine-tune's own first steps (its warm-up and one step at the peak) are run at the winner on a copy, and
             the winner is vetoed when that costs the model more than this share of its held-out advantage over a
             constant prediction (a model with no advantage must not get worse) and ends above ``dense_ratio``
             times the next lower candidate's loss after the same steps; the next lower candidate is then checked
-            in its place. The fine-tune continues from the run of the rate chosen, so a check that passes costs
-            no steps. The probe's candidates train in the final sparse phase, which a rate that wrecks the dense
-            model can still win. Measured (BENCHMARKS.md section 15.5): 1e-2 destroys the trained stdlib_bert in
-            SA++'s dense phase (every fine-tune there ends at chance) while CTR, whose best rate it is, loses
-            about as much at every rate. None: no check.
+            in its place. The fine-tune continues from the run of the rate chosen. None: no check (15.5).
         dense_ratio: see ``dense_check``.
         batch_stats: score the candidates with BatchNorm normalising by each held-out chunk's own statistics
-            instead of its running ones (left as they were). After the one-shot prune the running statistics
-            describe the dense model, and a few steps at a high rate move the weights faster than they follow:
-            scored by them, a structured resnet18's candidates had held-out losses of 0.08-0.23 that were almost
-            all stale statistics (0.002-0.01 by batch statistics) and the probe chose 3e-5 / 1e-4 where 3e-4 is
-            best (BENCHMARKS.md section 15.9); on the same resnet18 pruned to 80 % of its 8 x 8 blocks every
-            candidate scored worse than a constant prediction and SA++ got 1e-5 and 0.87 accuracy, against 3e-3
-            and 0.99 by batch statistics (15.11). The fine-tune's final model has had hundreds of steps to update
-            them; the probe's candidates have not. The dense check always scores this way. Models without
-            BatchNorm score the same either way, bit for bit. The cost (15.9, 15.11): the higher rates it lets
-            through include 1e-2 on the digits CNN at B = 8, s = 0.95, which SA++'s sparsify phase did not
-            survive on one seed of three. False: the running statistics.
+            instead of its running ones (left as they were), which the one-shot prune leaves stale. The dense check
+            always scores this way; models without BatchNorm score the same either way, bit for bit. False: the
+            running statistics (15.9, 15.11).
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -230,7 +209,7 @@ class LRProbeConfig:
             raise ConfigError(f"lr_probe.fallback: expected a positive rate, got {self.fallback!r}")
         if not self.scoring > 0:
             raise ConfigError(f"lr_probe.scoring: expected a positive multiple, got {self.scoring!r}")
-        from .lr_probe import STRATEGIES  # the registry imports this module
+        from .engine.lr_probe.strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
@@ -263,7 +242,7 @@ class TrainConfig:
             ``logit_decay``, on SA++ logits; ALGORITHM.md explains why coupled, not decoupled, decay is what
             makes the attention rank blocks by importance.
         lr: the peak learning rate, or ``"auto"`` (the default; ``None`` means the same): measured on the training
-            shard before the fine-tune by the probe of :mod:`sapp_compress.lr_probe`, configured by ``lr_probe``.
+            shard before the fine-tune by the probe of :mod:`sapp_compress.engine.lr_probe`, configured by ``lr_probe``.
         warmup: fraction of the budget with linear LR warm-up; cosine decay after.
         amp: mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``, ``off``.
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
@@ -328,3 +307,83 @@ class TrainConfig:
         if self.epochs is None:
             return max(300, 10 * per_epoch)
         return max(1, int(round(float(self.epochs) * per_epoch)))
+
+
+#: the default top-1 agreement floor of an int8 classifier against the pruned PyTorch model on the evaluation
+#: rows. Measured on the repository's int8 tests and models: 0.994 (digits MLP) and 0.997 (digits CNN), 1.0
+#: (random-weight efficientnet_b0, DistilBERT, ViT), 0.9 (random-weight resnet18: 1 of 10 rows, near-ties of
+#: random logits); 0.8 leaves room for near-ties on small evaluation sets and refuses 10 of 13.
+MIN_TOP1_AGREEMENT = 0.8
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how they are checked.
+
+    Attributes:
+        onnx_format: ``auto`` or a formulation name (``converters.FORMATS``).
+        max_accuracy_drop: the gate, in score units (0.01 = one accuracy point); None: no gate.
+        atol / rtol: ORT vs pruned PyTorch tolerance: ``max|diff| <= atol + rtol * max|output|``.
+        export_batch_size: the batch size ``auto`` times formulations at (set it to your serving batch). The
+            exporter itself always traces :data:`EXPORT_ROWS` rows, with the batch axis dynamic.
+        verify_samples: evaluation samples compared between ORT and PyTorch.
+        quantize: ``none`` or ``int8`` (the pruned linears' kept blocks in int8: :mod:`converters.int8`).
+        int8_rtol: with int8, ORT's int8 model passes verification when ``max|int8 - torch| <= atol +
+            int8_rtol * max|torch|`` (see :func:`compress`).
+        int8_kernel_rtol: with int8, ORT's integer kernels (graph optimizations on) must match the model's own
+            quantize / dequantize reference (optimizations off) to ``atol + int8_kernel_rtol * max|reference|``
+            (:func:`converters.verify_kernels`).
+        min_top1_agreement: with int8, a classifier's ORT int8 artifact must also agree with the pruned PyTorch
+            model's top-1 on at least this share of the evaluation rows (:data:`MIN_TOP1_AGREEMENT`).
+        plan: a previous run's report whose per-layer choices are replayed instead of ``auto``'s timing
+            (:class:`converters.Plan`; needs ``onnx_format="auto"``).
+        cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing, write),
+            ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
+    """
+
+    output: Path
+    report: Path | None = None
+    save_torch: Path | None = None
+    onnx_format: str = "auto"
+    max_accuracy_drop: float | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    threads: int | None = None
+    export_batch_size: int = 1
+    verify_samples: int = 1024  # at least 2: verification also runs at batch 1, and never at the export's 2
+    quantize: str = "none"
+    int8_rtol: float = 0.2
+    int8_kernel_rtol: float = 0.1
+    min_top1_agreement: float = MIN_TOP1_AGREEMENT
+    plan: Path | None = None
+    cache: str = "use"
+    accept_missed_target: bool = False
+
+    def __post_init__(self) -> None:
+        from converters import FORMATS
+        from converters.cache import MODES
+
+        if self.onnx_format not in FORMATS:
+            raise UsageError(f"onnx format: expected one of {FORMATS}, got {self.onnx_format!r}")
+        if self.plan is not None and self.onnx_format != "auto":
+            raise UsageError(f"--plan replays auto's choices: expected --onnx-format auto with it, got "
+                             f"{self.onnx_format!r}")
+        if self.cache not in MODES:
+            raise UsageError(f"cache: expected one of {MODES}, got {self.cache!r}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UsageError(f"max accuracy drop: expected >= 0, got {self.max_accuracy_drop}")
+        if self.atol < 0 or self.rtol < 0:
+            raise UsageError(f"atol/rtol: expected >= 0, got {self.atol}/{self.rtol}")
+        from converters.convert import QUANTIZE
+
+        if self.quantize not in QUANTIZE:
+            raise UsageError(f"quantize: expected one of {tuple(QUANTIZE)}, got {self.quantize!r}")
+        if not (self.int8_rtol > 0):
+            raise UsageError(f"int8 rtol: expected > 0, got {self.int8_rtol}")
+        if not (self.int8_kernel_rtol > 0):
+            raise UsageError(f"int8 kernel rtol: expected > 0, got {self.int8_kernel_rtol}")
+        if not (0 <= self.min_top1_agreement <= 1):
+            raise UsageError(f"min top-1 agreement: expected 0..1, got {self.min_top1_agreement}")
+        if self.export_batch_size < 1 or self.verify_samples < 3:
+            raise UsageError(f"export batch size and verify samples: expected >= 1 and >= 3, got {self.export_batch_size} "
+                             f"and {self.verify_samples}")

@@ -4,6 +4,8 @@ Messages are one line and show what was expected and what was found.
 """
 from __future__ import annotations
 
+from calib_data.errors import DataError as ShardError
+
 
 class SappError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
@@ -25,8 +27,9 @@ class ModelLoadError(UsageError):
     """The model file could not be loaded safely."""
 
 
-class DataError(UsageError):
-    """A data shard is unreadable or does not fit the model."""
+class DataError(UsageError, ShardError):
+    """A data shard is unreadable or does not fit the model (the shard readers of :mod:`calib_data` raise its base,
+    :class:`calib_data.errors.DataError`)."""
 
 
 class GeometryError(UsageError):
@@ -40,7 +43,8 @@ class UnsupportedModel(UsageError):
 
 class VerificationFailed(SappError):
     """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3. ``result`` holds
-    the measured differences for the report."""
+    the measured differences for the report. (The converters raise their own
+    :class:`converters.VerificationError`, which :mod:`sapp_compress.verify.stages` translates into this.)"""
 
     exit_code = 3
 
@@ -60,3 +64,16 @@ class TargetMissed(SappError):
     corrective round: exit 5 (``--accept-missed-target`` writes it anyway, with a warning)."""
 
     exit_code = 5
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The documented exit code of a failure: 130 for an interrupt, a typed error's own (this module's, and the
+    data package's ``DataError``: 2), 3 for a converter's verification error, else 1."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    code = getattr(e, "exit_code", None) if isinstance(e, (SappError, ShardError)) else None
+    if code is not None:
+        return code
+    from converters import VerificationError
+
+    return 3 if isinstance(e, VerificationError) else 1

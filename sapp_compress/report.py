@@ -8,13 +8,10 @@ score, null where unknown), ``verification`` (``max_abs_diff``, ``max_rel_diff``
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
 
 
 def versions() -> dict:
@@ -36,32 +33,6 @@ def empty_report() -> dict:
         "versions": versions(), "timings": {}, "config": {}, "task": None, "device": None,
         "mask_digest": None,
     }
-
-
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomic: a temporary file in the same directory, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def block_sparsity(layers) -> float:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..masks import UnitMask
+from ..engine.units import UnitMask
 from .groups import UNIT_MULTIPLE, GroupFamily
 
 

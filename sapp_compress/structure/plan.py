@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..errors import GeometryError
-from ..geometry import SkippedLayer
 from .gates import FamilyPlan
 from .groups import GroupFamily, StructurePlan, WholeAxis, discover, select
 from .remove import max_rel_diff, random_keep, remove, zero_removed
@@ -60,10 +59,10 @@ def check_removal(model: nn.Module, inner_of, families: list[GroupFamily], keep:
 
 
 def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor, ...], cfg: PruneConfig,
-                  inner_of=lambda m: m) -> tuple[list[FamilyPlan], list[SkippedLayer], StructurePlan]:
+                  inner_of=lambda m: m) -> tuple[list[FamilyPlan], StructurePlan]:
     """Discover ``model``'s structural families on ``inputs`` (names as in ``inner``), keep those ``cfg``
     selects, check that removing units at ``cfg.sparsity`` is exact (a random choice of units), and return the
-    families bound to ``inner``, the axes left whole (as skipped layers, with reasons) and the plan.
+    families bound to ``inner`` and the plan (its ``whole``: every weight axis left whole, with the reason).
 
     Raises:
         GeometryError: no family can lose units, or ``cfg.sparsity`` leaves a family with no unit.
@@ -93,12 +92,11 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
                                  plan.whole + [WholeAxis(t, a, f"its units cannot be removed exactly: {bad[f.name]}")
                                                for f in plan.families if f.name in bad for t, a in f.producers],
                                  plan.ops, plan.records)
-    skipped = [SkippedLayer(f"{w.tensor}[{w.axis}]", w.reason) for w in plan.whole]
     if not plan.families:
         reasons = sorted({w.reason for w in plan.whole})
         raise GeometryError("--structure channels: no attention head, neuron or channel can be removed from this "
                             f"model ({'; '.join(reasons[:3]) or 'it has no Linear or Conv layer'})")
-    return [FamilyPlan(f, inner) for f in plan.families], skipped, plan
+    return [FamilyPlan(f, inner) for f in plan.families], plan
 
 
 __all__ = ["PARITY_RTOL", "check_removal", "plan_families"]

@@ -60,7 +60,7 @@ def test_save_torch_loads_without_trust(run_cli, tmp_path, mlp_path):
     code, err = run_cli(mlp_path, "-o", out, "--save-torch", pt, "-q", *FAST)
     assert code == 0, err
     assert err.strip() == ""  # -q: nothing but errors
-    from sapp_compress.loading import load_model
+    from sapp_compress.io.loading import load_model
 
     model = load_model(pt)
     assert any((p == 0).any() for p in model.parameters())

@@ -44,7 +44,7 @@ def test_shard_with_both_label_names_is_refused(tmp_path):
 def test_rnn_weights_are_listed_as_dense_with_a_reason():
     """An LSTM / GRU classifier's recurrent weights (most of its parameters) were neither pruned nor listed."""
     from sapp_compress import PruneConfig
-    from sapp_compress.geometry import plan_layers
+    from sapp_compress.blocks.geometry import plan_layers
 
     class Recurrent(nn.Module):
         def __init__(self):
@@ -115,15 +115,15 @@ def test_fine_tune_time_excludes_the_precheck(run_cli, tmp_path, mlp_path, monke
     """The report's ``fine_tune`` seconds included the pre-check's: a pre-check made 3 s slower showed there."""
     import time
 
-    from sapp_compress import pipeline
+    from sapp_compress.granularity import blocks
 
-    real = pipeline.dry_run_model  # runs inside the pre-check's own timer
+    real = blocks.dry_run_model  # runs inside the pre-check's own timer
 
     def slow(*a, **k):
         time.sleep(3.0)
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "dry_run_model", slow)
+    monkeypatch.setattr(blocks, "dry_run_model", slow)
     code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
                         "--onnx-format", "compact", "--block", "8", "--steps", "2")
     assert code == 0, err
@@ -144,8 +144,8 @@ def test_summary_keeps_q_k_v_apart():
 def test_arch_takes_constructor_arguments(tmp_path):
     """--arch module:callable(k=literal, ...): a state_dict of a 10-class torchvision ResNet."""
     from sapp_compress.errors import ModelLoadError
-    from sapp_compress.extras import require
-    from sapp_compress.loading import arch_arguments, load_model
+    from sapp_compress.io.extras import require
+    from sapp_compress.io.loading import arch_arguments, load_model
 
     try:
         tv = require("torchvision", "this test")
@@ -176,7 +176,8 @@ def test_module_called_twice_is_pruned_once_and_stored_once(tmp_path):
     """"2 initializers hold this weight; refusing to guess" (exit 2) for a Linear applied twice: now one weight,
     one compact storage, both calls read it, verified against PyTorch."""
     from sapp_compress import PruneConfig, TrainConfig
-    from sapp_compress.pipeline import OutputConfig, compress
+    from sapp_compress.config import OutputConfig
+    from sapp_compress.pipeline import compress
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "s.npz", x=rng.standard_normal((40, 3, 16)).astype(np.float32), y=rng.integers(0, 8, 40))
@@ -200,7 +201,7 @@ def test_old_style_weight_norm_is_folded_and_saves():
 
     from torch.nn.utils import parametrizations, parametrize
 
-    from sapp_compress.masks import fold_foreign
+    from sapp_compress.io.reparametrizations import fold_foreign
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

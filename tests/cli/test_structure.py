@@ -22,7 +22,7 @@ from real_models import MODELS as CASES  # noqa: E402
 from conftest import one_line_error  # noqa: E402
 from sapp_compress.cli import main  # noqa: E402
 from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
 
 FAST = ["--structure", "channels", "--sparsity", "0.5", "--steps", "4", "--batch-size", "16"]
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ROOT, one_line_error  # noqa: E402
 from sapp_compress.cli import main  # noqa: E402
 from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
-from sapp_compress.structure.allocate import REFINE  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
+from sapp_compress.speed.allocate import REFINE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -114,23 +114,22 @@ def test_bad_combinations(tmp_path, mlp_path, extra, match):
 def test_missed_target_exits_5_and_writes_nothing(tmp_path, mlp_path, monkeypatch):
     """A model that stays slower than the target after the corrective round: exit 5, no output, the report
     says what was measured. (The measurement is replaced by a slow one to force the case.)"""
-    from sapp_compress import pipeline
+    from sapp_compress.speed import target
 
     def slow(original, proto, artifact, int8, out, feed, calibration):
         return {"batch": 1, "threads": None, "ms": {"dense": 1.0, "pruned": 0.9}, "measured": 1.0 / 0.9}
 
-    monkeypatch.setattr(pipeline, "_measure_speedup", slow)
+    monkeypatch.setattr(target, "measure_speedup", slow)
     # the latency table of a model this small is timing noise (it predicted 0.73x at best on one machine): a
     # table whose dense latency is ten times its smallest model's makes 1.5x reachable everywhere
-    from sapp_compress.structure import allocate
-    real = allocate.build_table
+    real = target.build_table
 
     def reachable(*a, **k):
         table = real(*a, **k)
         table.dense_ms = 10 * table.predict({f: w[0] for f, w in table.widths.items()})
         return table
 
-    monkeypatch.setattr(allocate, "build_table", reachable)
+    monkeypatch.setattr(target, "build_table", reachable)
     rep = tmp_path / "r.json"
     code, out = _run(mlp_path, "--structure", "channels", "--target-speedup", "1.5", "--steps", "4",
                      "-o", tmp_path / "m.onnx", "--report", rep)

@@ -1,5 +1,4 @@
 """The rule ``auto`` follows when it picks a formulation, restated for the tests."""
-import numpy as np
 
 
 def auto_rule_holds(o) -> bool:

@@ -1,7 +1,7 @@
-"""``auto`` is replayable and cached: its measurements go through a per-machine timing cache (a second run reads
-them all and writes the same bytes), a conversion's plan replays it exactly with no timing, a plan made for
-other layers or masks is refused saying what differs, and the cache survives corrupt entries and concurrent
-writers."""
+"""``auto`` is replayable and cached: its measurements go through a per-machine timing cache (a second run
+reads them all and writes the same bytes), a conversion's plan replays it exactly with no timing, a plan made
+for other layers or masks is refused saying what differs, and the cache survives corrupt entries and
+concurrent writers."""
 from __future__ import annotations
 
 import functools
@@ -23,7 +23,8 @@ from converters.int8 import default_weight_bits
 
 @pytest.fixture()
 def timings(monkeypatch):
-    """Counts ONNX Runtime timing runs (every measurement ``auto`` makes goes through ``interleaved_samples``)."""
+    """Counts ONNX Runtime timing runs (every measurement ``auto`` makes goes through
+    ``interleaved_samples``)."""
     calls = []
     real = converters.runtime.interleaved_samples
 
@@ -49,7 +50,8 @@ CASES = {"mlp": ("mlp", "none"), "cnn_int8": ("rescnn_bn", "int8")}
 
 @pytest.fixture(scope="module")
 def mlp_cache(tmp_path_factory):
-    """A timing cache holding one auto conversion of the mlp case, and that conversion (copy it to change it)."""
+    """A timing cache holding one auto conversion of the mlp case, and that conversion (copy it to change
+    it)."""
     root = tmp_path_factory.mktemp("mlp_cache")
     proto, manifest, rows = _case("mlp")
     return root, convert(proto, manifest, cache=TimingCache.open("use", root), **_auto(rows))
@@ -83,8 +85,8 @@ def test_second_auto_run_reads_every_timing_from_the_cache_and_writes_the_same_b
 
 
 def test_plan_round_trips_through_json_and_replays_the_int8_weight_bits_it_names():
-    """A plan read on another machine keeps its int8 weight bits (7 or 8: the CPU check's choice), so the bytes
-    do not depend on the replaying CPU."""
+    """A plan read on another machine keeps its int8 weight bits (7 or 8: the CPU check's choice), so the
+    bytes do not depend on the replaying CPU."""
     proto, manifest, rows = _case("mlp")
     made = convert(proto, manifest, fmt="blocked", quantize="int8")
     plan = Plan.from_json(json.loads(json.dumps(made.plan.to_json())))
@@ -104,13 +106,15 @@ def test_plan_for_other_layers_shapes_or_masks_is_refused_saying_what_differs():
     with pytest.raises(PlanMismatch, match=r"not in the plan: 2\.weight"):
         convert(proto, manifest, plan=Plan(plan.layers[:1]))
     wrong = Plan((replace(plan.layers[0], shape=(64, 64)), *plan.layers[1:]))
-    with pytest.raises(PlanMismatch, match=r"0\.weight: weight shape: the plan has \[64, 64\], this model \[128, 64\]"):
+    with pytest.raises(PlanMismatch,
+                       match=r"0\.weight: weight shape: the plan has \[64, 64\], this model \[128, 64\]"):
         convert(proto, manifest, plan=wrong)
     _, other_masks, _ = _case("mlp", seed=1)
     with pytest.raises(PlanMismatch, match=r"0\.weight: kept blocks: the plan has mask digest"):
         convert(proto, other_masks, plan=plan)
     with pytest.raises(PlanMismatch, match=r"blocked-int8 is int8"):
-        convert(proto, manifest, plan=Plan(tuple(replace(c, onnx_format="blocked-int8") for c in plan.layers)))
+        convert(proto, manifest,
+                plan=Plan(tuple(replace(c, onnx_format="blocked-int8") for c in plan.layers)))
 
 
 def test_refresh_measures_again_and_overwrites_the_cache(tmp_path, timings, mlp_cache):
@@ -120,7 +124,8 @@ def test_refresh_measures_again_and_overwrites_the_cache(tmp_path, timings, mlp_
     before = {p: json.loads(p.read_text())["value"] for p in tmp_path.rglob("*.json")}
     cache = TimingCache.open("refresh", tmp_path)
     res = convert(proto, manifest, cache=cache, **kw)
-    assert len(timings) >= len(before) and res.timing["measured"] == len(before) and res.timing["from_cache"] == 0
+    assert len(timings) >= len(before)
+    assert res.timing["measured"] == len(before) and res.timing["from_cache"] == 0
     assert cache.hits == 0 and cache.writes == len(before)
     after = {p: json.loads(p.read_text())["value"] for p in tmp_path.rglob("*.json")}
     assert set(after) == set(before) and after != before  # the same keys, new medians
@@ -173,14 +178,15 @@ def test_concurrent_writers_and_readers_never_see_a_partial_entry(tmp_path, capl
             t.join()
     assert not errors and not caplog.records
     assert TimingCache(tmp_path).get(key)["j"] == 29
-    assert [p.name for p in (tmp_path / "timings" / "layer").iterdir()] == [f"{key.sha256}.json"]  # no temp left
+    # no temporary file left
+    assert [p.name for p in (tmp_path / "timings" / "layer").iterdir()] == [f"{key.sha256}.json"]
 
 
 def test_key_is_named_fields_and_each_field_matters(tmp_path):
     key = _key()
     fields = key.to_json()
-    assert set(fields) == {"kind", "op", "shapes", "batch", "mask", "formulation", "precision", "threads", "code",
-                           "machine"}
+    assert set(fields) == {"kind", "op", "shapes", "batch", "mask", "formulation", "precision", "threads",
+                           "code", "machine"}
     assert set(fields["machine"]) == {"cpu", "cpu_flags", "cores", "onnxruntime"}
     c = TimingCache(tmp_path)
     c.put(key, {"v": 1})
@@ -192,7 +198,8 @@ def test_key_is_named_fields_and_each_field_matters(tmp_path):
     assert mask_digest(manifest[0]) != mask_digest(_case("mlp", seed=1)[1][0])
 
 
-def test_cache_location_env_then_xdg_then_home_and_an_unwritable_one_is_a_warning(tmp_path, monkeypatch, caplog):
+def test_cache_location_env_then_xdg_then_home_and_an_unwritable_one_is_a_warning(tmp_path, monkeypatch,
+                                                                                  caplog):
     monkeypatch.setenv(ENV, str(tmp_path / "mine"))
     assert default_root() == tmp_path / "mine"
     monkeypatch.delenv(ENV)

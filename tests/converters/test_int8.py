@@ -6,8 +6,8 @@ Tolerances are derived, not picked:
   :func:`converters.int8.error_bound`: per output, ``sum_i |w_oi| s_x/2 + |x_i| s_w[o]/2 + s_x s_w[o]/4``),
   plus ``1e-5 x max|y|`` for float32 rounding of the reference and of the rescale;
 - against the exact integer arithmetic (``s_x s_w[o] sum_i q_oi (xq_i - z_x)`` evaluated in int64 from the
-  graph's own quantized input): float32 rounding only (``1e-5 x max|y|``), which shows the integer GEMM did not
-  saturate with the weight bit width chosen for this CPU.
+  graph's own quantized input): float32 rounding only (``1e-5 x max|y|``), which shows the integer GEMM did
+  not saturate with the weight bit width chosen for this CPU.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from converters import LayerBlocks, export_onnx, locate
 from converters.rewrite import apply
 from converters.graph import GraphIndex, prune_unused
-from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, CompactInt8, compact_int8, Int8Rewrite, blocked_int8, calibrate_activation, default_weight_bits,
+from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, CompactInt8, compact_int8, Int8Rewrite,
+                             blocked_int8, calibrate_activation, default_weight_bits,
                              ensure_ms_opset, error_bound, quantize_rows)
 from converters.manifest import element_mask
 from converters.ops import buckets, chunk_rows
@@ -53,7 +54,8 @@ def _gemm(lb):
     g = helper.make_graph([helper.make_node("Gemm", ["x", lb.name, "b"], ["y"], transB=1)], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", I])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", O])],
-                          initializer=[numpy_helper.from_array(lb.weight, lb.name), numpy_helper.from_array(b, "b")])
+                          initializer=[numpy_helper.from_array(lb.weight, lb.name),
+                                       numpy_helper.from_array(b, "b")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), b
 
 
@@ -175,7 +177,8 @@ def test_engine_mlp(balanced):
     assert len(layers) >= 2
     bits = default_weight_bits()
     m, rewrites = _int8(proto, layers)
-    assert [(o.domain, o.version) for o in m.opset_import] == [(o.domain, o.version) for o in proto.opset_import]
+    opsets = [(o.domain, o.version) for o in proto.opset_import]
+    assert [(o.domain, o.version) for o in m.opset_import] == opsets
     onnx.checker.check_model(m, full_check=True)
     assert m.SerializeToString() == _int8(proto, layers)[0].SerializeToString()
     assert {rw.weight_bits for rw in rewrites} == {bits}
@@ -293,8 +296,9 @@ def test_through_convert_when_registered(case, monkeypatch):
     """Registered as formulations, both int8 forms go through ``convert`` (its chain passes included) on N-D
     MatMul linears (transformer) and a 2-D one (ctr); blocked-int8 and compact-int8 do the same integer
     arithmetic, so their outputs agree up to float32 rounding (which can flip the rounding of a requantized
-    activation in a later layer: allowed 2e-3 of the output's scale, about one step of the input scale). Stated tolerance against PyTorch: 2 % of the
-    output's scale (the per-layer bounds compound through attention and LayerNorm)."""
+    activation in a later layer: allowed 2e-3 of the output's scale, about one step of the input scale).
+    Stated tolerance against PyTorch: 2 % of the output's scale (the per-layer bounds compound through
+    attention and LayerNorm)."""
     import sys
 
     from converters import convert
@@ -322,9 +326,9 @@ def test_through_convert_when_registered(case, monkeypatch):
 @pytest.mark.parametrize("case", ["mlp", "transformer"])
 def test_static_formulations_through_convert(case, monkeypatch):
     """With calibration inputs, the static forms (QuantizeLinear with the calibrated scale instead of
-    DynamicQuantizeLinear) join the candidates: within 2 % of the output's scale of PyTorch (the calibration rows
-    are the evaluated rows, so nothing saturates), their int8 record says static with its scale, and auto times
-    them. Without calibration they do not apply."""
+    DynamicQuantizeLinear) join the candidates: within 2 % of the output's scale of PyTorch (the calibration
+    rows are the evaluated rows, so nothing saturates), their int8 record says static with its scale, and auto
+    times them. Without calibration they do not apply."""
     import sys
 
     from converters import convert
@@ -347,7 +351,8 @@ def test_static_formulations_through_convert(case, monkeypatch):
         assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
     site = locate(proto, manifest[:1])[0][0]
     assert FORMULATIONS["blocked-int8-static"].reason_not(site).startswith("no calibrated activation range")
-    res = convert(proto, manifest, fmt="auto", quantize="int8", timing_inputs={k: v[:8] for k, v in x.items()},
+    res = convert(proto, manifest, fmt="auto", quantize="int8",
+                  timing_inputs={k: v[:8] for k, v in x.items()},
                   calibration_inputs=x, threads=1)
     assert all({"blocked-int8-static", "compact-int8-static", "blocked-int8"} <= set(lo.latencies_ms)
                for lo in res.layers)

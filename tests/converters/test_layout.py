@@ -1,5 +1,5 @@
-"""The converters' modules point one way: no module imports, at any depth (a function-level import included), a
-module that imports it back, and none imports ``sapp_compress`` (layers point downwards)."""
+"""The converters' modules point one way: no module imports, at any depth (a function-level import included),
+a module that imports it back, and none imports ``sapp_compress`` (layers point downwards)."""
 from __future__ import annotations
 
 import ast
@@ -22,7 +22,8 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.split(".")[0] in ("converters", "sapp_compress"):
-                    out.add(a.name.split(".")[1] if a.name.startswith("converters.") else a.name.split(".")[0])
+                    out.add(a.name.split(".")[1] if a.name.startswith("converters.")
+                            else a.name.split(".")[0])
     return out
 
 

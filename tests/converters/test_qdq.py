@@ -88,7 +88,8 @@ def test_auto_times_int8_convs():
     is not slower than with them in fp32: whatever it picks, the model is valid and within the int8 bound."""
     proto, manifest, xs, ref = _proto("rescnn_bn", True)
     x = feed(xs)
-    res = convert(proto, manifest, fmt="auto", quantize="int8", timing_inputs={k: v[:8] for k, v in x.items()},
+    res = convert(proto, manifest, fmt="auto", quantize="int8",
+                  timing_inputs={k: v[:8] for k, v in x.items()},
                   calibration_inputs=x, threads=1)
     onnx.checker.check_model(res.model, full_check=True)
     for lo in res.layers:
@@ -128,7 +129,8 @@ def test_float_reference_is_the_integer_matmul():
 
 def test_kernel_check_on_dynamic_linears():
     """The MLP's blocked-int8 linears (DynamicQuantizeLinear -> MatMulInteger, fused by ORT into
-    MatMulIntegerToFloat) against their float reference: float32 rounding only (1e-5 of the output's scale)."""
+    MatMulIntegerToFloat) against their float reference: float32 rounding only (1e-5 of the output's
+    scale)."""
     model, manifest, _, xs = build_case("mlp", True)
     proto = export_onnx(model, tuple(x[:2] for x in xs), input_names=names_for(xs))
     res = convert(proto, manifest, fmt="blocked", quantize="int8")

@@ -1,9 +1,10 @@
 """Contract tests on small hand-built ONNX graphs, parametrised over every registered formulation.
 
-Each graph holds one pruned layer in one of the shapes the exporter emits: Gemm (transB = 1, bias), MatMul on a
-3-D input with the weight stored transposed, MatMul fed by a Transpose of the weight, Conv 2-D and Conv 1-D.
+Each graph holds one pruned layer in one of the shapes the exporter emits: Gemm (transB = 1, bias), MatMul on
+a 3-D input with the weight stored transposed, MatMul fed by a Transpose of the weight, Conv 2-D and Conv 1-D.
 The dense graph run in ONNX Runtime with optimizations off is the reference; every formulation must match it
-(stated tolerance: 1e-5 x max|output|) with optimizations off and on, and pass ``check_model(full_check=True)``.
+(stated tolerance: 1e-5 x max|output|) with optimizations off and on, and pass
+``check_model(full_check=True)``.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def conv(lb):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, *spatial])
     pads = [1] * (2 * len(k))
     node = helper.make_node("Conv", ["x", lb.name, "b"], ["y"], pads=pads, strides=[2] + [1] * (len(k) - 1))
-    return _model([node], [x], {lb.name: lb.weight, "b": np.linspace(-1, 1, O, dtype=np.float32)}, 2 + len(k)), \
+    return _model([node], [x], {lb.name: lb.weight, "b": np.linspace(-1, 1, O, dtype=np.float32)},
+                  2 + len(k)), \
         {"x": (2, C, *spatial)}
 
 
@@ -213,12 +215,13 @@ def test_forced_dense_and_grouped_conv_carry_a_reason():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_weight_held_twice_is_stored_once_and_every_consumer_rewritten(fmt):
-    """One weight, two copies (a module called twice: as is for a Gemm, transposed for a MatMul): merged into one
-    initializer that both read; only the formulations that rebuild the tensor by name apply, and it is stored
-    once."""
+    """One weight, two copies (a module called twice: as is for a Gemm, transposed for a MatMul): merged into
+    one initializer that both read; only the formulations that rebuild the tensor by name apply, and it is
+    stored once."""
     lb = _layer("w", "linear", (16, 16), (8, 8))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
-    nodes = [helper.make_node("Gemm", ["x", "a"], ["h"], transB=1), helper.make_node("MatMul", ["h", "b"], ["y"])]
+    nodes = [helper.make_node("Gemm", ["x", "a"], ["h"], transB=1),
+             helper.make_node("MatMul", ["h", "b"], ["y"])]
     m = _model(nodes, [x], {"a": lb.weight, "b": np.ascontiguousarray(lb.weight.T)})
     res = convert(m, [lb], fmt=fmt, timing_inputs={"x": np.ones((4, 16), np.float32)})
     out = res.layers[0]
@@ -236,15 +239,16 @@ def test_weight_held_twice_in_different_forms_is_refused_not_guessed():
     lb = _layer("w", "linear", (16, 16), (8, 8))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
     m = _model([helper.make_node("Gemm", ["x", "a"], ["h"], transB=1),
-                helper.make_node("Gemm", ["h", "b"], ["y"], transB=1)], [x], {"a": lb.weight, "b": lb.weight * 2})
+                helper.make_node("Gemm", ["h", "b"], ["y"], transB=1)], [x],
+               {"a": lb.weight, "b": lb.weight * 2})
     with pytest.raises(converters.WeightNotFound, match="refusing to guess"):
         convert(m, [lb], fmt="blocked")
     assert "refusing to guess" in converters.unplaceable(m, [lb])["w"]
 
 
 def test_zero_scaled_weight_is_found_under_its_name():
-    """A conv whose BatchNorm scale is 0 (timm's zero_init_last) folds to zeros: found by its name, not refused;
-    an unnamed all-zero tensor matches nothing."""
+    """A conv whose BatchNorm scale is 0 (timm's zero_init_last) folds to zeros: found by its name, not
+    refused; an unnamed all-zero tensor matches nothing."""
     lb = _layer("conv.weight", "conv_channel", (16, 16, 3, 3), (8, 8))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 5, 5])
     zero = np.zeros_like(lb.weight)
@@ -254,10 +258,11 @@ def test_zero_scaled_weight_is_found_under_its_name():
     assert site.init_name == "conv.weight" and not site.weight.any()
     half = zero.copy()
     half[8:] = 3.0 * lb.weight[8:]  # half the channels scaled by 0, half by 3
-    m = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x], {"other": half}, rank=4)
+    m = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x], {"other": half},
+               rank=4)
     assert converters.locate(m, [lb])[0][0].init_name == "other"
-    unnamed = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x], {"other": zero},
-                     rank=4)
+    unnamed = _model([helper.make_node("Conv", ["x", "other"], ["y"], pads=[1, 1, 1, 1])], [x],
+                     {"other": zero}, rank=4)
     assert "no initializer" in converters.unplaceable(unnamed, [lb])["conv.weight"]
 
 
@@ -313,7 +318,8 @@ def test_consecutive_3d_blocked_linears_leave_two_transposes_after_ort(act):
     act_node = (helper.make_node("Gelu", ["a"], ["h"], domain="") if act == "Gelu"
                 else helper.make_node("Relu", ["a"], ["h"]))
     nodes = [helper.make_node("MatMul", ["x", "w1t"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a"]),
-             act_node, helper.make_node("MatMul", ["h", "w2t"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["y"])]
+             act_node, helper.make_node("MatMul", ["h", "w2t"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
     inits = {"w1t": np.ascontiguousarray(l1.weight.T), "w2t": np.ascontiguousarray(l2.weight.T),
              "b1": np.linspace(-1, 1, 64, dtype=np.float32), "b2": np.linspace(-1, 1, 32, dtype=np.float32)}
     dense = _model(nodes, [x], inits, rank=3)
@@ -326,21 +332,24 @@ def test_consecutive_3d_blocked_linears_leave_two_transposes_after_ort(act):
 
 def test_exported_transformer_ffn_transposes_cancel_in_ort():
     """The exporter's 3-D FFN (MatMul -> Add(b) -> Relu -> MatMul) keeps only the Transposes at its two ends
-    after ORT's optimizations; attention out_proj (Gemm between LayerNorm and the residual Add) keeps its two."""
+    after ORT's optimizations; attention out_proj (Gemm between LayerNorm and the residual Add) keeps its
+    two."""
     import torch
 
     from converters import export_onnx
     from sapp_compress import zoo
 
     torch.manual_seed(0)
-    model = zoo.TransformerClassifier(vocab=16, d_model=32, n_heads=4, dim_ff=64, n_layers=2, max_len=8).eval()
+    model = zoo.TransformerClassifier(vocab=16, d_model=32, n_heads=4, dim_ff=64, n_layers=2,
+                                      max_len=8).eval()
     rng = np.random.default_rng(0)
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name.startswith("encoder"):
             w = m.weight.detach()
             R, C = w.shape[0] // 8, w.shape[1] // 8
-            lb = LayerBlocks(f"{name}.weight", "linear", tuple(w.shape), (8, 8), _kept(rng, R, C, max(1, C // 4), True))
+            lb = LayerBlocks(f"{name}.weight", "linear", tuple(w.shape), (8, 8),
+                             _kept(rng, R, C, max(1, C // 4), True))
             with torch.no_grad():
                 m.weight.mul_(torch.from_numpy(element_mask(lb)))
             layers.append(LayerBlocks(lb.name, "linear", lb.weight_shape, (8, 8), lb.kept,
@@ -371,7 +380,8 @@ def test_exported_3d_gelu_mlp_keeps_two_transposes(opset):
     for name, lin in m.named_modules():
         if isinstance(lin, torch.nn.Linear):
             R, C = lin.weight.shape[0] // 8, lin.weight.shape[1] // 8
-            lb = LayerBlocks(f"{name}.weight", "linear", tuple(lin.weight.shape), (8, 8), _kept(rng, R, C, 2, True))
+            lb = LayerBlocks(f"{name}.weight", "linear", tuple(lin.weight.shape), (8, 8),
+                             _kept(rng, R, C, 2, True))
             with torch.no_grad():
                 lin.weight.mul_(torch.from_numpy(element_mask(lb)))
             layers.append(LayerBlocks(lb.name, "linear", lb.weight_shape, (8, 8), lb.kept,

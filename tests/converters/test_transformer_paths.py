@@ -1,7 +1,7 @@
 """Block-sparse linears on N-D (token) inputs, ``auto`` on transformers, and the converter's clean-up.
 
-Small hand-built graphs (``x [N, T, I] @ W^T`` chains, as the exporter emits ``nn.Linear`` on 3-D inputs) and a
-tiny BERT (2 layers, hidden 64, exported at batch 2 x sequence 8) are converted; the reference is the dense
+Small hand-built graphs (``x [N, T, I] @ W^T`` chains, as the exporter emits ``nn.Linear`` on 3-D inputs) and
+a tiny BERT (2 layers, hidden 64, exported at batch 2 x sequence 8) are converted; the reference is the dense
 export run in ONNX Runtime with optimizations off (its pruned blocks are exact zeros, so it is the pruned
 model). Tolerance: 1e-5 x max|output| + 1e-6 (fp32 sums in another order). Sizes are tiny: seconds in all.
 """
@@ -15,10 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converters import FORMATS, LayerBlocks, convert, run_onnx
-from converters.convert import timing_feeds
+from converters.choose import timing_feeds
 from converters.graph import prune_unused
 from converters.manifest import element_mask
-from converters.runtime import session
 from converters.verify import check
 
 OPSET = 18
@@ -39,8 +38,8 @@ def _layer(name, shape, block, balanced=True, seed=0, density=0.25):
 
 
 def mlp_3d(layers: list[LayerBlocks], residual: bool = False) -> onnx.ModelProto:
-    """``x [N, T, I]`` through MatMul (W^T stored) + bias + Relu per layer, optionally a residual Add at the end
-    (the last layer's output width equals the input's then)."""
+    """``x [N, T, I]`` through MatMul (W^T stored) + bias + Relu per layer, optionally a residual Add at the
+    end (the last layer's output width equals the input's then)."""
     I = layers[0].weight_shape[1]
     nodes, inits, cur = [], {}, "x"
     for i, lb in enumerate(layers):
@@ -58,7 +57,8 @@ def mlp_3d(layers: list[LayerBlocks], residual: bool = False) -> onnx.ModelProto
     nodes.append(helper.make_node("Identity", [cur], ["y"]))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", I])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", layers[-1].weight_shape[0]])
-    g = helper.make_graph(nodes, "g", [x], [y], initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
+    g = helper.make_graph(nodes, "g", [x], [y],
+                          initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -110,7 +110,8 @@ def test_nd_chunks_cover_one_block_row_at_transformer_sizes():
     kept = np.zeros((192, 48), dtype=bool)
     kept[:, :10] = True
     groups = chunk_rows(buckets(kept.sum(axis=1)), kept, 16, REFERENCE_TOKENS)
-    assert max(len(g) for g in groups) * 10 * 16 * REFERENCE_TOKENS * 4 <= max(CHUNK_BYTES, 10 * 16 * 1024 * 4)
+    largest = max(len(g) for g in groups) * 10 * 16 * REFERENCE_TOKENS * 4
+    assert largest <= max(CHUNK_BYTES, 10 * 16 * 1024 * 4)
     assert sorted(np.concatenate(groups).tolist()) == list(range(192))
 
 
@@ -147,7 +148,7 @@ def test_prune_unused_keeps_what_subgraphs_read():
 
 
 def test_timing_feeds_add_batch_one_or_a_larger_batch():
-    from converters.convert import LARGE_BATCH
+    from converters.choose import LARGE_BATCH
 
     x = np.arange(8 * 16).reshape(8, 16)
     feeds = timing_feeds({"ids": x, "mask": x})
@@ -158,7 +159,7 @@ def test_timing_feeds_add_batch_one_or_a_larger_batch():
     assert timing_feeds(None) == []
 
 
-# --- a tiny BERT ----------------------------------------------------------------------------------------------
+# --- a tiny BERT ----------------------------------------------------------------------------------------
 
 _BERT: dict = {}
 
@@ -172,7 +173,7 @@ def _tiny_bert():
     from converters import export_onnx
 
     try:
-        from sapp_compress.extras import import_torchvision
+        from sapp_compress.io.extras import import_torchvision
 
         import_torchvision()
         from transformers import BertConfig, BertModel
@@ -238,7 +239,7 @@ def test_tiny_bert_auto_times_every_layer_at_both_sizes_and_holds():
     check(res.model)
     for o in res.layers:
         assert o.latencies_ms is not None, o.reason
-        assert set(o.latencies_by_shape) == {"4x8x64", "1x8x64"} or set(o.latencies_by_shape) == {"4x8x128", "1x8x128"}
+        assert set(o.latencies_by_shape) in ({"4x8x64", "1x8x64"}, {"4x8x128", "1x8x128"})
     assert _unused_initializers(res.model) == []
     for n, t in ((1, 8), (3, 5)):
         _close(res.model, proto, _bert_feed(n, t))
@@ -271,7 +272,7 @@ def test_ranking_takes_the_worse_size_and_ties_go_to_the_smallest():
     """Ranking from medians per size (no timing): blocked twice as fast at batch 8 but 20 % slower at batch 1
     stays on the dense op; faster at both is picked; within 5 % of the best the smallest file wins."""
     from converters import FORMULATIONS
-    from converters.convert import rank_candidates
+    from converters.choose import rank_candidates
 
     sizes = {"blocked": 20, "compact": 21, "sparse-initializer": 60, "dense": 100}
 

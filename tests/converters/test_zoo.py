@@ -36,7 +36,8 @@ def _dense_copies(model: onnx.ModelProto, manifest) -> list[str]:
         a = numpy_helper.to_array(t)
         for lb in manifest:
             if a.size == lb.weight.size and ((a.shape == lb.weight.shape and np.array_equal(a, lb.weight))
-                                              or (a.shape == lb.weight.T.shape and np.array_equal(a, lb.weight.T))):
+                                              or (a.shape == lb.weight.T.shape
+                                                  and np.array_equal(a, lb.weight.T))):
                 found.append(f"{t.name} ~ {lb.name}")
     return found
 
@@ -97,9 +98,9 @@ def test_every_pruned_layer_is_converted_or_explained(name):
 def test_converted_weights_take_at_most_density_plus_5_percent(fmt, block):
     """Measured on the final bytes: (file - everything that is not a converted weight) <= (1-s)*dense*1.05."""
     from sapp_compress import PruneConfig, zoo
-    from sapp_compress.geometry import plan_layers
-    from sapp_compress.masks import attach, fold
-    from sapp_compress.methods import select_top_k
+    from sapp_compress.blocks.geometry import plan_layers
+    from sapp_compress.blocks.masks import attach, fold
+    from sapp_compress.engine.methods import select_top_k
 
     torch.manual_seed(0)
     model = zoo.mlp([256, 512, 512, 256]).eval()

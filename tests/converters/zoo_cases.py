@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from sapp_compress import PruneConfig, zoo
-from sapp_compress.geometry import plan_layers
-from sapp_compress.masks import attach, fold
-from sapp_compress.methods import select_top_k
+from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.blocks.masks import attach, fold
+from sapp_compress.engine.methods import select_top_k
 
 
 def _randomise_bn(model: nn.Module, g: torch.Generator) -> None:
@@ -28,11 +28,14 @@ def _randomise_bn(model: nn.Module, g: torch.Generator) -> None:
 CASES = {
     # name: (builder, example inputs builder, PruneConfig extras)
     "mlp": (lambda: zoo.mlp([64, 128, 128, 10]), lambda n, g: (torch.randn(n, 64, generator=g),), {}),
-    "rescnn_bn": (lambda: zoo.ResCNN(3, 32, 2, 10), lambda n, g: (torch.randn(n, 3, 12, 12, generator=g),), {}),
-    "dscnn": (lambda: zoo.DSCNN(3, (32, 64, 64), 10), lambda n, g: (torch.randn(n, 3, 12, 12, generator=g),), {}),
+    "rescnn_bn": (lambda: zoo.ResCNN(3, 32, 2, 10),
+                  lambda n, g: (torch.randn(n, 3, 12, 12, generator=g),), {}),
+    "dscnn": (lambda: zoo.DSCNN(3, (32, 64, 64), 10),
+              lambda n, g: (torch.randn(n, 3, 12, 12, generator=g),), {}),
     "ctr": (lambda: zoo.CTRNet(n_cat=26, vocab_per_field=20, n_dense=14, emb_dim=8, hidden=(64, 32)),
             lambda n, g: (torch.randint(0, 20, (n, 26), generator=g), torch.randn(n, 14, generator=g)), {}),
-    "transformer": (lambda: zoo.TransformerClassifier(vocab=64, d_model=64, n_heads=4, dim_ff=128, n_layers=2),
+    "transformer": (lambda: zoo.TransformerClassifier(vocab=64, d_model=64, n_heads=4, dim_ff=128,
+                                                      n_layers=2),
                     lambda n, g: (torch.randint(0, 64, (n, 16), generator=g),), {}),
     "cnn1d": (lambda: zoo.CNN1d(8, (32, 64, 64), 5), lambda n, g: (torch.randn(n, 8, 40, generator=g),), {}),
     "mlp_rect": (lambda: zoo.mlp([64, 128, 128, 10]), lambda n, g: (torch.randn(n, 64, generator=g),),

@@ -7,7 +7,7 @@ from torch import nn
 
 from sapp_compress.config import BlockSpec, PruneConfig
 from sapp_compress.errors import GeometryError
-from sapp_compress.geometry import VIEWS, plan_layers
+from sapp_compress.blocks.geometry import VIEWS, plan_layers
 
 
 def _reference_blocks(view, w):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from sapp_compress import PruneConfig
-from sapp_compress.adapters import ModelIO, find_output, select, unwrap
-from sapp_compress.geometry import plan_layers
-from sapp_compress.masks import attach, fold
+from sapp_compress.io.adapters import ModelIO, find_output, select, unwrap
+from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.blocks.masks import attach, fold
 
 
 def _fold_with_mask(model: nn.Module, cfg: PruneConfig, keep_fn):
@@ -23,7 +23,7 @@ def _fold_with_mask(model: nn.Module, cfg: PruneConfig, keep_fn):
 
 def test_conv1d_is_pruned_as_the_transposed_linear_it_is():
     from sapp_compress.errors import ModelLoadError
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     try:
         require("transformers", "this test")

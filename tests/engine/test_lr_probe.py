@@ -11,7 +11,7 @@ from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
 from sapp_compress.config import LRProbeConfig
 from sapp_compress.errors import ConfigError
-from sapp_compress.lr_probe import MIN_PROGRAM, STRATEGIES, halving
+from sapp_compress.engine.lr_probe.strategies import MIN_PROGRAM, STRATEGIES, halving
 
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -153,18 +153,19 @@ def test_bad_probe_config(bad, message):
 def test_ranks_with_different_scores_stop(monkeypatch):
     """Checked like the masks: ranks whose probes measured different scores raise instead of fine-tuning at
     different rates."""
-    from sapp_compress import distributed, lr_probe
+    from sapp_compress.engine import distributed
+    from sapp_compress.engine.lr_probe import strategies
 
     monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(0, 2))
     monkeypatch.setattr(distributed, "gather_digests", lambda d: [d, "0" * 64])
     with pytest.raises(RuntimeError, match="the lr probe's scores differ across ranks at rung 0"):
-        lr_probe._check_same_scores({1e-3: 0.5}, 0)
+        strategies.check_same_scores({1e-3: 0.5}, 0)
 
 
 def test_scoring_rows_are_bounded_by_the_probes_training():
     """Half of the allowed rows go to the last rung's evaluations, the other half to the earlier ones; clamped to
     [MIN_SCORED, held-out rows]. The default halving over 7 candidates scores 7 then 3."""
-    from sapp_compress.lr_probe import MIN_SCORED, halving, scored_rows
+    from sapp_compress.engine.lr_probe.strategies import MIN_SCORED, halving, scored_rows
 
     sched = halving(7, 29, 1.0 / 3.0)
     assert (sched.runs or 7, sched.keeps[:-1]) == (7, (3,))
@@ -180,8 +181,8 @@ def test_scoring_rows_are_bounded_by_the_probes_training():
 def test_rung_cycles_anneal_every_rung():
     """``anneal="rung"``: each rung is a warm-up and cosine cycle of its own, so the step before every score runs
     near zero (the default decays once, over the whole program: an early rung scores near the peak)."""
-    from sapp_compress.lr_probe import rung_cycle
-    from sapp_compress.schedules import cosine_lr
+    from sapp_compress.engine.lr_probe.strategies import rung_cycle
+    from sapp_compress.engine.schedules import cosine_lr
 
     sched = halving(7, 130, 1 / 3)  # rungs end at 10 and 30
     first, second = rung_cycle(0, 10, 0.1), rung_cycle(10, 30, 0.1)
@@ -202,18 +203,18 @@ def test_probe_with_rung_cycles_picks_the_known_best_rate():
 def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
     """``prime``: steps at rate zero run once and are shared: every candidate starts from the same primed state,
     whose weights are the starting weights and whose Adam moments are filled; the steps count once."""
-    from sapp_compress import lr_probe
+    from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
     primed = []
-    real = lr_probe._Runner._primed
+    real = lr_probe.Runner._primed
 
     def spy(self):
         out = real(self)
         primed.append(out[2])  # (model, method, resume state)
         return out
 
-    monkeypatch.setattr(lr_probe._Runner, "_primed", spy)
+    monkeypatch.setattr(lr_probe.Runner, "_primed", spy)
     res = prune(student, shard, CFG, _train("auto", {**UNPRIMED, "prime": 0.05}))
     state = primed[0]
     assert len(primed) == len(RATES) and all(s is state for s in primed)  # one priming, shared
@@ -232,12 +233,12 @@ def test_the_candidates_first_step_runs_once(monkeypatch):
     """With priming, the program's first step runs at warm-up's rate zero for every candidate (the same state,
     batch and RNG), so it is run once with the priming: every score is what a candidate that ran that step itself
     measures (there at a rate of ~1e-11 x its peak: equal to 1e-6), in n - 1 fewer steps."""
-    from sapp_compress import lr_probe
+    from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
     train = _train("auto", {**UNPRIMED, "prime": 0.05})
     shared = prune(student, shard, CFG, train).lr_choice
-    monkeypatch.setattr(lr_probe._Runner, "warm_start", lambda self: False)
+    monkeypatch.setattr(lr_probe.Runner, "warm_start", lambda self: False)
     own = prune(student, shard, CFG, train).lr_choice
     assert shared.value == own.value and shared.scores.keys() == own.scores.keys()
     for lr, s in own.scores.items():
@@ -249,18 +250,18 @@ def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
     """Every candidate alive holds a copy of the model and its optimizer moments: a rung drops a candidate as soon
     as ``keep`` better ones have been scored, so at most ``keep + 1`` are alive at once (not all of them), and the
     survivors are still the rung's best."""
-    from sapp_compress import lr_probe
+    from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
     alive = []
-    real = lr_probe._Runner.advance
+    real = lr_probe.Runner.advance
 
     def spy(self, lr, stop, lr_at=None):
         loss = real(self, lr, stop, lr_at)
         alive.append(len(self.live))
         return loss
 
-    monkeypatch.setattr(lr_probe._Runner, "advance", spy)
+    monkeypatch.setattr(lr_probe.Runner, "advance", spy)
     res = prune(student, shard, CFG, _train("auto"))
     keep = halving(len(RATES), 24, 1 / 3).keeps[0]
     assert len(alive) > len(RATES) and max(alive) == keep + 1
@@ -286,8 +287,8 @@ def test_primed_probe_over_the_whole_program_is_deterministic(method):
 def test_constant_loss_is_the_best_input_independent_prediction():
     """The floor the probe's scores are held against: the class prior's cross-entropy, the base rate's log-loss,
     the targets' variance, the KL to the teacher's mean distribution (0 when every row has the same target)."""
-    from sapp_compress.lr_probe import constant_loss
-    from sapp_compress.tasks import Task
+    from sapp_compress.engine.lr_probe.runner import constant_loss
+    from sapp_compress.io.tasks import Task
 
     labels = torch.tensor([0, 0, 0, 1])  # prior (0.75, 0.25, 0): entropy 0.5623
     assert constant_loss(Task("classification", 3), labels) == pytest.approx(0.5623, abs=1e-4)
@@ -323,10 +324,10 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     the held-out loss far above the start and far above what 1e-2's do, so the check vetoes it and steps down;
     1e-3 passes as it is; the check is deterministic and counted in the probe's steps; magnitude (no dense phase)
     has none."""
-    from sapp_compress import lr_probe
+    from sapp_compress.engine.lr_probe import probe
 
     seen: dict = {}
-    real = lr_probe.dense_check
+    real = probe.dense_check
 
     def spy(runner, cands, best, *rest):
         out = real(runner, cands, best, *rest)
@@ -335,7 +336,7 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
         seen.update({lr: real(runner, cands, lr, *rest) for lr in (1e-1, 1e-3)}, again=real(runner, cands, 1e-1, *rest))
         return out
 
-    monkeypatch.setattr(lr_probe, "dense_check", spy)
+    monkeypatch.setattr(probe, "dense_check", spy)
     student, shard = scaled_regression()
     res = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto"))
     rep = res.lr_choice.to_json()["probe"]
@@ -348,7 +349,7 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     assert seen["again"][1].losses == check.losses  # deterministic
     cool, check = seen[1e-3]
     assert cool == 1e-3 and check.vetoed == [] and check.losses[1e-3] <= check.bound
-    monkeypatch.setattr(lr_probe, "dense_check", real)
+    monkeypatch.setattr(probe, "dense_check", real)
     off = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto", {"dense_check": None}))
     assert "dense_check" not in off.lr_choice.to_json()["probe"]
     assert seen["steps"] == off.lr_choice.steps + rep["dense_check"]["steps"] * len(rep["dense_check"]["losses"])
@@ -406,10 +407,12 @@ def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
     """Of the registered methods only magnitude's program (one prune at step 0, then sparse to the end) is what a
     probe candidate runs in phase ``sparse``; every method with a dense phase first is not, nor is any method under
     ``phase="program"`` (the default's settings differ only where this holds)."""
-    from sapp_compress.lr_probe import runs_whole_program
-    from sapp_compress.methods import METHODS
+    from sapp_compress.engine.lr_probe.runner import runs_whole_program
+    from sapp_compress.engine.methods import METHODS
+    from sapp_compress.granularity import BLOCKS, Plan
 
-    programs = {name: cls(dataclasses.replace(CFG, method=name), [], 100).phases for name, cls in METHODS.items()}
+    programs = {name: cls(dataclasses.replace(CFG, method=name), Plan(BLOCKS), 100).phases
+                for name, cls in METHODS.items()}
     assert {name for name, ph in programs.items() if runs_whole_program(ph, "sparse")} == {"magnitude"}
     assert not any(runs_whole_program(ph, "program") for ph in programs.values())
 

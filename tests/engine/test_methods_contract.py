@@ -6,9 +6,11 @@ from torch import nn
 
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
-from sapp_compress.geometry import plan_layers
-from sapp_compress.masks import attach, fold, is_parametrized
-from sapp_compress.methods import METHODS, select_top_k
+from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.granularity import BLOCKS, Plan
+from sapp_compress.blocks.masks import attach, fold
+from sapp_compress.io.reparametrizations import is_parametrized
+from sapp_compress.engine.methods import METHODS, select_top_k
 
 
 def _model():
@@ -56,7 +58,7 @@ def test_folded_model_computes_what_the_masked_model_did(method):
     cfg = PruneConfig(block="8", sparsity=0.6, method=method)
     model = _model()
     plans, _ = plan_layers(model, cfg)
-    m = METHODS[method](cfg, plans, total_steps=10)
+    m = METHODS[method](cfg, Plan(BLOCKS, plans), total_steps=10)
     with torch.no_grad():
         for layer in m.layers:  # a trained-looking state: random logits, a random mask
             if layer.masker.logits is not None:
@@ -116,7 +118,7 @@ def _sapp(options, steps=600):
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.75, method="sapp", method_options=options)
     plans, _ = plan_layers(model, cfg)
-    return METHODS["sapp"](cfg, plans, steps)
+    return METHODS["sapp"](cfg, Plan(BLOCKS, plans), steps)
 
 
 def test_sapp_logit_rate_follows_the_budget_unless_given():
@@ -127,7 +129,8 @@ def test_sapp_logit_rate_follows_the_budget_unless_given():
     assert _sapp({"logit_travel": 4.0}, steps=400).logit_lr_scale(1e-3) == pytest.approx(10.0)
     assert _sapp({"logit_lr": 1.0}, steps=600).logit_lr_scale(1e-3) == 1.0  # the paper's setting
     assert METHODS["gmp"](PruneConfig(block="8", sparsity=0.75, method="gmp"),
-                          plan_layers(_model(), PruneConfig(block="8", sparsity=0.75))[0], 600).logit_lr_scale(1e-3) == 1.0
+                          Plan(BLOCKS, plan_layers(_model(), PruneConfig(block="8", sparsity=0.75))[0]),
+                          600).logit_lr_scale(1e-3) == 1.0
 
 
 @pytest.mark.parametrize("options, message", [
@@ -162,7 +165,7 @@ def test_sapp_effective_score_outranks_a_near_zero_block_with_a_high_logit():
 
 
 def test_logit_adam_normalises_per_tensor_and_keeps_gradient_ratios():
-    from sapp_compress.training import LogitAdam, reset_optimizer_state
+    from sapp_compress.engine.training import LogitAdam, reset_optimizer_state
 
     def first_step(tensorwise):
         p = nn.Parameter(torch.zeros(4))

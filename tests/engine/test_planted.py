@@ -14,7 +14,7 @@ import torch
 
 from planted import planted_problem, recovery
 from sapp_compress import PruneConfig, TrainConfig, prune
-from sapp_compress.methods import METHODS
+from sapp_compress.engine.methods import METHODS
 
 NOISE = 30.0
 SEEDS = (0, 1, 2)

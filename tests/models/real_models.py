@@ -45,7 +45,7 @@ def _images(seed: int = 0, size: int = 32, name: str = "x", labels: int | None =
 
 
 def _transformers():
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     return require("transformers", "the Hugging Face cases")
 
@@ -106,14 +106,14 @@ def vit(tmp):
 
 
 def resnet18(tmp):
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     tv = require("torchvision", "the resnet18 case")
     return _torch(tmp, "resnet18", tv.models.resnet18(num_classes=10), _images(labels=10))
 
 
 def mobilenet_v3_small(tmp):
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     tv = require("torchvision", "the mobilenet case")
     m = tv.models.mobilenet_v3_small(num_classes=10)
@@ -122,7 +122,7 @@ def mobilenet_v3_small(tmp):
 
 def torchvision_vit(tmp):
     """torchvision's VisionTransformer: nn.MultiheadAttention (fused in_proj_weight) inside a real library."""
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     tv = require("torchvision", "the torchvision ViT case")
     m = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
@@ -131,7 +131,7 @@ def torchvision_vit(tmp):
 
 
 def convnext(tmp):
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     timm = require("timm", "the convnext case")
     m = timm.create_model("convnext_atto", num_classes=10)
@@ -139,7 +139,7 @@ def convnext(tmp):
 
 
 def efficientnet(tmp):
-    from sapp_compress.extras import require
+    from sapp_compress.io.extras import require
 
     timm = require("timm", "the efficientnet case")
     m = timm.create_model("efficientnet_b0", num_classes=10)

@@ -25,7 +25,7 @@ from real_models import MODELS, Case, _tokens, distilbert, gpt2  # noqa: E402
 
 from sapp_compress.cli import main  # noqa: E402
 from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BLOCK = 16

@@ -22,11 +22,12 @@ from real_models import VOCAB, _images, _tokens  # noqa: E402
 from test_real_models import needs  # noqa: E402
 
 from calib_data.shards import Shard  # noqa: E402
-from sapp_compress import PruneConfig, TrainConfig, prune  # noqa: E402
+from sapp_compress import PruneConfig, TrainConfig  # noqa: E402
 from sapp_compress.cli import main  # noqa: E402
 from sapp_compress.errors import DataError, ModelLoadError  # noqa: E402
-from sapp_compress.extras import require  # noqa: E402
-from sapp_compress.pipeline import precheck  # noqa: E402
+from sapp_compress.io.extras import require  # noqa: E402
+from sapp_compress.config import OutputConfig  # noqa: E402
+from sapp_compress.pruning import prepare, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPACT = ["--block", "16", "--sparsity", "0.8", "--steps", "2", "--batch-size", "16", "--min-blocks", "1",
@@ -47,11 +48,13 @@ def _shard(arrays: dict) -> Shard:
 
 
 def _prune_with_precheck(model: nn.Module, arrays: dict):
-    """:func:`prune` with the CLI's pre-check (one export), one fine-tuning step."""
+    """:func:`prune` with the CLI's pre-check (one export) between its halves, one fine-tuning step."""
     shard = _shard(arrays)
-    timings: dict = {}
-    res = prune(model, shard, PruneConfig(block="16", sparsity=0.8, min_blocks=1), TrainConfig(steps=1, batch_size=16),
-                before_fine_tune=precheck(shard, timings))
+    cfg = PruneConfig(block="16", sparsity=0.8, min_blocks=1)
+    job = prepare(model, shard, cfg, TrainConfig(steps=1, batch_size=16))
+    drop = job.plan.granularity.precheck(job.dense, job.plan, shard, OutputConfig(output=Path("unused.onnx")), cfg)
+    job.plan = job.plan.leave_dense(drop, cfg)
+    res = run(job)
     return res, {s.name: s.reason for s in res.skipped}, {lb.name for lb in res.layers}
 
 
@@ -76,7 +79,7 @@ def test_weight_norm_layer_is_pruned_and_saved(tmp_path):
     assert code == 0, out
     assert "wav2vec2.encoder.pos_conv_embed.conv.weight" in {lay["name"] for lay in rep["layers"]}
     from sapp_compress import load_pruned
-    from sapp_compress.pipeline import onnx_feed
+    from sapp_compress.io.feeds import onnx_feed
 
     import converters
 
@@ -92,7 +95,8 @@ def test_unpicklable_model_with_save_torch_fails_before_the_fine_tune(tmp_path):
     """Item 1, what folding cannot fix: a model torch.save cannot write fails in the pre-check (exit 2, one
     line), not after the fine-tune."""
     from sapp_compress.errors import UnsupportedModel
-    from sapp_compress.pipeline import OutputConfig, compress
+    from sapp_compress.config import OutputConfig
+    from sapp_compress.pipeline import compress
 
     class Lambda(nn.Module):
         def __init__(self):
@@ -219,7 +223,7 @@ def test_model_config_error_is_the_models_not_the_shards():
     configuration, not "inputs ... do not fit the model"."""
     needs("transformers")
     t = require("transformers", "this test")
-    from sapp_compress.adapters import adapt
+    from sapp_compress.io.adapters import adapt
 
     cfg = t.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, num_labels=3,
                      decoder_start_token_id=None)
@@ -234,7 +238,7 @@ def test_token_ids_beyond_the_vocabulary_name_the_array_and_its_size():
     vocabulary size, whichever row holds it (not only the two the model is probed on)."""
     needs("transformers")
     t = require("transformers", "this test")
-    from sapp_compress.adapters import adapt
+    from sapp_compress.io.adapters import adapt
 
     cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
@@ -251,7 +255,7 @@ def test_save_torch_file_of_a_torchvision_model_loads_in_a_fresh_interpreter(tmp
     torchvision (nor timm, nor unpickle a torchvision model). ``import sapp_compress`` first, or
     ``sapp_compress.load_pruned``, makes all three work."""
     needs("torchvision")
-    from sapp_compress.saving import save_pruned
+    from sapp_compress.io.saving import save_pruned
 
     tv = require("torchvision", "this test")
     save_pruned(tv.models.resnet18(num_classes=10).eval(), tmp_path / "pruned.pt")
@@ -314,7 +318,8 @@ def test_pruned_layer_whose_zeros_the_export_shares_is_stored_dense_not_fatal():
     from types import SimpleNamespace
 
     from converters import LayerBlocks
-    from sapp_compress.pipeline import _store_unplaceable_dense, export_model
+    from sapp_compress.granularity.blocks import _store_unplaceable_dense
+    from sapp_compress.io.export import export_model
 
     class TwoZero(nn.Module):
         def __init__(self):

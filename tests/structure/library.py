@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sapp_compress.extras import require
+from sapp_compress.io.extras import require
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from real_models import EncoderClassifier  # noqa: E402

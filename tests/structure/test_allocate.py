@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from sapp_compress import PruneConfig
-from sapp_compress.methods import METHODS
+from sapp_compress.engine.methods import METHODS
 from sapp_compress.structure import discover
-from sapp_compress.structure.allocate import (REFINE, SENSITIVITY_POINTS, Allocator, LatencyTable, SpeedTarget, allocate,
-                                              candidate_widths, family_specs, recalibrated)
+from sapp_compress.speed.allocate import REFINE, SENSITIVITY_POINTS, Allocator, allocate
+from sapp_compress.speed.table import LatencyTable, SpeedTarget, candidate_widths, family_specs, recalibrated
+from sapp_compress.granularity import CHANNELS, Plan
 from sapp_compress.structure.gates import FamilyPlan
 
 
@@ -139,7 +140,7 @@ def test_allocator_sets_each_familys_target_at_the_first_and_last_sparsify():
     with torch.no_grad():
         target = m(x)
     cfg = PruneConfig(block="8", sparsity=0.5, structure="channels", method="magnitude")
-    method = METHODS["magnitude"](cfg, [FamilyPlan(f, m) for f in plan.families], total_steps=10)
+    method = METHODS["magnitude"](cfg, Plan(CHANNELS, [FamilyPlan(f, m) for f in plan.families]), total_steps=10)
     calls = []
 
     def loss_of():
@@ -190,8 +191,8 @@ def test_allocation_loss_is_the_divergence_from_the_dense_outputs():
     for the unpruned model, and it grows when a unit goes even where every training row stays correctly
     classified (the labels' loss would then barely move)."""
     from calib_data.shards import Shard
-    from sapp_compress.api import _loss_on_rows
-    from sapp_compress.tasks import Task
+    from sapp_compress.speed.target import loss_on_rows as _loss_on_rows
+    from sapp_compress.io.tasks import Task
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()

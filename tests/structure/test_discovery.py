@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from library import MODELS, Built  # noqa: E402
 from sapp_compress.errors import ModelLoadError
-from sapp_compress.extras import require
+from sapp_compress.io.extras import require
 from sapp_compress.structure import discover
 from sapp_compress.structure.remove import max_rel_diff, random_keep, remove, zero_removed
 

@@ -11,9 +11,10 @@ from torch import nn
 
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
-from sapp_compress.masks import is_parametrized
-from sapp_compress.methods import METHODS
+from sapp_compress.io.reparametrizations import is_parametrized
+from sapp_compress.engine.methods import METHODS
 from sapp_compress.structure import discover
+from sapp_compress.granularity import CHANNELS, Plan
 from sapp_compress.structure.gates import FamilyPlan, attach, fold
 from sapp_compress.structure.remove import remove
 
@@ -32,6 +33,11 @@ def _shard(n=256, seed=0):
 def _plans(model):
     plan = discover(model, (torch.randn(2, 32),))
     return [FamilyPlan(f, model) for f in plan.families]
+
+
+def _plan(model):
+    """The families of :func:`_plans` as the engine's plan (what a method attaches to)."""
+    return Plan(CHANNELS, _plans(model))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -61,7 +67,7 @@ def test_gates_fold_to_what_the_masked_model_computes(method):
     the masked model's outputs."""
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.6, method=method, structure="channels")
-    m = METHODS[method](cfg, _plans(model), total_steps=10)
+    m = METHODS[method](cfg, _plan(model), total_steps=10)
     with torch.no_grad():
         for layer in m.layers:
             if layer.masker.logits is not None:
@@ -136,7 +142,7 @@ def test_sapp_ranks_units_by_attention():
     """SA++ on units: the kept units are those of highest logit."""
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.75, structure="channels")
-    m = METHODS["sapp"](cfg, _plans(model), total_steps=10)
+    m = METHODS["sapp"](cfg, _plan(model), total_steps=10)
     with torch.no_grad():
         for layer in m.layers:
             layer.masker.logits.copy_(torch.arange(layer.grid[1], dtype=torch.float32).reshape(1, -1))
@@ -177,12 +183,12 @@ def test_methods_end_at_the_kernel_friendly_widths_and_allocations_are_exact():
     exactly); a latency-aware allocation's widths (``targets``) are kept as chosen, multiples of 8 or not."""
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.6, method="gmp", structure="channels")
-    m = METHODS["gmp"](cfg, _plans(model), total_steps=20)
+    m = METHODS["gmp"](cfg, _plan(model), total_steps=20)
     for step in range(20):
         m.begin_step(step)
     m.finish()
     assert [int(layer.alive().sum()) for layer in m.layers] == [24, 16]
-    m = METHODS["magnitude"](cfg, _plans(_model()), total_steps=10)
+    m = METHODS["magnitude"](cfg, _plan(_model()), total_steps=10)
     m.targets.update({m.layers[0].name: 1 - 26 / 64})
     m.finish()
     assert [int(layer.alive().sum()) for layer in m.layers] == [26, 16]
@@ -278,7 +284,7 @@ def test_fold_keeps_a_rounded_width_on_its_multiple(zeroed, width):
     (16 of 48 kept, none zeroed) is untouched, and the removal computes what the masked model did."""
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.6, method="magnitude", structure="channels")
-    m = METHODS["magnitude"](cfg, _plans(model), total_steps=10)
+    m = METHODS["magnitude"](cfg, _plan(model), total_steps=10)
     m.finish()
     alive = np.flatnonzero(m.layers[0].alive().reshape(-1).numpy())
     assert len(alive) == 24
@@ -323,7 +329,7 @@ def test_removal_check_leaves_the_model_exactly_as_it_was(training):
     torch.manual_seed(0)
     model = _ShuffleBN().train(training)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fams, skipped, _ = plan_families(model, model, (torch.randn(4, 3, 8, 8),),
+    fams, _ = plan_families(model, model, (torch.randn(4, 3, 8, 8),),
                                      PruneConfig(BlockSpec(1, 1), 0.5, structure="channels"))
     assert fams and model.training == training
     after = model.state_dict()

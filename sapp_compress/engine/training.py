@@ -20,12 +20,14 @@ from torch import nn
 
 from calib_data.shards import Shard
 
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..io.feeds import to_tensors
+from ..io.tasks import Task
 from . import distributed
 from .checkpoint import Checkpointer
-from .config import TrainConfig
 from .methods import PruningMethod
 from .schedules import cosine_lr
-from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ Progress = Callable[[dict], None]
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without one is a usage error."""
-    from .errors import ConfigError
-
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False (use --device cpu or auto)")
     if name in ("auto", "cuda") and torch.cuda.is_available():
@@ -50,19 +50,6 @@ def autocast_for(device: torch.device, amp: str):
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype), dtype
-
-
-def to_tensors(arrays: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """numpy -> torch with the dtypes models expect: floats as float32, integers as int64."""
-    out = []
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        if not a.flags.writeable:  # memory-mapped shards are read-only; torch wants to own writable memory
-            a = a.copy()
-        t = torch.from_numpy(a)
-        t = t.float() if np.issubdtype(a.dtype, np.floating) else t.long()
-        out.append(t.to(device, non_blocking=True))
-    return tuple(out)
 
 
 class BatchPlan:
@@ -89,19 +76,6 @@ class BatchPlan:
         if self.world == 1:
             return batch
         return np.array_split(batch, self.world)[self.rank]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    """Model outputs on a whole shard, in eval mode, as float32 numpy."""
-    was_training = model.training
-    model.eval()
-    outs = []
-    for i in range(0, len(shard), batch_size):
-        xs = to_tensors(tuple(x[i : i + batch_size] for x in shard.inputs), device)
-        outs.append(model(*xs).float().cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(outs, axis=0)
 
 
 @dataclass
@@ -156,7 +130,7 @@ def fine_tune(
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
     phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint.
     ``lr_at(step)`` is the multiple of ``cfg.lr`` at each step (default: :func:`cosine_lr` with warm-up over
-    ``total_steps``; the LR range test of :mod:`sapp_compress.lr_probe` gives its own). ``initial_state``: a
+    ``total_steps``; the LR range test of :mod:`sapp_compress.engine.lr_probe` gives its own). ``initial_state``: a
     snapshot of this very run's first steps, taken elsewhere (the lr probe's dense check runs them), to resume
     from when the checkpointer has none."""
     masked, logits, rest = _param_groups(model, method)

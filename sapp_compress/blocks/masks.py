@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from converters.manifest import LayerBlocks
 
+from ..engine.units import UnitMask
 from .geometry import BlockView, LayerPlan
 
 
@@ -44,36 +45,6 @@ class BlockPowerProp(nn.Module):
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         n = self.view.block_norms(w).clamp_min(1e-12).rsqrt()
         return self.view.scale(w, n.to(w.dtype))
-
-
-class UnitMask(nn.Module):
-    """The mask state of one layer's (or one structural family's) units: ``M`` (0/1) and, for SA++, the
-    attention ``A = clip(n * softmax(L), d, 1/d)`` over its ``n`` units; ``A = 1`` without attention.
-
-    Attributes:
-        mask: ``[R, C]`` float buffer of 0/1 (a family's units: ``[1, n]``).
-        logits: ``[R, C]`` parameter (attention only).
-    """
-
-    def __init__(self, grid: tuple[int, int], attention: bool = False, density: float = 1.0) -> None:
-        super().__init__()
-        self.register_buffer("mask", torch.ones(grid))
-        self.clip = (density, 1.0 / density)
-        if attention:
-            self.logits = nn.Parameter(torch.zeros(grid))
-        else:
-            self.logits = None
-
-    def attention(self) -> torch.Tensor:
-        """``clip(n * softmax(L), d, 1/d)`` over all units (mean 1 before clipping)."""
-        if self.logits is None:
-            return torch.ones_like(self.mask)
-        n = self.logits.numel()
-        a = n * torch.softmax(self.logits.flatten().float(), dim=0).reshape(self.logits.shape)
-        return a.clamp(*self.clip)
-
-    def block_scale(self) -> torch.Tensor:
-        return self.mask * self.attention() if self.logits is not None else self.mask
 
 
 class BlockMask(UnitMask):
@@ -152,13 +123,8 @@ class MaskedLayer:
         self.masker.mask.fill_(1.0)
 
 
-def attach(plans: list, *, attention: bool, powerprop: bool, density: float) -> list:
-    """Register the parametrizations on every planned layer (powerprop first, then the mask), or on every
-    structural family's consumers (:func:`sapp_compress.structure.gates.attach`)."""
-    if plans and not isinstance(plans[0], LayerPlan):
-        from .structure.gates import attach as attach_families
-
-        return attach_families(plans, attention=attention, powerprop=powerprop, density=density)
+def attach(plans: list[LayerPlan], *, attention: bool, powerprop: bool, density: float) -> list[MaskedLayer]:
+    """Register the parametrizations on every planned layer (powerprop first, then the mask)."""
     layers = []
     for p in plans:
         pp = None
@@ -207,62 +173,3 @@ def manifest_entry(plan: LayerPlan, w: torch.Tensor, kept: np.ndarray) -> LayerB
         padded=plan.view.padded,
         weight=np.ascontiguousarray(wv.numpy().astype(np.float32)),
     )
-
-
-def is_parametrized(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in model.modules())
-
-
-def _fold_parametrizations(module: nn.Module) -> list[str]:
-    """``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``...)."""
-    if not parametrize.is_parametrized(module):
-        return []
-    names = list(module.parametrizations.keys())
-    # deepcopy shares the generated Parametrized<Module> class between the copies, and removing a
-    # parametrization deletes its property from that class: every other copy (the user's model, the pre-check's)
-    # would lose its weight. This module gets a class of its own first.
-    cls = type(module)
-    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, own)
-    for name in names:  # not under no_grad: the folded tensor must stay a Parameter
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    # parametrizations.weight_norm also registers a local function (unpicklable, so torch.save would fail) that
-    # maps an old weight_g / weight_v state_dict onto the parametrization, which is gone now
-    for key, hook in list(module._load_state_dict_pre_hooks.items()):
-        fn = getattr(hook, "hook", hook)
-        if getattr(fn, "__module__", "") == "torch.nn.utils.parametrizations" and \
-                getattr(fn, "__qualname__", "").endswith("_weight_norm_compat_hook"):
-            del module._load_state_dict_pre_hooks[key]
-    return names
-
-
-def _fold_norm_hooks(module: nn.Module) -> list[str]:
-    """The older hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    removers = {WeightNorm: torch.nn.utils.remove_weight_norm, SpectralNorm: torch.nn.utils.remove_spectral_norm}
-    found = [(type(h), h.name) for h in module._forward_pre_hooks.values() if type(h) in removers]
-    for cls, name in found:
-        removers[cls](module, name)
-    return [name for _, name in found]
-
-
-#: the user's own reparametrizations of a weight, each with the function that folds it into a plain parameter
-#: of a module (returning the folded parameters' names)
-FOREIGN_REPARAMETRIZATIONS = (_fold_parametrizations, _fold_norm_hooks)
-
-
-def fold_foreign(model: nn.Module) -> list[str]:
-    """Fold the model's own reparametrizations (a speech model's ``weight_norm`` positional conv, ...) into plain
-    parameters holding their current value, in place; returns the full names folded.
-
-    The module computes exactly what it did (in eval mode; ``spectral_norm``'s power iteration is frozen at its
-    current estimate). Done before pruning: the masks then stack on a plain weight, the exported graph holds
-    that weight as an initializer (not recomputed from ``g`` and ``v``), and ``torch.save`` can write the
-    result, which it refuses for a parametrized module. The fine-tune then trains the folded weight."""
-    done = []
-    for mname, module in list(model.named_modules()):
-        for fold_one in FOREIGN_REPARAMETRIZATIONS:
-            done += [f"{mname}.{n}" if mname else n for n in fold_one(module)]
-    return done

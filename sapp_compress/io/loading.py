@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .extras import import_torchvision, require
-from .zoo import SAFE_CLASSES
+from ..zoo import SAFE_CLASSES
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 

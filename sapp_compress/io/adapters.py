@@ -16,7 +16,7 @@ tuple / list                     the first tensor (``"0"``)
 
 An output named ``logits`` (or a bare tensor) is scored as classes when it is wider than 1; any other named
 output (``last_hidden_state``, ``pooler_output``, embeddings) is a *feature* output, distilled and scored as
-features (:mod:`sapp_compress.tasks`). The wrapper holds the model as its child ``inner``: parameter names
+features (:mod:`sapp_compress.io.tasks`). The wrapper holds the model as its child ``inner``: parameter names
 seen by the planner, the masks, the manifest and the report are the model's own (:func:`unwrap`), and the
 exported graph's initializers are renamed back (:func:`strip_prefix`).
 """
@@ -33,7 +33,8 @@ from torch import nn
 
 from calib_data.shards import Shard
 
-from .errors import DataError, ModelLoadError
+from ..errors import DataError, ModelLoadError
+from .feeds import to_tensors
 
 INNER = "inner"
 
@@ -190,7 +191,7 @@ def adapt(model: nn.Module, shard: Shard) -> tuple[nn.Module, OutputInfo, np.nda
             the model's vocabulary, or the output holds no float tensor.
         ModelLoadError: the model fails on its own configuration.
     """
-    from .training import to_tensors
+    from converters.export import one_line
 
     _quiet_library_model(model)
     check_token_ids(model, shard)
@@ -201,7 +202,7 @@ def adapt(model: nn.Module, shard: Shard) -> tuple[nn.Module, OutputInfo, np.nda
     except Exception as e:  # noqa: BLE001 -- a failure here: the data does not fit the model, or the model fails
         shapes = ", ".join(f"{n + ' ' if shard.by_keyword else ''}{tuple(x.shape[1:])} {x.dtype}"
                            for n, x in zip(shard.names, shard.inputs))
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         raise _model_failure(shard, msg) or DataError(
             f"{shard.source}: inputs of per-sample shape {shapes} do not fit the model: {msg}") from None
     key, tensor = find_output(out)
@@ -231,3 +232,8 @@ def strip_prefix(proto, prefix: str = INNER + ".") -> None:
                 node.input[i] = rename[n]
     for vi in (*g.value_info, *g.input, *g.output):
         vi.name = rename.get(vi.name, vi.name)
+
+
+def check_fits(model: nn.Module, shard: Shard) -> np.ndarray:
+    """Run ``model`` on two samples of ``shard``; a failure becomes a one-line :class:`DataError`."""
+    return adapt(model, shard)[2]

@@ -5,7 +5,7 @@ A missing one is a one-line :class:`~sapp_compress.errors.ModelLoadError` naming
 
 torchvision on a CPU-only torch: the torchvision wheels of the package index are built against a CUDA torch,
 and with a CPU build of torch their compiled ops fail to load and torchvision's own import fails;
-:mod:`sapp_compress.torchvision_compat` declares the two missing schemas from an import hook, which ``import
+:mod:`sapp_compress.io.torchvision_compat` declares the two missing schemas from an import hook, which ``import
 sapp_compress`` installs (and so does the start-up file the install puts in site-packages).
 :func:`import_torchvision` also recovers a torchvision whose import failed before the hook was installed:
 transformers and timm import it too, so they go through :func:`require`.
@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .torchvision_compat import declare_missing_ops, declared, install_import_hook
 
 #: module -> the extra of this package that installs it.

@@ -5,7 +5,7 @@ Every method is a *program*: a list of phases that cover the budget as fractions
 - ``dense``: every block active (a dense phase after a sparse one revives the pruned blocks, keeping their
   values or restarting them at zero);
 - ``sparsify``: prune the lowest-scoring alive blocks until the layer reaches the target sparsity, following
-  a schedule from :mod:`sapp_compress.schedules` (monotone inside the phase; a zero-length sparsify phase is
+  a schedule from :mod:`sapp_compress.engine.schedules` (monotone inside the phase; a zero-length sparsify phase is
   a one-shot prune);
 - ``sparse``: the mask is frozen.
 
@@ -21,11 +21,10 @@ from typing import ClassVar
 
 import torch
 
-from .config import PruneConfig
-from .errors import ConfigError
-from .geometry import LayerPlan
-from .masks import MaskedLayer, attach
+from ..config import PruneConfig
+from ..errors import ConfigError
 from .schedules import SCHEDULES
+from .units import Masked
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,9 @@ class PruningMethod:
     powerprop: ClassVar[bool] = False
     Options: ClassVar[type] = CommonOptions
 
-    def __init__(self, cfg: PruneConfig, plans: list[LayerPlan], total_steps: int) -> None:
+    def __init__(self, cfg: PruneConfig, plan, total_steps: int) -> None:
+        """``plan``: what to prune (:class:`sapp_compress.granularity.Plan`: a layer's blocks or a family's units,
+        whichever granularity planned it); its ``attach`` registers the masks this method needs."""
         fields = {f.name for f in dataclasses.fields(self.Options)}
         unknown = set(cfg.method_options) - fields
         if unknown:
@@ -106,9 +107,8 @@ class PruningMethod:
         self.total_steps = total_steps
         self.phases = self.program()
         self._check_program()
-        self.layers: list[MaskedLayer] = attach(
-            plans, attention=self.attention, powerprop=self.powerprop, density=cfg.density
-        )
+        self.layers: list[Masked] = plan.attach(attention=self.attention, powerprop=self.powerprop,
+                                                density=cfg.density)
         self._bounds = [(round(p.start * total_steps), round(p.end * total_steps)) for p in self.phases]
         self._entered = -1  # index of the last phase entered
         #: layer name -> its own target sparsity where it is not ``cfg.sparsity``: a neuron or channel family's
@@ -123,7 +123,7 @@ class PruningMethod:
     def program(self) -> list[Phase]:
         raise NotImplementedError
 
-    def scores(self, layer: MaskedLayer) -> torch.Tensor:
+    def scores(self, layer: Masked) -> torch.Tensor:
         """Importance of every block (or unit) ``[R, C]``; higher is kept. Default: the Frobenius norm of the
         pre-mask weight's block, or of a unit's slices of every tensor it touches."""
         return layer.norms()
@@ -210,7 +210,7 @@ class PruningMethod:
         width chosen by a latency-aware allocation)."""
         return self.targets.get(layer.name, self.cfg.sparsity)
 
-    def kept_count(self, layer: MaskedLayer, frac: float) -> int:
+    def kept_count(self, layer: Masked, frac: float) -> int:
         """Blocks (or units) to keep (per block-row when balanced) at ``frac`` of the layer's target sparsity."""
         R, C = layer.grid
         target = self.target(layer)
@@ -278,7 +278,7 @@ class SAPPOptions(CommonOptions):
       4 of the 6 kept places in a layer and held-out accuracy fell from 0.99 to 0.78).
 
     So by default (``logit_norm="layer"``) each layer's logits share one second moment
-    (:class:`~sapp_compress.training.LogitAdam`): the step keeps the relative sizes of the blocks' gradients,
+    (:class:`~sapp_compress.engine.training.LogitAdam`): the step keeps the relative sizes of the blocks' gradients,
     and the layer's scale invariance; and (``logit_lr=None``) their peak rate is ``max(lr, logit_travel / T)``
     for a budget of ``T`` steps, so they can move a few nats over any budget. ``logit_lr`` (a multiple of
     ``lr``) overrides the rule, 1.0 being the paper's rate; ``logit_norm="element"`` is plain Adam.
@@ -366,7 +366,7 @@ class SAPP(PruningMethod):
         c = self.options.c
         return lambda t: SCHEDULES["exponential"](t, c)
 
-    def scores(self, layer: MaskedLayer) -> torch.Tensor:
+    def scores(self, layer: Masked) -> torch.Tensor:
         if self.options.score == "effective":  # the norm of W_eff's block: A_b * ||W_b||
             return layer.masker.attention().detach() * layer.norms()
         # Softmax is monotone, so ranking by logits = ranking by (unclipped) attention; clipping would

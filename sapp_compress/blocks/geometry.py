@@ -26,8 +26,9 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .config import BlockSpec, PruneConfig
-from .errors import GeometryError
+from ..config import BlockSpec, PruneConfig
+from ..engine.units import SkippedLayer
+from ..errors import GeometryError
 
 
 class BlockView:
@@ -285,15 +286,6 @@ class LayerPlan:
     module: nn.Module
     view: BlockView
     param: str = "weight"
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    name: str
-    reason: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "reason": self.reason}
 
 
 def _rule_for(module: nn.Module) -> Rule | None:

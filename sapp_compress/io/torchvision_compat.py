@@ -16,7 +16,7 @@ torch is already imported), because it also runs at interpreter start: installin
 package, which imports torch) and calls :func:`install_import_hook`, so a user's own ``import torchvision``,
 ``import timm`` or ``torch.load`` of a torchvision model works in that environment without ``import
 sapp_compress`` first. ``SAPP_COMPRESS_NO_TORCHVISION_HOOK=1`` turns the start-up hook off; importing
-``sapp_compress`` installs the hook in any case (:mod:`sapp_compress.extras`).
+``sapp_compress`` installs the hook in any case (:mod:`sapp_compress.io.extras`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def declare_missing_ops() -> bool:
     declared.append(lib)
     import logging
 
-    logging.getLogger("sapp_compress.torchvision_compat").info(
+    logging.getLogger("sapp_compress.io.torchvision_compat").info(
         "torchvision's compiled ops do not load with this torch; its models are used without them")
     return True
 

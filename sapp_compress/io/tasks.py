@@ -15,7 +15,7 @@ absent, a feature output      distillation: MSE to teacher features  mean cosine
 
 Outputs with a token axis (``[N, T, C]``, a language model's logits) are scored per token: cross-entropy or
 KL over every position, top-1 accuracy or agreement over every position (labels ``-100`` are ignored). A
-*feature* output (``last_hidden_state``, ``pooler_output``, embeddings: see :mod:`sapp_compress.adapters`) is
+*feature* output (``last_hidden_state``, ``pooler_output``, embeddings: see :mod:`sapp_compress.io.adapters`) is
 never scored as classes: its argmax over features means nothing.
 
 The accuracy gate compares ``score`` of the dense model with ``score`` of the ONNX model, so "accuracy" in the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from calib_data.shards import IGNORE_INDEX
 
-from .errors import DataError
+from ..errors import DataError
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 
 def infer_task(y: np.ndarray | None, output: np.ndarray, kind: str = "classes") -> Task:
     """Pick the task from the labels' dtype/values, the model's output ``[N, (T,) width]`` and whether that
-    output holds classes or features (``kind``, from :func:`sapp_compress.adapters.adapt`)."""
+    output holds classes or features (``kind``, from :func:`sapp_compress.io.adapters.adapt`)."""
     width = int(output.shape[-1]) if output.ndim > 1 else 1
     if kind == "features":
         if y is not None:
