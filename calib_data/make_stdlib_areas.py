@@ -71,15 +71,15 @@ LIB = Path(inspect.getfile(ast)).parent
 # the ...") share too much with every area to be labelled by one.
 AREAS: dict[str, list[str]] = {
     "gui": ["tkinter", "idlelib", "turtle", "curses"],
-    "internet": ["email", "mailbox", "mimetypes", "base64", "binascii", "quopri", "json", "smtplib", "imaplib",
-                 "poplib", "nntplib", "http", "urllib", "wsgiref", "webbrowser", "socketserver", "ftplib", "cgi",
-                 "uuid", "ipaddress", "socket", "ssl", "select", "selectors"],
+    "internet": ["email", "mailbox", "mimetypes", "base64", "binascii", "quopri", "json", "smtplib",
+                 "imaplib", "poplib", "nntplib", "http", "urllib", "wsgiref", "webbrowser", "socketserver",
+                 "ftplib", "cgi", "uuid", "ipaddress", "socket", "ssl", "select", "selectors"],
     "numeric": ["numbers", "math", "cmath", "decimal", "fractions", "random", "statistics"],
     "markup": ["html", "xml"],
-    "devtools": ["unittest", "doctest", "bdb", "pdb", "faulthandler", "profile", "cProfile", "pstats", "timeit",
-                 "tracemalloc"],
-    "packaging": ["distutils", "ensurepip", "venv", "zipapp", "importlib", "pkgutil", "zipimport", "modulefinder",
-                  "runpy", "site", "sysconfig"],
+    "devtools": ["unittest", "doctest", "bdb", "pdb", "faulthandler", "profile", "cProfile", "pstats",
+                 "timeit", "tracemalloc"],
+    "packaging": ["distutils", "ensurepip", "venv", "zipapp", "importlib", "pkgutil", "zipimport",
+                  "modulefinder", "runpy", "site", "sysconfig"],
     "concurrency": ["asyncio", "threading", "multiprocessing", "concurrent", "subprocess", "sched", "queue",
                     "contextvars"],
     "files": ["os", "io", "pathlib", "posixpath", "genericpath", "fileinput", "stat", "filecmp", "tempfile",
@@ -91,28 +91,30 @@ OTHER_LICENCES = {"asynchat", "asyncore", "http.cookies", "trace", "uu", "xmlrpc
 # modules whose code lives under another name: private Python twins and C accelerators
 ALIASES = {"_pydecimal": "decimal", "_pyio": "io", "_compression": "gzip", "_markupbase": "html.parser",
            "_threading_local": "threading", "_bootsubprocess": "subprocess", "_sitebuiltins": "site",
-           "posix": "os", "_io": "io", "_thread": "threading", "_lsprof": "cProfile", "_elementtree": "xml.etree",
-           "pyexpat": "xml.parsers.expat", "_posixsubprocess": "subprocess", "_posixshmem": "multiprocessing",
-           "_curses_panel": "curses", "_imp": "importlib"}
+           "posix": "os", "_io": "io", "_thread": "threading", "_lsprof": "cProfile",
+           "_elementtree": "xml.etree", "pyexpat": "xml.parsers.expat", "_posixsubprocess": "subprocess",
+           "_posixshmem": "multiprocessing", "_curses_panel": "curses", "_imp": "importlib"}
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib-dynload", "turtledemo"}
-# standard-library module names that are also words, or names of formats, protocols and concepts: kept in the text
+# standard-library module names that are also words, or names of formats, protocols and concepts: kept in the
+# text
 WORDS = {"abc", "array", "ast", "base64", "bisect", "calendar", "chunk", "code", "codecs", "collections",
          "concurrent", "copy", "csv", "curses", "datetime", "decimal", "email", "encodings", "enum", "errno",
-         "fractions", "glob", "gzip", "hmac", "html", "http", "inspect", "json", "keyword", "locale", "logging",
-         "mailbox", "marshal", "math", "numbers", "opcode", "operator", "pickle", "pipes", "platform", "posix",
-         "profile", "queue", "random", "resource", "secrets", "select", "selectors", "shelve", "signal", "site",
-         "socket", "ssl", "stat", "statistics", "string", "struct", "subprocess", "symbol", "this", "threading",
-         "time", "token", "trace", "traceback", "turtle", "types", "typing", "uuid", "warnings", "wave", "weakref",
-         "xml", "zlib"}
+         "fractions", "glob", "gzip", "hmac", "html", "http", "inspect", "json", "keyword", "locale",
+         "logging", "mailbox", "marshal", "math", "numbers", "opcode", "operator", "pickle", "pipes",
+         "platform", "posix", "profile", "queue", "random", "resource", "secrets", "select", "selectors",
+         "shelve", "signal", "site", "socket", "ssl", "stat", "statistics", "string", "struct", "subprocess",
+         "symbol", "this", "threading", "time", "token", "trace", "traceback", "turtle", "types", "typing",
+         "uuid", "warnings", "wave", "weakref", "xml", "zlib"}
 # package, submodule and program names that are identifiers too
-EXTRA_NAMES = {"idlelib", "lib2to3", "ttk", "Ttk", "tix", "Tix", "Tkinter", "IDLE", "Idle", "minidom", "pulldom",
-               "etree"}
+EXTRA_NAMES = {"idlelib", "lib2to3", "ttk", "Ttk", "tix", "Tix", "Tkinter", "IDLE", "Idle", "minidom",
+               "pulldom", "etree"}
 
 _MODULES = sorted(set(sys.stdlib_module_names) | EXTRA_NAMES, key=len, reverse=True)
 _DOTTED = re.compile(r"(?<![\w.])(?:" + "|".join(map(re.escape, _MODULES)) + r")((?:\.\w+)+)")
 _NAMES = [m for m in _MODULES if m not in WORDS]
 _NAMES += [m[0].upper() + m[1:] for m in _NAMES if len(m) > 3]  # at a sentence start: "Distutils", "Ttk"
-_MODULE_WORD = re.compile(r"(?<![\w.-])(?:" + "|".join(map(re.escape, sorted(set(_NAMES), key=len, reverse=True)))
+_MODULE_WORD = re.compile(r"(?<![\w.-])(?:" + "|".join(map(re.escape,
+                                                           sorted(set(_NAMES), key=len, reverse=True)))
                           + r")(?![\w-])")
 _IDENTIFIER = re.compile(r"_|[a-z][A-Z]|\d")  # snake_case, CamelCase, digits, _private
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -180,7 +182,8 @@ def c_docstrings():
         if isinstance(mod.__doc__, str):
             yield label, module, [], mod.__doc__
         for key, obj in sorted(vars(mod).items()):
-            if key.startswith("__") or not callable(obj) or getattr(obj, "__module__", name) not in (name, module):
+            if key.startswith("__") or not callable(obj) or getattr(obj, "__module__",
+                                                                    name) not in (name, module):
                 continue
             if isinstance(obj.__doc__, str):
                 yield label, module, [key], obj.__doc__
@@ -301,8 +304,8 @@ def main() -> None:
                       "only (no doctests, tables or signatures); module names that are identifiers, dotted "
                       "module references and the documented objects' own identifier names removed; repeated "
                       f"paragraphs dropped; each module's paragraphs packed in order into passages of "
-                      f"{MIN_CHARS}..{MAX_CHARS} characters; {int(HELD_OUT * 100)} % of each label's passages "
-                      f"held out for the test file (seed {SEED})",
+                      f"{MIN_CHARS}..{MAX_CHARS} characters; {int(HELD_OUT * 100)} % of each label's "
+                      f"passages held out for the test file (seed {SEED})",
             "synthetic": False,
             "split": part,
             "file": "text/" + path.name,

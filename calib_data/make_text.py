@@ -1,4 +1,5 @@
-"""Make the shipped text data set (run once; ``text/stdlib_docs.jsonl`` and ``text/MANIFEST.json`` are committed).
+"""Make the shipped text data set (run once; ``text/stdlib_docs.jsonl`` and ``text/MANIFEST.json`` are
+committed).
 
     python calib_data/make_text.py
 
@@ -35,8 +36,8 @@ FAMILIES: dict[str, list[str]] = {
               "tarfile", "io"],
     "concurrency": ["threading", "multiprocessing", "asyncio", "concurrent.futures", "subprocess", "queue",
                     "sched", "signal"],
-    "network": ["socket", "ssl", "urllib.parse", "urllib.request", "http.client", "http.server", "http.cookies",
-                "email.utils", "smtplib", "ftplib", "ipaddress", "select", "selectors"],
+    "network": ["socket", "ssl", "urllib.parse", "urllib.request", "http.client", "http.server",
+                "http.cookies", "email.utils", "smtplib", "ftplib", "ipaddress", "select", "selectors"],
     "containers": ["collections", "collections.abc", "heapq", "bisect", "itertools", "functools", "operator",
                    "array", "copy", "weakref", "enum", "dataclasses", "types", "list", "dict", "set"],
 }
@@ -101,7 +102,8 @@ def rows() -> list[dict]:
     rng = np.random.default_rng(SEED)
     out = []
     for label, rs in found.items():
-        unique = list({r["text"]: r for r in rs if seen[r["text"]] == {label}}.values())  # no conflicting labels
+        # no conflicting labels
+        unique = list({r["text"]: r for r in rs if seen[r["text"]] == {label}}.values())
         keep = rng.permutation(len(unique))[:PER_LABEL]
         out += [unique[i] for i in sorted(keep)]
     return [out[i] for i in rng.permutation(len(out))]
@@ -126,10 +128,12 @@ def main() -> None:
     manifest.update({
         "stdlib_docs": {
             "source": "first paragraph of the docstrings of public functions, classes and methods of Python "
-                      f"{platform.python_version()} standard-library modules, made by calib_data/make_text.py",
+                      f"{platform.python_version()} standard-library modules, made by "
+                      "calib_data/make_text.py",
             "licence": "PSF License (Python Software Foundation License Version 2), the licence of CPython's "
                        "docstrings",
-            "made": "labels are module families: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in FAMILIES.items())
+            "made": "labels are module families: "
+                    + "; ".join(f"{k}: {', '.join(v)}" for k, v in FAMILIES.items())
                     + f"; texts of {MIN_CHARS}..{MAX_CHARS} characters, deduplicated, texts found under two "
                       f"families dropped, at most {PER_LABEL} per label, shuffled with a fixed seed",
             "synthetic": False,

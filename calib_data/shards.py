@@ -1,8 +1,8 @@
 """Reading data shards: ``.npz`` files with ``x`` (or ``x0``, ``x1``, ... in forward-argument order), or with
 arrays named after the model's forward arguments (:data:`NAMED_INPUTS`: ``input_ids``, ``attention_mask``,
 ``token_type_ids``, ``pixel_values``, ...), passed by keyword, and optional labels: ``y``, or ``labels``
-(Hugging Face's name; :data:`LABEL_KEYS`). Any other array is recorded in :attr:`Shard.ignored` (and logged), so
-the caller can say so: a user's array is never dropped silently.
+(Hugging Face's name; :data:`LABEL_KEYS`). Any other array is recorded in :attr:`Shard.ignored` (and logged),
+so the caller can say so: a user's array is never dropped silently.
 
 Every check happens in :func:`load_shard`, and each failure is a one-line :class:`DataError` naming the file
 and what was expected vs found. Uncompressed ``.npz`` members are memory-mapped (``np.load(mmap_mode="r")``
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib_data.errors import DataError
+from calib_data.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ class Shard:
     def subset(self, idx: np.ndarray, lazy: bool = False) -> "Shard":
         """The samples ``idx``. With ``lazy``, memory-mapped inputs stay on disk behind the index."""
         idx = np.asarray(idx)
-        take = (lambda x: _Rows(x, idx) if isinstance(x, np.memmap) else x[idx]) if lazy else (lambda x: x[idx])
-        return Shard(tuple(take(x) for x in self.inputs), None if self.y is None else self.y[idx], self.source,
-                     self.names, self.ignored)
+        take = (lambda x: _Rows(x, idx) if isinstance(x, np.memmap) else x[idx]) if lazy else \
+            (lambda x: x[idx])
+        return Shard(tuple(take(x) for x in self.inputs), None if self.y is None else self.y[idx],
+                     self.source, self.names, self.ignored)
 
     def split(self, eval_fraction: float, seed: int) -> tuple["Shard", "Shard"]:
         """Deterministic (train, held-out) split: ``eval_fraction`` of the samples, chosen by ``seed``.
@@ -75,7 +76,8 @@ class Shard:
         n = len(self)
         k = int(round(eval_fraction * n))
         if k < 1 or k >= n:
-            raise DataError(f"{self.source}: {n} samples cannot be split with eval fraction {eval_fraction:g}")
+            raise DataError(f"{self.source}: {n} samples cannot be split with eval fraction "
+                            f"{eval_fraction:g}")
         perm = np.random.default_rng([seed, 7919]).permutation(n)
         return self.subset(np.sort(perm[k:]), lazy=True), self.subset(np.sort(perm[:k]))
 
@@ -126,7 +128,7 @@ def _open(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: _mmap_member(path, stored[k]) if k in stored else z[k] for k in z.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, struct.error) as e:
-        raise _fail(path, f"unreadable .npz ({str(e).splitlines()[0]})") from None
+        raise _fail(path, f"unreadable .npz ({first_line(e)})") from None
 
 
 def _mmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
@@ -161,8 +163,9 @@ def _input_keys(path: Path, keys: list[str]) -> list[str]:
         return ["x"]
     idx = sorted(int(v) for v in xs.values())
     if not idx:
-        raise _fail(path, f"expected an input array x (or x0, x1, ..., or named {', '.join(NAMED_INPUTS[:4])}, ...), "
-                          f"found {sorted(keys) or 'no arrays'}")
+        raise _fail(path, "expected an input array x "
+                          f"(or x0, x1, ..., or named {', '.join(NAMED_INPUTS[:4])}, ...), found "
+                          f"{sorted(keys) or 'no arrays'}")
     if idx != list(range(len(idx))):
         raise _fail(path, f"expected inputs x0..x{len(idx) - 1} without gaps, got {['x%d' % i for i in idx]}")
     return [f"x{i}" for i in idx]
@@ -213,9 +216,10 @@ def load_shard(path: str | Path) -> Shard:
         if y.ndim == 0 or y.shape[0] != n:
             raise _fail(path, f"{keys[0]} has {n} samples but {ykey} has {y.shape[0] if y.ndim else 'none'}")
         if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-            if y.ndim != 1 and not (y.ndim == 2 and len(inputs[0].shape) >= 2 and y.shape[1] == inputs[0].shape[1]):
-                raise _fail(path, f"integer labels {ykey} must be [N] (or [N, T] per token, T = the inputs' second "
-                                  f"axis), got shape {y.shape}")
+            if y.ndim != 1 and not (y.ndim == 2 and len(inputs[0].shape) >= 2 and
+                                    y.shape[1] == inputs[0].shape[1]):
+                raise _fail(path, f"integer labels {ykey} must be [N] "
+                                  f"(or [N, T] per token, T = the inputs' second axis), got shape {y.shape}")
             y = y.astype(np.int64)
         elif np.issubdtype(y.dtype, np.floating):
             if y.ndim > 2:

@@ -21,10 +21,10 @@ sapp-compress fine-tunes by distillation from the original model.
 The ``.npz`` is written uncompressed (so it is memory-mapped when read) under a temporary name and renamed
 at the end: a failure leaves no partial file. Every bad input is a one-line :class:`DataError` (exit 2).
 
-A tokenizer that cannot read the text is refused rather than trusted: one with no vocabulary beyond its special
-tokens (transformers builds such an empty tokenizer from a directory without tokenizer files), or one that maps
-more than :data:`UNK_REFUSE` of the text's tokens to its unknown token; above :data:`UNK_WARN` the shard is
-written with a warning (:attr:`TextShard.warnings`, printed by the command).
+A tokenizer that cannot read the text is refused rather than trusted: one with no vocabulary beyond its
+special tokens (transformers builds such an empty tokenizer from a directory without tokenizer files), or one
+that maps more than :data:`UNK_REFUSE` of the text's tokens to its unknown token; above :data:`UNK_WARN` the
+shard is written with a warning (:attr:`TextShard.warnings`, printed by the command).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from calib_data.errors import first_line
 from calib_data.shards import DataError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class TextShard:
     path: Path
     arrays: dict[str, tuple[int, ...]]  # name -> shape (all int64)
     label2id: dict[str, int] | None  # label -> class id; None without labels
-    label_source: str | None  # where the ids came from: "config.json label2id", "integer labels", "sorted labels"
+    # where the ids came from: "config.json label2id", "integer labels", "sorted labels"
+    label_source: str | None
     filled: int  # rows whose tokens reach max_length (truncated or exactly that long)
     unknown: float = 0.0  # share of the text's tokens that are the tokenizer's unknown token
     warnings: tuple[str, ...] = ()
@@ -81,7 +83,7 @@ def _fail(path: Path, msg: str) -> DataError:
     return DataError(f"{path.name}: {msg}")
 
 
-# -- readers: one per file type ---------------------------------------------------------------------------------
+# -- readers: one per file type ------------------------------------------------------------------------------
 
 def _read_txt(path: Path, text_field: str, label_field: str | None) -> _Rows:
     if label_field is not None:
@@ -139,7 +141,8 @@ def _open_text(path: Path):
 
 
 def _lines(path: Path) -> list[str]:
-    """Lines split at newlines only (``str.splitlines`` would also split inside texts, at U+2028 and the like)."""
+    """Lines split at newlines only (``str.splitlines`` would also split inside texts, at U+2028 and the
+    like)."""
     with open(path, encoding="utf-8-sig") as f:
         return f.read().split("\n")
 
@@ -158,7 +161,8 @@ def _label(path: Path, line: int, value: object, field: str) -> str:
 
 def read_texts(path: str | Path, *, text_field: str = "text", label_field: str | None = None,
                limit: int | None = None) -> tuple[list[str], list[tuple[str, int]] | None]:
-    """Texts and optional (label, line number) pairs from a .txt, .csv or .jsonl file (the first ``limit``)."""
+    """Texts and optional (label, line number) pairs from a .txt, .csv or .jsonl file (the first
+    ``limit``)."""
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -175,9 +179,10 @@ def read_texts(path: str | Path, *, text_field: str = "text", label_field: str |
     return rows.texts[:n], None if rows.labels is None else rows.labels[:n]
 
 
-# -- labels ---------------------------------------------------------------------------------------------------
+# -- labels --------------------------------------------------------------------------------------------------
 
-def label_ids(path: Path, labels: list[tuple[str, int]], config: dict) -> tuple[np.ndarray, dict[str, int], str]:
+def label_ids(path: Path, labels: list[tuple[str, int]],
+              config: dict) -> tuple[np.ndarray, dict[str, int], str]:
     """Class ids (int64), the label -> id mapping and where it came from.
 
     The model's ``label2id`` decides when it names the labels (not transformers' ``LABEL_<i>`` placeholders);
@@ -204,13 +209,13 @@ def label_ids(path: Path, labels: list[tuple[str, int]], config: dict) -> tuple[
     if num_labels is not None:
         for label, line in labels:
             if mapping[label] >= num_labels:
-                raise _fail(path, f"line {line}: label {label!r} is class {mapping[label]}, but the model has "
-                                  f"{num_labels} labels (config.json id2label)")
+                raise _fail(path, f"line {line}: label {label!r} is class {mapping[label]}, but the model "
+                                  f"has {num_labels} labels (config.json id2label)")
     y = np.array([mapping[label] for label, _ in labels], dtype=np.int64)
     return y, dict(sorted(mapping.items(), key=lambda kv: kv[1])), source
 
 
-# -- the model directory ----------------------------------------------------------------------------------------
+# -- the model directory -------------------------------------------------------------------------------------
 
 def _check_model_dir(model_dir: Path) -> Path:
     if not model_dir.is_dir():
@@ -239,23 +244,24 @@ def load_tokenizer(model_dir: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(model_dir, f"no tokenizer could be loaded from the directory ({first})") from None
+        raise _fail(model_dir, f"no tokenizer could be loaded from the directory ({first_line(e)})") from None
     special = set(tok.all_special_ids)
     if len(tok) <= len(special):
-        raise _fail(model_dir, f"the tokenizer has no vocabulary beyond its {len(special)} special tokens: the "
-                               f"directory holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
-                               "save the model's tokenizer there (tokenizer.save_pretrained)")
+        raise _fail(model_dir, f"the tokenizer has no vocabulary beyond its {len(special)} special tokens: "
+                               "the directory holds no tokenizer files "
+                               f"(expected one of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                               "there (tokenizer.save_pretrained)")
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise _fail(model_dir, "the tokenizer has neither a padding nor an end-of-sequence token to pad with")
+            raise _fail(model_dir, "the tokenizer has neither a padding nor an end-of-sequence token to pad "
+                                   "with")
         log.info("%s: the tokenizer has no padding token; padding with its end token %r (masked out)",
                  model_dir.name, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 
 
-# -- the shard --------------------------------------------------------------------------------------------------
+# -- the shard -----------------------------------------------------------------------------------------------
 
 def _check_out(out: Path) -> None:
     if out.suffix != ".npz":
@@ -279,7 +285,8 @@ def _save_atomic(out: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text_field: str = "text",
                label_field: str | None = None, max_length: int = 128, limit: int | None = None) -> TextShard:
-    """Tokenize ``path`` with ``model_dir``'s tokenizer and write the shard ``out`` (see the module docstring).
+    """Tokenize ``path`` with ``model_dir``'s tokenizer and write the shard ``out`` (see the module
+    docstring).
 
     Raises:
         DataError: a missing or unreadable file, a missing column or field, no rows, a label the model does
@@ -288,7 +295,8 @@ def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text
     """
     model_dir, path, out = Path(model_dir), Path(path), Path(out)
     if max_length < 1 or (limit is not None and limit < 1):
-        raise DataError(f"expected max_length >= 1 and limit >= 1, got max_length={max_length}, limit={limit}")
+        raise DataError(f"expected max_length >= 1 and limit >= 1, got max_length={max_length}, "
+                        f"limit={limit}")
     _check_out(out)
     _check_model_dir(model_dir)
     texts, labels = read_texts(path, text_field=text_field, label_field=label_field, limit=limit)
@@ -308,8 +316,8 @@ def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text
     warnings = []
     if unknown > UNK_REFUSE:
         raise _fail(model_dir, f"the tokenizer maps {unknown:.0%} of the text's tokens to its unknown token "
-                               f"{tok.unk_token!r} (refused above {UNK_REFUSE:.0%}): it is not this text's tokenizer, "
-                               "or the directory's tokenizer files are incomplete")
+                               f"{tok.unk_token!r} (refused above {UNK_REFUSE:.0%}): it is not this text's "
+                               "tokenizer, or the directory's tokenizer files are incomplete")
     if unknown > UNK_WARN:
         warnings.append(f"the tokenizer maps {unknown:.1%} of the text's tokens to its unknown token "
                         f"{tok.unk_token!r}; check that it is the model's tokenizer")
@@ -353,7 +361,8 @@ def describe(result: TextShard) -> str:
 @click.argument("text_file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="The shard to write (.npz).")
-@click.option("--text-field", default="text", show_default=True, help="CSV column / JSONL field with the text.")
+@click.option("--text-field", default="text", show_default=True,
+              help="CSV column / JSONL field with the text.")
 @click.option("--label-field", default=None, help="CSV column / JSONL field with the label (none: no y).")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1),
               help="Tokens per sample: shorter texts are padded, longer ones truncated.")
@@ -372,7 +381,7 @@ def main(model_dir: Path, text_file: Path, out: Path, text_field: str, label_fie
         result = text_shard(model_dir, text_file, out, text_field=text_field, label_field=label_field,
                             max_length=max_length, limit=limit)
     except DataError as e:
-        click.echo(f"Error: {str(e).strip().splitlines()[0]}", err=True)
+        click.echo(f"Error: {first_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Error: interrupted", err=True)

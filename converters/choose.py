@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from . import qdq
+from .export import one_line
 from .formulations import FORMULATIONS
 from .graph import GraphIndex
 # importing int8 registers its formulations
@@ -88,7 +89,7 @@ def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], name
         outs = sess.run(outputs, feed) if outputs else []
     except Exception as e:  # noqa: BLE001 -- an unrunnable feed means "not timed", with the reason logged
         log.warning("timing inputs do not run through the model (%s): layers not timed",
-                    str(e).splitlines()[0])
+                    one_line(e))
         return known
     return {**known, **{n: list(np.shape(o)) for n, o in zip(outputs, outs)}}
 

@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from .cache import TimingCache, TimingKey
 from .errors import ConverterError
+from .export import one_line
 from .int8 import default_weight_bits
 from .timing import graph_digest, shapes_text
 from .qdq import QDQ_OPS, _quiet, calibration_batches, quantize_qdq
@@ -110,7 +111,7 @@ def _dynamic(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
                              extra_options={"WeightSymmetric": True})
         except Exception as e:  # noqa: BLE001 -- the quantizer's own errors, in one line
             raise ConverterError("ONNX Runtime's dynamic quantization failed: "
-                                 f"{str(e).strip().splitlines()[0]}") from e
+                                 f"{one_line(e)}") from e
         q = onnx.load(str(out))
     del q.metadata_props[:]
     q.metadata_props.extend(model.metadata_props)

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from .errors import ConverterError
+from .export import one_line
 from .formulations import Compact
 from .graph import GraphIndex, prune_unused
 from .int8 import Int8Rewrite
@@ -114,7 +115,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
                                            "OpTypesToExcludeOutputQuantization": ["Gemm"]})
         except Exception as e:  # noqa: BLE001 -- the quantizer's own errors, reduced to one line
             raise ConverterError("ONNX Runtime's QDQ quantization failed: "
-                                 f"{str(e).strip().splitlines()[0]}") from e
+                                 f"{one_line(e)}") from e
         q = onnx.load(str(out))
     del q.metadata_props[:]
     q.metadata_props.extend(model.metadata_props)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import VerificationError
+from .export import one_line
 from .runtime import run_onnx, session
 
 
@@ -52,7 +53,7 @@ def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise VerificationError(f"the ONNX checker rejects the model: {str(e).splitlines()[0]}") from None
+        raise VerificationError(f"the ONNX checker rejects the model: {one_line(e)}") from None
     return proto
 
 

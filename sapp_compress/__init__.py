@@ -12,8 +12,7 @@ Importing the package also installs an import hook that lets torchvision (and ti
 where the installed torchvision's compiled ops do not load with this torch
 (``sapp_compress.io.torchvision_compat``; the install also runs that hook at every interpreter start).
 """
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .config import BlockSpec, PruneConfig, TrainConfig  # noqa: E402
 from .io.extras import install_import_hook  # noqa: E402
 

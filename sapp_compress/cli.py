@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .config import CONV_LAYOUTS, DEFAULT_MIN_BLOCKS, INDIVISIBLE_POLICIES, STRUCTURES, BlockSpec
 from .errors import SappError, UsageError
 

@@ -310,9 +310,7 @@ class TrainConfig:
 
 
 #: the default top-1 agreement floor of an int8 classifier against the pruned PyTorch model on the evaluation
-#: rows. Measured on the repository's int8 tests and models: 0.994 (digits MLP) and 0.997 (digits CNN), 1.0
-#: (random-weight efficientnet_b0, DistilBERT, ViT), 0.9 (random-weight resnet18: 1 of 10 rows, near-ties of
-#: random logits); 0.8 leaves room for near-ties on small evaluation sets and refuses 10 of 13.
+#: rows: room for near-ties of logits on small evaluation sets (BENCHMARKS.md section 20.2)
 MIN_TOP1_AGREEMENT = 0.8
 
 

@@ -19,7 +19,7 @@ def versions() -> dict:
     import onnxruntime
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "sapp_compress": __version__, "numpy": np.__version__, "python": platform.python_version()}

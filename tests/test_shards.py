@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calib_data.shards import HERE, Shard, load_shard, shipped_shard, shipped_shards
-from sapp_compress.errors import DataError
+from calib_data.errors import DataError
 
 MANIFEST = json.loads((HERE / "MANIFEST.json").read_text())
 

@@ -48,9 +48,8 @@ class CommonOptions:
     Attributes:
         reset_optimizer: clear the optimizer state at every phase boundary.
         revive: at the start of a dense phase, pruned blocks come back as zeros (``zero``, as ACDC does) or
-            with their last values (``keep``). On the planted-support test (tests/engine/test_planted.py,
-            noise 10, 560 steps) SA++ recovered 33-55 % of the planted blocks with ``keep`` and 100 % with
-            ``zero``: revived blocks that restart from their noisy values crowd the next selection.
+            with their last values (``keep``): revived blocks that restart from their noisy values crowd the next
+            selection (BENCHMARKS.md section 20.3).
         prune_events: number of pruning events spread over a gradual sparsify phase.
         final_sparse: fraction of the budget for the final sparse fine-tune (the same for every method).
     """
@@ -267,17 +266,10 @@ class SAPPOptions(CommonOptions):
 
     The logits' optimiser (the paper trains them with the weights' optimiser and rate). Under Adam every
     parameter moves by about its learning rate per step whatever its gradient's size, which for the logits
-    has two costs in a short fine-tune:
-
-    - *too slow*: at a fine-tuning rate (1e-3 x 600 steps) the logits end within 0.3 of each other, and the
-      mask chosen at the first sparsification survives every later cycle unchanged (measured: 100 % overlap
-      with the final mask), so the cycles do nothing;
-    - *the wrong signal*: Adam ranks how consistently a block's scale is pushed up, not how much the loss
-      cares, so a block revived as zeros whose weights have barely started to grow can outrank the blocks
-      the model relies on (measured on a ResCNN at B = 8, s = 0.9 with a faster logit rate: such blocks took
-      4 of the 6 kept places in a layer and held-out accuracy fell from 0.99 to 0.78).
-
-    So by default (``logit_norm="layer"``) each layer's logits share one second moment
+    has two costs in a short fine-tune: *too slow* (at a fine-tuning rate the logits end nearly equal and the
+    first mask survives every cycle) and *the wrong signal* (Adam ranks how consistently a block's scale is pushed
+    up, not how much the loss cares, so blocks revived as zeros can outrank the ones the model relies on);
+    BENCHMARKS.md section 20.4. So by default (``logit_norm="layer"``) each layer's logits share one second moment
     (:class:`~sapp_compress.engine.training.LogitAdam`): the step keeps the relative sizes of the blocks' gradients,
     and the layer's scale invariance; and (``logit_lr=None``) their peak rate is ``max(lr, logit_travel / T)``
     for a budget of ``T`` steps, so they can move a few nats over any budget. ``logit_lr`` (a multiple of

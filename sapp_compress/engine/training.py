@@ -278,8 +278,7 @@ class LogitAdam(torch.optim.Adam):
     Plain Adam moves every logit by about ``lr`` per step whatever the size of its gradient, so the logits
     rank how *consistently* a block's scale is pushed up, not how much the loss cares: a block revived as
     zeros, whose weights have barely started to grow, gets a small but steady push and outranks the blocks
-    the model relies on (measured on a ResCNN at B = 8, s = 0.9: such blocks took 4 of the 6 kept places in a
-    layer, and held-out accuracy fell from 0.99 to 0.78). A per-layer normaliser keeps the layer's scale
+    the model relies on (BENCHMARKS.md section 20.4). A per-layer normaliser keeps the layer's scale
     invariance (the reason for Adam) and the relative sizes of the blocks' gradients (the importance signal
     SA++'s theory relies on)."""
 

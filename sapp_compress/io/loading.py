@@ -130,8 +130,9 @@ def _load_hf_directory(path: Path, trust: bool, arch: str | None) -> nn.Module:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    from converters.export import one_line
+
+    return one_line(e)[:200]
 
 
 def _load_torch_file(path: Path, trust: bool, arch: str | None) -> nn.Module:

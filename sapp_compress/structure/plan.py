@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.export import one_line
+
 from ..config import PruneConfig
 from ..errors import GeometryError
 from .gates import FamilyPlan
@@ -43,7 +45,7 @@ def check_removal(model: nn.Module, inner_of, families: list[GroupFamily], keep:
             remove(inner_of(small), fams, keep)
             d = max_rel_diff(_outputs(ref, inputs), _outputs(small, inputs))
         except Exception as e:  # noqa: BLE001 -- a module that breaks when smaller: reported, not raised
-            return f"the smaller module fails ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            return f"the smaller module fails ({type(e).__name__}: {one_line(e)[:160]})"
         if not d <= PARITY_RTOL:
             return f"the smaller model differs from the masked one by {d:.1e} of its output scale"
         return None

@@ -19,13 +19,10 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .. import distributed
 from ..schedules import cosine_lr
-
-if TYPE_CHECKING:
-    from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +102,7 @@ def rung_cycle(start: int, stop: int, warmup: float) -> Callable[[int], float]:
     return lambda step: cosine_lr((step - start) / max(1, stop - start), warmup)
 
 
-def successive(runner: Runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
+def successive(runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
     """Rung by rung: every survivor runs to the rung's step and is scored; the best ``keep`` go on."""
     scores: dict[float, list[float]] = {lr: [] for lr in cands}
     alive = list(cands)
@@ -129,7 +126,7 @@ def successive(runner: Runner, cands: list[float], sched: Schedule) -> tuple[flo
     return alive[0], scores
 
 
-def range_test(runner: Runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
+def range_test(runner, cands: list[float], sched: Schedule) -> tuple[float, dict[float, list[float]]]:
     """One run up a staircase of the candidates, lowest first, ``sched.stops[i]`` the end of stair ``i``; the
     held-out loss after each stair; the winner is the stair that lowered it most (steepest descent)."""
     stops = sched.stops
@@ -155,7 +152,7 @@ class Strategy:
     and ``run(runner, candidates, schedule) -> (winner, held-out losses per candidate)``."""
 
     schedule: Callable[[int, int, float], Schedule | None]
-    run: Callable[[Runner, list[float], Schedule], tuple[float, dict[float, list[float]]]]
+    run: Callable[[object, list[float], Schedule], tuple[float, dict[float, list[float]]]]
 
 
 #: the probe's strategies (``LRProbeConfig.strategy``); BENCHMARKS.md section 15 measures them
