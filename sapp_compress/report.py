@@ -13,7 +13,6 @@ import platform
 import numpy as np
 
 
-
 def versions() -> dict:
     import onnx
     import onnxruntime

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from .extras import import_torchvision, require
 from ..zoo import SAFE_CLASSES
+from .extras import import_torchvision, require
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 

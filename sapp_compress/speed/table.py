@@ -16,8 +16,10 @@ import numpy as np
 
 from converters.latency import OpSpec
 
+from ..io.export import export_feed
 from ..structure.groups import GroupFamily, StructurePlan
 from ..structure.remove import remove
+
 
 def candidate_widths(fam: GroupFamily, points: int = 16) -> list[int]:
     """Kept-unit counts to time and to choose from: every count for families of up to ``points`` units (heads),
@@ -155,15 +157,6 @@ class SpeedTarget:
     cache: str = "use"
 
 
-def _export(model, rows: dict[str, np.ndarray]):
-    import torch
-
-    from converters import export_onnx
-
-    xs = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in rows.values())
-    return export_onnx(model, xs, input_names=list(rows))
-
-
 def _as_precision(proto, precision: str, feed, calibration, threads, cache):
     if precision != "int8":
         return proto
@@ -203,7 +196,7 @@ class WholeTimer:
             m = copy.deepcopy(self.model)
             remove(self.inner_of(m), self.plan.families,
                    {f.name: np.arange(f.n_units) < widths.get(f.name, f.n_units) for f in self.plan.families})
-            proto = passes.choose(_export(m, self.export_rows), self.feed, threads=self.target.threads,
+            proto = passes.choose(export_feed(m, self.export_rows), self.feed, threads=self.target.threads,
                                   cache=self.cache).model
         return _as_precision(proto, self.target.precision, self.feed, self.calibration, self.target.threads,
                              self.cache)
@@ -211,7 +204,7 @@ class WholeTimer:
     def reference(self):
         """The dense model exported in fp32 (once): what X is against."""
         if self._reference is None:
-            self._reference = _export(self.model, self.export_rows)
+            self._reference = export_feed(self.model, self.export_rows)
         return self._reference
 
     def times(self, widths: dict[str, int] | None) -> dict[str, float]:

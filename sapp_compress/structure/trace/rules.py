@@ -7,9 +7,9 @@ import torch
 
 from .core import (
     NONE,
+    RULES,
     Info,
     OpRecord,
-    RULES,
     Tracer,
     _outputs,
     _tensors,
