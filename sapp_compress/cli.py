@@ -36,7 +36,8 @@ class BlockType(click.ParamType):
 
 
 class MethodOptionType(click.ParamType):
-    """``KEY=VALUE`` for one method option; VALUE is read as JSON (``4``, ``true``, ``"keep"``) or else as text."""
+    """``KEY=VALUE`` for one method option; VALUE is read as JSON (``4``, ``true``, ``"keep"``) or else as
+    text."""
 
     name = "KEY=VALUE"
 
@@ -98,7 +99,8 @@ class Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=ev["total"], desc="fine-tune", unit="step", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=ev["total"], desc="fine-tune", unit="step", file=sys.stderr,
+                                leave=False)
             self.bar.n = ev["step"]
             self.bar.set_postfix(phase=ev["phase"], loss=f"{ev['loss']:.4f}", refresh=False)
             self.bar.refresh()
@@ -114,34 +116,38 @@ class Progress:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the ONNX model.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Where to write the ONNX model.")
 @click.option("--block", default="8", type=BlockType(), show_default=True,
               help="Block shape: B (BxB) or RxC (rows = outputs, cols = inputs of the layer's 2-D view).")
 @click.option("--sparsity", default=0.8, type=float, show_default=True,
-              help="Fraction of blocks removed in each pruned layer (with --structure channels: of each family's "
-                   "heads, neurons or channels), 0 < s < 1.")
+              help="Fraction of blocks removed in each pruned layer (with --structure channels: of each "
+                   "family's heads, neurons or channels), 0 < s < 1.")
 @click.option("--target-speedup", type=float,
-              help="With --structure channels, instead of --sparsity: each layer's width is chosen so the model runs "
-                   "this many times faster than the dense model in ONNX Runtime on this machine, at "
-                   "--export-batch-size and --threads (measured; exit 5 if missed by more than 10 %).")
+              help="With --structure channels, instead of --sparsity: each layer's width is chosen so the "
+                   "model runs this many times faster than the dense model in ONNX Runtime on this machine, "
+                   "at --export-batch-size and --threads (measured; exit 5 if missed by more than 10 %).")
 @click.option("--accept-missed-target", is_flag=True,
               help="With --target-speedup: write the model even if its measured speed-up misses the target "
                    "(a warning instead of exit 5).")
 @click.option("--structure", default="blocks", type=click.Choice(STRUCTURES), show_default=True,
-              help="What is removed: blocks of each layer's weight, or whole attention heads, FFN neurons and conv "
-                   "channels from every tensor they touch (a smaller dense model).")
+              help="What is removed: blocks of each layer's weight, or whole attention heads, FFN neurons "
+                   "and conv channels from every tensor they touch (a smaller dense model).")
 @click.option("--method", default="sapp", type=click.Choice(_methods()), show_default=True,
               help="Pruning method: SA++ or one of the paper's baselines.")
 @click.option("--method-option", "method_option", multiple=True, type=MethodOptionType(),
               help="A method option, e.g. cycles=3 or logit_lr=1.0 (repeatable; see each method's Options).")
-@click.option("--data", type=click.Path(path_type=Path), help="Training shard (.npz). Default: a shipped shard that fits.")
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation shard. Default: held out from --data.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Training shard (.npz). Default: a shipped shard that fits.")
+@click.option("--eval-data", type=click.Path(path_type=Path),
+              help="Evaluation shard. Default: held out from --data.")
 @click.option("--epochs", type=float, help="Fine-tuning budget in epochs (default 10, at least 300 steps).")
 @click.option("--steps", type=int, help="Fine-tuning budget in optimizer steps (instead of --epochs).")
 @click.option("--batch-size", default=64, type=int, show_default=True, help="Mini-batch size (per process).")
 @click.option("--lr", default="auto", type=LRType(), show_default=True,
-              help="Peak learning rate (Adam, cosine, warm-up); auto: the best of 1e-5..1e-2 in a short probe on "
-                   "held-out rows of the training shard (about 10 % of the fine-tune's steps; the report's lr).")
+              help="Peak learning rate (Adam, cosine, warm-up); auto: the best of 1e-5..1e-2 in a short "
+                   "probe on held-out rows of the training shard (about 10 % of the fine-tune's steps; the "
+                   "report's lr).")
 @click.option("--weight-decay", default=1e-4, type=float, show_default=True,
               help="Coupled l2 on the masked weights and SA++ logits.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
@@ -155,31 +161,36 @@ class Progress:
               help="Batch size auto times formulations at (your serving batch).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
 @click.option("--plan", "plan", type=click.Path(path_type=Path),
-              help="Replay the per-layer choices in this earlier run's report (no timing; same bytes for the same "
-                   "masks).")
+              help="Replay the per-layer choices in this earlier run's report (no timing; same bytes for the "
+                   "same masks).")
 @click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
-              help="Reuse auto's timings measured on this machine (--no-cache: measure again and refresh them). "
-                   "Location: $SAPP_COMPRESS_CACHE, else $XDG_CACHE_HOME or ~/.cache, sapp-compress/.")
+              help="Reuse auto's timings measured on this machine (--no-cache: measure again and refresh "
+                   "them). Location: $SAPP_COMPRESS_CACHE, else $XDG_CACHE_HOME or ~/.cache, sapp-compress/.")
 @click.option("--quantize", default="none", type=click.Choice(["none", "int8"]), show_default=True,
-              help="int8: the pruned layers' kept blocks stored and computed in int8 (linears: dynamic activation "
-                   "scales; convs: static, calibrated on the training shard, with the rest of a conv net), where "
-                   "auto measures them faster; verified at --int8-kernel-rtol and --int8-rtol.")
+              help="int8: the pruned layers' kept blocks stored and computed in int8 (linears: dynamic "
+                   "activation scales; convs: static, calibrated on the training shard, with the rest of a "
+                   "conv net), where auto measures them faster; verified at --int8-kernel-rtol and "
+                   "--int8-rtol.")
 @click.option("--int8-rtol", default=0.2, type=float, show_default=True,
               help="With --quantize int8: ORT passes when max|diff| <= atol + this * max|output|.")
 @click.option("--int8-kernel-rtol", default=0.1, type=float, show_default=True,
-              help="With --quantize int8: ORT's integer kernels must match the model's own quantize/dequantize "
-                   "reference to atol + this * max|output|.")
+              help="With --quantize int8: ORT's integer kernels must match the model's own "
+                   "quantize/dequantize reference to atol + this * max|output|.")
 @click.option("--min-top1-agreement", default=0.8, type=click.FloatRange(0, 1), show_default=True,
-              help="With --quantize int8, a classifier: ORT's top-1 must agree with the pruned PyTorch model on at "
-                   "least this share of the evaluation rows (else exit 3).")
+              help="With --quantize int8, a classifier: ORT's top-1 must agree with the pruned PyTorch model "
+                   "on at least this share of the evaluation rows (else exit 3).")
 @click.option("--max-accuracy-drop", type=float,
               help="Gate: fail (exit 4) if dense score - ONNX score exceeds this (0.01 = one point).")
-@click.option("--atol", default=1e-4, type=float, show_default=True, help="ORT vs PyTorch absolute tolerance.")
+@click.option("--atol", default=1e-4, type=float, show_default=True,
+              help="ORT vs PyTorch absolute tolerance.")
 @click.option("--rtol", default=1e-3, type=float, show_default=True,
               help="ORT vs PyTorch tolerance relative to max|output|.")
-@click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (also on failure).")
-@click.option("--save-torch", type=click.Path(path_type=Path), help="Also save the pruned, folded nn.Module here.")
-@click.option("--trust-model", is_flag=True, help="Load MODEL with the full unpickler (runs its code: trusted files only).")
+@click.option("--report", type=click.Path(path_type=Path),
+              help="Write the JSON report here (also on failure).")
+@click.option("--save-torch", type=click.Path(path_type=Path),
+              help="Also save the pruned, folded nn.Module here.")
+@click.option("--trust-model", is_flag=True,
+              help="Load MODEL with the full unpickler (runs its code: trusted files only).")
 @click.option("--arch", help="module:callable building the model when MODEL is a state_dict, with keyword "
                              "arguments as module:callable(num_classes=10); or a transformers class name.")
 @click.option("--balanced/--no-balanced", default=False, show_default=True,
@@ -198,10 +209,10 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
-def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method, method_option, data,
-         eval_data, epochs, steps, batch_size, lr, weight_decay, device, amp, seed, onnx_format, export_batch_size,
-         threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol, min_top1_agreement, max_accuracy_drop,
-         atol, rtol, report,
+def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method,
+         method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay, device, amp, seed,
+         onnx_format, export_batch_size, threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol,
+         min_top1_agreement, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
     """Prune MODEL (a torch.save(module) file) with block sparsity and write a block-sparse ONNX model.
@@ -224,19 +235,20 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
         if target_speedup is not None and _given("sparsity"):
             raise UsageError("give --target-speedup or --sparsity, not both (the target chooses each layer's "
                              "sparsity)")
-        prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method, method_options=dict(method_option),
-                                balanced=balanced, structure=structure, target_speedup=target_speedup,
-                                min_blocks=min_blocks, indivisible=indivisible, include=include, exclude=exclude,
-                                conv_layout=conv_layout)
-        train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                device=device, amp=amp, seed=seed,
+        prune_cfg = PruneConfig(block=block, sparsity=sparsity, method=method,
+                                method_options=dict(method_option), balanced=balanced, structure=structure,
+                                target_speedup=target_speedup, min_blocks=min_blocks, indivisible=indivisible,
+                                include=include, exclude=exclude, conv_layout=conv_layout)
+        train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, device=device, amp=amp, seed=seed,
                                 checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                                 checkpoint_every=checkpoint_every, resume=resume)
         out = OutputConfig(output=output, report=report, save_torch=save_torch, onnx_format=onnx_format,
                            max_accuracy_drop=max_accuracy_drop, atol=atol, rtol=rtol, threads=threads,
                            export_batch_size=export_batch_size, quantize=quantize, int8_rtol=int8_rtol,
-                           int8_kernel_rtol=int8_kernel_rtol, plan=plan, cache="use" if use_cache else "refresh",
-                           accept_missed_target=accept_missed_target, min_top1_agreement=min_top1_agreement)
+                           int8_kernel_rtol=int8_kernel_rtol, plan=plan,
+                           cache="use" if use_cache else "refresh", accept_missed_target=accept_missed_target,
+                           min_top1_agreement=min_top1_agreement)
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:
@@ -274,8 +286,9 @@ def _given(name: str) -> bool:
 def _warn_not_applicable(structure: str, names: tuple[str, ...]) -> None:
     """Options given on the command line that ``--structure`` ignores: say so, once each."""
     for n in [n for n in names if _given(n)]:
-        click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure {structure} (whole heads, "
-                   "neurons and channels are removed; the ONNX is a smaller dense graph): ignored", err=True)
+        click.echo(f"WARNING: --{n.replace('_', '-')} does not apply to --structure {structure} (whole "
+                   "heads, neurons and channels are removed; the ONNX is a smaller dense graph): ignored",
+                   err=True)
 
 
 if __name__ == "__main__":

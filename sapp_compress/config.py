@@ -81,8 +81,8 @@ class PruneConfig:
             ``indivisible`` and ``conv_layout`` apply) or ``channels`` (whole attention heads, FFN neurons and
             conv channels, removed from every tensor they touch: ``sparsity`` is the fraction of each family's
             units removed, and the block options do not apply). See :mod:`sapp_compress.structure`.
-        target_speedup: with ``channels``, instead of a uniform ``sparsity``: each family's width is chosen so the
-            model reaches this measured speed-up in ONNX Runtime on this machine
+        target_speedup: with ``channels``, instead of a uniform ``sparsity``: each family's width is chosen so
+            the model reaches this measured speed-up in ONNX Runtime on this machine
             (:mod:`sapp_compress.speed.allocate`).
     """
 
@@ -107,14 +107,16 @@ class PruneConfig:
             if not isinstance(self.target_speedup, (int, float)) or not self.target_speedup > 1.0:
                 raise ConfigError(f"target speed-up: expected a number > 1, got {self.target_speedup!r}")
             if self.structure != "channels":
-                raise ConfigError("--target-speedup needs --structure channels (it chooses how many heads, neurons "
-                                  "and channels each layer keeps; block sparsity's speed-up is not a width)")
+                raise ConfigError("--target-speedup needs --structure channels (it chooses how many heads, "
+                                  "neurons and channels each layer keeps; block sparsity's speed-up is not a "
+                                  "width)")
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) < 1.0):
             raise ConfigError(f"sparsity: expected a number with 0 < s < 1, got {s!r}")
         object.__setattr__(self, "sparsity", float(s))
         if self.indivisible not in INDIVISIBLE_POLICIES:
-            raise ConfigError(f"indivisible: expected one of {INDIVISIBLE_POLICIES}, got {self.indivisible!r}")
+            raise ConfigError(f"indivisible: expected one of {INDIVISIBLE_POLICIES}, "
+                              f"got {self.indivisible!r}")
         if self.conv_layout not in CONV_LAYOUTS:
             raise ConfigError(f"conv_layout: expected one of {CONV_LAYOUTS}, got {self.conv_layout!r}")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
@@ -134,45 +136,49 @@ LR_CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 @dataclass(frozen=True)
 class LRProbeConfig:
-    """How ``lr="auto"`` measures the rate (:mod:`sapp_compress.engine.lr_probe`). BENCHMARKS.md section 15 measures
-    each default against the alternatives; the sections named below say what chose it.
+    """How ``lr="auto"`` measures the rate (:mod:`sapp_compress.engine.lr_probe`). BENCHMARKS.md section 15
+    measures each default against the alternatives; the sections named below say what chose it.
 
     Attributes:
         candidates: peak rates tried, each from the same starting weights.
-        strategy: a name in :data:`sapp_compress.engine.lr_probe.strategies.STRATEGIES`: ``halving`` (successive
-            halving), ``grid`` (every candidate for the same number of steps) or ``range`` (an LR range test).
-        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores, then
-            its final sparse phase: masks fixed) or ``program`` (the method's whole program, compressed into the
-            probe's steps).
+        strategy: a name in :data:`sapp_compress.engine.lr_probe.strategies.STRATEGIES`: ``halving``
+            (successive halving), ``grid`` (every candidate for the same number of steps) or ``range`` (an LR
+            range test).
+        phase: what a candidate runs: ``sparse`` (the method prunes to the target at once, by its own scores,
+            then its final sparse phase: masks fixed) or ``program`` (the method's whole program, compressed
+            into the probe's steps).
         budget: the probe's optimizer steps, all candidates together, as a fraction of the fine-tune's (the
-            candidates' first program step, which their warm-up runs at rate zero, runs once with the priming).
+            candidates' first program step, which their warm-up runs at rate zero, runs once with the
+            priming).
         held_out: fraction of the training shard's rows the candidates are scored on (never trained on by the
             probe; the fine-tune then trains on every row), at most ``max_rows`` rows.
         keep: with ``halving``, the fraction of candidates that go on to the next rung (1 / eta).
         warmup: the candidates' warm-up fraction (None: the fine-tune's).
         fallback: the rate used when the budget is too short to probe (the report says so).
-        scoring: the held-out rows scored, all evaluations together, at most this many times the rows the probe
-            trains on (its steps times the batch size): half to the last rung, the other half shared by the
-            earlier evaluations, never fewer than 32 rows an evaluation (nor more than are held out) (15.1).
+        scoring: the held-out rows scored, all evaluations together, at most this many times the rows the
+            probe trains on (its steps times the batch size): half to the last rung, the other half shared by
+            the earlier evaluations, never fewer than 32 rows an evaluation (nor more than are held out)
+            (15.1).
         anneal: where a candidate's rate decays to zero: ``program`` (one warm-up and cosine over the whole
-            program, as the fine-tune has), ``rung`` (every rung a warm-up and cosine cycle of its own, so every
-            score is taken with the rate annealed) or ``auto`` (the default): ``rung`` when the candidates run the
-            method's whole program (``phase="sparse"`` and a method that prunes once at step 0, then trains sparse:
-            magnitude), ``program`` otherwise (15.4, 15.10).
-        prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction of
-            the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the fine-tune's
-            warm-up does. Counted in the probe's steps, on top of ``budget`` (15.2).
+            program, as the fine-tune has), ``rung`` (every rung a warm-up and cosine cycle of its own, so
+            every score is taken with the rate annealed) or ``auto`` (the default): ``rung`` when the
+            candidates run the method's whole program (``phase="sparse"`` and a method that prunes once at
+            step 0, then trains sparse: magnitude), ``program`` otherwise (15.4, 15.10).
+        prime: steps at rate zero run once before the candidates branch, shared by all of them, as a fraction
+            of the fine-tune's steps: they fill the optimizer's moments (and BatchNorm's statistics) as the
+            fine-tune's warm-up does. Counted in the probe's steps, on top of ``budget`` (15.2).
         dense_check: for a method whose program starts with a dense phase (SA++, GMP, ACDC, Powerprop), the
-            fine-tune's own first steps (its warm-up and one step at the peak) are run at the winner on a copy, and
-            the winner is vetoed when that costs the model more than this share of its held-out advantage over a
-            constant prediction (a model with no advantage must not get worse) and ends above ``dense_ratio``
-            times the next lower candidate's loss after the same steps; the next lower candidate is then checked
-            in its place. The fine-tune continues from the run of the rate chosen. None: no check (15.5).
+            fine-tune's own first steps (its warm-up and one step at the peak) are run at the winner on a
+            copy, and the winner is vetoed when that costs the model more than this share of its held-out
+            advantage over a constant prediction (a model with no advantage must not get worse) and ends above
+            ``dense_ratio`` times the next lower candidate's loss after the same steps; the next lower
+            candidate is then checked in its place. The fine-tune continues from the run of the rate chosen.
+            None: no check (15.5).
         dense_ratio: see ``dense_check``.
         batch_stats: score the candidates with BatchNorm normalising by each held-out chunk's own statistics
-            instead of its running ones (left as they were), which the one-shot prune leaves stale. The dense check
-            always scores this way; models without BatchNorm score the same either way, bit for bit. False: the
-            running statistics (15.9, 15.11).
+            instead of its running ones (left as they were), which the one-shot prune leaves stale. The dense
+            check always scores this way; models without BatchNorm score the same either way, bit for bit.
+            False: the running statistics (15.9, 15.11).
     """
 
     candidates: tuple[float, ...] = LR_CANDIDATES
@@ -194,7 +200,8 @@ class LRProbeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(float(c) for c in self.candidates))
         if len(self.candidates) < 2 or any(not c > 0 for c in self.candidates):
-            raise ConfigError(f"lr_probe.candidates: expected at least 2 positive rates, got {self.candidates!r}")
+            raise ConfigError("lr_probe.candidates: expected at least 2 positive rates, "
+                              f"got {self.candidates!r}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"lr_probe.candidates: expected distinct rates, got {self.candidates!r}")
         if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
@@ -212,7 +219,8 @@ class LRProbeConfig:
         from .engine.lr_probe.strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+            raise ConfigError(f"lr_probe.strategy: expected one of {sorted(STRATEGIES)}, "
+                              f"got {self.strategy!r}")
         if self.phase not in ("program", "sparse"):
             raise ConfigError(f"lr_probe.phase: expected program|sparse, got {self.phase!r}")
         if not 0.0 <= self.prime < 1.0:
@@ -222,7 +230,8 @@ class LRProbeConfig:
         if self.batch_stats not in (True, False):
             raise ConfigError(f"lr_probe.batch_stats: expected true or false, got {self.batch_stats!r}")
         if self.dense_check is not None and not 0.0 < self.dense_check <= 1.0:
-            raise ConfigError(f"lr_probe.dense_check: expected a share in (0, 1] or None, got {self.dense_check!r}")
+            raise ConfigError("lr_probe.dense_check: expected a share in (0, 1] or None, "
+                              f"got {self.dense_check!r}")
         if not self.dense_ratio >= 1.0:
             raise ConfigError(f"lr_probe.dense_ratio: expected a ratio >= 1, got {self.dense_ratio!r}")
 
@@ -241,8 +250,9 @@ class TrainConfig:
         weight_decay: a *coupled* l2 penalty (added to the loss gradient) on the masked weights and, with
             ``logit_decay``, on SA++ logits; ALGORITHM.md explains why coupled, not decoupled, decay is what
             makes the attention rank blocks by importance.
-        lr: the peak learning rate, or ``"auto"`` (the default; ``None`` means the same): measured on the training
-            shard before the fine-tune by the probe of :mod:`sapp_compress.engine.lr_probe`, configured by ``lr_probe``.
+        lr: the peak learning rate, or ``"auto"`` (the default; ``None`` means the same): measured on the
+            training shard before the fine-tune by the probe of :mod:`sapp_compress.engine.lr_probe`,
+            configured by ``lr_probe``.
         warmup: fraction of the budget with linear LR warm-up; cosine decay after.
         amp: mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``, ``off``.
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
@@ -329,14 +339,14 @@ class OutputConfig:
         int8_rtol: with int8, ORT's int8 model passes verification when ``max|int8 - torch| <= atol +
             int8_rtol * max|torch|`` (see :func:`compress`).
         int8_kernel_rtol: with int8, ORT's integer kernels (graph optimizations on) must match the model's own
-            quantize / dequantize reference (optimizations off) to ``atol + int8_kernel_rtol * max|reference|``
-            (:func:`converters.verify_kernels`).
-        min_top1_agreement: with int8, a classifier's ORT int8 artifact must also agree with the pruned PyTorch
-            model's top-1 on at least this share of the evaluation rows (:data:`MIN_TOP1_AGREEMENT`).
+            quantize / dequantize reference (optimizations off) to
+            ``atol + int8_kernel_rtol * max|reference|`` (:func:`converters.verify_kernels`).
+        min_top1_agreement: with int8, a classifier's ORT int8 artifact must also agree with the pruned
+            PyTorch model's top-1 on at least this share of the evaluation rows (:data:`MIN_TOP1_AGREEMENT`).
         plan: a previous run's report whose per-layer choices are replayed instead of ``auto``'s timing
             (:class:`converters.Plan`; needs ``onnx_format="auto"``).
-        cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing, write),
-            ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
+        cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing,
+            write), ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
     """
 
     output: Path
@@ -383,5 +393,5 @@ class OutputConfig:
         if not (0 <= self.min_top1_agreement <= 1):
             raise UsageError(f"min top-1 agreement: expected 0..1, got {self.min_top1_agreement}")
         if self.export_batch_size < 1 or self.verify_samples < 3:
-            raise UsageError(f"export batch size and verify samples: expected >= 1 and >= 3, got {self.export_batch_size} "
-                             f"and {self.verify_samples}")
+            raise UsageError("export batch size and verify samples: expected >= 1 and >= 3, "
+                             f"got {self.export_batch_size} and {self.verify_samples}")

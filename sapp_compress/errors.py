@@ -28,8 +28,8 @@ class ModelLoadError(UsageError):
 
 
 class DataError(UsageError, ShardError):
-    """A data shard is unreadable or does not fit the model (the shard readers of :mod:`calib_data` raise its base,
-    :class:`calib_data.errors.DataError`)."""
+    """A data shard is unreadable or does not fit the model (the shard readers of :mod:`calib_data` raise its
+    base, :class:`calib_data.errors.DataError`)."""
 
 
 class GeometryError(UsageError):
@@ -60,15 +60,15 @@ class AccuracyGateFailed(SappError):
 
 
 class TargetMissed(SappError):
-    """``--target-speedup``: the written model's measured speed-up misses the target by more than 10 %, after one
-    corrective round: exit 5 (``--accept-missed-target`` writes it anyway, with a warning)."""
+    """``--target-speedup``: the written model's measured speed-up misses the target by more than 10 %, after
+    one corrective round: exit 5 (``--accept-missed-target`` writes it anyway, with a warning)."""
 
     exit_code = 5
 
 
 def exit_code_of(e: BaseException) -> int:
-    """The documented exit code of a failure: 130 for an interrupt, a typed error's own (this module's, and the
-    data package's ``DataError``: 2), 3 for a converter's verification error, else 1."""
+    """The documented exit code of a failure: 130 for an interrupt, a typed error's own (this module's, and
+    the data package's ``DataError``: 2), 3 for a converter's verification error, else 1."""
     if isinstance(e, KeyboardInterrupt):
         return 130
     code = getattr(e, "exit_code", None) if isinstance(e, (SappError, ShardError)) else None

@@ -1,11 +1,12 @@
-"""The whole job, as one function the CLI wraps: load -> data -> prepare (plan) -> pre-check -> fine-tune -> export ->
-convert -> verify in ORT -> accuracy gate -> write outputs -> report. Each stage lives in its package; this module
-only calls them in order. What depends on ``--structure`` is the granularity's (:mod:`sapp_compress.granularity`),
-resolved once here.
+"""The whole job, as one function the CLI wraps: load -> data -> prepare (plan) -> pre-check -> fine-tune ->
+export -> convert -> verify in ORT -> accuracy gate -> write outputs -> report. Each stage lives in its
+package; this module only calls them in order. What depends on ``--structure`` is the granularity's
+(:mod:`sapp_compress.granularity`), resolved once here.
 
-Outputs are atomic (:mod:`sapp_compress.io.outputs`): the ONNX file (and ``save_torch``) are written under temporary
-names in their target directories and renamed only once every check has passed, so a failed or interrupted run
-leaves no output behind. The report, when asked for, is written in every case and says how the run ended.
+Outputs are atomic (:mod:`sapp_compress.io.outputs`): the ONNX file (and ``save_torch``) are written under
+temporary names in their target directories and renamed only once every check has passed, so a failed or
+interrupted run leaves no output behind. The report, when asked for, is written in every case and says how the
+run ended.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def compress(
 ) -> dict:
     """Run the whole job and return the report (also written to ``out.report`` if set).
 
-    ``model``: an ``nn.Module``, or a path :func:`~sapp_compress.io.loading.load_model` reads. Raises the typed error
-    of the first failure (its ``exit_code`` is in the report too).
+    ``model``: an ``nn.Module``, or a path :func:`~sapp_compress.io.loading.load_model` reads. Raises the
+    typed error of the first failure (its ``exit_code`` is in the report too).
     """
     report = empty_report()
     report["config"] = {"prune": {**asdict(prune_cfg), "block": str(prune_cfg.block)},
@@ -76,7 +77,8 @@ def compress(
         lap("load")
         shard = choose_shard(model, Path(data) if data else None)
         ev = load_shard(eval_data) if eval_data else None
-        report["data"] = {"train": shard.source, "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
+        report["data"] = {"train": shard.source,
+                          "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
                           "samples": len(shard)}
         lap("data")
         job = prepare(model, shard, prune_cfg, train_cfg, eval_shard=ev)
@@ -84,7 +86,8 @@ def compress(
         job.plan = _precheck(job, shard, out, prune_cfg, replay, timings)
         res = run(job, progress=progress, speed=_speed(prune_cfg, out))
         lap("fine_tune")
-        timings["fine_tune"] = round(timings["fine_tune"] - timings.get("precheck", 0.0), 3)  # timed on its own
+        # timed on its own
+        timings["fine_tune"] = round(timings["fine_tune"] - timings.get("precheck", 0.0), 3)
         _record_fine_tune(res, report)
         if not info.is_main:
             report["exit_code"] = 0
@@ -100,11 +103,13 @@ def compress(
             calibration = calibration_feed(res.train_shard)
             report["calibration"] = {"rows": int(len(next(iter(calibration.values())))),
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
-        conv = granularity.convert(res, proto, original, out, prune_cfg, timing_feed, calibration, report, replay)
+        conv = granularity.convert(res, proto, original, out, prune_cfg, timing_feed, calibration, report,
+                                   replay)
         lap("convert")
 
         stages = []
-        if conv.int8:  # the same masks in fp32 at the fp32 tolerance first: the weights reached the graph intact
+        if conv.int8:
+            # the same masks in fp32 at the fp32 tolerance first: the weights reached the graph intact
             report["bytes"]["sparse_fp32"] = len(conv.fp32)
             stages.append(("fp32", conv.fp32, out.atol, out.rtol))
         stages.append(("int8" if conv.int8 else "fp32", conv.onnx_bytes, out.atol,
@@ -148,9 +153,9 @@ def _speed(prune_cfg: PruneConfig, out: OutputConfig):
 
 
 def _precheck(job, shard, out: OutputConfig, prune_cfg: PruneConfig, replay, timings: dict):
-    """What would otherwise fail only after the fine-tune, found before it (exit 2 in seconds): ``--save-torch``'s
-    pickling, and the granularity's own pre-check (export, weight location, int8, ``--plan``); the plan without the
-    units it leaves dense."""
+    """What would otherwise fail only after the fine-tune, found before it (exit 2 in seconds):
+    ``--save-torch``'s pickling, and the granularity's own pre-check (export, weight location, int8,
+    ``--plan``); the plan without the units it leaves dense."""
     t = time.perf_counter()
     if out.save_torch is not None:
         check_picklable(unwrap(job.dense))

@@ -1,7 +1,7 @@
-"""The fine-tune as a Python function: :func:`prune` fine-tunes a copy of a model with block (or structured) pruning
-and returns it folded. The CLI's job (:mod:`sapp_compress.pipeline`) runs its two halves with the pre-check between
-them: :func:`prepare` (adapt the model to the shard, infer the task, plan the units) and :func:`run` (choose the
-rate, fine-tune, fold).
+"""The fine-tune as a Python function: :func:`prune` fine-tunes a copy of a model with block (or structured)
+pruning and returns it folded. The CLI's job (:mod:`sapp_compress.pipeline`) runs its two halves with the
+pre-check between them: :func:`prepare` (adapt the model to the shard, infer the task, plan the units) and
+:func:`run` (choose the rate, fine-tune, fold).
 
     >>> from sapp_compress import prune, PruneConfig, TrainConfig
     >>> from calib_data.shards import load_shard
@@ -50,10 +50,10 @@ class PruneResult:
     """What :func:`prune` returns.
 
     Attributes:
-        model: a folded deep copy (no parametrizations), pruned blocks exactly 0.0 (or, with channels, the pruned
-            units removed), eval mode, on CPU; called with the shard's arrays in order and returning one tensor (a
-            :class:`~sapp_compress.io.adapters.ModelIO` around the user's model where that needed adapting;
-            :func:`~sapp_compress.io.adapters.unwrap` gives the user's own class).
+        model: a folded deep copy (no parametrizations), pruned blocks exactly 0.0 (or, with channels, the
+            pruned units removed), eval mode, on CPU; called with the shard's arrays in order and returning
+            one tensor (a :class:`~sapp_compress.io.adapters.ModelIO` around the user's model where that
+            needed adapting; :func:`~sapp_compress.io.adapters.unwrap` gives the user's own class).
         dense_model: a copy of the model given, in the same form, eval mode, on CPU.
         layers: the block manifest, one entry per pruned weight, with the folded weight filled in (empty with
             channels).
@@ -144,18 +144,19 @@ def collapse_warning(task: Task, metrics: dict, baseline: float) -> str | None:
     outputs no longer depend on its input."""
     dense, pruned = metrics["dense"]["score"], metrics["pruned_torch"]["score"]
     if dense > baseline and pruned < baseline + COLLAPSE_FRACTION * (dense - baseline):
-        return (f"the fine-tune collapsed: held-out {task.score_name} {pruned:.3f} against the dense model's "
-                f"{dense:.3f}, where a constant prediction scores {baseline:.3f}; more steps (--steps), a lower "
-                "--sparsity, a larger shard or another --lr may help")
+        return (f"the fine-tune collapsed: held-out {task.score_name} {pruned:.3f} against the dense "
+                f"model's {dense:.3f}, where a constant prediction scores {baseline:.3f}; more steps "
+                "(--steps), a lower --sparsity, a larger shard or another --lr may help")
     return None
 
 
 def ignored_arrays_warning(shard: Shard) -> str | None:
-    """A warning naming the arrays of ``shard`` that are neither inputs nor labels (never dropped silently)."""
+    """A warning naming the arrays of ``shard`` that are neither inputs nor labels (never dropped
+    silently)."""
     if not shard.ignored:
         return None
-    return (f"{shard.source}: arrays {list(shard.ignored)} are neither model inputs nor labels and were ignored "
-            f"(inputs used: {list(shard.names)}; labels are read from y or labels)")
+    return (f"{shard.source}: arrays {list(shard.ignored)} are neither model inputs nor labels and were "
+            f"ignored (inputs used: {list(shard.names)}; labels are read from y or labels)")
 
 
 def _checkpointer(prune_cfg: PruneConfig, train_cfg: TrainConfig, total_steps: int, train: Shard,
@@ -171,11 +172,12 @@ def _checkpointer(prune_cfg: PruneConfig, train_cfg: TrainConfig, total_steps: i
 
 def prepare(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: TrainConfig = TrainConfig(), *,
             eval_shard: Shard | None = None) -> Prepared:
-    """Everything before the fine-tune that needs no training: a copy of ``model`` with its own reparametrizations
-    (``weight_norm``, ``spectral_norm``, ...) folded into plain weights (:func:`~sapp_compress.io.reparametrizations.
-    fold_foreign`), adapted to the shard's inputs and output (:func:`~sapp_compress.io.adapters.adapt`), the task,
-    the evaluation rows (without ``eval_shard``, ``train_cfg.eval_fraction`` of ``train`` held out), and the plan
-    of the granularity ``prune_cfg.structure`` names.
+    """Everything before the fine-tune that needs no training: a copy of ``model`` with its own
+    reparametrizations (``weight_norm``, ``spectral_norm``, ...) folded into plain weights
+    (:func:`~sapp_compress.io.reparametrizations.fold_foreign`), adapted to the shard's inputs and output
+    (:func:`~sapp_compress.io.adapters.adapt`), the task, the evaluation rows (without ``eval_shard``,
+    ``train_cfg.eval_fraction`` of ``train`` held out), and the plan of the granularity that
+    ``prune_cfg.structure`` names.
 
     Raises:
         ConfigError: unknown method.
@@ -211,16 +213,17 @@ def prepare(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: T
 def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> PruneResult:
     """Fine-tune ``job.student`` by its plan and return it folded.
 
-    With ``prune_cfg.target_speedup``, ``speed`` (:class:`~sapp_compress.speed.table.SpeedTarget`) says where the
-    speed-up is measured (serving batch, threads, precision; default: batch 1, fp32): the latency table is measured
-    before the fine-tune (an unreachable target is a :class:`GeometryError` naming the best reachable), and each
-    family's width is allocated at the start of the first and the last sparsify phase
+    With ``prune_cfg.target_speedup``, ``speed`` (:class:`~sapp_compress.speed.table.SpeedTarget`) says where
+    the speed-up is measured (serving batch, threads, precision; default: batch 1, fp32): the latency table is
+    measured before the fine-tune (an unreachable target is a :class:`GeometryError` naming the best
+    reachable), and each family's width is allocated at the start of the first and the last sparsify phase
     (:class:`~sapp_compress.speed.allocate.Allocator`).
 
     Raises:
         ConfigError: bad method options.
     """
-    prune_cfg, train_cfg, plan, student, dense = job.prune_cfg, job.train_cfg, job.plan, job.student, job.dense
+    prune_cfg, train_cfg, plan, student, dense = (job.prune_cfg, job.train_cfg, job.plan, job.student,
+                                                  job.dense)
     task, train, eval_shard, warnings = job.task, job.train, job.eval_shard, list(job.warnings)
     cpu = torch.device("cpu")
     device = resolve_device(train_cfg.device)
@@ -235,9 +238,10 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     train_cfg = dataclasses.replace(train_cfg, lr=lr.value)
     if not lr.informative:
         warnings.append(
-            f"--lr auto: no candidate rate beat a constant prediction on the probe's held-out rows (the best, "
-            f"{lr.value:g}, {lr.scores[lr.value][-1]:.4g} against {lr.constant_loss:.4g}): its {lr.candidate_steps} "
-            "steps could not tell the rates apart and the rate is a guess: fix --lr, or give the fine-tune more steps")
+            "--lr auto: no candidate rate beat a constant prediction on the probe's held-out rows (the "
+            f"best, {lr.value:g}, {lr.scores[lr.value][-1]:.4g} against {lr.constant_loss:.4g}): "
+            f"its {lr.candidate_steps} steps could not tell the rates apart and the rate is a guess: fix "
+            "--lr, or give the fine-tune more steps")
     method = METHODS[prune_cfg.method](prune_cfg, plan, total_steps)
     student.to(device)
     allocator = None
@@ -245,8 +249,8 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
         from .speed.allocate import Allocator
         from .speed.target import default_speed, loss_on_rows
 
-        allocator = Allocator(table, speed or default_speed(prune_cfg), loss_on_rows(student, task, train, device),
-                              timer=timer)
+        allocator = Allocator(table, speed or default_speed(prune_cfg),
+                              loss_on_rows(student, task, train, device), timer=timer)
         method.before_sparsify = allocator
 
     dense_out = predict(dense, eval_shard, cpu)
@@ -256,15 +260,19 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     cpu_t0 = time.process_time()
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense),
-                        initial_state=lr.dense.state if lr.dense is not None else None)  # its first steps at lr.value
+                        # its first steps at lr.value
+                        initial_state=lr.dense.state if lr.dense is not None else None)
     if lr.dense is not None:
-        lr.dense.resumed, lr.dense.state = outcome.continued, None  # a model and its optimizer moments: not kept
+        # a model and its optimizer moments: not kept
+        lr.dense.resumed, lr.dense.state = outcome.continued, None
     lr.fine_tune_seconds, lr.fine_tune_cpu_seconds = outcome.seconds, time.process_time() - cpu_t0
 
     student.to(cpu).eval()
-    done = plan.granularity.finish(student, plan, method.layers, eval_shard, keep_folded=allocator is not None)
+    done = plan.granularity.finish(student, plan, method.layers, eval_shard,
+                                   keep_folded=allocator is not None)
     if allocator is not None:
-        done.structure.speed = {"table": allocator.table, "allocations": allocator.history, "loss": allocator.loss}
+        done.structure.speed = {"table": allocator.table, "allocations": allocator.history,
+                                "loss": allocator.loss}
     metrics["pruned_torch"] = task.metrics(predict(student, eval_shard, cpu), eval_shard.y, dense_out)
     baseline = constant_score(task, eval_shard.y, dense_out)
     warnings += [w for w in (collapse_warning(task, metrics, baseline),) if w]
@@ -282,7 +290,8 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
 def prune(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: TrainConfig = TrainConfig(), *,
           eval_shard: Shard | None = None, progress: Progress | None = None, speed=None) -> PruneResult:
     """Fine-tune a copy of ``model`` with pruning on ``train`` and return it folded: :func:`prepare`, then
-    :func:`run`. Without labels in the shard, the copy is distilled from ``model`` (its outputs are the targets).
+    :func:`run`. Without labels in the shard, the copy is distilled from ``model`` (its outputs are the
+    targets).
 
     Raises:
         ConfigError: unknown method or bad method options.
@@ -290,7 +299,8 @@ def prune(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: Tra
         GeometryError: nothing can be pruned (with the reasons), ``indivisible="error"``, or an unreachable
             ``target_speedup``.
     """
-    return run(prepare(model, train, prune_cfg, train_cfg, eval_shard=eval_shard), progress=progress, speed=speed)
+    return run(prepare(model, train, prune_cfg, train_cfg, eval_shard=eval_shard), progress=progress,
+               speed=speed)
 
 
 __all__ = ["COLLAPSE_FRACTION", "Prepared", "PruneResult", "collapse_warning", "constant_score",

@@ -4,7 +4,8 @@ Keys (the contract, which scripts rely on; more are added freely): ``achieved_sp
 exported ONNX weights, over the pruned layers), ``layers`` (name, shape, block, sparsity, onnx_format, and
 the converter's reason and latencies), ``accuracy`` (``dense``, ``pruned_torch``, ``onnx``: the task's
 score, null where unknown), ``verification`` (``max_abs_diff``, ``max_rel_diff``, ``top1_agreement``,
-``passed``), ``onnx_bytes``, ``dense_onnx_bytes``, ``exit_code``, ``versions``, ``timings`` (seconds per stage).
+``passed``), ``onnx_bytes``, ``dense_onnx_bytes``, ``exit_code``, ``versions``, ``timings`` (seconds per
+stage).
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def block_sparsity(layers) -> float:
 
 
 def int8_sparsity(report: dict, int8, fp32) -> None:
-    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are measured on the fp32 form of the
-    same masks (``fp32``, a :class:`converters.SparsityReport`), as for an fp32 artifact: the masks' zeros (and
-    the rare exact zero inside a kept block); the zeros of the int8 weights (``int8``), which add the kept
-    weights that rounded to zero, are reported apart, under ``int8_zeros`` and each layer's
+    """With int8 layers: ``achieved_sparsity`` and each layer's ``sparsity`` are measured on the fp32 form of
+    the same masks (``fp32``, a :class:`converters.SparsityReport`), as for an fp32 artifact: the masks' zeros
+    (and the rare exact zero inside a kept block); the zeros of the int8 weights (``int8``), which add the
+    kept weights that rounded to zero, are reported apart, under ``int8_zeros`` and each layer's
     ``int8_zero_fraction``."""
     report["achieved_sparsity"] = fp32.overall
     for row in report["layers"]:
@@ -67,7 +68,8 @@ def _fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-#: the widest layer-name column of the summary; longer names are cut in the middle (q, k and v differ at the end)
+#: the widest layer-name column of the summary; longer names are cut in the middle (q, k and v differ at the
+#: end)
 NAME_WIDTH = 56
 
 
@@ -107,19 +109,21 @@ def summary(r: dict) -> str:
             lines.append(f"... and {len(r['layers']) - 14} more layers (see the report)")
     if r["skipped"]:
         lines.append(f"left {'whole' if r.get('structure') else 'dense'}: {len(r['skipped'])} "
-                     f"{'weight axes' if r.get('structure') else 'layer(s)'}, e.g. {r['skipped'][0]['name']}: "
-                     f"{r['skipped'][0]['reason']}")
+                     f"{'weight axes' if r.get('structure') else 'layer(s)'}, e.g. "
+                     f"{r['skipped'][0]['name']}: {r['skipped'][0]['reason']}")
     if r["achieved_sparsity"] is not None and r.get("structure"):
         lines.append(f"removed: {r['achieved_sparsity']:.4f} of the pruned families' weights")
     elif r["achieved_sparsity"] is not None:
         z = r.get("int8_zeros")
         lines.append(f"achieved sparsity (from the ONNX weights): {r['achieved_sparsity']:.4f}" + (
-            f" (int8 weights: {z['fraction']:.4f} zeros, {z['rounded_to_zero']:.4f} rounded to zero)" if z else ""))
+            f" (int8 weights: {z['fraction']:.4f} zeros, {z['rounded_to_zero']:.4f} rounded to zero)"
+            if z else ""))
     quantize = ((r.get("config") or {}).get("output") or {}).get("quantize")
     if quantize == "int8" and r["layers"] and not any(row.get("precision") == "int8" for row in r["layers"]):
         lines.append("precision: fp32 for every layer (--quantize int8 quantized none; see the warning)")
     if r["onnx_bytes"]:
-        lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense {r['dense_onnx_bytes'] / 1024:.1f} KiB "
+        lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense "
+                     f"{r['dense_onnx_bytes'] / 1024:.1f} KiB "
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
     v = r["verification"]
     if v:

@@ -9,7 +9,8 @@ Architectures (input layout in brackets):
 - :class:`ResCNN` [N, C, H, W]: Conv-BN-ReLU stem, residual 3x3 blocks with BatchNorm, global pool, Linear.
 - :class:`DSCNN` [N, C, H, W]: depthwise-separable blocks (depthwise 3x3 + pointwise 1x1).
 - :class:`CTRNet` ([N, n_cat] int64, [N, n_dense] float): embeddings + dense features -> MLP -> 1 logit.
-- :class:`TransformerClassifier` [N, T] int64 tokens: embedding, ``nn.TransformerEncoderLayer`` x L, mean pool.
+- :class:`TransformerClassifier` [N, T] int64 tokens: embedding, ``nn.TransformerEncoderLayer`` x L, mean
+  pool.
 - :class:`CNN1d` [N, C, T]: Conv1d stack, global pool, Linear.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ class DSBlock(nn.Module):
 
 
 class DSCNN(nn.Module):
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 64), n_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 64),
+                 n_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
@@ -137,7 +139,8 @@ class TransformerClassifier(nn.Module):
 
 
 class CNN1d(nn.Module):
-    def __init__(self, in_channels: int = 8, widths: tuple[int, ...] = (32, 64, 64), n_classes: int = 5) -> None:
+    def __init__(self, in_channels: int = 8, widths: tuple[int, ...] = (32, 64, 64),
+                 n_classes: int = 5) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for a, b in zip((in_channels, *widths[:-1]), widths):

@@ -230,14 +230,14 @@ def _conv_rule(module: nn.Module, cfg: PruneConfig):
 
 
 def _mha_rule(module: nn.Module, cfg: PruneConfig):
-    """``nn.MultiheadAttention``'s fused ``in_proj_weight`` ``[3E, E]``: q, k and v stacked on the rows, so block
-    rows must not straddle two of them."""
+    """``nn.MultiheadAttention``'s fused ``in_proj_weight`` ``[3E, E]``: q, k and v stacked on the rows, so
+    block rows must not straddle two of them."""
     if module.in_proj_weight is None:
         return "q_proj_weight", "separate q/k/v projection weights are not pruned"
     e = module.embed_dim
     if e % cfg.block.rows:
-        return "in_proj_weight", (f"block rows {cfg.block.rows} do not divide the embedding {e}: blocks would "
-                                  "straddle the q/k/v split")
+        return "in_proj_weight", (f"block rows {cfg.block.rows} do not divide the embedding {e}: blocks "
+                                  "would straddle the q/k/v split")
     return "in_proj_weight", LinearView
 
 
@@ -249,7 +249,8 @@ LAYER_RULES: dict[type, Rule] = {
     nn.MultiheadAttention: _mha_rule,
 }
 
-#: rules for classes of optional libraries, keyed by ``module.qualname`` so the library is never imported here.
+#: rules for classes of optional libraries, keyed by ``module.qualname`` so the library is never imported
+#: here.
 NAMED_RULES: dict[str, Rule] = {
     "transformers.pytorch_utils.Conv1D": _conv1d_transposed_rule,
 }
@@ -268,8 +269,8 @@ UNSUPPORTED: dict[type, str] = {
 }
 
 
-#: why the parameters of these module types (other than the ones a rule plans) stay dense; any other module's own
-#: parameters get :data:`OTHER_PARAMETER`. Biases are never pruned and not listed.
+#: why the parameters of these module types (other than the ones a rule plans) stay dense; any other module's
+#: own parameters get :data:`OTHER_PARAMETER`. Biases are never pruned and not listed.
 DENSE_PARAMETERS: dict[type, str] = {
     nn.RNNBase: "recurrent layer weights (LSTM, GRU, RNN) are not pruned",
     nn.MultiheadAttention: "separate q/k/v projection weights are not pruned",
@@ -311,12 +312,13 @@ def _tied_reason(model: nn.Module, wname: str, others: list[str]) -> str:
     other = next(n for n in others if n != wname)
     owner = mods.get(other.rsplit(".", 1)[0] if "." in other else "")
     kind = "an embedding" if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) else "another layer"
-    return (f"tied to {other} ({kind}): pruning it would prune that too, and the exported graph holds it once "
-            "for both uses")
+    return (f"tied to {other} ({kind}): pruning it would prune that too, and the exported graph holds it "
+            "once for both uses")
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], p) for p in patterns)
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], p)
+               for p in patterns)
 
 
 def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], list[SkippedLayer]]:
@@ -368,15 +370,16 @@ def plan_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[LayerPlan], li
             continue
         if cfg.balanced and round(cfg.density * view.grid[1]) < 1:
             skipped.append(SkippedLayer(
-                wname, f"balanced selection keeps round({cfg.density:g} * {view.grid[1]}) = 0 blocks per row"))
+                wname,
+                f"balanced selection keeps round({cfg.density:g} * {view.grid[1]}) = 0 blocks per row"))
             continue
         plans.append(LayerPlan(wname, mname, module, view, param))
     return plans, skipped + _other_parameters(model, {p.name for p in plans} | {s.name for s in skipped})
 
 
 def _other_parameters(model: nn.Module, listed: set[str]) -> list[SkippedLayer]:
-    """Every parameter not planned nor already listed (biases aside), with the reason it stays dense: the report
-    accounts for all of the model's weights (an LSTM's are often most of a classifier's)."""
+    """Every parameter not planned nor already listed (biases aside), with the reason it stays dense: the
+    report accounts for all of the model's weights (an LSTM's are often most of a classifier's)."""
     out = []
     seen = {id(p) for n, p in model.named_parameters() if n in listed}
     for mname, module in model.named_modules():

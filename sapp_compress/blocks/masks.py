@@ -67,7 +67,8 @@ class MaskedLayer:
     powerprop: BlockPowerProp | None = None
 
     def uniform_target(self, sparsity: float) -> float:
-        """The sparsity this layer ends at under a uniform ``sparsity``: that sparsity (blocks count exactly)."""
+        """The sparsity this layer ends at under a uniform ``sparsity``: that sparsity (blocks count
+        exactly)."""
         return sparsity
 
     @property
@@ -97,8 +98,8 @@ class MaskedLayer:
 
     @torch.no_grad()
     def decay_(self, wd: float) -> None:
-        """grad += wd * (W masked): the coupled l2 penalty on the weights the mask multiplies (pruned blocks get
-        none, so they can come back with their values in the next dense phase)."""
+        """grad += wd * (W masked): the coupled l2 penalty on the weights the mask multiplies (pruned blocks
+        get none, so they can come back with their values in the next dense phase)."""
         w = self.original
         if w.grad is not None:
             self.view.add_scaled_(w.grad, w.detach(), self.masker.mask.to(w.dtype), wd)

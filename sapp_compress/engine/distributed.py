@@ -7,7 +7,8 @@ and every rank selects the same blocks. That is checked, not assumed: at every p
 digest is gathered and compared (:func:`check_same_masks`). Only rank 0 exports, verifies and writes.
 
 Past one machine, the same command runs under multi-node torchrun, e.g. on each of 2 nodes:
-``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m sapp_compress ...``.
+``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400
+-m sapp_compress ...``.
 """
 from __future__ import annotations
 

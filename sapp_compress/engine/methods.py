@@ -5,8 +5,8 @@ Every method is a *program*: a list of phases that cover the budget as fractions
 - ``dense``: every block active (a dense phase after a sparse one revives the pruned blocks, keeping their
   values or restarting them at zero);
 - ``sparsify``: prune the lowest-scoring alive blocks until the layer reaches the target sparsity, following
-  a schedule from :mod:`sapp_compress.engine.schedules` (monotone inside the phase; a zero-length sparsify phase is
-  a one-shot prune);
+  a schedule from :mod:`sapp_compress.engine.schedules` (monotone inside the phase; a zero-length sparsify
+  phase is a one-shot prune);
 - ``sparse``: the mask is frozen.
 
 The optimizer state is reset at every phase boundary (``reset_optimizer``, on by default for every method).
@@ -38,7 +38,8 @@ class Phase:
         if self.kind not in ("dense", "sparsify", "sparse"):
             raise ConfigError(f"phase kind: expected dense|sparsify|sparse, got {self.kind!r}")
         if not (0.0 <= self.start <= self.end <= 1.0 + 1e-9):
-            raise ConfigError(f"phase {self.kind}: expected 0 <= start <= end <= 1, got [{self.start}, {self.end}]")
+            raise ConfigError(f"phase {self.kind}: expected 0 <= start <= end <= 1, got "
+                              f"[{self.start}, {self.end}]")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class CommonOptions:
     Attributes:
         reset_optimizer: clear the optimizer state at every phase boundary.
         revive: at the start of a dense phase, pruned blocks come back as zeros (``zero``, as ACDC does) or
-            with their last values (``keep``): revived blocks that restart from their noisy values crowd the next
-            selection (BENCHMARKS.md section 20.3).
+            with their last values (``keep``): revived blocks that restart from their noisy values crowd the
+            next selection (BENCHMARKS.md section 20.3).
         prune_events: number of pruning events spread over a gradual sparsify phase.
         final_sparse: fraction of the budget for the final sparse fine-tune (the same for every method).
     """
@@ -92,12 +93,13 @@ class PruningMethod:
     Options: ClassVar[type] = CommonOptions
 
     def __init__(self, cfg: PruneConfig, plan, total_steps: int) -> None:
-        """``plan``: what to prune (:class:`sapp_compress.granularity.Plan`: a layer's blocks or a family's units,
-        whichever granularity planned it); its ``attach`` registers the masks this method needs."""
+        """``plan``: what to prune (:class:`sapp_compress.granularity.Plan`: a layer's blocks or a family's
+        units, whichever granularity planned it); its ``attach`` registers the masks this method needs."""
         fields = {f.name for f in dataclasses.fields(self.Options)}
         unknown = set(cfg.method_options) - fields
         if unknown:
-            raise ConfigError(f"method {self.name}: unknown options {sorted(unknown)}; expected some of {sorted(fields)}")
+            raise ConfigError(f"method {self.name}: unknown options {sorted(unknown)}; expected some "
+                              f"of {sorted(fields)}")
         for f in dataclasses.fields(self.Options):
             if f.name in cfg.method_options:
                 _check_option_type(self.name, f, cfg.method_options[f.name])
@@ -110,12 +112,14 @@ class PruningMethod:
                                                 density=cfg.density)
         self._bounds = [(round(p.start * total_steps), round(p.end * total_steps)) for p in self.phases]
         self._entered = -1  # index of the last phase entered
-        #: layer name -> its own target sparsity where it is not ``cfg.sparsity``: a neuron or channel family's
-        #: kept units rounded to a multiple of 8 (``uniform_target``), or a latency-aware allocation's width
+        #: layer name -> its own target sparsity where it is not ``cfg.sparsity``: a neuron or channel
+        #: family's kept units rounded to a multiple of 8 (``uniform_target``), or a latency-aware
+        #: allocation's width
         self.targets: dict[str, float] = {
-            layer.name: t for layer in self.layers if (t := layer.uniform_target(cfg.sparsity)) != cfg.sparsity}
-        #: called as ``before_sparsify(method, phase_index)`` when a sparsify phase starts, before it prunes: the
-        #: place to set :attr:`targets` (a latency-aware allocation)
+            layer.name: t for layer in self.layers
+            if (t := layer.uniform_target(cfg.sparsity)) != cfg.sparsity}
+        #: called as ``before_sparsify(method, phase_index)`` when a sparsify phase starts, before it prunes:
+        #: the place to set :attr:`targets` (a latency-aware allocation)
         self.before_sparsify = None
 
     # --- the two extension points -------------------------------------------------------------------
@@ -133,7 +137,8 @@ class PruningMethod:
 
     def load_state_dict(self, state: dict) -> None:
         if state["total_steps"] != self.total_steps:
-            raise ConfigError(f"method state: expected a budget of {self.total_steps} steps, got {state['total_steps']}")
+            raise ConfigError(f"method state: expected a budget of {self.total_steps} steps, "
+                              f"got {state['total_steps']}")
         self._entered = int(state["entered"])
         self.targets = dict(state.get("targets", {}))
 
@@ -157,10 +162,12 @@ class PruningMethod:
     def _check_program(self) -> None:
         ph = self.phases
         if not ph or abs(ph[0].start) > 1e-9 or abs(ph[-1].end - 1.0) > 1e-6:
-            raise ConfigError(f"method {self.name}: phases must cover [0, 1], got {[(p.start, p.end) for p in ph]}")
+            raise ConfigError(f"method {self.name}: phases must cover [0, 1], "
+                              f"got {[(p.start, p.end) for p in ph]}")
         for a, b in zip(ph, ph[1:]):
             if abs(a.end - b.start) > 1e-9:
-                raise ConfigError(f"method {self.name}: phases must be contiguous, got a gap at {a.end} -> {b.start}")
+                raise ConfigError(f"method {self.name}: phases must be contiguous, got a gap at {a.end} "
+                                  f"-> {b.start}")
         if ph[-1].kind != "sparse" or not any(p.kind == "sparsify" for p in ph):
             raise ConfigError(f"method {self.name}: the program must prune and end with a sparse phase")
 
@@ -210,7 +217,8 @@ class PruningMethod:
         return self.targets.get(layer.name, self.cfg.sparsity)
 
     def kept_count(self, layer: Masked, frac: float) -> int:
-        """Blocks (or units) to keep (per block-row when balanced) at ``frac`` of the layer's target sparsity."""
+        """Blocks (or units) to keep (per block-row when balanced) at ``frac`` of the layer's target
+        sparsity."""
         R, C = layer.grid
         target = self.target(layer)
         s = target * frac
@@ -267,14 +275,15 @@ class SAPPOptions(CommonOptions):
     The logits' optimiser (the paper trains them with the weights' optimiser and rate). Under Adam every
     parameter moves by about its learning rate per step whatever its gradient's size, which for the logits
     has two costs in a short fine-tune: *too slow* (at a fine-tuning rate the logits end nearly equal and the
-    first mask survives every cycle) and *the wrong signal* (Adam ranks how consistently a block's scale is pushed
-    up, not how much the loss cares, so blocks revived as zeros can outrank the ones the model relies on);
-    BENCHMARKS.md section 20.4. So by default (``logit_norm="layer"``) each layer's logits share one second moment
-    (:class:`~sapp_compress.engine.training.LogitAdam`): the step keeps the relative sizes of the blocks' gradients,
-    and the layer's scale invariance; and (``logit_lr=None``) their peak rate is ``max(lr, logit_travel / T)``
-    for a budget of ``T`` steps, so they can move a few nats over any budget. ``logit_lr`` (a multiple of
-    ``lr``) overrides the rule, 1.0 being the paper's rate; ``logit_norm="element"`` is plain Adam.
-    ``logit_travel = 4`` and the per-layer norm were chosen from BENCHMARKS.md section 5.
+    first mask survives every cycle) and *the wrong signal* (Adam ranks how consistently a block's scale is
+    pushed up, not how much the loss cares, so blocks revived as zeros can outrank the ones the model relies
+    on); BENCHMARKS.md section 20.4. So by default (``logit_norm="layer"``) each layer's logits share one
+    second moment (:class:`~sapp_compress.engine.training.LogitAdam`): the step keeps the relative sizes of
+    the blocks' gradients, and the layer's scale invariance; and (``logit_lr=None``) their peak rate is
+    ``max(lr, logit_travel / T)`` for a budget of ``T`` steps, so they can move a few nats over any budget.
+    ``logit_lr`` (a multiple of ``lr``) overrides the rule, 1.0 being the paper's rate;
+    ``logit_norm="element"`` is plain Adam. ``logit_travel = 4`` and the per-layer norm were chosen from
+    BENCHMARKS.md section 5.
 
     ``score``: the paper ranks blocks by attention (``"attention"``, the default); ``"effective"`` ranks by
     the norm of the block as the model uses it, ``A_b * ||W_b||`` (an alternative measured in section 5).
@@ -298,7 +307,8 @@ class SAPPOptions(CommonOptions):
             raise ConfigError(f"logit_lr: expected a positive multiple of lr, got {self.logit_lr!r}")
         for name in ("dense", "final_sparsify", "final_sparse"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name}: expected a fraction of the budget in [0, 1], got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected a fraction of the budget in [0, 1], "
+                                  f"got {getattr(self, name)!r}")
         if not self.c > 0:
             raise ConfigError(f"c: expected a positive schedule steepness, got {self.c!r}")
         if self.logit_norm not in ("layer", "element"):
@@ -330,12 +340,14 @@ class SAPP(PruningMethod):
         for _ in range(o.cycles):
             if o.sparsification:
                 third = cyc / o.cycles / 3.0
-                ph += [Phase("sparsify", t, t + third, "exponential"), Phase("sparse", t + third, t + 2 * third),
+                ph += [Phase("sparsify", t, t + third, "exponential"),
+                       Phase("sparse", t + third, t + 2 * third),
                        Phase("dense", t + 2 * third, t + 3 * third)]
                 t += 3 * third
             else:
                 half = cyc / o.cycles / 2.0
-                ph += [Phase("sparsify", t, t), Phase("sparse", t, t + half), Phase("dense", t + half, t + 2 * half)]
+                ph += [Phase("sparsify", t, t), Phase("sparse", t, t + half),
+                       Phase("dense", t + half, t + 2 * half)]
                 t += 2 * half
         if o.sparsification:
             ph.append(Phase("sparsify", t, t + o.final_sparsify, "exponential"))
@@ -386,7 +398,8 @@ class ACDC(PruningMethod):
         t = o.dense
         half = (1.0 - o.dense - o.final_sparse) / max(1, o.cycles) / 2.0
         for _ in range(o.cycles):
-            ph += [Phase("sparsify", t, t), Phase("sparse", t, t + half), Phase("dense", t + half, t + 2 * half)]
+            ph += [Phase("sparsify", t, t), Phase("sparse", t, t + half),
+                   Phase("dense", t + half, t + 2 * half)]
             t += 2 * half
         ph += [Phase("sparsify", t, t), Phase("sparse", t, 1.0)]
         return ph
@@ -417,7 +430,8 @@ class GMP(PruningMethod):
     def program(self) -> list[Phase]:
         o = self.options
         end = 1.0 - o.final_sparse
-        return [Phase("dense", 0.0, o.dense), Phase("sparsify", o.dense, end, "cubic"), Phase("sparse", end, 1.0)]
+        return [Phase("dense", 0.0, o.dense), Phase("sparsify", o.dense, end, "cubic"),
+                Phase("sparse", end, 1.0)]
 
 
 @dataclass(frozen=True)

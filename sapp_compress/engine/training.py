@@ -37,7 +37,8 @@ Progress = Callable[[dict], None]
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without one is a usage error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False (use --device cpu or auto)")
+        raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False (use --device "
+                          "cpu or auto)")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         # an explicit index: under torchrun every rank has set its own device (distributed.init_from_env)
         return torch.device("cuda", torch.cuda.current_device())
@@ -83,7 +84,8 @@ class TrainOutcome:
     history: list[dict]
     seconds: float
     steps: int
-    #: whether the run continued from ``initial_state`` (the lr probe's dense check), not from step 0 or a checkpoint
+    #: whether the run continued from ``initial_state`` (the lr probe's dense check), not from step 0 or a
+    #: checkpoint
     continued: bool = False
 
 
@@ -130,9 +132,9 @@ def fine_tune(
     in DDP and each rank trains on its slice of every global batch; the ranks' masks are compared at every
     phase boundary. With a ``checkpointer`` the run saves periodically and resumes from its checkpoint.
     ``lr_at(step)`` is the multiple of ``cfg.lr`` at each step (default: :func:`cosine_lr` with warm-up over
-    ``total_steps``; the LR range test of :mod:`sapp_compress.engine.lr_probe` gives its own). ``initial_state``: a
-    snapshot of this very run's first steps, taken elsewhere (the lr probe's dense check runs them), to resume
-    from when the checkpointer has none."""
+    ``total_steps``; the LR range test of :mod:`sapp_compress.engine.lr_probe` gives its own).
+    ``initial_state``: a snapshot of this very run's first steps, taken elsewhere (the lr probe's dense check
+    runs them), to resume from when the checkpointer has none."""
     masked, logits, rest = _param_groups(model, method)
     logit_lr = method.logit_lr_scale(cfg.lr)
     tensorwise = getattr(method.options, "logit_norm", "element") == "layer"
@@ -170,7 +172,8 @@ def fine_tune(
                 reset_optimizer_state(opt)
             if info.active:
                 distributed.check_same_masks(method.masks(), f"step {step + 1}")
-        lr = cfg.lr * (lr_at(step) if lr_at is not None else cosine_lr(step / max(1, total_steps), cfg.warmup))
+        lr = cfg.lr * (lr_at(step) if lr_at is not None
+                       else cosine_lr(step / max(1, total_steps), cfg.warmup))
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         idx = batches(step)

@@ -1,6 +1,7 @@
-"""What the engine masks, whatever the granularity: a :class:`UnitMask` over a grid of units (a layer's blocks, or
-a structural family's heads, neurons or channels as a ``[1, n]`` grid), the :class:`Masked` interface every
-method and the training loop use, and :class:`SkippedLayer`, a weight left dense with the reason.
+"""What the engine masks, whatever the granularity: a :class:`UnitMask` over a grid of units (a layer's
+blocks, or a structural family's heads, neurons or channels as a ``[1, n]`` grid), the :class:`Masked`
+interface every method and the training loop use, and :class:`SkippedLayer`, a weight left dense with the
+reason.
 
 A granularity (:mod:`sapp_compress.granularity`) plans its units and attaches one :class:`Masked` per unit
 group (:class:`sapp_compress.blocks.masks.MaskedLayer`, :class:`sapp_compress.structure.gates.MaskedFamily`);
@@ -48,10 +49,10 @@ class UnitMask(nn.Module):
 class Masked(Protocol):
     """One masked unit group as the engine sees it (a layer's blocks, or a family's units).
 
-    ``name`` is the weight's (or family's) full name; ``grid`` the ``[R, C]`` shape of its units; ``masker`` its
-    :class:`UnitMask`. Methods score units by :meth:`norms` (or SA++'s logits), change masks only through
-    :meth:`set_mask` and :meth:`revive`, and the training loop adds the coupled l2 penalty by :meth:`decay_` to
-    the tensors :meth:`trained` returns."""
+    ``name`` is the weight's (or family's) full name; ``grid`` the ``[R, C]`` shape of its units; ``masker``
+    its :class:`UnitMask`. Methods score units by :meth:`norms` (or SA++'s logits), change masks only through
+    :meth:`set_mask` and :meth:`revive`, and the training loop adds the coupled l2 penalty by :meth:`decay_`
+    to the tensors :meth:`trained` returns."""
 
     masker: UnitMask
 

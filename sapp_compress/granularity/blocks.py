@@ -1,5 +1,5 @@
-"""``--structure blocks``: blocks of each pruned layer's weight (:mod:`sapp_compress.blocks`), stored in the ONNX
-graph as only the kept blocks, in the formulation each layer runs fastest in (:mod:`converters`)."""
+"""``--structure blocks``: blocks of each pruned layer's weight (:mod:`sapp_compress.blocks`), stored in the
+ONNX graph as only the kept blocks, in the formulation each layer runs fastest in (:mod:`converters`)."""
 from __future__ import annotations
 
 import copy
@@ -34,8 +34,8 @@ class Blocks(Granularity):
     name = "blocks"
 
     def plan(self, student: nn.Module, train: Shard, cfg: PruneConfig, output: OutputInfo) -> Plan:
-        """:func:`~sapp_compress.blocks.geometry.plan_layers`, less the weights the selected output does not depend
-        on (:func:`unused_by_output`)."""
+        """:func:`~sapp_compress.blocks.geometry.plan_layers`, less the weights the selected output does not
+        depend on (:func:`unused_by_output`)."""
         units, skipped = plan_layers(unwrap(student), cfg)
         plan = Plan(self, units, skipped)
         self.require(plan, cfg)
@@ -44,7 +44,8 @@ class Blocks(Granularity):
 
     def require(self, plan: Plan, cfg: PruneConfig) -> None:
         if not plan.units:
-            reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped) or "the model has no Linear or Conv layer"
+            reasons = ("; ".join(f"{s.name}: {s.reason}" for s in plan.skipped)
+                       or "the model has no Linear or Conv layer")
             raise GeometryError(f"no layer can be pruned at block {cfg.block}: {reasons}")
 
     def attach(self, units, *, attention, powerprop, density):
@@ -73,16 +74,17 @@ class Blocks(Granularity):
                 and converters.FORMULATIONS[c.onnx_format].precision not in QUANTIZE[quantize]}
         if need:
             name, fmt = next(iter(need.items()))
-            raise UsageError(f"--plan {path}: {len(need)} layer(s) in int8 (e.g. {name}: {fmt}): expected --quantize "
-                             f"int8 as the run that wrote it, got --quantize {quantize}")
+            raise UsageError(f"--plan {path}: {len(need)} layer(s) in int8 (e.g. {name}: {fmt}): expected "
+                             f"--quantize int8 as the run that wrote it, got --quantize {quantize}")
         return plan
 
     def precheck(self, dense, plan, shard, out, cfg, replay=None) -> dict[str, str]:
-        """Export the dense model and find every weight to be pruned in its graph, through the same code the final
-        export and conversion use; a weight the graph holds only in a computed form (or in several different forms)
-        is left dense instead, with the reason (:func:`converters.unplaceable`). With int8 the int8 rewrites (ONNX
-        Runtime's QDQ pass over the convs included) run once on that graph too. With a ``replay`` plan, its layers,
-        shapes and blocks must be the ones to be pruned (its masks are checked after the fine-tune)."""
+        """Export the dense model and find every weight to be pruned in its graph, through the same code the
+        final export and conversion use; a weight the graph holds only in a computed form (or in several
+        different forms) is left dense instead, with the reason (:func:`converters.unplaceable`). With int8
+        the int8 rewrites (ONNX Runtime's QDQ pass over the convs included) run once on that graph too. With a
+        ``replay`` plan, its layers, shapes and blocks must be the ones to be pruned (its masks are checked
+        after the fine-tune)."""
         import converters
 
         model, manifest = dry_run_model(dense, list(plan.units))
@@ -99,38 +101,41 @@ class Blocks(Granularity):
                 converters.convert(proto, manifest, fmt="compact", quantize="int8",
                                    calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
             except converters.ConverterError as e:
-                raise UnsupportedModel(f"cannot quantize the model to int8: {e} (--exclude a layer it names to "
-                                       "leave it dense and fp32, or --quantize none)") from None
+                raise UnsupportedModel(f"cannot quantize the model to int8: {e} (--exclude a layer it names "
+                                       "to leave it dense and fp32, or --quantize none)") from None
         return {name: f"{why}: left dense" for name, why in drop.items()}
 
     def export(self, res):
-        """The pruned model's export, which is also the dense original's size (the same shapes, every block)."""
+        """The pruned model's export, which is also the dense original's size (the same shapes, every
+        block)."""
         proto = export_model(res.model, res.eval_shard)
         return proto, proto
 
     def convert(self, res, proto, original, out, cfg, feed, calibration, report, replay=None) -> Converted:
-        """Each pruned layer in the formulation ``--onnx-format`` names (``auto``: timed here, through the timing
-        cache, or replayed from ``replay``); the report's ``layers``, ``achieved_sparsity`` (measured from the written
-        weights), ``plan`` and ``bytes``. With int8 layers, the same masks in fp32 too (``compact``)."""
+        """Each pruned layer in the formulation ``--onnx-format`` names (``auto``: timed here, through the
+        timing cache, or replayed from ``replay``); the report's ``layers``, ``achieved_sparsity`` (measured
+        from the written weights), ``plan`` and ``bytes``. With int8 layers, the same masks in fp32 too
+        (``compact``)."""
         import converters
 
         cache = converters.TimingCache.open(out.cache)
         for attempt in (1, 2):
             try:
                 conv = converters.convert(proto, res.layers, fmt=out.onnx_format, timing_inputs=feed,
-                                          threads=out.threads, quantize=out.quantize, calibration_inputs=calibration,
-                                          cache=cache, plan=replay)
+                                          threads=out.threads, quantize=out.quantize,
+                                          calibration_inputs=calibration, cache=cache, plan=replay)
                 break
             except converters.PlanError as e:
                 raise UsageError(f"--plan {out.plan}: {e}") from None
-            except converters.WeightNotFound as e:  # the pre-check placed it: the fine-tune changed how it shows
+            except converters.WeightNotFound as e:
+                # the pre-check placed it: the fine-tune changed how it shows
                 if attempt == 2 or not _store_unplaceable_dense(res, proto, report):
-                    raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; --exclude "
-                                           "that layer to leave it dense") from None
+                    raise UnsupportedModel(f"cannot place a pruned weight in the exported graph: {e}; "
+                                           "--exclude that layer to leave it dense") from None
         onnx_bytes = conv.model.SerializeToString()
         sp = converters.measure_sparsity(onnx_bytes, res.layers)
-        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall, layers=_layer_rows(res, conv, sp),
-                      block_sparsity=block_sparsity(res.layers))
+        report.update(onnx_bytes=len(onnx_bytes), achieved_sparsity=sp.overall,
+                      layers=_layer_rows(res, conv, sp), block_sparsity=block_sparsity(res.layers))
         report["plan"] = {**conv.timing, "plan": str(out.plan) if replay is not None else None,
                           "cache": str(cache.root) if cache is not None else None, "cache_mode": out.cache}
         report["bytes"] = {"dense_fp32": report["dense_onnx_bytes"], "sparse": len(onnx_bytes)}
@@ -139,7 +144,8 @@ class Blocks(Granularity):
             if out.quantize == "int8":
                 report["warnings"].append(no_int8_warning(report["layers"]))
             return Converted(onnx_bytes, False)
-        # the same masks in fp32 (compact: no timing), which the verification checks at the fp32 tolerance first
+        # the same masks in fp32 (compact: no timing), which the verification checks at the fp32 tolerance
+        # first
         fp32 = converters.convert(proto, res.layers, fmt="compact").model.SerializeToString()
         int8_sparsity(report, sp, converters.measure_sparsity(fp32, res.layers))
         return Converted(onnx_bytes, True, fp32)
@@ -169,8 +175,8 @@ def unused_by_output(model: nn.Module, plans: list[LayerPlan], shard: Shard, out
     finally:
         for w, f in zip(weights, flags):
             w.requires_grad_(f)
-    return [SkippedLayer(p.name, f"the selected output {output.key!r} does not depend on it (the exported graph "
-                                 "computes only that output, without this weight): left dense")
+    return [SkippedLayer(p.name, f"the selected output {output.key!r} does not depend on it (the exported "
+                                 "graph computes only that output, without this weight): left dense")
             for p, g in zip(plans, grads) if g is None]
 
 
@@ -193,13 +199,13 @@ def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tu
 
 
 def _store_unplaceable_dense(res, proto, report: dict) -> bool:
-    """Pruned layers the exported graph no longer holds as the pre-check found them stay as the exporter stored
-    them (dense), with the reason, instead of failing the run after its fine-tune (called when the conversion
-    could not place one; True if any was left dense). The exporter stores equal initializers once: a layer whose
-    kept blocks are still all zero (SA++ revives a block at zero, and a few-step fine-tune may end before it grows)
-    then shares one zero tensor with another such layer, which no longer says which layer is which. The graph still
-    computes the pruned model (its values are the pruned ones, zeros included); the verification that follows
-    checks it."""
+    """Pruned layers the exported graph no longer holds as the pre-check found them stay as the exporter
+    stored them (dense), with the reason, instead of failing the run after its fine-tune (called when the
+    conversion could not place one; True if any was left dense). The exporter stores equal initializers once:
+    a layer whose kept blocks are still all zero (SA++ revives a block at zero, and a few-step fine-tune may
+    end before it grows) then shares one zero tensor with another such layer, which no longer says which layer
+    is which. The graph still computes the pruned model (its values are the pruned ones, zeros included); the
+    verification that follows checks it."""
     import converters
 
     missing = converters.unplaceable(proto, res.layers)
@@ -211,8 +217,8 @@ def _store_unplaceable_dense(res, proto, report: dict) -> bool:
         res.skipped.append(skip)
         report["skipped"].append(skip.to_json())
     report.setdefault("warnings", []).append(
-        f"{len(missing)} pruned layer(s) stored dense, the exported graph no longer holding them as a separate "
-        f"weight ({', '.join(sorted(missing))}); the model is still the pruned one (see skipped)")
+        f"{len(missing)} pruned layer(s) stored dense, the exported graph no longer holding them as a "
+        f"separate weight ({', '.join(sorted(missing))}); the model is still the pruned one (see skipped)")
     return True
 
 

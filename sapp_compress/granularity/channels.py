@@ -1,7 +1,7 @@
-"""``--structure channels``: whole attention heads, FFN neurons and conv channels (:mod:`sapp_compress.structure`),
-removed from every tensor they touch, so the written ONNX is a smaller dense graph (with ONNX Runtime's own graph
-passes and int8 where they measure faster here); with ``--target-speedup`` the widths are measured
-(:mod:`sapp_compress.speed`)."""
+"""``--structure channels``: whole attention heads, FFN neurons and conv channels
+(:mod:`sapp_compress.structure`), removed from every tensor they touch, so the written ONNX is a smaller dense
+graph (with ONNX Runtime's own graph passes and int8 where they measure faster here); with
+``--target-speedup`` the widths are measured (:mod:`sapp_compress.speed`)."""
 from __future__ import annotations
 
 import copy
@@ -28,8 +28,9 @@ class Channels(Granularity):
     ignored_options = ("block", "balanced", "min_blocks", "indivisible", "conv_layout", "onnx_format")
 
     def plan(self, student, train, cfg, output) -> Plan:
-        """The families :func:`~sapp_compress.structure.plan.plan_families` finds on two rows of ``train`` (a family's
-        units feed the selected output by construction); every weight axis left whole is skipped, with its reason."""
+        """The families :func:`~sapp_compress.structure.plan.plan_families` finds on two rows of ``train`` (a
+        family's units feed the selected output by construction); every weight axis left whole is skipped,
+        with its reason."""
         example = to_tensors(tuple(x[:2] for x in train.inputs), torch.device("cpu"))
         units, structure = plan_families(student, unwrap(student), example, cfg, inner_of=unwrap)
         skipped = [SkippedLayer(f"{w.tensor}[{w.axis}]", w.reason) for w in structure.whole]
@@ -39,9 +40,9 @@ class Channels(Granularity):
         return attach(units, attention=attention, powerprop=powerprop, density=density)
 
     def finish(self, student, plan, masked, eval_shard, keep_folded=False) -> Finished:
-        """Fold the families' masks, then remove the pruned units from the model (it gets smaller); the smaller
-        model must compute what the masked one did. With ``keep_folded``, a copy of the folded model before the
-        removal is kept (a corrective round of ``--target-speedup`` removes more units from it)."""
+        """Fold the families' masks, then remove the pruned units from the model (it gets smaller); the
+        smaller model must compute what the masked one did. With ``keep_folded``, a copy of the folded model
+        before the removal is kept (a corrective round of ``--target-speedup`` removes more units from it)."""
         keep = fold(masked)
         families = [p.family for p in plan.units]
         folded = copy.deepcopy(student) if keep_folded else None
@@ -55,10 +56,11 @@ class Channels(Granularity):
             after = student(*xs)
         d = max_rel_diff(before, after)
         if not d <= PARITY_RTOL:
-            raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their scale")
+            raise RuntimeError(f"removing the pruned units changed the model's outputs by {d:.1e} of their "
+                               "scale")
         after_sizes = {n: t.numel() for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
-        st = StructureResult(families, keep, sizes, after_sizes, d, frozenset(n for n, _ in inner.named_buffers()),
-                             folded=folded)
+        st = StructureResult(families, keep, sizes, after_sizes, d,
+                             frozenset(n for n, _ in inner.named_buffers()), folded=folded)
         return Finished(structure=st, masks=list(keep.values()))
 
     def load_plan(self, path, quantize: str):
@@ -72,12 +74,14 @@ class Channels(Granularity):
 
         model = copy.deepcopy(dense)
         families = [p.family for p in plan.units]
-        remove(unwrap(model), families, random_keep(families, {f.name: f.kept_units(cfg.sparsity) for f in families}))
+        remove(unwrap(model), families,
+               random_keep(families, {f.name: f.kept_units(cfg.sparsity) for f in families}))
         proto = export_model(model, shard)
         try:
             converters.run_onnx(proto, onnx_feed(shard, rows(shard, EXPORT_ROWS)))
             if out.quantize == "int8":
-                converters.quantize_whole(proto, calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
+                converters.quantize_whole(
+                    proto, calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
         except converters.ConverterError as e:
             raise UnsupportedModel(f"cannot convert the smaller model: {e}") from None
         except Exception as e:  # noqa: BLE001 -- ORT's own errors on the smaller graph
@@ -90,16 +94,16 @@ class Channels(Granularity):
         return export_model(res.model, res.eval_shard), export_model(res.dense_model, res.eval_shard)
 
     def convert(self, res, proto, original, out, cfg, feed, calibration, report, replay=None) -> Converted:
-        """The smaller model's ONNX (:func:`convert_structured`); with ``--target-speedup``, measured against the
-        dense model and corrected once if it misses (:func:`sapp_compress.speed.target.reach_target`)."""
+        """The smaller model's ONNX (:func:`convert_structured`); with ``--target-speedup``, measured against
+        the dense model and corrected once if it misses (:func:`sapp_compress.speed.target.reach_target`)."""
         onnx_bytes, int8 = convert_structured(res, proto, out, feed, calibration, report)
         if cfg.target_speedup:
             from ..speed.target import reach_target
 
             onnx_bytes, int8, proto = reach_target(res, original, proto, onnx_bytes, int8, cfg, out, feed,
                                                    calibration, report,
-                                                   lambda r, p: convert_structured(r, p, out, feed, calibration,
-                                                                                   report))
+                                                   lambda r, p: convert_structured(r, p, out, feed,
+                                                                                   calibration, report))
         return Converted(onnx_bytes, int8, proto.SerializeToString() if int8 else None)
 
 
@@ -120,8 +124,8 @@ def convert_structured(res, proto, out: OutputConfig, timing_feed: dict, calibra
     report["graph_passes"] = chosen.to_json()
     model, fmt = chosen.model, "dense"
     if out.quantize == "int8":
-        whole = converters.quantize_whole(chosen.model, timing_inputs=timing_feed, calibration_inputs=calibration,
-                                          threads=out.threads, cache=cache)
+        whole = converters.quantize_whole(chosen.model, timing_inputs=timing_feed,
+                                          calibration_inputs=calibration, threads=out.threads, cache=cache)
         report["int8"] = whole.to_json()
         model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
         if whole.form == "fp32":

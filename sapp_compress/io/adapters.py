@@ -2,9 +2,9 @@
 
 The engine, the exporter and ONNX Runtime all see a model as ``f(*tensors) -> tensor``. Library models are
 not shaped like that: a Hugging Face model takes ``input_ids=..., attention_mask=...`` and returns a
-``ModelOutput``; others return dicts or tuples. :func:`adapt` probes the model once on two samples of the shard
-and, when needed, wraps it in :class:`ModelIO`, which passes the shard's arrays by keyword (when they are named
-after forward arguments) and picks one output tensor by the rules of :data:`OUTPUT_RULES`:
+``ModelOutput``; others return dicts or tuples. :func:`adapt` probes the model once on two samples of the
+shard and, when needed, wraps it in :class:`ModelIO`, which passes the shard's arrays by keyword (when they
+are named after forward arguments) and picks one output tensor by the rules of :data:`OUTPUT_RULES`:
 
 ===============================  ===============================================================
 model output                     tensor used (``OutputInfo.key``)
@@ -80,8 +80,8 @@ def find_output(out) -> tuple[str, torch.Tensor]:
             if found is not None:
                 return found
             break
-    raise DataError(f"model output: expected a tensor, a ModelOutput/dict with logits or another float tensor, "
-                    f"or a tuple of tensors, got {type(out).__name__} with no float tensor")
+    raise DataError("model output: expected a tensor, a ModelOutput/dict with logits or another float "
+                    f"tensor, or a tuple of tensors, got {type(out).__name__} with no float tensor")
 
 
 def select(out, key: str) -> torch.Tensor:
@@ -124,7 +124,8 @@ def call(model: nn.Module, shard: Shard, xs: tuple[torch.Tensor, ...]):
 
 def _input_embedding_rows(model: nn.Module) -> int | None:
     """Rows of the table the token ids index: a Hugging Face model's ``get_input_embeddings()``, else the
-    model's only ``nn.Embedding`` / ``nn.EmbeddingBag`` (with several, which input indexes which is unknown)."""
+    model's only ``nn.Embedding`` / ``nn.EmbeddingBag`` (with several, which input indexes which is
+    unknown)."""
     get = getattr(model, "get_input_embeddings", None)
     table = None
     if callable(get):
@@ -145,7 +146,8 @@ def _token_id_inputs(model: nn.Module, shard: Shard) -> dict[str, tuple[int, str
     against ``config.type_vocab_size``."""
     out = {}
     ints = [n for n, x in zip(shard.names, shard.inputs) if np.issubdtype(x.dtype, np.integer)]
-    key = "input_ids" if "input_ids" in ints else (ints[0] if len(ints) == 1 and not shard.by_keyword else None)
+    key = ("input_ids" if "input_ids" in ints
+           else (ints[0] if len(ints) == 1 and not shard.by_keyword else None))
     rows = _input_embedding_rows(model) if key else None
     if rows:
         out[key] = (rows, "vocabulary")
@@ -164,11 +166,13 @@ def check_token_ids(model: nn.Module, shard: Shard) -> None:
         if lo < 0 or hi >= rows:
             bad = hi if hi >= rows else lo
             first = int(np.argwhere(np.asarray(a).reshape(len(a), -1) == bad)[0][0])
-            raise DataError(f"{shard.source}: {name} holds id {bad} (first in sample {first}), outside the model's "
-                            f"{what} of {rows} (ids 0..{rows - 1}); was the shard made with this model's tokenizer?")
+            raise DataError(f"{shard.source}: {name} holds id {bad} (first in sample {first}), outside the "
+                            f"model's {what} of {rows} (ids 0..{rows - 1}); was the shard made with this "
+                            "model's tokenizer?")
 
 
-#: (a pattern of the error a model raises on a probe, what it says): errors that are the model's, not the shard's
+#: (a pattern of the error a model raises on a probe, what it says): errors that are the model's, not the
+#: shard's
 MODEL_FAILURES: list[tuple[re.Pattern, str]] = [
     # e.g. T5's "self.model.config.decoder_start_token_id has to be defined"
     (re.compile(r"\bconfig\b", re.IGNORECASE), "the model fails on its own configuration, not on the shard"),

@@ -5,8 +5,8 @@ A missing one is a one-line :class:`~sapp_compress.errors.ModelLoadError` naming
 
 torchvision on a CPU-only torch: the torchvision wheels of the package index are built against a CUDA torch,
 and with a CPU build of torch their compiled ops fail to load and torchvision's own import fails;
-:mod:`sapp_compress.io.torchvision_compat` declares the two missing schemas from an import hook, which ``import
-sapp_compress`` installs (and so does the start-up file the install puts in site-packages).
+:mod:`sapp_compress.io.torchvision_compat` declares the two missing schemas from an import hook, which
+``import sapp_compress`` installs (and so does the start-up file the install puts in site-packages).
 :func:`import_torchvision` also recovers a torchvision whose import failed before the hook was installed:
 transformers and timm import it too, so they go through :func:`require`.
 """
@@ -21,7 +21,8 @@ from ..errors import ModelLoadError
 from .torchvision_compat import declare_missing_ops, declared, install_import_hook
 
 #: module -> the extra of this package that installs it.
-EXTRAS = {"transformers": "hf", "tokenizers": "hf", "safetensors": "hf", "timm": "vision", "torchvision": "vision"}
+EXTRAS = {"transformers": "hf", "tokenizers": "hf", "safetensors": "hf", "timm": "vision",
+          "torchvision": "vision"}
 
 
 def require(module: str, why: str) -> ModuleType:

@@ -1,5 +1,5 @@
-"""The shard's arrays as the model and ONNX Runtime take them: one dtype rule for both. Floating arrays go in as
-float32, integer ones (token ids, categorical features) as int64, which is what the exporter traced
+"""The shard's arrays as the model and ONNX Runtime take them: one dtype rule for both. Floating arrays go in
+as float32, integer ones (token ids, categorical features) as int64, which is what the exporter traced
 (:func:`to_tensors`) and so what the exported graph's inputs are (:func:`onnx_feed`)."""
 from __future__ import annotations
 

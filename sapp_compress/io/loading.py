@@ -107,21 +107,22 @@ def _load_hf_directory(path: Path, trust: bool, arch: str | None) -> nn.Module:
         raise ModelLoadError(f"{path}/config.json: cannot read it ({_first_line(e)})") from None
     names = list(getattr(cfg, "architectures", None) or [])
     if arch and arch_arguments(arch)[1]:
-        raise ModelLoadError(f"--arch {arch}: arguments apply to a state_dict's builder; for a Hugging Face "
-                             "directory, --arch names the transformers class and config.json holds the settings")
+        raise ModelLoadError(f"--arch {arch}: arguments apply to a state_dict's builder; for a Hugging "
+                             "Face directory, --arch names the transformers class and config.json holds the "
+                             "settings")
     if arch:
         names = [arch]
     if not names:
-        raise ModelLoadError(f"{path}/config.json names no architectures; pass --arch with a transformers class "
-                             "name (e.g. BertForSequenceClassification)")
+        raise ModelLoadError(f"{path}/config.json names no architectures; pass --arch with a transformers "
+                             "class name (e.g. BertForSequenceClassification)")
     cls = getattr(transformers, names[0], None)
     if cls is None:
         if not trust:
-            raise ModelLoadError(f"{path}: architecture {names[0]} is not a transformers class (the directory "
-                                 "brings its own code); pass --trust-model to run that code")
+            raise ModelLoadError(f"{path}: architecture {names[0]} is not a transformers class (the "
+                                 "directory brings its own code); pass --trust-model to run that code")
         auto = getattr(cfg, "auto_map", {}) or {}
-        cls = transformers.AutoModelForSequenceClassification if "AutoModelForSequenceClassification" in auto \
-            else transformers.AutoModel
+        cls = (transformers.AutoModelForSequenceClassification if "AutoModelForSequenceClassification" in auto
+               else transformers.AutoModel)
     try:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001 -- missing/corrupt weights, shape mismatches, ...
@@ -157,8 +158,8 @@ def _load_torch_file(path: Path, trust: bool, arch: str | None) -> nn.Module:
         m = _GLOBAL_RE.search(text)
         if m and not trust:
             raise ModelLoadError(
-                f"{path} uses {m.group(1)}, which is not a torch.nn class; pass --trust-model if you trust this "
-                "file (it then runs the file's pickle code, and the class must be importable)") from None
+                f"{path} uses {m.group(1)}, which is not a torch.nn class; pass --trust-model if you trust "
+                "this file (it then runs the file's pickle code, and the class must be importable)") from None
         if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in ("transformers", "timm"):
             require(e.name.split(".")[0], str(path))
         raise ModelLoadError(f"{path}: cannot load it ({_first_line(e)})") from None
@@ -177,11 +178,13 @@ def _load_torch_file(path: Path, trust: bool, arch: str | None) -> nn.Module:
         try:
             model.load_state_dict(obj)
         except RuntimeError as e:
-            raise ModelLoadError(f"{path}: the state_dict does not fit --arch {arch} "
-                                 f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+            raise ModelLoadError(f"{path}: the state_dict does not fit --arch {arch} ("
+                                 f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+                                 ")") from None
         return model.eval()
     if not isinstance(obj, nn.Module):
-        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module (save it with torch.save(module))")
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module (save it with "
+                             "torch.save(module))")
     return obj.eval()
 
 
@@ -207,5 +210,5 @@ def load_model(path: str | Path, *, trust: bool = False, arch: str | None = None
     for _, test, loader in SOURCES:
         if test(path):
             return loader(path, trust, arch)
-    raise ModelLoadError(f"{path}: a directory without config.json; expected a torch.save file or a Hugging Face "
-                         "save_pretrained directory")
+    raise ModelLoadError(f"{path}: a directory without config.json; expected a torch.save file or a Hugging "
+                         "Face save_pretrained directory")

@@ -1,6 +1,7 @@
-"""Writing outputs atomically: every file the tool writes (the ONNX model, ``--save-torch``, the report) is written
-under a temporary name in its target directory and renamed onto its name at the end, so a failed or interrupted
-run leaves no half-written output behind. And the check, before any expensive work, that each can be written."""
+"""Writing outputs atomically: every file the tool writes (the ONNX model, ``--save-torch``, the report) is
+written under a temporary name in its target directory and renamed onto its name at the end, so a failed or
+interrupted run leaves no half-written output behind. And the check, before any expensive work, that each can
+be written."""
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,8 @@ def check_writable(path: Path, what: str) -> None:
 
 @contextlib.contextmanager
 def staged(final: Path):
-    """A temporary path next to ``final`` (the caller renames it onto ``final`` with :func:`os.replace` once every
-    check has passed); removed if it was never renamed."""
+    """A temporary path next to ``final`` (the caller renames it onto ``final`` with :func:`os.replace` once
+    every check has passed); removed if it was never renamed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     try:

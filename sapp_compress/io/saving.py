@@ -5,7 +5,8 @@
 the libraries rather than the user, and are handled here:
 
 - a parametrized module (``torch.nn.utils.parametrizations.weight_norm``, e.g. a speech model's positional
-  conv): :func:`sapp_compress.io.reparametrizations.fold_foreign` folds those into plain weights before pruning;
+  conv): :func:`sapp_compress.io.reparametrizations.fold_foreign` folds those into plain weights before
+  pruning;
 - hooks that a library registers as local functions and registers again when they are missing
   (:data:`REINSTALLED_HOOKS`: transformers' output-capturing hooks, installed on the first forward): removed
   before saving, and the library puts them back the next time the model runs.
@@ -89,8 +90,8 @@ def load_pruned(path: str | Path, *, trust: bool = False) -> nn.Module:
     """The model a ``--save-torch`` file holds, in eval mode, on the CPU.
 
     Like ``torch.load``, but torchvision (and timm and transformers, which import it) import even where the
-    installed torchvision's compiled ops do not load with this torch (:mod:`sapp_compress.io.extras`). A model of
-    torch.nn's own layers loads with the weights-only unpickler; one of library classes (torchvision, timm,
+    installed torchvision's compiled ops do not load with this torch (:mod:`sapp_compress.io.extras`). A model
+    of torch.nn's own layers loads with the weights-only unpickler; one of library classes (torchvision, timm,
     transformers) needs ``trust=True``, which runs the file's pickle code: only for files you made.
 
     Raises:

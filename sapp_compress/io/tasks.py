@@ -15,8 +15,8 @@ absent, a feature output      distillation: MSE to teacher features  mean cosine
 
 Outputs with a token axis (``[N, T, C]``, a language model's logits) are scored per token: cross-entropy or
 KL over every position, top-1 accuracy or agreement over every position (labels ``-100`` are ignored). A
-*feature* output (``last_hidden_state``, ``pooler_output``, embeddings: see :mod:`sapp_compress.io.adapters`) is
-never scored as classes: its argmax over features means nothing.
+*feature* output (``last_hidden_state``, ``pooler_output``, embeddings: see :mod:`sapp_compress.io.adapters`)
+is never scored as classes: its argmax over features means nothing.
 
 The accuracy gate compares ``score`` of the dense model with ``score`` of the ONNX model, so "accuracy" in the
 report means the task's score. For distillation tasks the dense model's score is 1 by definition (fidelity).
@@ -65,7 +65,8 @@ class Task:
         """Loss of model output ``out`` against ``target`` (labels, or the teacher's outputs)."""
         out = out.float()
         if self.name == "classification":
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
         if self.name == "binary":
             return F.binary_cross_entropy_with_logits(out.reshape(-1), target.float().reshape(-1))
         if self.name == "regression":
@@ -92,7 +93,8 @@ class Task:
                 return {"score": agree, "top1_fidelity": agree}
             if self.name == "distill_features":
                 a, b = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
-                cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+                cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1),
+                                                     1e-12)
                 cosine = float(np.mean(cos))
                 return {"score": cosine, "cosine_fidelity": cosine, "r2_fidelity": _r2(a, b),
                         "mse_to_original": float(np.mean((a - b) ** 2))}
@@ -146,8 +148,8 @@ def infer_task(y: np.ndarray | None, output: np.ndarray, kind: str = "classes") 
     width = int(output.shape[-1]) if output.ndim > 1 else 1
     if kind == "features":
         if y is not None:
-            raise DataError("labels: the model's output is a feature output (not logits), which labels cannot "
-                            "score; drop y to distil the features, or use a model with a head")
+            raise DataError("labels: the model's output is a feature output (not logits), which labels "
+                            "cannot score; drop y to distil the features, or use a model with a head")
         return Task("distill_features", width)
     if y is None:
         return Task("distill_classification" if width > 1 else "distill_regression", width)
@@ -160,7 +162,8 @@ def infer_task(y: np.ndarray | None, output: np.ndarray, kind: str = "classes") 
         lo, hi = (int(valid.min()), int(valid.max())) if valid.size else (0, 0)
         if width == 1:
             if lo < 0 or hi > 1:
-                raise DataError(f"labels: expected 0/1 for a model with one output, got values in [{lo}, {hi}]")
+                raise DataError("labels: expected 0/1 for a model with one output, got values in "
+                                f"[{lo}, {hi}]")
             return Task("binary", 1)
         if lo < 0 or hi >= width:
             raise DataError(

@@ -31,7 +31,8 @@ declared: list = []
 
 
 def declare_missing_ops() -> bool:
-    """Declare torchvision's ``nms`` / ``qnms`` schemas (no kernels) unless they exist; True if it declared."""
+    """Declare torchvision's ``nms`` / ``qnms`` schemas (no kernels) unless they exist; True if it
+    declared."""
     import torch
 
     if declared or hasattr(torch.ops.torchvision, "nms"):
@@ -48,8 +49,8 @@ def declare_missing_ops() -> bool:
 
 
 class TorchvisionOpsFinder:
-    """A meta path finder (an import hook) that finds nothing: on the import of :data:`TRIGGER` it first declares
-    the missing schemas (:func:`declare_missing_ops`), then lets the import proceed as usual. Not an
+    """A meta path finder (an import hook) that finds nothing: on the import of :data:`TRIGGER` it first
+    declares the missing schemas (:func:`declare_missing_ops`), then lets the import proceed as usual. Not an
     ``importlib.abc.MetaPathFinder`` subclass: that import would run at every interpreter start in the
     environment, and ``find_spec`` is all the protocol needs."""
 
@@ -63,7 +64,7 @@ class TorchvisionOpsFinder:
 
 
 def install_import_hook() -> None:
-    """Put a :class:`TorchvisionOpsFinder` first on ``sys.meta_path``, unless one is there (the start-up hook's
-    copy of this module counts: it is loaded from the same file under another name)."""
+    """Put a :class:`TorchvisionOpsFinder` first on ``sys.meta_path``, unless one is there (the start-up
+    hook's copy of this module counts: it is loaded from the same file under another name)."""
     if not any(type(f).__name__ == TorchvisionOpsFinder.__name__ for f in sys.meta_path):
         sys.meta_path.insert(0, TorchvisionOpsFinder())

@@ -1,14 +1,14 @@
-"""Latency-aware widths: which share of each family to keep so the whole model reaches a target speed-up in ONNX
-Runtime on this machine, at the least predicted loss.
+"""Latency-aware widths: which share of each family to keep so the whole model reaches a target speed-up in
+ONNX Runtime on this machine, at the least predicted loss.
 
 **The loss.** :meth:`Allocator.sensitivity` measures, for each family and width, how much the task loss on
 held-out training rows grows when only that family is cut to that width, keeping its units of highest score
 (SA++'s attention during the fine-tune; the group norm for the baselines).
 
-**The allocation.** :func:`allocate` picks one width per family minimising the summed loss growth subject to the
-predicted latency (:class:`~.table.LatencyTable`) meeting the target (a multiple-choice knapsack, solved exactly
-by dynamic programming over the latency budget in :data:`BINS` steps). :class:`Allocator` runs it when a sparsify
-phase starts; :func:`shrink` is the corrective round after the written model was measured.
+**The allocation.** :func:`allocate` picks one width per family minimising the summed loss growth subject to
+the predicted latency (:class:`~.table.LatencyTable`) meeting the target (a multiple-choice knapsack, solved
+exactly by dynamic programming over the latency budget in :data:`BINS` steps). :class:`Allocator` runs it when
+a sparsify phase starts; :func:`shrink` is the corrective round after the written model was measured.
 """
 from __future__ import annotations
 
@@ -78,11 +78,12 @@ def allocate(table: LatencyTable, loss: dict[str, list[float]], target_ms: float
     return out
 
 
-#: the allocation aims this much above the target, so that timing noise leaves the measured speed-up at or above it
+#: the allocation aims this much above the target, so that timing noise leaves the measured speed-up at or
+#: above it
 MARGIN = 0.05
-#: candidate widths per family whose loss growth is measured (evenly spaced, the smallest and the full width among
-#: them); the others are interpolated: the measurement is a forward pass per width and family, and dominated
-#: ``--target-speedup`` runs on a BERT-base-shaped encoder
+#: candidate widths per family whose loss growth is measured (evenly spaced, the smallest and the full width
+#: among them); the others are interpolated: the measurement is a forward pass per width and family, and
+#: dominated ``--target-speedup`` runs on a BERT-base-shaped encoder
 SENSITIVITY_POINTS = 8
 #: whole-model measurements of an allocation (and re-allocations through them) at each allocation
 REFINE = 5
@@ -95,28 +96,31 @@ def family_order(scores) -> np.ndarray:
 
 
 def _next_ask(seen: list[dict], goal: float) -> float:
-    """The speed-up to ask the table for next: between the two measured allocations that bracket ``goal`` (linear
-    in log ask against log measured), else the last ask scaled by how far its measurement fell from ``goal``."""
+    """The speed-up to ask the table for next: between the two measured allocations that bracket ``goal``
+    (linear in log ask against log measured), else the last ask scaled by how far its measurement fell from
+    ``goal``."""
     below = [m for m in seen if m["measured"] < goal]
     above = [m for m in seen if m["measured"] > goal]
     if below and above:
         lo, hi = max(below, key=lambda m: m["measured"]), min(above, key=lambda m: m["measured"])
-        t = (math.log(goal) - math.log(lo["measured"])) / (math.log(hi["measured"]) - math.log(lo["measured"]))
+        t = ((math.log(goal) - math.log(lo["measured"]))
+             / (math.log(hi["measured"]) - math.log(lo["measured"])))
         return math.exp(math.log(lo["asked"]) + t * (math.log(hi["asked"]) - math.log(lo["asked"])))
     last = seen[-1]
     return last["asked"] * goal / last["measured"]
 
 
 class Allocator:
-    """Sets each family's target width at the start of a sparsify phase (the first, and again at the last, once
-    the scores have settled): measures the loss growth of each family at :data:`SENSITIVITY_POINTS` of its
-    candidate widths, interpolated between them (its units of highest score kept, the others masked, on fixed
-    training rows), and solves :func:`allocate` for the target.
+    """Sets each family's target width at the start of a sparsify phase (the first, and again at the last,
+    once the scores have settled): measures the loss growth of each family at :data:`SENSITIVITY_POINTS` of
+    its candidate widths, interpolated between them (its units of highest score kept, the others masked, on
+    fixed training rows), and solves :func:`allocate` for the target.
 
     ``loss_of()`` returns the task loss of the model on those rows (no gradient); ``history`` records every
     allocation for the report."""
 
-    def __init__(self, table: LatencyTable, target: SpeedTarget, loss_of, timer: WholeTimer | None = None) -> None:
+    def __init__(self, table: LatencyTable, target: SpeedTarget, loss_of,
+                 timer: WholeTimer | None = None) -> None:
         self.table, self.target, self.loss_of, self.timer = table, target, loss_of, timer
         self.history: list[dict] = []
         self.loss: dict[str, list[float]] = {}
@@ -128,7 +132,8 @@ class Allocator:
             saved = layer.masker.mask.detach().clone()
             order = family_order(method.scores(layer).detach().cpu().numpy())
             widths = self.table.widths[layer.name]
-            at = np.unique(np.linspace(0, len(widths) - 1, min(len(widths), SENSITIVITY_POINTS)).round().astype(int))
+            at = np.unique(np.linspace(0, len(widths) - 1,
+                                       min(len(widths), SENSITIVITY_POINTS)).round().astype(int))
             grows = []
             for i in at:
                 keep = torch.zeros(layer.grid[1], dtype=torch.bool)
@@ -158,18 +163,19 @@ class Allocator:
         return widths
 
     def measured_allocation(self) -> tuple[dict[str, int], list[dict]]:
-        """Allocate on the table for the target plus :data:`MARGIN` (the goal), then time the whole model at those
-        widths against the dense one; while the measured speed-up is outside [(1 + MARGIN) X, (1 + 3 MARGIN) X],
-        ask the table for a speed-up scaled by how far the measurement fell from the goal (or interpolated
-        between two measurements that bracket it) and allocate again, at most :data:`REFINE` measurements.
-        When the next ask gives an allocation already measured, the ask halfway (geometrically) between the
-        bracketing asks is tried instead. The per-op sums mislead most where an allocation is far from the models
-        the fit went through (measured on the BERT-base-shaped encoder: every head family at one head predicted
-        2.11x and measured 2.50x). Returns the widths measured closest to the goal from above (else the fastest
-        measured) and the measurements: the search stops at the first measurement in range, so a kept allocation
-        out of range means none landed. The band starts at the goal, not at X: the written model is timed again after export,
-        and on a BERT-base-sized model two interleaved timings of the same dense graph differed by 8 % with a
-        job on the other core, so an allocation kept at 1.02 X measured 0.95 X there (BENCHMARKS.md 17.1)."""
+        """Allocate on the table for the target plus :data:`MARGIN` (the goal), then time the whole model at
+        those widths against the dense one; while the measured speed-up is outside
+        [(1 + MARGIN) X, (1 + 3 MARGIN) X], ask the table for a speed-up scaled by how far the measurement
+        fell from the goal (or interpolated between two measurements that bracket it) and allocate again, at
+        most :data:`REFINE` measurements. When the next ask gives an allocation already measured, the ask
+        halfway (geometrically) between the bracketing asks is tried instead. The per-op sums mislead most
+        where an allocation is far from the models the fit went through (measured on the BERT-base-shaped
+        encoder: every head family at one head predicted 2.11x and measured 2.50x). Returns the widths
+        measured closest to the goal from above (else the fastest measured) and the measurements: the search
+        stops at the first measurement in range, so a kept allocation out of range means none landed. The band
+        starts at the goal, not at X: the written model is timed again after export, and on a BERT-base-sized
+        model two interleaved timings of the same dense graph differed by 8 % with a job on the other core, so
+        an allocation kept at 1.02 X measured 0.95 X there (BENCHMARKS.md 17.1)."""
         x = self.target.speedup
         goal, top = x * (1.0 + MARGIN), x * (1.0 + 3 * MARGIN)
         ask = goal
@@ -204,19 +210,24 @@ class Allocator:
 def shrink(res, table: LatencyTable, widths: dict[str, int], speedup: float, dense_ms: float, pruned_ms: float
            ) -> dict[str, int]:
     """The corrective round of ``--target-speedup``: recalibrate the table through the two whole models just
-    measured (the dense one, ``dense_ms``, and the written one at ``widths``, ``pruned_ms``), allocate again for
-    the target with it, no family wider than now, and remove the units it drops (the kept units of least group
-    norm in the folded model) from a fresh copy of the folded model. Updates ``res.model``, ``res.structure`` (its
-    ``speed["table"]`` too) and ``res.metrics["pruned_torch"]`` in place; returns the new widths."""
+    measured (the dense one, ``dense_ms``, and the written one at ``widths``, ``pruned_ms``), allocate again
+    for the target with it, no family wider than now, and remove the units it drops (the kept units of least
+    group norm in the folded model) from a fresh copy of the folded model. Updates ``res.model``,
+    ``res.structure`` (its ``speed["table"]`` too) and ``res.metrics["pruned_torch"]`` in place; returns the
+    new widths."""
     st = res.structure
-    # with int8 the table is for the int8 graph: refit through its own dense model, not the fp32 one X is against
+    # with int8 the table is for the int8 graph: refit through its own dense model, not the fp32 one X is
+    # against
     table = recalibrated(table, widths, dense_ms if table.reference_ms is None else table.dense_ms, pruned_ms)
     st.speed["table"] = table
-    sub = LatencyTable({f: [w for w in table.widths[f] if w <= widths[f]] or [widths[f]] for f in table.widths},
-                       {}, table.dense_ms, table.rest_ms, table.scale, table.n_units, reference_ms=table.reference_ms)
+    sub = LatencyTable({f: [w for w in table.widths[f] if w <= widths[f]] or [widths[f]]
+                        for f in table.widths},
+                       {}, table.dense_ms, table.rest_ms, table.scale, table.n_units,
+                       reference_ms=table.reference_ms)
     sub.ms = {f: [table.family_ms(f, w) for w in sub.widths[f]] for f in sub.widths}
     loss = st.speed.get("loss") or {}
-    sub_loss = {f: [float(np.interp(w, table.widths[f], loss[f])) if f in loss else 0.0 for w in sub.widths[f]]
+    sub_loss = {f: [float(np.interp(w, table.widths[f], loss[f])) if f in loss else 0.0
+                    for w in sub.widths[f]]
                 for f in sub.widths}
     want = allocate(sub, sub_loss, dense_ms / (speedup * (1 + MARGIN)))
     want = want or {f: w[0] for f, w in sub.widths.items()}
@@ -246,4 +257,5 @@ def shrink(res, table: LatencyTable, widths: dict[str, int], speedup: float, den
     return {f.name: int(keep[f.name].sum()) for f in st.families}
 
 
-__all__ = ["Allocator", "BINS", "MARGIN", "REFINE", "SENSITIVITY_POINTS", "TIE", "allocate", "family_order", "shrink"]
+__all__ = ["Allocator", "BINS", "MARGIN", "REFINE", "SENSITIVITY_POINTS", "TIE", "allocate", "family_order",
+           "shrink"]

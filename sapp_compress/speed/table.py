@@ -1,12 +1,13 @@
 """The latency table of ``--target-speedup``: what each family's width costs in ONNX Runtime on this machine.
 
-Each family's cost is the ops its width changes (:class:`~sapp_compress.structure.trace.OpRecord`: the matmuls and
-convs of the weights it touches, the attention cores of its heads), built as single-op ONNX graphs at the model's
-real shapes at the serving batch (:mod:`converters.latency`) and timed on this machine at a grid of widths
-(:func:`candidate_widths`; between grid points, linear). Per-op sums do not add up to a whole graph's time (ORT
-fuses ops, caches differ), so the sum is *calibrated*: the whole dense model and the whole model with every family
-at half width are timed once (:class:`WholeTimer`), and ``model_ms(w) = rest + scale * sum_f table_f(w_f)`` is
-fitted through the two. :class:`LatencyTable` holds the result.
+Each family's cost is the ops its width changes (:class:`~sapp_compress.structure.trace.OpRecord`: the matmuls
+and convs of the weights it touches, the attention cores of its heads), built as single-op ONNX graphs at the
+model's real shapes at the serving batch (:mod:`converters.latency`) and timed on this machine at a grid of
+widths (:func:`candidate_widths`; between grid points, linear). Per-op sums do not add up to a whole graph's
+time (ORT fuses ops, caches differ), so the sum is *calibrated*: the whole dense model and the whole model
+with every family at half width are timed once (:class:`WholeTimer`), and
+``model_ms(w) = rest + scale * sum_f table_f(w_f)`` is fitted through the two. :class:`LatencyTable` holds the
+result.
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from ..structure.remove import remove
 
 
 def candidate_widths(fam: GroupFamily, points: int = 16) -> list[int]:
-    """Kept-unit counts to time and to choose from: every count for families of up to ``points`` units (heads),
-    else multiples of the largest of 16 / 8 / 4 / 1 that gives at least ``points`` steps (neurons, channels:
-    kernels prefer widths that are multiples of 8 or 16)."""
+    """Kept-unit counts to time and to choose from: every count for families of up to ``points`` units
+    (heads), else multiples of the largest of 16 / 8 / 4 / 1 that gives at least ``points`` steps (neurons,
+    channels: kernels prefer widths that are multiples of 8 or 16)."""
     n = fam.n_units
     if n <= points:
         return list(range(1, n + 1))
     step = next((g for g in (16, 8, 4) if n // g >= points), 1)
-    step *= max(1, -(-(n // step) // points))  # about ``points`` widths, multiples of the kernel-friendly step
+    # about ``points`` widths, multiples of the kernel-friendly step
+    step *= max(1, -(-(n // step) // points))
     return sorted({*range(step, n + 1, step), n})
 
 
@@ -37,7 +39,8 @@ def _per_unit(fam: GroupFamily, key) -> int:
     return len(fam.units[0][key]) if key in fam.units[0] else 0
 
 
-def family_specs(plan: StructurePlan, fam: GroupFamily, width: int, batch: int, traced_batch: int) -> list[OpSpec]:
+def family_specs(plan: StructurePlan, fam: GroupFamily, width: int, batch: int,
+                 traced_batch: int) -> list[OpSpec]:
     """The ops whose cost ``fam`` at ``width`` kept units changes, at the serving ``batch`` (the trace ran at
     ``traced_batch`` rows). Ops shared with another family are counted at that family's full width."""
     drop = fam.n_units - width
@@ -77,7 +80,8 @@ def family_specs(plan: StructurePlan, fam: GroupFamily, width: int, batch: int, 
             pad = attrs["padding"]
             if isinstance(pad, str):
                 pad = tuple(k // 2 for k in wshape[2:])
-            out.append(OpSpec("conv", (max(1, x[0] * batch // traced_batch), c, *x[2:], wshape[0], *wshape[2:]),
+            out.append(OpSpec("conv",
+                              (max(1, x[0] * batch // traced_batch), c, *x[2:], wshape[0], *wshape[2:]),
                               (tup(attrs["stride"]), tup(pad), tup(attrs["dilation"]), groups)))
     return out
 
@@ -88,10 +92,10 @@ class LatencyTable:
 
     Attributes:
         widths / ms: family name -> candidate kept-unit counts (ascending) and their ops' latency.
-        dense_ms: the whole dense model, measured (in the target's precision); rest_ms and scale: ``model = rest
-            + scale * sum_f ms_f``.
-        reference_ms: the whole dense model in fp32, which X is against (``--quantize int8``: the table is for the
-            int8 graph, the speed-up against dense fp32); None: ``dense_ms``.
+        dense_ms: the whole dense model, measured (in the target's precision); rest_ms and scale:
+            ``model = rest + scale * sum_f ms_f``.
+        reference_ms: the whole dense model in fp32, which X is against (``--quantize int8``: the table is for
+            the int8 graph, the speed-up against dense fp32); None: ``dense_ms``.
         calibration: the whole smaller models the fit went through (``half``: every family at half width; then
             each allocation measured during the fine-tune, :class:`Allocator`).
     """
@@ -120,7 +124,8 @@ class LatencyTable:
         return float(np.interp(width, self.widths[name], self.ms[name]))
 
     def predict(self, widths: dict[str, int]) -> float:
-        """Predicted whole-model latency (ms) with these kept-unit counts (full width for families not named)."""
+        """Predicted whole-model latency (ms) with these kept-unit counts (full width for families not
+        named)."""
         total = sum(self.family_ms(f, widths.get(f, self.n_units[f])) for f in self.widths)
         return self.rest_ms + self.scale * total
 
@@ -140,7 +145,8 @@ class LatencyTable:
 
     def to_json(self) -> dict:
         return {"dense_ms": self.dense_ms, "reference_ms": self.ref_ms, "half_ms": self.half_ms,
-                "rest_ms": self.rest_ms, "scale": self.scale, "seconds": self.seconds, "calibration": self.calibration,
+                "rest_ms": self.rest_ms, "scale": self.scale, "seconds": self.seconds,
+                "calibration": self.calibration,
                 "families": {f: {"widths": self.widths[f], "ms": [round(v, 4) for v in self.ms[f]]}
                              for f in self.widths}}
 
@@ -171,11 +177,12 @@ class WholeTimer:
     copy of ``model`` taken now: latency does not depend on the weights' values) with the graph passes the
     written model gets (:mod:`converters.passes`; the dense model as exported), in the target's precision,
     interleaved on ``feed`` (the serving batch), through the timing cache. ``timer(widths)`` returns
-    ``(reference_ms, ms)``: the fp32 dense model, which X is against, and the model at ``widths`` in the target's
-    precision (with int8 the dense int8 model is timed too, :meth:`times`)."""
+    ``(reference_ms, ms)``: the fp32 dense model, which X is against, and the model at ``widths`` in the
+    target's precision (with int8 the dense int8 model is timed too, :meth:`times`)."""
 
-    def __init__(self, model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
-                 target: SpeedTarget, calibration: dict | None = None, inner_of=lambda m: m) -> None:
+    def __init__(self, model, plan: StructurePlan, export_rows: dict[str, np.ndarray],
+                 feed: dict[str, np.ndarray], target: SpeedTarget, calibration: dict | None = None,
+                 inner_of=lambda m: m) -> None:
         import copy
 
         from converters.cache import TimingCache
@@ -208,8 +215,8 @@ class WholeTimer:
         return self._reference
 
     def times(self, widths: dict[str, int] | None) -> dict[str, float]:
-        """``dense`` (in the target's precision), ``reference`` (the dense model in fp32: the same as ``dense``
-        in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved."""
+        """``dense`` (in the target's precision), ``reference`` (the dense model in fp32: the same as
+        ``dense`` in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved."""
         from converters.latency import model_ms
 
         if self._dense is None:
@@ -229,16 +236,17 @@ class WholeTimer:
 def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
                 target: SpeedTarget, calibration: dict | None = None, inner_of=lambda m: m,
                 timer: WholeTimer | None = None) -> LatencyTable:
-    """Time every family's ops at its candidate widths (cached), then the whole dense model and the whole model
-    with every family at half width (exported from ``model`` at ``export_rows``; ``inner_of(model)`` is the module
-    the families name; timed on ``feed``: the serving batch), and calibrate. ``plan``'s trace ran on
-    ``len(export_rows)`` rows."""
+    """Time every family's ops at its candidate widths (cached), then the whole dense model and the whole
+    model with every family at half width (exported from ``model`` at ``export_rows``; ``inner_of(model)`` is
+    the module the families name; timed on ``feed``: the serving batch), and calibrate. ``plan``'s trace ran
+    on ``len(export_rows)`` rows."""
     from converters.latency import OpCache, time_specs
 
     timer = timer or WholeTimer(model, plan, export_rows, feed, target, calibration, inner_of)
     traced = len(next(iter(export_rows.values())))
     widths = {f.name: candidate_widths(f) for f in plan.families}
-    specs = {(f.name, w): family_specs(plan, f, w, target.batch, traced) for f in plan.families for w in widths[f.name]}
+    specs = {(f.name, w): family_specs(plan, f, w, target.batch, traced)
+             for f in plan.families for w in widths[f.name]}
     timed = time_specs([s for v in specs.values() for s in v], threads=target.threads,
                        cache=OpCache(timer.cache, target.threads) if timer.cache is not None else None)
     ms = {f.name: [sum(timed[s] for s in specs[(f.name, w)]) for w in widths[f.name]] for f in plan.families}
@@ -253,13 +261,14 @@ def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], 
     return table
 
 
-def recalibrated(table: LatencyTable, widths: dict[str, int], dense_ms: float, pruned_ms: float) -> LatencyTable:
-    """``table`` with ``rest`` and ``scale`` fitted through two measured whole models: the dense one and the one
-    at ``widths``."""
+def recalibrated(table: LatencyTable, widths: dict[str, int], dense_ms: float,
+                 pruned_ms: float) -> LatencyTable:
+    """``table`` with ``rest`` and ``scale`` fitted through two measured whole models: the dense one and the
+    one at ``widths``."""
     full = sum(table.ms[f][-1] for f in table.widths)
     part = sum(table.family_ms(f, widths.get(f, table.n_units[f])) for f in table.widths)
-    out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units, table.half_ms,
-                       table.seconds, dict(table.calibration), table.reference_ms)
+    out = LatencyTable(table.widths, table.ms, dense_ms, table.rest_ms, table.scale, table.n_units,
+                       table.half_ms, table.seconds, dict(table.calibration), table.reference_ms)
     if full - part > 1e-9:
         out.scale = max(0.0, (dense_ms - pruned_ms) / (full - part))
         out.rest_ms = dense_ms - out.scale * full

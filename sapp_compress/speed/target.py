@@ -1,6 +1,6 @@
-"""``--target-speedup`` around the fine-tune: the latency table measured before it (an unreachable target is exit
-2, found in seconds), the loss the allocation weighs widths by, and after it the written model measured against the
-dense one (:func:`reach_target`: one corrective round, then exit 5 or a warning)."""
+"""``--target-speedup`` around the fine-tune: the latency table measured before it (an unreachable target is
+exit 2, found in seconds), the loss the allocation weighs widths by, and after it the written model measured
+against the dense one (:func:`reach_target`: one corrective round, then exit 5 or a warning)."""
 from __future__ import annotations
 
 import time
@@ -31,28 +31,30 @@ SENSITIVITY_ROWS = 64
 
 
 def latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, speed):
-    """The latency table of ``--target-speedup`` (before any fine-tuning) and the whole-model timer the allocations
-    are measured with; an unreachable target is exit 2."""
+    """The latency table of ``--target-speedup`` (before any fine-tuning) and the whole-model timer the
+    allocations are measured with; an unreachable target is exit 2."""
     t0 = time.perf_counter()
     speed = speed or default_speed(cfg)
     n = len(train)
     feed = onnx_rows(train, np.arange(speed.batch) % n)
     calibration = onnx_rows(train, spread(n, 32))
-    timer = WholeTimer(student, splan, onnx_rows(train, np.arange(2)), feed, speed, calibration, inner_of=unwrap)
-    table = build_table(student, splan, timer.export_rows, feed, speed, calibration, inner_of=unwrap, timer=timer)
+    timer = WholeTimer(student, splan, onnx_rows(train, np.arange(2)), feed, speed, calibration,
+                       inner_of=unwrap)
+    table = build_table(student, splan, timer.export_rows, feed, speed, calibration, inner_of=unwrap,
+                        timer=timer)
     table.seconds = round(time.perf_counter() - t0, 3)
     best = table.best_speedup()
     if best < cfg.target_speedup:
-        raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this model "
-                            f"reaches on this machine (every head, neuron and channel family at its smallest "
-                            f"width, batch {speed.batch}, {speed.precision}) is {best:.2f}x")
+        raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this "
+                            "model reaches on this machine (every head, neuron and channel family at its "
+                            f"smallest width, batch {speed.batch}, {speed.precision}) is {best:.2f}x")
     return table, timer
 
 
 def divergence(task, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """How far outputs ``out`` are from the dense model's ``ref``: KL divergence of the class distributions for a
-    classifier, binary cross-entropy against the dense model's probabilities for a binary one, else the mean
-    squared difference."""
+    """How far outputs ``out`` are from the dense model's ``ref``: KL divergence of the class distributions
+    for a classifier, binary cross-entropy against the dense model's probabilities for a binary one, else the
+    mean squared difference."""
     out, ref = out.float(), ref.float()
     if task.is_classifier:
         n = out.shape[-1]
@@ -87,14 +89,15 @@ def loss_on_rows(student: nn.Module, task, train: Shard, device):
     return loss_of
 
 
-#: ``--target-speedup``: a measured speed-up below this share of the target gets one corrective round, then exit 5
+#: ``--target-speedup``: a measured speed-up below this share of the target gets one corrective round, then
+#: exit 5
 TARGET_TOLERANCE = 0.9
 
 
 def measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputConfig, feed: dict,
                      calibration) -> dict:
-    """The written model against the dense model (fp32), timed interleaved at the serving batch on this machine
-    (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model."""
+    """The written model against the dense model (fp32), timed interleaved at the serving batch on this
+    machine (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model."""
     import onnx
 
     import converters
@@ -119,11 +122,11 @@ def measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputCon
 
 def reach_target(res, original, proto, onnx_bytes: bytes, int8: bool, cfg: PruneConfig, out: OutputConfig,
                  feed: dict, calibration, report: dict, convert):
-    """``--target-speedup``: measure the written model; if it misses the target by more than 10 %, one corrective
-    round (re-allocate with the prediction corrected by the measurement, remove the lowest-norm units of the
-    families that must shrink from the folded model, export and measure again); then :class:`TargetMissed`
-    (exit 5) unless ``--accept-missed-target``. ``convert(res, proto)`` makes the artifact's (bytes, int8) from the
-    smaller model's export. Returns the final (bytes, int8, fp32 proto)."""
+    """``--target-speedup``: measure the written model; if it misses the target by more than 10 %, one
+    corrective round (re-allocate with the prediction corrected by the measurement, remove the lowest-norm
+    units of the families that must shrink from the folded model, export and measure again); then
+    :class:`TargetMissed` (exit 5) unless ``--accept-missed-target``. ``convert(res, proto)`` makes the
+    artifact's (bytes, int8) from the smaller model's export. Returns the final (bytes, int8, fp32 proto)."""
     st = res.structure
     widths = {f.name: int(st.keep[f.name].sum()) for f in st.families}
     rows = []
@@ -149,13 +152,13 @@ def reach_target(res, original, proto, onnx_bytes: bytes, int8: bool, cfg: Prune
                                 "batch": final["batch"], "threads": out.threads, "rounds": rows,
                                 "allocations": st.speed["allocations"], "table": st.speed["table"].to_json()}
     if final["measured"] < TARGET_TOLERANCE * cfg.target_speedup:
-        msg = (f"target not reached: measured {final['measured']:.2f}x against the target {cfg.target_speedup:g}x "
-               f"(batch {final['batch']}, after one corrective round)")
+        msg = (f"target not reached: measured {final['measured']:.2f}x against the "
+               f"target {cfg.target_speedup:g}x (batch {final['batch']}, after one corrective round)")
         if not out.accept_missed_target:
             raise TargetMissed(msg + "; --accept-missed-target writes the model anyway")
         report.setdefault("warnings", []).append(msg)
     return onnx_bytes, int8, proto
 
 
-__all__ = ["SENSITIVITY_ROWS", "TARGET_TOLERANCE", "default_speed", "divergence", "latency_table", "loss_on_rows",
-           "measure_speedup", "reach_target"]
+__all__ = ["SENSITIVITY_ROWS", "TARGET_TOLERANCE", "default_speed", "divergence", "latency_table",
+           "loss_on_rows", "measure_speedup", "reach_target"]

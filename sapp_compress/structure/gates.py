@@ -1,10 +1,10 @@
-"""Masks on structural units during the fine-tune: SA++ and the baselines see a family of units exactly as they
-see a layer's blocks (a ``[1, n]`` grid of units), and the engine does not learn a second vocabulary.
+"""Masks on structural units during the fine-tune: SA++ and the baselines see a family of units exactly as
+they see a layer's blocks (a ``[1, n]`` grid of units), and the engine does not learn a second vocabulary.
 
 A unit's mask (and SA++'s attention) multiplies its **consumer** slices (the down projection's columns of a
 neuron, the output projection's columns of a head, the next convs' input channels of a channel): that is the
-unit's whole effect on the model (:mod:`.groups`), so a unit at mask 0 computes exactly what the model with the
-unit removed computes. It is a :class:`GroupGate` parametrization on each consumer tensor (one per tensor,
+unit's whole effect on the model (:mod:`.groups`), so a unit at mask 0 computes exactly what the model with
+the unit removed computes. It is a :class:`GroupGate` parametrization on each consumer tensor (one per tensor,
 holding every family that gates it), so the optimizer keeps the tensor's identity and the fold is
 ``remove_parametrizations(leave_parametrized=True)``.
 
@@ -95,7 +95,8 @@ class MaskedFamily:
     plan: FamilyPlan
     masker: UnitMask
     gates: dict[str, tuple[nn.Module, str]]  # consumer tensor -> (module, parameter name)
-    tensors: dict[str, nn.Parameter]  # the parameters it touches or decays but does not gate (originals if gated)
+    # the parameters it touches or decays but does not gate (originals if gated)
+    tensors: dict[str, nn.Parameter]
     decay_terms: list[tuple[str, list[tuple[int, torch.Tensor, UnitMask]]]] = field(default_factory=list)
 
     @property
@@ -136,7 +137,8 @@ class MaskedFamily:
             if t not in self.tensors and t not in self.gates:
                 continue  # a buffer (running statistics): not a weight
             w = self._tensor(t)
-            total += unit_norms(w.detach(), a, torch.as_tensor(self.family.index(key), device=w.device)).cpu() ** 2
+            total += unit_norms(w.detach(), a,
+                                torch.as_tensor(self.family.index(key), device=w.device)).cpu() ** 2
         return total.sqrt().reshape(1, -1).to(self.masker.mask.device)
 
     def trained(self) -> list[torch.Tensor]:
@@ -174,9 +176,10 @@ class MaskedFamily:
             w.grad.add_(w.detach() * live, alpha=wd)
 
 
-def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool, density: float) -> list[MaskedFamily]:
-    """One :class:`UnitMask` per family; one :class:`GroupGate` per consumer tensor, shared by every family that
-    gates it; the coupled decay's tensors assigned to their first family."""
+def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool,
+           density: float) -> list[MaskedFamily]:
+    """One :class:`UnitMask` per family; one :class:`GroupGate` per consumer tensor, shared by every family
+    that gates it; the coupled decay's tensors assigned to their first family."""
     if not plans:
         return []
     model = plans[0].model
@@ -210,7 +213,8 @@ def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool, density
         mine = [(t, terms[t]) for t in sorted(terms) if owner[t] == i]
         # every parameter the family touches or decays that it does not gate itself, a tensor gated by another
         # family included (its original, the same Parameter): a unit's producer rows in a layer whose input
-        # channels another family gates (a chain of Linear layers, a squeeze-excitation's fc2) count in its norm
+        # channels another family gates (a chain of Linear layers, a squeeze-excitation's fc2) count in its
+        # norm
         own = {t for t, _ in fam.consumers}
         names = {t for t, _ in fam.keys if t in params} | {t for t, _ in mine}
         tensors = {t: params[t] for t in sorted(names) if t not in own}
@@ -219,10 +223,10 @@ def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool, density
 
 
 def fold(families: list[MaskedFamily]) -> dict[str, np.ndarray]:
-    """Remove the gates, leaving plain tensors whose pruned units' consumer slices are exactly 0 and that compute
-    what the gated model did; returns each family's boolean keep over its units. A kept unit whose consumer
-    slices all ended at zero (revived as zeros and never moved) is dropped too, unless it is the last one, or
-    the family's width would leave a multiple of :data:`~sapp_compress.structure.groups.UNIT_MULTIPLE`
+    """Remove the gates, leaving plain tensors whose pruned units' consumer slices are exactly 0 and that
+    compute what the gated model did; returns each family's boolean keep over its units. A kept unit whose
+    consumer slices all ended at zero (revived as zeros and never moved) is dropped too, unless it is the last
+    one, or the family's width would leave a multiple of :data:`~sapp_compress.structure.groups.UNIT_MULTIPLE`
     (:func:`_droppable`)."""
     keep = {f.name: f.alive().reshape(-1).cpu().numpy().copy() for f in families}
     slots = {t: s for f in families for t, s in f.gates.items()}
@@ -240,11 +244,11 @@ def fold(families: list[MaskedFamily]) -> dict[str, np.ndarray]:
 
 
 def _droppable(zero: np.ndarray, kept: int, family: GroupFamily) -> np.ndarray:
-    """Of the kept units whose consumers ended at zero (``zero``), those the fold drops: all of them, except in a
-    neuron or channel family kept at a multiple of :data:`UNIT_MULTIPLE` (a uniform sparsity's rounded width, the
-    widths ONNX Runtime's kernels run fastest: resnet18 at s = 0.6 ran 1.01-1.05x dense at widths of 26 / 51 /
-    102 / 205 and 2.18x at multiples of 8, BENCHMARKS.md 16.4), where only whole multiples of it go, the
-    lowest-indexed first. Keeping a unit whose consumer slices are zero changes no output."""
+    """Of the kept units whose consumers ended at zero (``zero``), those the fold drops: all of them, except
+    in a neuron or channel family kept at a multiple of :data:`UNIT_MULTIPLE` (a uniform sparsity's rounded
+    width, the widths ONNX Runtime's kernels run fastest: resnet18 at s = 0.6 ran 1.01-1.05x dense at widths
+    of 26 / 51 / 102 / 205 and 2.18x at multiples of 8, BENCHMARKS.md 16.4), where only whole multiples of it
+    go, the lowest-indexed first. Keeping a unit whose consumer slices are zero changes no output."""
     if family.kind not in ("neurons", "channels") or kept % UNIT_MULTIPLE:
         return zero
     out = np.zeros_like(zero)

@@ -28,8 +28,9 @@ from .trace import ChannelGraph, OpRecord, trace
 Key = tuple[str, int]  # (tensor name, axis)
 
 #: a neuron or channel family of at least twice this many units keeps a multiple of it under a uniform
-#: ``--sparsity``: ONNX Runtime's conv and GEMM kernels lose much of their speed off multiples of 8 (a resnet18 at
-#: s = 0.6 kept 26 / 51 / 102 / 205 channels and ran slower than at s = 0.5; BENCHMARKS.md section 16.4)
+#: ``--sparsity``: ONNX Runtime's conv and GEMM kernels lose much of their speed off multiples of 8 (a
+#: resnet18 at s = 0.6 kept 26 / 51 / 102 / 205 channels and ran slower than at s = 0.5; BENCHMARKS.md section
+#: 16.4)
 UNIT_MULTIPLE = 8
 
 
@@ -67,10 +68,11 @@ class GroupFamily:
         return int(len(self.units[0][self.producers[0]]))
 
     def kept_units(self, sparsity: float) -> int:
-        """Units this family keeps at a uniform ``sparsity``: ``round((1 - sparsity) n)``, and for neuron and channel
-        families of at least ``2 * UNIT_MULTIPLE`` units the nearest multiple of :data:`UNIT_MULTIPLE` to it (ties
-        up), unless that is the whole family (a prune asked for is never dropped) or the count is under the
-        multiple. Heads and conv groups are counted exactly: each is a whole slice of its kernels already."""
+        """Units this family keeps at a uniform ``sparsity``: ``round((1 - sparsity) n)``, and for neuron and
+        channel families of at least ``2 * UNIT_MULTIPLE`` units the nearest multiple of :data:`UNIT_MULTIPLE`
+        to it (ties up), unless that is the whole family (a prune asked for is never dropped) or the count is
+        under the multiple. Heads and conv groups are counted exactly: each is a whole slice of its kernels
+        already."""
         k = int(round((1.0 - sparsity) * self.n_units))
         if self.kind not in ("neurons", "channels") or self.n_units < 2 * UNIT_MULTIPLE or k < UNIT_MULTIPLE:
             return k
@@ -115,8 +117,8 @@ class StructurePlan:
     families: list[GroupFamily]
     whole: list[WholeAxis] = field(default_factory=list)
     ops: int = 0
-    #: the ops whose cost depends on the widths (:class:`~.trace.OpRecord`), each with the family whose heads it
-    #: computes (attention cores) or None
+    #: the ops whose cost depends on the widths (:class:`~.trace.OpRecord`), each with the family whose heads
+    #: it computes (attention cores) or None
     records: list[tuple[OpRecord, str | None]] = field(default_factory=list)
 
     def family(self, name: str) -> GroupFamily:
@@ -139,7 +141,8 @@ class StructureResult:
     sizes_after: dict[str, int]
     parity: float = 0.0
     buffers: frozenset[str] = frozenset()
-    #: with ``--target-speedup``: the folded model before the removal (a corrective round removes more from it)
+    #: with ``--target-speedup``: the folded model before the removal (a corrective round removes more from
+    #: it)
     folded: nn.Module | None = None
     #: with ``--target-speedup``: the latency table, the allocations made and the last loss table
     speed: dict | None = None
@@ -284,9 +287,9 @@ _TAPS = "the kernel's spatial taps (not channels)"
 
 def _unique_names(families: list[GroupFamily]) -> None:
     """Families that share a name take their first producer's module; those that still share one (a conv whose
-    output channels a shuffle or a split sends to different consumers: ShuffleNet) are numbered by their lowest
-    channel, ``stage2.0.branch2.5 #1 (channels)``, ``#2``, ... (the report, ``--include`` / ``--exclude`` and the
-    engine's per-family state are keyed by name)."""
+    output channels a shuffle or a split sends to different consumers: ShuffleNet) are numbered by their
+    lowest channel, ``stage2.0.branch2.5 #1 (channels)``, ``#2``, ... (the report, ``--include`` /
+    ``--exclude`` and the engine's per-family state are keyed by name)."""
     seen = Counter(f.name for f in families)
     for f in families:
         if seen[f.name] > 1:
@@ -328,7 +331,8 @@ def discover(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.
     return build(names_from if names_from is not None else model, graph)
 
 
-def select(plan: StructurePlan, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> StructurePlan:
+def select(plan: StructurePlan, include: tuple[str, ...] = (),
+           exclude: tuple[str, ...] = ()) -> StructurePlan:
     """Families matched by ``include`` (all when empty) and not by ``exclude``; ``fnmatch`` patterns over the
     family's name and its tensors' names. The others join ``whole`` with the reason."""
     kept, whole = [], list(plan.whole)

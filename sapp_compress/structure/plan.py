@@ -75,12 +75,13 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
         f = zero[0]
         more = f" (and {len(zero) - 1} more families)" if len(zero) > 1 else ""
         raise GeometryError(
-            f"--sparsity {cfg.sparsity:g} keeps round({1 - cfg.sparsity:g} x {f.n_units}) = 0 of the {f.n_units} "
-            f"{f.kind} of {f.name}{more}: lower --sparsity, or --exclude '{f.name}'")
+            f"--sparsity {cfg.sparsity:g} keeps round({1 - cfg.sparsity:g} x {f.n_units}) = 0 of "
+            f"the {f.n_units} {f.kind} of {f.name}{more}: lower --sparsity, or --exclude '{f.name}'")
     if plan.families:
         # twice: at the target counts, and at one unit fewer in every family with another random choice, as a
-        # fine-tune can end (a kept unit whose consumers ended at zero is dropped too): a removal that is exact for
-        # one keep set only (channels a shuffle interleaves, ShuffleNet) fails one of them and is left whole
+        # fine-tune can end (a kept unit whose consumers ended at zero is dropped too): a removal that is
+        # exact for one keep set only (channels a shuffle interleaves, ShuffleNet) fails one of them and is
+        # left whole
         target = {f.name: f.kept_units(cfg.sparsity) for f in plan.families}
         bad = check_removal(model, inner_of, plan.families, random_keep(plan.families, target), inputs)
         fewer = {n: max(1, k - 1) for n, k in target.items()}
@@ -90,14 +91,15 @@ def plan_families(model: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor
         if bad:
             for name, why in bad.items():
                 log.warning("%s left whole: %s", name, why)
-            plan = StructurePlan([f for f in plan.families if f.name not in bad],
-                                 plan.whole + [WholeAxis(t, a, f"its units cannot be removed exactly: {bad[f.name]}")
-                                               for f in plan.families if f.name in bad for t, a in f.producers],
-                                 plan.ops, plan.records)
+            plan = StructurePlan(
+                [f for f in plan.families if f.name not in bad],
+                plan.whole + [WholeAxis(t, a, f"its units cannot be removed exactly: {bad[f.name]}")
+                              for f in plan.families if f.name in bad for t, a in f.producers],
+                plan.ops, plan.records)
     if not plan.families:
         reasons = sorted({w.reason for w in plan.whole})
-        raise GeometryError("--structure channels: no attention head, neuron or channel can be removed from this "
-                            f"model ({'; '.join(reasons[:3]) or 'it has no Linear or Conv layer'})")
+        raise GeometryError("--structure channels: no attention head, neuron or channel can be removed from "
+                            f"this model ({'; '.join(reasons[:3]) or 'it has no Linear or Conv layer'})")
     return [FamilyPlan(f, inner) for f in plan.families], plan
 
 

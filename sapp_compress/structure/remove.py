@@ -10,7 +10,8 @@ computes the same thing with fewer heads.
 
 Removal is checked, not trusted: :func:`parity` compares the smaller model with the same model whose removed
 units are zeroed at their consumers (which is what the fine-tune's masks do), and the pipeline runs it before
-any fine-tuning on a random removal, so a module whose forward keeps a size it did not expose fails in seconds.
+any fine-tuning on a random removal, so a module whose forward keeps a size it did not expose fails in
+seconds.
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def _scale_head_attributes(model: nn.Module, fam: GroupFamily, kept: int) -> Non
                 setattr(m, a, v // u * kept)
 
 
-def remove(model: nn.Module, plan: StructurePlan | list[GroupFamily], keep: dict[str, np.ndarray]) -> nn.Module:
+def remove(model: nn.Module, plan: StructurePlan | list[GroupFamily],
+           keep: dict[str, np.ndarray]) -> nn.Module:
     """Remove every unit whose ``keep`` entry is False, in place; returns ``model``.
 
     ``keep``: family name -> boolean array over its units. A family missing from ``keep`` keeps every unit.
@@ -188,10 +190,10 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with fewer heads than its embedding needs: the projections map the model's
-    width ``E`` to ``heads * head_dim`` and back. Same parameters and buffers as the module it replaces (sliced),
-    the same call signature and masks; attention weights are not returned (None). ``_qkv_same_embed_dim`` is
-    False, which keeps ``nn.TransformerEncoderLayer``'s fused inference path (which assumes ``E`` heads
-    wide) off."""
+    width ``E`` to ``heads * head_dim`` and back. Same parameters and buffers as the module it replaces
+    (sliced), the same call signature and masks; attention weights are not returned (None).
+    ``_qkv_same_embed_dim`` is False, which keeps ``nn.TransformerEncoderLayer``'s fused inference path (which
+    assumes ``E`` heads wide) off."""
 
     @classmethod
     def from_module(cls, m: nn.MultiheadAttention, _=None) -> "HeadPrunedMultiheadAttention":

@@ -1,5 +1,5 @@
-"""The accuracy gate (exit 4): the written artifact scored in ONNX Runtime on the evaluation rows, against the dense
-model's score."""
+"""The accuracy gate (exit 4): the written artifact scored in ONNX Runtime on the evaluation rows, against the
+dense model's score."""
 from __future__ import annotations
 
 from ..config import OutputConfig
@@ -20,15 +20,15 @@ def evaluate(res, onnx_bytes: bytes, out: OutputConfig, report: dict) -> None:
 
 
 def gate(res, out: OutputConfig, report: dict) -> None:
-    """Record ``accuracy.drop`` (dense score - ONNX score) and raise :class:`AccuracyGateFailed` when it exceeds
-    ``out.max_accuracy_drop`` (None: no gate)."""
+    """Record ``accuracy.drop`` (dense score - ONNX score) and raise :class:`AccuracyGateFailed` when it
+    exceeds ``out.max_accuracy_drop`` (None: no gate)."""
     acc = report["accuracy"]
     drop = acc["dense"] - acc["onnx"]
     acc["drop"] = drop
     if out.max_accuracy_drop is not None and drop > out.max_accuracy_drop + 1e-12:
         raise AccuracyGateFailed(
-            f"accuracy gate failed: {res.task.score_name} dense {acc['dense']:.4f} -> onnx {acc['onnx']:.4f}, a drop "
-            f"of {drop:.4f} > the allowed {out.max_accuracy_drop:g}")
+            f"accuracy gate failed: {res.task.score_name} dense {acc['dense']:.4f} -> "
+            f"onnx {acc['onnx']:.4f}, a drop of {drop:.4f} > the allowed {out.max_accuracy_drop:g}")
 
 
 __all__ = ["evaluate", "gate"]

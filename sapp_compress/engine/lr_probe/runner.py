@@ -1,7 +1,7 @@
 """The copies the probe trains: :class:`Runner` fine-tunes copies of the model at a candidate rate over the
-compressed program, to a given step, from in-memory checkpoints (:class:`Memory`), and scores them on the held-out
-rows of the training shard (the task's loss, lower is better; :func:`constant_loss` is the floor a candidate must
-beat to have learnt anything the probe can rank)."""
+compressed program, to a given step, from in-memory checkpoints (:class:`Memory`), and scores them on the
+held-out rows of the training shard (the task's loss, lower is better; :func:`constant_loss` is the floor a
+candidate must beat to have learnt anything the probe can rank)."""
 from __future__ import annotations
 
 import copy
@@ -25,17 +25,17 @@ from ..training import fine_tune
 
 
 def runs_whole_program(phases: list, phase: str) -> bool:
-    """Whether a probe candidate in ``phase`` runs a method's whole program (``phases``): phase ``sparse`` and a
-    program that prunes once at step 0 and then trains sparse to the end (magnitude), so a candidate is the
+    """Whether a probe candidate in ``phase`` runs a method's whole program (``phases``): phase ``sparse`` and
+    a program that prunes once at step 0 and then trains sparse to the end (magnitude), so a candidate is the
     fine-tune in miniature, and every rung anneals as the fine-tune does (``anneal="auto"``)."""
     *before, last = phases
     return phase == "sparse" and last.kind == "sparse" and all(p.end == 0.0 for p in before)
 
 
 class Memory:
-    """:func:`~sapp_compress.engine.training.fine_tune`'s checkpointer interface, in memory: keeps the run's state once it
-    reaches ``stop`` (the last step of that call, so nothing changes it afterwards), and resumes from it on the
-    next call (the resume path of the checkpoints: optimizer, method phase, RNG, step)."""
+    """:func:`~sapp_compress.engine.training.fine_tune`'s checkpointer interface, in memory: keeps the run's
+    state once it reaches ``stop`` (the last step of that call, so nothing changes it afterwards), and resumes
+    from it on the next call (the resume path of the checkpoints: optimizer, method phase, RNG, step)."""
 
     path = "memory"
 
@@ -81,7 +81,8 @@ class Runner:
         self.steps = 0
         self.rows: int | None = None  # held-out rows scored now (the first ones; None: all); set per rung
         self.rows_per_rung: tuple[int, ...] = ()
-        self.targets: torch.Tensor | None = None  # of the first held-out rows scored so far (:meth:`_targets`)
+        # of the first held-out rows scored so far (:meth:`_targets`)
+        self.targets: torch.Tensor | None = None
 
     def warm_start(self) -> bool:
         """Whether a candidate's program starts with a warm-up from rate zero (its first step then moves no
@@ -107,8 +108,8 @@ class Runner:
         rate = lr_at or (lambda step: cosine_lr(step / max(1, self.program), self.train_cfg.warmup))
         cfg = dataclasses.replace(self.train_cfg, lr=lr)
         try:
-            fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device, self.prime + self.program,
-                      stop=self.prime + stop, checkpointer=memory,
+            fine_tune(model, self.teacher, method, self.task, self.fit, cfg, self.device,
+                      self.prime + self.program, stop=self.prime + stop, checkpointer=memory,
                       lr_at=lambda step: 0.0 if step < self.shared else rate(step - self.prime))
             loss = self._loss(model)
         except FloatingPointError:
@@ -117,9 +118,9 @@ class Runner:
         return loss if math.isfinite(loss) else math.inf
 
     def _fresh(self) -> tuple[nn.Module, object]:
-        """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``): a copy of
-        one such model built once (a structured method's ``finish`` scores every unit of every family, which on a
-        resnet18 cost more than the copy)."""
+        """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``): a
+        copy of one such model built once (a structured method's ``finish`` scores every unit of every family,
+        which on a resnet18 cost more than the copy)."""
         return copy.deepcopy(self._template())  # one memo: the method's layers name the copy's modules
 
     def _template(self) -> tuple[nn.Module, object]:
@@ -137,14 +138,17 @@ class Runner:
 
     @property
     def anneal(self) -> str:
-        """:attr:`LRProbeConfig.anneal` resolved: ``auto`` is ``rung`` for a whole program, else ``program``."""
+        """:attr:`LRProbeConfig.anneal` resolved: ``auto`` is ``rung`` for a whole program, else
+        ``program``."""
         if self.anneal_cfg != "auto":
             return self.anneal_cfg
         return "rung" if self.whole_program else "program"
 
     def _attached(self, total_steps: int) -> tuple[nn.Module, object]:
-        """A copy of the starting weights on the device, with the method attached for ``total_steps`` steps."""
-        model, units = copy.deepcopy((self.student, self.plan.units))  # one memo: the units name the copy's modules
+        """A copy of the starting weights on the device, with the method attached for ``total_steps``
+        steps."""
+        # one memo: the units name the copy's modules
+        model, units = copy.deepcopy((self.student, self.plan.units))
         plan = self.plan.rebind(units)
         return model.to(self.device), METHODS[self.prune_cfg.method](self.prune_cfg, plan, total_steps)
 
@@ -156,17 +160,18 @@ class Runner:
         few steps at a low rate) never gives it, and that ranks every rate above ~3e-4 last on a trained
         transformer (BENCHMARKS.md section 15).
 
-        The priming also runs the program's first step (``shared = prime + 1``) when the candidates' warm-up starts
-        from rate zero: that step is the same for every candidate (the same state, batch and RNG, no weight moved),
-        so running it once instead of once per candidate saves ``n - 1`` steps of a probe of a few tens (on CTR's
-        300-step fine-tune, 6 of 32: 2 % of the fine-tune)."""
+        The priming also runs the program's first step (``shared = prime + 1``) when the candidates' warm-up
+        starts from rate zero: that step is the same for every candidate (the same state, batch and RNG, no
+        weight moved), so running it once instead of once per candidate saves ``n - 1`` steps of a probe of a
+        few tens (on CTR's 300-step fine-tune, 6 of 32: 2 % of the fine-tune)."""
         if self.primed is None:
             model, method = self._fresh()
             memory = Memory()
             memory.stop = self.shared
             torch.manual_seed(self.train_cfg.seed)
-            fine_tune(model, self.teacher, method, self.task, self.fit, dataclasses.replace(self.train_cfg, lr=1.0),
-                      self.device, self.prime + self.program, stop=self.shared, checkpointer=memory,
+            fine_tune(model, self.teacher, method, self.task, self.fit,
+                      dataclasses.replace(self.train_cfg, lr=1.0), self.device, self.prime + self.program,
+                      stop=self.shared, checkpointer=memory,
                       lr_at=lambda step: 0.0)
             self.primed = (model, method, memory.state)
             self.steps += self.shared
@@ -177,7 +182,8 @@ class Runner:
         optimizer moments are its own (the weights, BatchNorm's statistics and masks come with the copy)."""
         model, method, state = self._primed()
         model, method = copy.deepcopy((model, method))
-        return model, method, {**state, "model": model.state_dict(), "optimizer": copy.deepcopy(state["optimizer"]),
+        return model, method, {**state, "model": model.state_dict(),
+                               "optimizer": copy.deepcopy(state["optimizer"]),
                                "method": copy.deepcopy(state["method"]), "history": list(state["history"])}
 
     def start_loss(self) -> float:
@@ -193,9 +199,10 @@ class Runner:
         return int(round(first.end * total_steps)) if first.kind == "dense" else 0
 
     def dense_run(self, lr: float, steps: int, total_steps: int) -> tuple[float, float, dict, float, float]:
-        """The fine-tune's own first ``steps`` steps at peak rate ``lr`` (its schedule, data order and RNG), on a
-        copy: (held-out loss before, after (inf when it diverged), the run's state at ``steps`` for the fine-tune
-        to continue from, wall and CPU seconds of its steps: what the fine-tune does not run again)."""
+        """The fine-tune's own first ``steps`` steps at peak rate ``lr`` (its schedule, data order and RNG),
+        on a copy: (held-out loss before, after (inf when it diverged), the run's state at ``steps`` for the
+        fine-tune to continue from, wall and CPU seconds of its steps: what the fine-tune does not run
+        again)."""
         cpu, cuda = self.rng
         torch.set_rng_state(cpu)
         if cuda is not None:
@@ -207,8 +214,8 @@ class Runner:
         cfg = dataclasses.replace(self.fine_tune_cfg, lr=lr, checkpoint_dir=None, resume=False)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            fine_tune(model, self.teacher, method, self.task, self.train, cfg, self.device, total_steps, stop=steps,
-                      checkpointer=memory)
+            fine_tune(model, self.teacher, method, self.task, self.train, cfg, self.device, total_steps,
+                      stop=steps, checkpointer=memory)
             wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             loss = self._loss(model, batch_stats=True)
         except FloatingPointError:
@@ -219,9 +226,9 @@ class Runner:
 
     @torch.no_grad()
     def _targets(self, n: int) -> torch.Tensor:
-        """The targets of the first ``n`` held-out rows: their labels, or the teacher's outputs, computed for the
-        rows the probe scores only (a transformer's outputs on all 418 held-out rows cost more than the rows the
-        bounded scoring reads)."""
+        """The targets of the first ``n`` held-out rows: their labels, or the teacher's outputs, computed for
+        the rows the probe scores only (a transformer's outputs on all 418 held-out rows cost more than the
+        rows the bounded scoring reads)."""
         if self.targets is None or len(self.targets) < n:
             n = min(len(self.held), max(n, *self.rows_per_rung, 0))  # every rung's rows at once
             if self.teacher is None:
@@ -235,18 +242,21 @@ class Runner:
         """The task's loss on the held-out rows (means over chunks, weighted by their rows). ``batch_stats``:
         BatchNorm layers normalise by each chunk's statistics, not their running ones (a few steps at a high
         rate leave the running statistics behind the weights: on the digits CNN, 6.1 against 0.19 after seven
-        dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued by
-        the fine-tune). None: :attr:`LRProbeConfig.batch_stats` (how the candidates, and the range test's start,
-        are scored)."""
+        dense steps at 1e-2); the running statistics are left as they were (the dense check's run is continued
+        by the fine-tune). None: :attr:`LRProbeConfig.batch_stats` (how the candidates, and the range test's
+        start, are scored)."""
         batch_stats = self.batch_stats if batch_stats is None else batch_stats
         model.eval()
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
-        saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+        norms = ([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                 if batch_stats else [])
+        saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 for m in norms]
         for m in norms:  # batch statistics, and the running ones left exactly as they were (momentum 0)
             m.train()
             m.momentum = 0.0
         total, n = 0.0, min(len(self.held), self.rows or len(self.held))
-        if norms:  # chunks of equal size: each is normalised by its own statistics, which a tail of a few rows lacks
+        if norms:
+            # chunks of equal size: each is normalised by its own statistics, which a tail of a few rows lacks
             chunk = math.ceil(n / math.ceil(n / chunk))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
@@ -263,9 +273,10 @@ class Runner:
 
 @torch.no_grad()
 def constant_loss(task: Task, target: torch.Tensor, temperature: float = 1.0) -> float:
-    """The task's loss of the best input-independent prediction on ``target`` (held-out labels, or the teacher's
-    outputs): the class prior's cross-entropy, the base rate's log-loss, the targets' variance, the KL to the
-    teacher's mean distribution. A candidate that does not beat it has learnt nothing the probe can rank."""
+    """The task's loss of the best input-independent prediction on ``target`` (held-out labels, or the
+    teacher's outputs): the class prior's cross-entropy, the base rate's log-loss, the targets' variance, the
+    KL to the teacher's mean distribution. A candidate that does not beat it has learnt nothing the probe can
+    rank."""
     t = target
     if task.name == "classification":
         labels = t.reshape(-1)
@@ -277,7 +288,8 @@ def constant_loss(task: Task, target: torch.Tensor, temperature: float = 1.0) ->
         return float(task.loss(out, labels, temperature))
     if task.name == "binary":
         p = t.float().mean().clamp(1e-6, 1 - 1e-6)
-        return float(task.loss(torch.full_like(t, float(torch.logit(p)), dtype=torch.float32), t, temperature))
+        return float(task.loss(torch.full_like(t, float(torch.logit(p)), dtype=torch.float32), t,
+                               temperature))
     if task.name == "distill_classification":
         q = torch.softmax(t.float() / temperature, dim=-1).reshape(-1, t.shape[-1]).mean(0)
         return float(task.loss((temperature * q.clamp_min(1e-12).log()).expand_as(t), t, temperature))

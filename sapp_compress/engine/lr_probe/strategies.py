@@ -1,16 +1,18 @@
-"""How the probe spends its budget: a :data:`STRATEGIES` entry is a pure function of (candidates, budget) giving
-the program length and the *rungs* (:class:`Schedule`), and the loop that runs them on a runner
+"""How the probe spends its budget: a :data:`STRATEGIES` entry is a pure function of (candidates, budget)
+giving the program length and the *rungs* (:class:`Schedule`), and the loop that runs them on a runner
 (:class:`~.runner.Runner`).
 
 - ``halving`` (successive halving, the default): every candidate runs the first ``r`` steps of the program and
-  is scored; the best ``ceil(keep * n)`` continue (from where they stopped: in-memory checkpoints) to ``r / keep``
-  steps, and so on until one is left. With 7 candidates and ``keep = 1/3`` the cost is ``7 r + 3 (3 r - r) = 13 r``
-  steps and the last rung scores 3 candidates at a horizon of ``3 r``, against ``budget / 7`` for a grid;
+  is scored; the best ``ceil(keep * n)`` continue (from where they stopped: in-memory checkpoints) to
+  ``r / keep`` steps, and so on until one is left. With 7 candidates and ``keep = 1/3`` the cost is
+  ``7 r + 3 (3 r - r) = 13 r`` steps and the last rung scores 3 candidates at a horizon of ``3 r``, against
+  ``budget / 7`` for a grid;
 - ``grid``: every candidate runs the whole program of ``budget / n`` steps;
-- ``range`` (an LR range test): one copy climbs a staircase of the candidates, lowest first, ``budget / n`` steps
-  each; the stair that lowered the held-out loss most wins.
+- ``range`` (an LR range test): one copy climbs a staircase of the candidates, lowest first, ``budget / n``
+  steps each; the stair that lowered the held-out loss most wins.
 
-Under ``torchrun`` the ranks' scores are compared after each rung (:func:`check_same_scores`), as the masks are.
+Under ``torchrun`` the ranks' scores are compared after each rung (:func:`check_same_scores`), as the masks
+are.
 """
 from __future__ import annotations
 
@@ -85,9 +87,10 @@ def staircase(n: int, budget: int, keep: float) -> Schedule | None:
 
 
 def scored_rows(sched: Schedule, n: int, allowed: float, held: int) -> tuple[int, ...]:
-    """Held-out rows scored at each rung of ``sched`` with ``n`` candidates, ``allowed`` rows in all: half to the
-    last rung's evaluations, the other half shared by the earlier ones (one rung: all of it), at least
-    :data:`MIN_SCORED` and at most ``held`` an evaluation. Every candidate of a rung is scored on the same rows."""
+    """Held-out rows scored at each rung of ``sched`` with ``n`` candidates, ``allowed`` rows in all: half to
+    the last rung's evaluations, the other half shared by the earlier ones (one rung: all of it), at least
+    :data:`MIN_SCORED` and at most ``held`` an evaluation. Every candidate of a rung is scored on the same
+    rows."""
     evals = [sched.runs or n] + list(sched.keeps[:-1])
     clamp = lambda r: int(min(held, max(MIN_SCORED, r)))  # noqa: E731
     if len(evals) == 1:
@@ -97,8 +100,8 @@ def scored_rows(sched: Schedule, n: int, allowed: float, held: int) -> tuple[int
 
 
 def rung_cycle(start: int, stop: int, warmup: float) -> Callable[[int], float]:
-    """The rate's multiple at each step of a rung run as its own cycle (``LRProbeConfig.anneal = "rung"``): warm-up
-    and cosine from ``start`` to ``stop``, so the rung's last step runs at nearly zero."""
+    """The rate's multiple at each step of a rung run as its own cycle (``LRProbeConfig.anneal = "rung"``):
+    warm-up and cosine from ``start`` to ``stop``, so the rung's last step runs at nearly zero."""
     return lambda step: cosine_lr((step - start) / max(1, stop - start), warmup)
 
 
@@ -113,10 +116,11 @@ def successive(runner, cands: list[float], sched: Schedule) -> tuple[float, dict
         best: list[float] = []
         for lr in alive:
             scores[lr].append(runner.advance(lr, stop, lr_at))
-            log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop, sched.program,
-                     scores[lr][-1])
+            log.info("lr probe: rung %d, lr %g, step %d of %d: held-out loss %.5g", rung, lr, stop,
+                     sched.program, scores[lr][-1])
             # the best `keep` so far (ties go to the lower rate); the others are dropped at once, so at most
-            # keep + 1 candidates (each a copy of the model and its optimizer moments) are held, not all of them
+            # keep + 1 candidates (each a copy of the model and its optimizer moments) are held, not all of
+            # them
             best = sorted([*best, lr], key=lambda r: (scores[r][-1], r))
             for out in best[keep:]:
                 runner.drop(out)
@@ -140,7 +144,8 @@ def range_test(runner, cands: list[float], sched: Schedule) -> tuple[float, dict
         losses[lr] = [runner.advance(1.0, stop, stair)]
         if not math.isfinite(losses[lr][0]):
             break
-    gains = {lr: (prev if i == 0 else losses[cands[i - 1]][0]) - v[0] for i, (lr, v) in enumerate(losses.items())}
+    gains = {lr: (prev if i == 0 else losses[cands[i - 1]][0]) - v[0]
+             for i, (lr, v) in enumerate(losses.items())}
     check_same_scores({lr: v[0] for lr, v in losses.items()}, 0)
     best = max(gains, key=lambda lr: (gains[lr], -lr))
     return best, losses
@@ -148,8 +153,8 @@ def range_test(runner, cands: list[float], sched: Schedule) -> tuple[float, dict
 
 @dataclass(frozen=True)
 class Strategy:
-    """How the probe spends its budget: ``schedule(candidates, budget steps, keep)`` (None: too short to probe)
-    and ``run(runner, candidates, schedule) -> (winner, held-out losses per candidate)``."""
+    """How the probe spends its budget: ``schedule(candidates, budget steps, keep)`` (None: too short to
+    probe) and ``run(runner, candidates, schedule) -> (winner, held-out losses per candidate)``."""
 
     schedule: Callable[[int, int, float], Schedule | None]
     run: Callable[[object, list[float], Schedule], tuple[float, dict[float, list[float]]]]
@@ -167,12 +172,13 @@ def check_same_scores(scores: dict[float, float], rung: int) -> None:
     """Raise if the ranks measured different scores (they would choose different rates)."""
     if not distributed.current().active:
         return
-    digest = hashlib.sha256(json.dumps(sorted((lr, repr(v)) for lr, v in scores.items())).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(sorted((lr, repr(v)) for lr, v in scores.items())).encode()).hexdigest()
     digests = distributed.gather_digests(digest)
     if len(set(digests)) > 1:
         raise RuntimeError(f"the lr probe's scores differ across ranks at rung {rung}: digests "
                            f"{[d[:12] for d in digests]}")
 
 
-__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "Schedule", "Strategy", "check_same_scores", "grid", "halving",
-           "range_test", "rung_cycle", "scored_rows", "staircase", "successive"]
+__all__ = ["MIN_PROGRAM", "MIN_SCORED", "STRATEGIES", "Schedule", "Strategy", "check_same_scores", "grid",
+           "halving", "range_test", "rung_cycle", "scored_rows", "staircase", "successive"]

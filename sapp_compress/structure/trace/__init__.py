@@ -1,5 +1,5 @@
-"""The channel tracer: :mod:`.core` runs the model once under a ``TorchFunctionMode`` and follows every channel
-label through every op; :mod:`.rules` holds one rule per op (or family of ops), registered in
+"""The channel tracer: :mod:`.core` runs the model once under a ``TorchFunctionMode`` and follows every
+channel label through every op; :mod:`.rules` holds one rule per op (or family of ops), registered in
 :data:`~.core.RULES` when this package is imported."""
 from . import rules  # noqa: F401 -- registers the op rules
 from .core import NONE, RULES, ChannelGraph, Nodes, OpRecord, named_tensors, trace

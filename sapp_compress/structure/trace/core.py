@@ -289,10 +289,11 @@ def rule(*names: str):
     return deco
 
 
-#: binary operators, whose in-place (``__iadd__``) and reflected (``__radd__``) forms :func:`_name` reduces to theirs
-_BINARY = ("add sub mul div truediv true_divide floordiv floor_divide pow maximum minimum fmod remainder "
-           "eq ne lt le gt ge and or xor logical_and logical_or atan2 hypot masked_fill where addcmul addcdiv "
-           "lerp rsub mod matmul").split()
+#: binary operators, whose in-place (``__iadd__``) and reflected (``__radd__``) forms :func:`_name` reduces to
+#: theirs
+_BINARY = ("add sub mul div truediv true_divide floordiv floor_divide pow maximum minimum fmod remainder eq "
+           "ne lt le gt ge and or xor logical_and logical_or atan2 hypot masked_fill where addcmul "
+           "addcdiv lerp rsub mod matmul").split()
 
 
 # --- running it -----------------------------------------------------------------------------------------
@@ -307,7 +308,8 @@ def named_tensors(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Module | None = None) -> ChannelGraph:
+def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+          names_from: nn.Module | None = None) -> ChannelGraph:
     """Run ``model(*inputs)`` once and return what it did with channels. Parameters are named as in
     ``names_from`` (default: ``model``); the model runs in eval mode with gradients enabled (which keeps
     PyTorch's fused inference fast paths, invisible to the trace, off), and is left as it was."""
@@ -345,20 +347,24 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], names_from: nn.Mod
 
 
 def _own(name: str) -> bool:
-    """An attribute a module's own code sets (not torch's: parameters, buffers, submodules, hooks, the mode)."""
+    """An attribute a module's own code sets (not torch's: parameters, buffers, submodules, hooks, the
+    mode)."""
     return not name.startswith("_") and name != "training"
 
 
 def _own_attributes(module: nn.Module) -> dict:
-    """A module's own attributes (not its parameters, buffers, submodules or hooks), dicts and lists copied one
-    level deep: what a forward may fill in (timm's LeViT caches its attention biases in a dict in eval mode)."""
-    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in vars(module).items() if _own(k)}
+    """A module's own attributes (not its parameters, buffers, submodules or hooks), dicts and lists copied
+    one level deep: what a forward may fill in (timm's LeViT caches its attention biases in a dict in eval
+    mode)."""
+    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v)
+            for k, v in vars(module).items() if _own(k)}
 
 
 def _restore_attributes(module: nn.Module, saved: dict) -> None:
     """Put back what :func:`_own_attributes` saved, in place for dicts and lists; drop attributes the forward
-    added. The trace runs with gradients enabled, so a cache it filled would hold tensors of the traced graph: no
-    copy of the model could be made afterwards, and later forwards would read values from before the fine-tune."""
+    added. The trace runs with gradients enabled, so a cache it filled would hold tensors of the traced graph:
+    no copy of the model could be made afterwards, and later forwards would read values from before the
+    fine-tune."""
     for k in [k for k in vars(module) if _own(k) and k not in saved]:
         delattr(module, k)
     for k, v in saved.items():
@@ -387,4 +393,5 @@ def _opaque_module(tracer: Tracer, kind: str):
     return hook
 
 
-__all__ = ["ChannelGraph", "Info", "Nodes", "OpRecord", "RULES", "Tracer", "trace", "named_tensors", "NONE", "rule"]
+__all__ = ["ChannelGraph", "Info", "Nodes", "OpRecord", "RULES", "Tracer", "trace", "named_tensors", "NONE",
+           "rule"]

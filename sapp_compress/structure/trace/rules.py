@@ -33,8 +33,8 @@ def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | Non
     params = [align(lab, ndim) for i in infos if i is not None and i.param for lab in i.labels]
     if any(i is None or not i.param for i in infos) and not acts and params:
         # data times a parameter (an input scaled per channel): an activation. A tensor of several parameter
-        # axes (a relative position bias: table rows by position, columns by head) is labelled by the axis that
-        # broadcasts against the data (the heads; the data, a shifted-window mask, varies by position)
+        # axes (a relative position bias: table rows by position, columns by head) is labelled by the axis
+        # that broadcasts against the data (the heads; the data, a shifted-window mask, varies by position)
         pick = 0
         if len(params) > 1 and data:
             over = [{a - len(d) for a in range(len(d)) if d[a] > 1} for d in data]
@@ -84,11 +84,11 @@ def _mark_residual(tr: Tracer, a: torch.Tensor, b: torch.Tensor, op: str) -> Non
 
 _UNARY = (
     "relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu mish softplus "
-    "softsign logsigmoid tanhshrink prelu glu_ dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout "
-    "neg abs exp expm1 log log1p log2 sqrt rsqrt reciprocal square sin cos erf erfc sign clamp clip clamp_min "
-    "clamp_max float half bfloat16 double to type type_as contiguous clone detach requires_grad nan_to_num "
-    "isnan isinf isfinite logical_not bitwise_not round floor ceil trunc frac sgn positive pos "
-    "triu tril fill zero data"
+    "softsign logsigmoid tanhshrink prelu glu_ dropout dropout1d dropout2d dropout3d alpha_dropout "
+    "feature_alpha_dropout neg abs exp expm1 log log1p log2 sqrt rsqrt reciprocal square sin cos erf erfc "
+    "sign clamp clip clamp_min clamp_max float half bfloat16 double to type type_as contiguous clone detach "
+    "requires_grad nan_to_num isnan isinf isfinite logical_not bitwise_not round floor ceil trunc frac sgn "
+    "positive pos triu tril fill zero data"
 ).split()
 
 
@@ -101,8 +101,8 @@ def _unary(tr, name, func, args, kwargs, out):
 
 @rule("add", "sub", "mul", "div", "truediv", "true_divide", "floordiv", "floor_divide", "pow", "maximum",
       "minimum", "fmod", "remainder", "mod", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor",
-      "logical_and", "logical_or", "atan2", "hypot", "masked_fill", "where", "addcmul", "addcdiv", "lerp", "rsub",
-      "copy")
+      "logical_and", "logical_or", "atan2", "hypot", "masked_fill", "where", "addcmul", "addcdiv", "lerp",
+      "rsub", "copy")
 def _elementwise(tr, name, func, args, kwargs, out):
     tensors = list(_tensors((args, kwargs)))
     infos = [tr.of(a) for a in tensors]
@@ -118,9 +118,9 @@ def _expanded(lab: torch.Tensor, shape) -> torch.Tensor:
 
 _SHAPE = (
     "view reshape flatten unflatten squeeze unsqueeze permute transpose t swapaxes swapdims movedim moveaxis "
-    "expand expand_as view_as reshape_as repeat tile repeat_interleave flip roll narrow select split chunk "
-    "unbind split_with_sizes tensor_split __getitem__ index_select gather take_along_dim cat concat concatenate "
-    "stack hstack vstack T mT H mH unfold diagonal masked_select pad"
+    "expand expand_as view_as reshape_as repeat tile repeat_interleave flip roll narrow select split "
+    "chunk unbind split_with_sizes tensor_split __getitem__ index_select gather take_along_dim cat concat "
+    "concatenate stack hstack vstack T mT H mH unfold diagonal masked_select pad"
 ).split()
 
 
@@ -194,8 +194,8 @@ def _dims_arg(args, kwargs, pos: int = 1):
     return None
 
 
-@rule("sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "norm", "logsumexp", "argmax", "argmin",
-      "all", "any", "nansum", "nanmean", "count_nonzero", "var_mean", "std_mean", "median")
+@rule("sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "norm", "logsumexp", "argmax",
+      "argmin", "all", "any", "nansum", "nanmean", "count_nonzero", "var_mean", "std_mean", "median")
 def _reduction(tr, name, func, args, kwargs, out):
     x = args[0]
     info = tr.of(x)
@@ -212,8 +212,8 @@ def _reduction(tr, name, func, args, kwargs, out):
                            param=info.param))
 
 
-@rule("softmax", "log_softmax", "softmin", "normalize", "cumsum", "cumprod", "logcumsumexp", "sort", "argsort",
-      "topk", "cummax", "cummin")
+@rule("softmax", "log_softmax", "softmin", "normalize", "cumsum", "cumprod", "logcumsumexp", "sort",
+      "argsort", "topk", "cummax", "cummin")
 def _along(tr, name, func, args, kwargs, out):
     """Ops whose every output along ``dim`` depends on all of that axis: join it, keep the label."""
     x = args[0]
@@ -234,7 +234,8 @@ def _along(tr, name, func, args, kwargs, out):
 
 def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib: Info | None,
               out: torch.Tensor) -> None:
-    """``a @ b`` with torch.matmul's broadcasting: join the contracted axis, carry the rest (see module doc)."""
+    """``a @ b`` with torch.matmul's broadcasting: join the contracted axis, carry the rest (see module
+    doc)."""
     va = a.dim() == 1
     vb = b.dim() == 1
     nd = max(a.dim() + va, b.dim() + vb, 2)
@@ -284,7 +285,8 @@ def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib:
 def _matmul(tr, name, func, args, kwargs, out):
     a, b = (args[1], args[0]) if name == "rmatmul" else (args[0], args[1])
     if id(b) in tr.params and b.dim() == 2:
-        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1), (tuple(a.shape), tuple(b.shape))))
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1),
+                                     (tuple(a.shape), tuple(b.shape))))
     _contract(tr, a, tr.of(a), b, tr.of(b), out)
 
 
@@ -294,7 +296,8 @@ def _addmm(tr, name, func, args, kwargs, out):
     names = ("input", "mat1", "mat2") if name == "addmm" else ("input", "batch1", "batch2")
     c, a, b = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
     if id(b) in tr.params and b.dim() == 2:  # transformers' Conv1D: x @ W with W [in, out]
-        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1), (tuple(a.shape), tuple(b.shape))))
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(b)], (0, 1),
+                                     (tuple(a.shape), tuple(b.shape))))
     tmp = torch.empty(out.shape)
     _contract(tr, a, tr.of(a), b, tr.of(b), tmp)
     infos = [tr.info.get(id(tmp)), tr.of(c)]
@@ -319,7 +322,8 @@ def _linear(tr, name, func, args, kwargs, out):
         for lab in ib.labels:
             tr.g.role(lab, "producer")
     if id(w) in tr.params and w.dim() == 2:
-        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(w)], (1, 0), (tuple(x.shape), tuple(w.shape))))
+        tr.g.records.append(OpRecord("matmul", tr.g.nodes.names[id(w)], (1, 0),
+                                     (tuple(x.shape), tuple(w.shape))))
 
 
 @rule("embedding")
@@ -456,14 +460,16 @@ def _conv(tr, name, func, args, kwargs, out):
         tr.g.role(bl, "producer")
     tr.set(out, Info([out_lab]))
     attrs = tuple((k, kwargs.get(k, args[i] if len(args) > i else d))
-                  for i, (k, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3))
+                  for i, (k, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1),
+                                              ("groups", 1)), 3))
     tr.g.records.append(OpRecord("conv", name_w, (1, 0), (tuple(x.shape), tuple(w.shape)),
-                                 tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in attrs)))
+                                 tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v))
+                                       for k, v in attrs)))
 
 
-@rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
-      "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-      "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
+@rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+      "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+      "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
       "max_pool2d_with_indices", "adaptive_max_pool2d_with_indices", "max_pool1d_with_indices")
 def _spatial(tr, name, func, args, kwargs, out):
     """Ops over the spatial axes (2 and on) that keep channels apart."""
@@ -494,17 +500,17 @@ def _sdpa(tr, name, func, args, kwargs, out):
     iq, ik, iv = tr.of(q), tr.of(k), tr.of(v)
     if kwargs.get("enable_gqa") and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
-        ik = Info([align(lab, k.dim()).repeat_interleave(rep, dim=-3) if align(lab, k.dim()).shape[-3] > 1 else lab
-                   for lab in ik.labels], ik.param) if ik else None
-        iv = Info([align(lab, v.dim()).repeat_interleave(rep, dim=-3) if align(lab, v.dim()).shape[-3] > 1 else lab
-                   for lab in iv.labels], iv.param) if iv else None
+        ik = Info([align(lab, k.dim()).repeat_interleave(rep, dim=-3) if align(lab, k.dim()).shape[-3] > 1
+                   else lab for lab in ik.labels], ik.param) if ik else None
+        iv = Info([align(lab, v.dim()).repeat_interleave(rep, dim=-3) if align(lab, v.dim()).shape[-3] > 1
+                   else lab for lab in iv.labels], iv.param) if iv else None
         k = k.repeat_interleave(rep, dim=-3)
         v = v.repeat_interleave(rep, dim=-3)
     if iq is not None and q.dim() >= 3:
         head = align(iq.labels[0], q.dim())
         node = int(head.reshape(-1)[0]) if head.numel() else -1
-        tr.g.records.append(OpRecord("attention", None, (0, 0), (tuple(q.shape), tuple(k.shape), tuple(v.shape)),
-                                     node=node))
+        tr.g.records.append(OpRecord("attention", None, (0, 0),
+                                     (tuple(q.shape), tuple(k.shape), tuple(v.shape)), node=node))
     kt = k.transpose(-1, -2)
     ikt = Info([align(lab, k.dim()).transpose(-1, -2) for lab in ik.labels], ik.param) if ik else None
     scores = torch.empty(q.shape[:-1] + (k.shape[-2],))
@@ -576,6 +582,6 @@ def _setitem(tr, name, func, args, kwargs, out):
 
 
 for _n in ("size", "dim", "numel", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
-           "randn_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "arange", "is_floating_point",
-           "item", "tolist", "bool", "long", "int", "short", "char", "byte"):
+           "randn_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "arange",
+           "is_floating_point", "item", "tolist", "bool", "long", "int", "short", "char", "byte"):
     RULES.setdefault(_n, lambda *a: None)
