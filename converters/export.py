@@ -83,10 +83,12 @@ def _fixed_axes(proto: onnx.ModelProto, names: list[str], axes: list[tuple[int, 
 
 
 def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None = None,
-                output_names: list[str] | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+                output_names: list[str] | None = None, opset: int = DEFAULT_OPSET,
+                dynamic_axes: list[tuple[int, ...]] | None = None) -> onnx.ModelProto:
     """Export ``model`` (eval mode, on CPU) to an in-memory ONNX model with a dynamic batch axis.
 
-    The model given is not touched: a deep copy is exported.
+    ``dynamic_axes``: per input, the axes kept dynamic (default: :func:`dynamic_axes_for`). The model given is
+    not touched: a deep copy is exported.
     """
     import torch  # lazily: converters never needs torch except to export
 
@@ -100,7 +102,7 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
                              "of size 1 to 1")
     input_names = input_names or (["x"] if n == 1 else [f"x{i}" for i in range(n)])
     output_names = output_names or ["y"]
-    axes = dynamic_axes_for(input_names, args)
+    axes = dynamic_axes if dynamic_axes is not None else dynamic_axes_for(input_names, args)
     dyn = tuple({a: torch.export.Dim.DYNAMIC for a in ax} for ax in axes)
     params = list(inspect.signature(m.forward).parameters.values())
     if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:

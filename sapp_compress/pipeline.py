@@ -96,6 +96,9 @@ def compress(
         ev_shard = res.eval_shard
         proto, original = granularity.export(res)
         report["dense_onnx_bytes"] = original.ByteSize()
+        report["input_axes"] = res.axes.to_json()
+        report["warnings"] += [f"the ONNX model takes {name} only at the shard's size: {why}"
+                               for name, why in res.axes.fixed.items() if why.startswith("the exporter")]
         lap("export")
         timing_feed = onnx_feed(ev_shard, rows(ev_shard, out.export_batch_size))
         calibration = None
@@ -159,7 +162,7 @@ def _precheck(job, shard, out: OutputConfig, prune_cfg: PruneConfig, replay, tim
     t = time.perf_counter()
     if out.save_torch is not None:
         check_picklable(unwrap(job.dense))
-    drop = job.plan.granularity.precheck(job.dense, job.plan, shard, out, prune_cfg, replay)
+    drop = job.plan.granularity.precheck(job.dense, job.plan, shard, out, prune_cfg, replay, job.axes)
     timings["precheck"] = round(time.perf_counter() - t, 3)
     return job.plan.leave_dense(drop, prune_cfg)
 

@@ -38,6 +38,7 @@ from .engine.units import SkippedLayer
 from .errors import ConfigError, DataError
 from .granularity import Plan, resolve
 from .io.adapters import OutputInfo, adapt, check_fits, unwrap
+from .io.export import Axes, probe_axes
 from .io.feeds import predict
 from .io.reparametrizations import fold_foreign
 from .io.tasks import Task, infer_task
@@ -64,6 +65,7 @@ class PruneResult:
         structure: with channels, each family's kept units and the sizes before and after
             (:class:`~sapp_compress.structure.groups.StructureResult`).
         masks: the final 0/1 masks (blocks per layer, or units per family), in plan order.
+        axes: the input axes the exported graph keeps dynamic (:func:`~sapp_compress.io.export.probe_axes`).
     """
 
     model: nn.Module
@@ -86,6 +88,7 @@ class PruneResult:
     warnings: list[str] = field(default_factory=list)
     structure: object | None = None
     masks: list[np.ndarray] = field(default_factory=list)
+    axes: Axes | None = None
 
     @property
     def mask_digest(self) -> str:
@@ -117,6 +120,7 @@ class Prepared:
     train_cfg: TrainConfig
     warnings: list[str]
     started: float
+    axes: Axes
 
 
 #: a fine-tune that keeps less than this share of the dense model's lead over a constant prediction is
@@ -205,9 +209,11 @@ def prepare(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: T
         check_fits(unwrap(dense), eval_shard)
         if eval_shard.y is not None:
             infer_task(eval_shard.y, out, output.kind)
+    axes = probe_axes(dense, train)
     student = copy.deepcopy(dense)
     plan = resolve(prune_cfg.structure).plan(student, train, prune_cfg, output)
-    return Prepared(dense, student, output, task, train, eval_shard, plan, prune_cfg, train_cfg, warnings, t0)
+    return Prepared(dense, student, output, task, train, eval_shard, plan, prune_cfg, train_cfg, warnings, t0,
+                    axes)
 
 
 def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> PruneResult:
@@ -283,7 +289,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,
         dense_eval_outputs=dense_out, device=str(device), seconds=time.perf_counter() - job.started,
         total_steps=total_steps, output=job.output, lr=lr.value, lr_source=lr.source, lr_choice=lr,
-        warnings=warnings, structure=done.structure, masks=done.masks,
+        warnings=warnings, structure=done.structure, masks=done.masks, axes=job.axes,
     )
 
 

@@ -119,7 +119,7 @@ class Granularity:
         raise NotImplementedError
 
     def precheck(self, dense: nn.Module, plan: Plan, shard: Shard, out: OutputConfig, cfg: PruneConfig,
-                 replay=None) -> dict[str, str]:
+                 replay=None, axes=None) -> dict[str, str]:
         """``{name: reason}`` for planned units to leave dense; raises on what would fail after the
         fine-tune."""
         raise NotImplementedError

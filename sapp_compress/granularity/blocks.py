@@ -78,7 +78,7 @@ class Blocks(Granularity):
                              f"--quantize int8 as the run that wrote it, got --quantize {quantize}")
         return plan
 
-    def precheck(self, dense, plan, shard, out, cfg, replay=None) -> dict[str, str]:
+    def precheck(self, dense, plan, shard, out, cfg, replay=None, axes=None) -> dict[str, str]:
         """Export the dense model and find every weight to be pruned in its graph, through the same code the
         final export and conversion use; a weight the graph holds only in a computed form (or in several
         different forms) is left dense instead, with the reason (:func:`converters.unplaceable`). With int8
@@ -88,7 +88,7 @@ class Blocks(Granularity):
         import converters
 
         model, manifest = dry_run_model(dense, list(plan.units))
-        proto = export_model(model, shard)
+        proto = export_model(model, shard, axes)
         drop = converters.unplaceable(proto, manifest)
         manifest = [lb for lb in manifest if lb.name not in drop]
         if replay is not None:
@@ -108,7 +108,7 @@ class Blocks(Granularity):
     def export(self, res):
         """The pruned model's export, which is also the dense original's size (the same shapes, every
         block)."""
-        proto = export_model(res.model, res.eval_shard)
+        proto = export_model(res.model, res.eval_shard, res.axes)
         return proto, proto
 
     def convert(self, res, proto, original, out, cfg, feed, calibration, report, replay=None) -> Converted:

@@ -67,7 +67,7 @@ class Channels(Granularity):
         raise UsageError("--plan replays block-sparse formulations: expected --structure blocks with it, got "
                          "channels")
 
-    def precheck(self, dense, plan, shard, out, cfg, replay=None) -> dict[str, str]:
+    def precheck(self, dense, plan, shard, out, cfg, replay=None, axes=None) -> dict[str, str]:
         """A random removal at the target counts, exported and run in ORT (and put in int8 with ``--quantize
         int8``), so a smaller model that cannot be exported fails before the fine-tune."""
         import converters
@@ -76,7 +76,7 @@ class Channels(Granularity):
         families = [p.family for p in plan.units]
         remove(unwrap(model), families,
                random_keep(families, {f.name: f.kept_units(cfg.sparsity) for f in families}))
-        proto = export_model(model, shard)
+        proto = export_model(model, shard, axes)
         try:
             converters.run_onnx(proto, onnx_feed(shard, rows(shard, EXPORT_ROWS)))
             if out.quantize == "int8":
@@ -91,7 +91,8 @@ class Channels(Granularity):
         return {}
 
     def export(self, res):
-        return export_model(res.model, res.eval_shard), export_model(res.dense_model, res.eval_shard)
+        return (export_model(res.model, res.eval_shard, res.axes),
+                export_model(res.dense_model, res.eval_shard, res.axes))
 
     def convert(self, res, proto, original, out, cfg, feed, calibration, report, replay=None) -> Converted:
         """The smaller model's ONNX (:func:`convert_structured`); with ``--target-speedup``, measured against

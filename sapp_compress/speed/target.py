@@ -141,7 +141,7 @@ def reach_target(res, original, proto, onnx_bytes: bytes, int8: bool, cfg: Prune
         report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
         report["metrics"]["pruned_torch"] = res.metrics["pruned_torch"]
         report["mask_digest"] = res.mask_digest
-        proto = export_model(res.model, res.eval_shard)
+        proto = export_model(res.model, res.eval_shard, res.axes)
         onnx_bytes, int8 = convert(res, proto)
     final = rows[-1]
     report["timings"]["latency_table"] = st.speed["table"].seconds

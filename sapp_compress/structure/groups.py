@@ -190,27 +190,39 @@ def common_prefix(names: list[str]) -> str:
     return ".".join(out)
 
 
-def _kind(model: nn.Module, producers: tuple[Key, ...], per_unit: int) -> str:
+def _kind(model: nn.Module, producers: tuple[Key, ...], first: np.ndarray) -> str:
+    """``heads`` (a unit is a run of adjacent channels of a linear producer: a head's rows), ``neurons``
+    (one channel, or several apart: a fused gate-and-up projection's two rows of one neuron), ``channels``
+    or ``conv groups``; ``first``: the first unit's indices on the first producer."""
     weights = [model.get_parameter(t) for t, _ in producers if model.get_parameter(t).dim() >= 2]
     conv = bool(weights) and weights[0].dim() > 2
     if conv:
-        return "conv groups" if per_unit > 1 else "channels"
-    return "heads" if per_unit > 1 else "neurons"
+        return "conv groups" if len(first) > 1 else "channels"
+    return "heads" if bool((np.diff(np.sort(first)) == 1).any()) else "neurons"
 
 
-def _reason_of(blocked: str | None, residual: str | None, roles: set[str], n_units: int) -> str:
+#: why a tensor broadcast over several units (:attr:`~.trace.ChannelGraph.shared`) stays whole
+SHARED = ("shared by every unit it is broadcast to (the key / value head of multi-query attention, a norm "
+          "over a head's dimension): kept whole while the units go")
+
+
+def _reason_of(blocked: str | None, residual: str | None, roles: set[str], n_units: int,
+               shared: bool = False, tied: str | None = None) -> str:
     if "rows" in roles:
         return "the rows of an embedding table (one per token, position or type)"
     if residual:
         return "the residual stream: its channels are added to other layers' channels; its width stays"
     if blocked:
         return blocked
+    if shared:
+        return SHARED
     if "producer" not in roles:
         return "input features of the model (no layer makes these channels)"
     if "consumer" not in roles:
         return "the selected output does not depend on these channels (no later layer uses them)"
     if n_units < 2:
-        return "all its channels are tied together (a normalisation, softmax or reduction over them)"
+        by = f" by {tied}" if tied else ""
+        return f"all its channels are tied together{by} (a normalisation, softmax or reduction over them)"
     return "left whole"
 
 
@@ -229,6 +241,11 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
     for ids, op in graph.residual:
         for r in np.unique(roots[ids.numpy()]):
             residual.setdefault(int(r), op)
+    shared_roots = {int(roots[i]) for i in graph.shared}
+    tied: dict[int, str] = {}
+    for ids, op in graph.ties:
+        for r in np.unique(roots[ids.numpy()]):
+            tied.setdefault(int(r), op)
     order = np.argsort(roots, kind="stable")
     bounds = np.flatnonzero(np.diff(roots[order])) + 1
     comps: dict[tuple, list[tuple[int, dict[Key, np.ndarray]]]] = defaultdict(list)
@@ -251,12 +268,13 @@ def build(model: nn.Module, graph: ChannelGraph) -> StructurePlan:
         res = {residual.get(r) for r, _ in units} - {None}
         producers = tuple(k for k in sig_keys if "producer" in graph.roles.get(k, ()))
         consumers = tuple(k for k in sig_keys if "consumer" in graph.roles.get(k, ()) and k not in producers)
-        reason = _reason_of(next(iter(sorted(rs)), None), next(iter(res), None), roles, len(units))
+        shared = any(int(r) in shared_roots for r, _ in units)
+        reason = _reason_of(next(iter(sorted(rs)), None), next(iter(res), None), roles, len(units), shared,
+                            next(iter(sorted({tied[r] for r, _ in units if r in tied})), None))
         ok = reason == "left whole" and producers and consumers
         if ok:
             channelwise = tuple(k for k in sig_keys if k not in producers and k not in consumers)
-            per_unit = dict(sig)[producers[0]]
-            kind = _kind(model, producers, per_unit)
+            kind = _kind(model, producers, units[0][1][producers[0]])
             mods = sorted({_module_of(t) for t, _ in producers + consumers})
             makers = sorted({_module_of(t) for t, _ in producers})
             name = f"{common_prefix(mods) or common_prefix(makers) or makers[0]} ({kind})"

@@ -15,6 +15,7 @@ seconds.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Callable
 
@@ -119,9 +120,16 @@ NAMED_SIZE_RULES: dict[str, Callable[[nn.Module], None]] = {
 }
 
 #: attribute names that hold a number of heads, or the width of all heads together (not the model's width),
-#: in attention modules of torch, transformers and timm. Each is scaled by the share of units kept.
+#: in attention modules of torch, transformers and timm (and in a module's own ``config``, which some
+#: attention modules read in their forward). Each is scaled by the share of units kept.
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_key_value_heads",
                    "num_kv_heads", "all_head_size", "attn_dim", "split_size", "inner_dim")
+#: attributes holding the query heads per key/value head, recomputed from the two counts once they are
+#: scaled (multi-query attention keeps its one key/value head while query heads go; grouped-query attention
+#: loses whole groups): (attribute, query-head counts, key/value-head counts), each count read from the
+#: module or its config
+GROUP_ATTRIBUTES = (("num_key_value_groups", ("num_heads", "num_attention_heads"),
+                     ("num_key_value_heads", "num_kv_heads")),)
 
 
 def _size_rule(m: nn.Module):
@@ -135,16 +143,41 @@ def _size_rule(m: nn.Module):
 
 
 def _scale_head_attributes(model: nn.Module, fam: GroupFamily, kept: int) -> None:
-    """Attention modules under the family's owner: head counts and all-heads widths times ``kept / units``."""
+    """Attention modules under the family's owner: head counts and all-heads widths times ``kept / units``, in
+    the module and in its own copy of its ``config`` (a config object is shared by every layer), then the
+    heads-per-group counts recomputed (:data:`GROUP_ATTRIBUTES`)."""
     owner = model.get_submodule(fam.owner)
     u = fam.n_units
     for m in owner.modules():
         if isinstance(m, nn.MultiheadAttention):
             continue
-        for a in HEAD_ATTRIBUTES:
-            v = getattr(m, a, None)
-            if isinstance(v, int) and not isinstance(v, bool) and v % u == 0:
-                setattr(m, a, v // u * kept)
+        _scale(m, u, kept)
+        cfg = getattr(m, "config", None)
+        if cfg is not None and not isinstance(cfg, nn.Module) and any(
+                isinstance(getattr(cfg, a, None), int) for a in HEAD_ATTRIBUTES):
+            m.config = copy.copy(cfg)
+            _scale(m.config, u, kept)
+        for attr, heads, kv in GROUP_ATTRIBUTES:
+            h, k = _count(m, heads), _count(m, kv)
+            if isinstance(getattr(m, attr, None), int) and h and k and h % k == 0:
+                setattr(m, attr, h // k)
+
+
+def _scale(obj, units: int, kept: int) -> None:
+    for a in HEAD_ATTRIBUTES:
+        v = getattr(obj, a, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v % units == 0:
+            setattr(obj, a, v // units * kept)
+
+
+def _count(m: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` that ``m`` (or else its config) holds as an int."""
+    for holder in (m, getattr(m, "config", None)):
+        for n in names:
+            v = getattr(holder, n, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    return None
 
 
 def remove(model: nn.Module, plan: StructurePlan | list[GroupFamily],

@@ -96,12 +96,25 @@ class OpRecord:
 @dataclass
 class ChannelGraph:
     """What a trace found. ``joins`` are pairs of node-id arrays to be joined; ``blocks`` and ``residual``
-    are node-id arrays with the reason; ``roles`` says how each parameter axis was used."""
+    are node-id arrays with the reason; ``roles`` says how each parameter axis was used.
+
+    ``broadcast`` holds the joins of a tensor *broadcast* against one that varies along an axis it does not
+    (a norm's weight over a head's dimension applied to every head, the one key/value head of multi-query
+    attention shared by every query head): such a tensor is shared by every position of that axis. Its join
+    is applied after the others (:meth:`components`) only where it ties nothing that is otherwise apart;
+    elsewhere the shared tensor stays whole (:attr:`shared`), which removing any of the positions leaves
+    exact."""
 
     nodes: Nodes
     joins: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     residual: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    #: node ids an op joined because each of its outputs depends on all of them (a norm, a reduction), and
+    #: the op
+    ties: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    broadcast: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: node ids of the broadcast tensors left apart by :meth:`components` (filled there)
+    shared: set[int] = field(default_factory=set)
     roles: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     ops: int = 0
     records: list[OpRecord] = field(default_factory=list)
@@ -111,6 +124,27 @@ class ChannelGraph:
         ok = (a >= 0) & (b >= 0) & (a != b)
         if ok.any():
             self.joins.append((a[ok].reshape(-1), b[ok].reshape(-1)))
+
+    def tie(self, first: torch.Tensor, lab: torch.Tensor, op: str) -> None:
+        """:meth:`join` of every position of ``lab`` along an axis with the first (``first``), recorded as
+        tied by ``op``."""
+        self.join(first, lab)
+        ids = lab[lab >= 0].reshape(-1)
+        if ids.numel() > 1:
+            self.ties.append((torch.unique(ids), op))
+
+    def join_shared(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """:meth:`join`, except where one side is broadcast along an axis the other varies along: that join is
+        recorded in :attr:`broadcast` (decided by :meth:`components`)."""
+        nd = max(a.dim(), b.dim())
+        a, b = align(a, nd), align(b, nd)
+        if not (_broadcast_over(a, b) or _broadcast_over(b, a)):
+            self.join(a, b)
+            return
+        a, b = torch.broadcast_tensors(a, b)
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        if ok.any():
+            self.broadcast.append((a[ok].reshape(-1), b[ok].reshape(-1)))
 
     def block(self, label: torch.Tensor, reason: str) -> None:
         ids = label[label >= 0].reshape(-1)
@@ -125,24 +159,66 @@ class ChannelGraph:
                 self.roles.setdefault(keys[k], set()).add(role)
 
     def components(self) -> np.ndarray:
-        """The root of every node's connected component (union-find by min-label propagation)."""
-        parent = np.arange(self.nodes.n, dtype=np.int64)
-        if not self.joins:
+        """The root of every node's connected component (union-find by min-label propagation). The
+        :attr:`broadcast` joins come second: a node of a broadcast pair is joined to its partners unless that
+        would put two *units* in one component (components of the other joins that have both a producer and a
+        consumer: two heads, say); a pair is joined when neither of its nodes would. The nodes whose joins are
+        refused go to :attr:`shared`."""
+        parent = _union(np.arange(self.nodes.n, dtype=np.int64), self.joins)
+        if not self.broadcast:
             return parent
-        a = torch.cat([j[0] for j in self.joins]).numpy()
-        b = torch.cat([j[1] for j in self.joins]).numpy()
-        while True:
-            pa, pb = parent[a], parent[b]
-            if np.array_equal(pa, pb):
-                return parent
-            m = np.minimum(pa, pb)
-            np.minimum.at(parent, pa, m)
-            np.minimum.at(parent, pb, m)
-            while True:  # pointer jumping to the roots
-                pp = parent[parent]
-                if np.array_equal(pp, parent):
-                    break
-                parent = pp
+        a = torch.cat([j[0] for j in self.broadcast]).numpy()
+        b = torch.cat([j[1] for j in self.broadcast]).numpy()
+        unit = self._unit_roots(parent)
+        nodes = np.concatenate([a, b, a, b])
+        roots = np.concatenate([parent[b], parent[a], parent[a], parent[b]])
+        keep = unit[roots]
+        pairs = np.unique(np.stack([nodes[keep], roots[keep]]), axis=1)
+        ties = np.bincount(pairs[0], minlength=self.nodes.n) > 1  # nodes that would tie two units
+        ok = ~ties[a] & ~ties[b]
+        self.shared = {int(i) for i in np.flatnonzero(ties)}
+        if not ok.any():
+            return parent
+        return _union(parent, [(torch.from_numpy(a[ok]), torch.from_numpy(b[ok]))])
+
+    def _unit_roots(self, parent: np.ndarray) -> np.ndarray:
+        """``[n]`` bool: whether the component rooted at each id has a producer and a consumer."""
+        keys, which, _ = self.nodes.decode(np.arange(self.nodes.n, dtype=np.int64))
+        roles = [self.roles.get(k, set()) for k in keys]
+        producer = np.array([("producer" in r) for r in roles], dtype=bool)[which]
+        consumer = np.array([("consumer" in r) for r in roles], dtype=bool)[which]
+        has_p = np.zeros(self.nodes.n, dtype=bool)
+        has_c = np.zeros(self.nodes.n, dtype=bool)
+        np.logical_or.at(has_p, parent, producer)
+        np.logical_or.at(has_c, parent, consumer)
+        return has_p & has_c
+
+
+def _broadcast_over(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is constant (size 1) along an axis along which ``b`` varies."""
+    return any(a.shape[d] == 1 and b.shape[d] > 1 and bool((b != b.narrow(d, 0, 1)).any())
+               for d in range(a.dim()))
+
+
+def _union(parent: np.ndarray, joins) -> np.ndarray:
+    """``parent`` with the pairs of ``joins`` merged (min-label propagation with pointer jumping)."""
+    if not joins:
+        return parent
+    parent = parent.copy()
+    a = torch.cat([j[0] for j in joins]).numpy()
+    b = torch.cat([j[1] for j in joins]).numpy()
+    while True:
+        pa, pb = parent[a], parent[b]
+        if np.array_equal(pa, pb):
+            return parent
+        m = np.minimum(pa, pb)
+        np.minimum.at(parent, pa, m)
+        np.minimum.at(parent, pb, m)
+        while True:  # pointer jumping to the roots
+            pp = parent[parent]
+            if np.array_equal(pp, parent):
+                break
+            parent = pp
 
 
 # --- labels ---------------------------------------------------------------------------------------------

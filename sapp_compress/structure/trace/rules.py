@@ -46,12 +46,12 @@ def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | Non
         for other in acts[1:]:
             if residual_op is not None:
                 _mark_residual(tr, out, other, residual_op)
-            tr.g.join(out, other)
+            tr.g.join_shared(out, other)
             a, b = torch.broadcast_tensors(out, other)
             out = torch.where(a >= 0, a, b)
         for p in params:
             if varies(p) & varies(out):
-                tr.g.join(out, p)
+                tr.g.join_shared(out, p)
                 tr.g.role(p, "channel")
                 a, b = torch.broadcast_tensors(out, p)
                 out = torch.where(a >= 0, a, b)
@@ -69,7 +69,12 @@ def meet(tr: Tracer, infos: list[Info | None], ndim: int, residual_op: str | Non
 
 
 def _mark_residual(tr: Tracer, a: torch.Tensor, b: torch.Tensor, op: str) -> None:
-    """An addition of two activations whose channels come from different parameter axes: a residual join."""
+    """An addition of two activations whose channels come from different parameter axes: a residual join.
+    Except a table looked up by position and indexed by head (a relative position bias, one per model or per
+    layer) added to attention scores, which vary by head along an axis before the last: the heads stay units
+    (sliced with the table's columns)."""
+    if not (varies(a) | varies(b)) & {-1} and (_embedded(tr, a) or _embedded(tr, b)):
+        return
     a, b = torch.broadcast_tensors(a, b)
     ok = (a >= 0) & (b >= 0)
     if not ok.any():
@@ -80,6 +85,15 @@ def _mark_residual(tr: Tracer, a: torch.Tensor, b: torch.Tensor, op: str) -> Non
     diff = wa != wb
     if diff.any():
         tr.g.residual.append((torch.from_numpy(np.concatenate([ids_a[diff], ids_b[diff]])), op))
+
+
+def _embedded(tr: Tracer, lab: torch.Tensor) -> bool:
+    """Whether the channels of ``lab`` are an embedding table's columns (what a lookup in it gives)."""
+    ids = lab[lab >= 0].reshape(-1)
+    if not ids.numel():
+        return False
+    keys, which, _ = tr.g.nodes.decode(torch.unique(ids).numpy())
+    return any("embedding" in tr.g.roles.get(keys[k], ()) for k in set(which.tolist()))
 
 
 _UNARY = (
@@ -170,14 +184,15 @@ def _shape(tr, name, func, args, kwargs, out):
 _CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 
 
-def _reduce_dims(lab: torch.Tensor, dims, keepdim: bool, tr: Tracer) -> torch.Tensor:
-    """Join ``lab`` along ``dims`` and keep one representative (the first index)."""
+def _reduce_dims(lab: torch.Tensor, dims, keepdim: bool, tr: Tracer,
+                 op: str = "a reduction") -> torch.Tensor:
+    """Join ``lab`` along ``dims`` (tied by ``op``) and keep one representative (the first index)."""
     nd = lab.dim()
     dims = sorted({d % nd for d in dims}) if dims is not None else list(range(nd))
     for d in dims:
         if lab.shape[d] > 1:
             first = lab.narrow(d, 0, 1)
-            tr.g.join(first, lab)
+            tr.g.tie(first, lab, op)
             lab = first
     if not keepdim:
         for d in reversed(dims):
@@ -194,8 +209,12 @@ def _dims_arg(args, kwargs, pos: int = 1):
     return None
 
 
-@rule("sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "norm", "logsumexp", "argmax",
-      "argmin", "all", "any", "nansum", "nanmean", "count_nonzero", "var_mean", "std_mean", "median")
+#: reductions whose ``dim`` comes after an order argument (``torch.norm(x, p, dim, keepdim)``)
+_NORMS = ("norm", "linalg_vector_norm", "vector_norm")
+
+
+@rule("sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "logsumexp", "argmax", "argmin",
+      "all", "any", "nansum", "nanmean", "count_nonzero", "var_mean", "std_mean", "median", *_NORMS)
 def _reduction(tr, name, func, args, kwargs, out):
     x = args[0]
     info = tr.of(x)
@@ -203,9 +222,10 @@ def _reduction(tr, name, func, args, kwargs, out):
         return
     if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
         return _elementwise(tr, name, func, args, kwargs, out)
-    dims = _dims_arg(args, kwargs, 2 if name == "norm" else 1)
-    keep = bool(kwargs.get("keepdim", False)) or (len(args) > 2 and args[2] is True and name != "norm")
-    labs = [_reduce_dims(align(lab, x.dim()), dims, keep, tr) for lab in info.labels]
+    at = 2 if name in _NORMS else 1
+    dims = _dims_arg(args, kwargs, at)
+    keep = bool(kwargs.get("keepdim", False)) or (len(args) > at + 1 and args[at + 1] is True)
+    labs = [_reduce_dims(align(lab, x.dim()), dims, keep, tr, name) for lab in info.labels]
     for t in _outputs(out):
         if t.dim() == labs[0].dim():
             tr.set(t, Info([squeeze_label(lab) for lab in labs] if info.param else [squeeze_label(labs[0])],
@@ -226,7 +246,7 @@ def _along(tr, name, func, args, kwargs, out):
     for lab in info.labels:
         lab = align(lab, x.dim())
         if lab.shape[d] > 1:
-            tr.g.join(lab.narrow(d, 0, 1), lab)
+            tr.g.tie(lab.narrow(d, 0, 1), lab, name)
     outs = _outputs(out)
     if outs:
         tr.set(outs[0], Info(list(info.labels), param=info.param))
@@ -248,7 +268,7 @@ def _contract(tr: Tracer, a: torch.Tensor, ia: Info | None, b: torch.Tensor, ib:
             continue
         for y in lb:
             if y.shape[-2] > 1:
-                tr.g.join(x.unsqueeze(-1), y.unsqueeze(-3))
+                tr.g.join_shared(x.unsqueeze(-1), y.unsqueeze(-3))
                 if not a_param and b_param:
                     tr.g.role(y, "consumer")
                 if a_param and not b_param:
@@ -339,6 +359,7 @@ def _embedding(tr, name, func, args, kwargs, out):
     if cols:
         lab = align(cols[0].reshape(-1), out.dim())
         tr.g.role(lab, "producer")
+        tr.g.role(lab, "embedding")
         tr.set(out, Info([lab]))
 
 
@@ -400,7 +421,7 @@ def _layer_norm(tr, name, func, args, kwargs, out):
         lab = align(info.labels[0], x.dim())
         for d in range(x.dim() - k, x.dim()):
             if lab.shape[d] > 1:
-                tr.g.join(lab.narrow(d, 0, 1), lab)
+                tr.g.tie(lab.narrow(d, 0, 1), lab, name)
     _per_channel(tr, x, out, [p for p in (w, b) if isinstance(p, torch.Tensor)], axis=x.dim() - 1)
 
 
