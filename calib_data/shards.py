@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 _X_RE = re.compile(r"^x(\d*)$")
 #: forward-argument names a shard may use for its inputs (Hugging Face conventions), in the order kept.
 NAMED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
-                "input_values", "input_features")
+                "input_values", "input_features", "decoder_input_ids", "decoder_attention_mask")
 #: names the labels array may have (one of them at most)
 LABEL_KEYS = ("y", "labels")
 #: integer label value that per-token tasks ignore (Hugging Face's convention for padding positions).

@@ -247,10 +247,11 @@ def load_tokenizer(model_dir: str | Path):
         raise _fail(model_dir, f"no tokenizer could be loaded from the directory ({first_line(e)})") from None
     special = set(tok.all_special_ids)
     if len(tok) <= len(special):
+        present = [f for f in TOKENIZER_FILES if (model_dir / f).exists()]
+        where = (f"its {', '.join(present)} holds an empty vocabulary" if present else
+                 f"the directory holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
         raise _fail(model_dir, f"the tokenizer has no vocabulary beyond its {len(special)} special tokens: "
-                               "the directory holds no tokenizer files "
-                               f"(expected one of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
-                               "there (tokenizer.save_pretrained)")
+                               f"{where}; save the model's tokenizer there (tokenizer.save_pretrained)")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise _fail(model_dir, "the tokenizer has neither a padding nor an end-of-sequence token to pad "
@@ -321,7 +322,7 @@ def text_shard(model_dir: str | Path, path: str | Path, out: str | Path, *, text
     if unknown > UNK_WARN:
         warnings.append(f"the tokenizer maps {unknown:.1%} of the text's tokens to its unknown token "
                         f"{tok.unk_token!r}; check that it is the model's tokenizer")
-        log.warning("%s", warnings[-1])
+        log.info("%s", warnings[-1])  # the caller says it (TextShard.warnings): the command prints it once
     if y is not None:
         arrays["y"] = y
     _save_atomic(out, arrays)

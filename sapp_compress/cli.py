@@ -224,7 +224,10 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
     logging.basicConfig(level=logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
                         logging.INFO if verbose else logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    shown = _Shown()
+    logging.getLogger().addHandler(shown)
     progress = Progress(quiet)
+    started = False  # compress writes the report itself, on every exit, once it has started
     try:
         from .config import OutputConfig, PruneConfig, TrainConfig
         from .granularity import resolve
@@ -249,14 +252,19 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                            int8_kernel_rtol=int8_kernel_rtol, plan=plan,
                            cache="use" if use_cache else "refresh", accept_missed_target=accept_missed_target,
                            min_top1_agreement=min_top1_agreement)
+        started = True
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:
         progress.close()
+        logging.getLogger().removeHandler(shown)
+        if report is not None and not started:
+            _failure_report(report, 130, "interrupted (SIGINT)")
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except BaseException as e:  # noqa: BLE001 -- every failure becomes one line and its exit code
         progress.close()
+        logging.getLogger().removeHandler(shown)
         if isinstance(e, SystemExit):
             raise
         from converters.export import one_line
@@ -264,18 +272,46 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
         from .errors import exit_code_of
 
         code = exit_code_of(e)
-
         msg = one_line(e)  # the first line, without terminal colour codes
+        if report is not None and not started:  # a bad option: no run, but the report promised for every exit
+            _failure_report(report, code, msg)
         if code == 1 and verbose:
             traceback.print_exc()
         click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)
         sys.exit(code)
     progress.close()
+    logging.getLogger().removeHandler(shown)
     for w in [] if quiet else result.get("warnings") or []:
-        click.echo(f"WARNING: {w}", err=True)  # also in the report's "warnings"
+        if w not in shown.messages:  # a warning logged as it happened is not repeated
+            click.echo(f"WARNING: {w}", err=True)  # also in the report's "warnings"
     if not quiet and result.get("onnx_bytes"):
         click.echo(summary(result), err=True)
         click.echo(f"wrote {output}", err=True)
+
+
+def _failure_report(path: Path, code: int, error: str) -> None:
+    """The report of a run that failed before it started (a bad option): how it ended, and the versions."""
+    import contextlib
+
+    from .io.outputs import write_json
+    from .report import empty_report
+
+    rep = empty_report()
+    rep.update(exit_code=code, error=error)
+    with contextlib.suppress(OSError):
+        write_json(path, rep)
+
+
+class _Shown(logging.Handler):
+    """Remembers the warnings the library logged (already on stderr), so the end of the run does not repeat
+    them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.add(record.getMessage())
 
 
 def _given(name: str) -> bool:

@@ -193,6 +193,8 @@ def prepare(model: nn.Module, train: Shard, prune_cfg: PruneConfig, train_cfg: T
         raise ConfigError(f"method: expected one of {sorted(METHODS)}, got {prune_cfg.method!r}")
     warnings = [w for w in (ignored_arrays_warning(train),
                             None if eval_shard is None else ignored_arrays_warning(eval_shard)) if w]
+    for w in warnings:  # now: the model may fail on the shard next, for want of an array this dropped
+        log.warning("%s", w)
     model = copy.deepcopy(model).cpu().eval()
     folded = fold_foreign(model)
     if folded:
@@ -230,7 +232,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     """
     prune_cfg, train_cfg, plan, student, dense = (job.prune_cfg, job.train_cfg, job.plan, job.student,
                                                   job.dense)
-    task, train, eval_shard, warnings = job.task, job.train, job.eval_shard, list(job.warnings)
+    task, train, eval_shard, warnings = job.task, job.train, job.eval_shard, []
     cpu = torch.device("cpu")
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
@@ -284,6 +286,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     warnings += [w for w in (collapse_warning(task, metrics, baseline),) if w]
     for w in warnings:
         log.warning("%s", w)
+    warnings = [*job.warnings, *warnings]
     return PruneResult(
         model=student, dense_model=dense, layers=done.layers, skipped=list(plan.skipped), task=task,
         train_shard=train, eval_shard=eval_shard, metrics=metrics, history=outcome.history,

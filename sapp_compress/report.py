@@ -90,10 +90,11 @@ def summary(r: dict) -> str:
         lines.append(f"task {r['task']} ({r.get('score_name', 'score')}): dense {_fmt(acc['dense'])}, "
                      f"pruned torch {_fmt(acc['pruned_torch'])}, onnx {_fmt(acc['onnx'])}")
     if r["layers"] and r.get("structure"):
-        lines.append(f"{'family':44s} {'kind':>8s} {'units':>13s}  onnx format")
+        lines.append(f"{'family':44s} {'kind':>8s} {'units':>13s} {'sparsity':>8s}  onnx format")
         for lay in r["layers"][:14]:
             lines.append(f"{_cut(lay['name'], 44):44s} {lay['kind']:>8s} "
-                         f"{lay['kept_units']:>5d} of {lay['units']:<5d}  {lay['onnx_format']}")
+                         f"{lay['kept_units']:>5d} of {lay['units']:<5d} {lay['sparsity']:8.3f}  "
+                         f"{lay['onnx_format']}")
         if len(r["layers"]) > 14:
             lines.append(f"... and {len(r['layers']) - 14} more families (see the report)")
         p = r["structure"]["parameters"]

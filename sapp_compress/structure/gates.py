@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..engine.units import UnitMask
-from .groups import UNIT_MULTIPLE, GroupFamily
+from .groups import GroupFamily
 
 
 @dataclass(frozen=True)
@@ -224,37 +224,17 @@ def attach(plans: list[FamilyPlan], *, attention: bool, powerprop: bool,
 
 def fold(families: list[MaskedFamily]) -> dict[str, np.ndarray]:
     """Remove the gates, leaving plain tensors whose pruned units' consumer slices are exactly 0 and that
-    compute what the gated model did; returns each family's boolean keep over its units. A kept unit whose
-    consumer slices all ended at zero (revived as zeros and never moved) is dropped too, unless it is the last
-    one, or the family's width would leave a multiple of :data:`~sapp_compress.structure.groups.UNIT_MULTIPLE`
-    (:func:`_droppable`)."""
+    compute what the gated model did; returns each family's boolean keep over its units: the units its mask
+    kept, every one of them, so a family's width is the one rule's (:meth:`GroupFamily.kept_units`: neurons
+    and channels in multiples of :data:`~sapp_compress.structure.groups.UNIT_MULTIPLE`, heads exact). A kept
+    unit whose consumer slices ended at zero (revived as zeros and never moved) stays: it changes no output,
+    and dropping it would take the width off the rule, which ONNX Runtime's kernels run fastest at
+    (BENCHMARKS.md section 16.4)."""
     keep = {f.name: f.alive().reshape(-1).cpu().numpy().copy() for f in families}
     slots = {t: s for f in families for t, s in f.gates.items()}
     for t, (m, p) in slots.items():
         parametrize.remove_parametrizations(m, p, leave_parametrized=True)
-    params = dict(families[0].plan.model.named_parameters(remove_duplicate=False)) if families else {}
-    for f in families:
-        norms = torch.zeros(f.family.n_units)
-        for t, a in f.family.consumers:
-            w = params[t].detach()
-            norms += unit_norms(w, a, torch.as_tensor(f.family.index((t, a)), device=w.device)).cpu()
-        k = keep[f.name] & ~_droppable(keep[f.name] & ~(norms.numpy() > 0), int(keep[f.name].sum()), f.family)
-        keep[f.name] = k if k.any() else keep[f.name]
     return keep
-
-
-def _droppable(zero: np.ndarray, kept: int, family: GroupFamily) -> np.ndarray:
-    """Of the kept units whose consumers ended at zero (``zero``), those the fold drops: all of them, except
-    in a neuron or channel family kept at a multiple of :data:`UNIT_MULTIPLE` (a uniform sparsity's rounded
-    width, the widths ONNX Runtime's kernels run fastest: resnet18 at s = 0.6 ran 1.01-1.05x dense at widths
-    of 26 / 51 / 102 / 205 and 2.18x at multiples of 8, BENCHMARKS.md 16.4), where only whole multiples of it
-    go, the lowest-indexed first. Keeping a unit whose consumer slices are zero changes no output."""
-    if family.kind not in ("neurons", "channels") or kept % UNIT_MULTIPLE:
-        return zero
-    out = np.zeros_like(zero)
-    idx = np.flatnonzero(zero)
-    out[idx[: len(idx) // UNIT_MULTIPLE * UNIT_MULTIPLE]] = True
-    return out
 
 
 __all__ = ["FamilyPlan", "GroupGate", "MaskedFamily", "attach", "fold", "unit_norms"]
