@@ -9,6 +9,7 @@ cache (any object with ``get(spec) -> float | None`` and ``put(spec, ms)``).
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,10 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-import time
-
 from .cache import TimingCache, TimingKey
-from .runtime import session, time_interleaved
+from .runtime import interleaved_samples, session, time_interleaved
 from .timing import graph_digest
 
 
@@ -155,15 +154,20 @@ class OpCache:
         self.cache.put(self._key(spec), {"ms": ms})
 
 
+def _timing_key(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], threads: int | None,
+                precision: str, kind: str) -> TimingKey:
+    digests = {k: graph_digest(m) for k, m in models.items()}
+    shapes = ";".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
+    return TimingKey(kind, ",".join(f"{k}:{d}" for k, d in sorted(digests.items())), shapes,
+                     str(len(next(iter(feed.values())))), "", ",".join(sorted(models)), precision,
+                     int(threads or 0))
+
+
 def model_ms(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int | None = None,
              cache: TimingCache | None = None, precision: str = "fp32") -> dict[str, float]:
     """Median latency (ms) of whole models on ``feed``, timed interleaved, through ``cache`` (kind
     ``model_latency``, one entry per set of graphs: their digests, the feed's shapes, the threads)."""
-    digests = {k: graph_digest(m) for k, m in models.items()}
-    shapes = ";".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
-    key = TimingKey("model_latency", ",".join(f"{k}:{d}" for k, d in sorted(digests.items())), shapes,
-                    str(len(next(iter(feed.values())))), "", ",".join(sorted(models)), precision,
-                    int(threads or 0))
+    key = _timing_key(models, feed, threads, precision, "model_latency")
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         return {k: float(v) for k, v in hit.items()}
@@ -175,4 +179,41 @@ def model_ms(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *,
     return out
 
 
-__all__ = ["OpCache", "OpSpec", "SpecCache", "model_ms", "op_graph", "time_specs"]
+def model_timing(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray],
+                 pairs: list[tuple[str, str]], *, threads: int | None = None,
+                 cache: TimingCache | None = None, precision: str = "fp32",
+                 store: bool = True) -> dict[str, dict[str, float]]:
+    """Whole models on ``feed``, timed interleaved: ``{"ms": median latency of each, "ratio": {"a/b": the
+    median over rounds of a's latency over b's in the same round} for each (a, b) of ``pairs``}``. The ratio
+    is *paired*: a round that the machine slowed slows both sides of its ratio, where a ratio of medians
+    mixes rounds (a speed-up then moves with the load). Through ``cache`` (kind ``model_timing``);
+    ``store=False`` reads it but leaves a fresh measurement out of it (:func:`store_timing` writes one that
+    checked out)."""
+    key = _timing_key(models, feed, threads, precision, _pairs_kind(pairs))
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return {part: {k: float(v) for k, v in vals.items()} for part, vals in hit.items()}
+    sessions = {k: session(m, threads=threads, spin=False) for k, m in models.items()}
+    samples = interleaved_samples(sessions, feed, min_rounds=7, max_rounds=41, budget_s=2.0)
+    out = {"ms": {k: round(statistics.median(v), 4) for k, v in samples.items()},
+           "ratio": {f"{a}/{b}": round(statistics.median(x / y for x, y in zip(samples[a], samples[b])), 4)
+                     for a, b in pairs}}
+    if cache is not None and store:
+        cache.put(key, out)
+    return out
+
+
+def store_timing(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray],
+                 pairs: list[tuple[str, str]], timing: dict, *, threads: int | None = None,
+                 cache: TimingCache | None = None, precision: str = "fp32") -> None:
+    """Write a :func:`model_timing` measurement made with ``store=False`` into ``cache``."""
+    if cache is not None:
+        cache.put(_timing_key(models, feed, threads, precision, _pairs_kind(pairs)), timing)
+
+
+def _pairs_kind(pairs: list[tuple[str, str]]) -> str:
+    return "model_timing:" + ",".join(f"{a}/{b}" for a, b in pairs)
+
+
+__all__ = ["OpCache", "OpSpec", "SpecCache", "model_ms", "model_timing", "op_graph", "store_timing",
+           "time_specs"]

@@ -124,6 +124,8 @@ class Allocator:
         self.table, self.target, self.loss_of, self.timer = table, target, loss_of, timer
         self.history: list[dict] = []
         self.loss: dict[str, list[float]] = {}
+        #: why the last search of :meth:`measured_allocation` stopped (the report's allocations say it)
+        self.stopped = ""
 
     def sensitivity(self, method) -> dict[str, list[float]]:
         base = self.loss_of()
@@ -154,7 +156,8 @@ class Allocator:
         method.targets.update({f: 1.0 - w / self.table.n_units[f] for f, w in widths.items()})
         self.history.append({"phase": phase_index, "widths": widths,
                              "predicted_speedup": self.table.speedup(widths),
-                             "measured": measured, "seconds": round(time.perf_counter() - t0, 3)})
+                             "measured": measured, "stopped": self.stopped,
+                             "seconds": round(time.perf_counter() - t0, 3)})
 
     def _allocate(self, speedup: float) -> dict[str, int]:
         widths = allocate(self.table, self.loss, self.table.ref_ms / speedup)
@@ -181,14 +184,17 @@ class Allocator:
         ask = goal
         widths = self._allocate(ask)
         if self.timer is None:
+            self.stopped = "not measured (no timer)"
             return widths, []
         seen: list[dict] = []
+        self.stopped = f"{REFINE} measurements, none in the band"
         for _ in range(REFINE):
-            dense_ms, ms = self.timer(widths)
-            got = dense_ms / ms
+            dense_ms, ms, *paired = self.timer(widths)  # (reference ms, ms[, the paired speed-up])
+            got = paired[0] if paired else dense_ms / ms
             seen.append({"widths": widths, "asked": ask, "predicted": self.table.speedup(widths),
                          "measured": got, "ms": {"dense": dense_ms, "pruned": ms}})
             if goal <= got <= top:
+                self.stopped = "in the band"
                 break
             ask = min(max(_next_ask(seen, goal), 1.0 + 1e-6), self.table.best_speedup())
             nxt = self._allocate(ask)
@@ -196,10 +202,14 @@ class Allocator:
                 below = [m["asked"] for m in seen if m["measured"] < goal]
                 above = [m["asked"] for m in seen if m["measured"] > top]
                 if not (below and above):
+                    self.stopped = ("the next ask gives an allocation already measured, and no two "
+                                    "measurements bracket the band (the table's widths are too coarse here)")
                     break
                 ask = math.sqrt(max(below) * min(above))
                 nxt = self._allocate(ask)
                 if any(m["widths"] == nxt for m in seen):
+                    self.stopped = ("the asks between the two measurements that bracket the band give "
+                                    "allocations already measured (no width between them)")
                     break
             widths = nxt
         above = [m for m in seen if m["measured"] >= goal]

@@ -177,8 +177,9 @@ class WholeTimer:
     copy of ``model`` taken now: latency does not depend on the weights' values) with the graph passes the
     written model gets (:mod:`converters.passes`; the dense model as exported), in the target's precision,
     interleaved on ``feed`` (the serving batch), through the timing cache. ``timer(widths)`` returns
-    ``(reference_ms, ms)``: the fp32 dense model, which X is against, and the model at ``widths`` in the
-    target's precision (with int8 the dense int8 model is timed too, :meth:`times`)."""
+    ``(reference_ms, ms, ratio)``: the fp32 dense model, which X is against, the model at ``widths`` in the
+    target's precision (with int8 the dense int8 model is timed too, :meth:`times`), and the paired speed-up.
+    """
 
     def __init__(self, model, plan: StructurePlan, export_rows: dict[str, np.ndarray],
                  feed: dict[str, np.ndarray], target: SpeedTarget, calibration: dict | None = None,
@@ -191,6 +192,7 @@ class WholeTimer:
         self.target, self.calibration, self.inner_of = target, calibration, inner_of
         self.cache = TimingCache.open(target.cache)
         self._dense = self._reference = None
+        self.last = None
 
     def graph(self, widths: dict[str, int] | None):
         import copy
@@ -214,23 +216,47 @@ class WholeTimer:
             self._reference = export_feed(self.model, self.export_rows)
         return self._reference
 
-    def times(self, widths: dict[str, int] | None) -> dict[str, float]:
+    def times(self, widths: dict[str, int] | None, store: bool = True,
+              fresh: bool = False) -> dict[str, float]:
         """``dense`` (in the target's precision), ``reference`` (the dense model in fp32: the same as
-        ``dense`` in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved."""
-        from converters.latency import model_ms
+        ``dense`` in fp32) and ``pruned`` (at ``widths``), in ms, timed interleaved, and ``ratio``: the paired
+        speed-up of ``pruned`` over ``reference`` (:func:`converters.latency.model_timing`). ``store=False``
+        keeps a fresh measurement out of the cache (:meth:`store`); ``fresh`` measures again."""
+        from converters.latency import model_timing
 
+        graphs, pairs = self._graphs(widths)
+        t = model_timing(graphs, self.feed, pairs, threads=self.target.threads,
+                         cache=None if fresh else self.cache, precision=self.target.precision, store=store)
+        self.last = (graphs, pairs, t)
+        ms = t["ms"]
+        return {"dense": ms["dense"], "reference": ms.get("reference", ms["dense"]), "pruned": ms["pruned"],
+                "ratio": t["ratio"][f"{pairs[0][0]}/pruned"]}
+
+    def store(self) -> None:
+        """Write the last measurement (made with ``store=False``) into the timing cache."""
+        from converters.latency import store_timing
+
+        graphs, pairs, t = self.last
+        store_timing(graphs, self.feed, pairs, t, threads=self.target.threads, cache=self.cache,
+                     precision=self.target.precision)
+
+    def _graphs(self, widths):
         if self._dense is None:
             self._dense = self.graph(None)
         graphs = {"dense": self._dense, "pruned": self.graph(widths)}
         if self.target.precision != "fp32":
             graphs["reference"] = self.reference()
-        ms = model_ms(graphs, self.feed, threads=self.target.threads, cache=self.cache,
-                      precision=self.target.precision)
-        return {"dense": ms["dense"], "reference": ms.get("reference", ms["dense"]), "pruned": ms["pruned"]}
+            return graphs, [("reference", "pruned")]
+        return graphs, [("dense", "pruned")]
 
-    def __call__(self, widths: dict[str, int] | None) -> tuple[float, float]:
+    def __call__(self, widths: dict[str, int] | None) -> tuple[float, float, float]:
+        """(the reference's ms, the model's at ``widths``, the paired speed-up of the one over the other)."""
         ms = self.times(widths)
-        return ms["reference"], ms["pruned"]
+        return ms["reference"], ms["pruned"], ms["ratio"]
+
+
+#: re-measurements of a calibration whose half-width model did not run faster than the dense one
+RECALIBRATE = 2
 
 
 def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], feed: dict[str, np.ndarray],
@@ -251,7 +277,13 @@ def build_table(model, plan: StructurePlan, export_rows: dict[str, np.ndarray], 
                        cache=OpCache(timer.cache, target.threads) if timer.cache is not None else None)
     ms = {f.name: [sum(timed[s] for s in specs[(f.name, w)]) for w in widths[f.name]] for f in plan.families}
     half = {f.name: max(1, f.n_units // 2) for f in plan.families}
-    whole = timer.times(half)
+    whole = timer.times(half, store=False)
+    for _ in range(RECALIBRATE):  # a half-width model not faster than the dense one: the timing was disturbed
+        if whole["pruned"] < whole["dense"]:
+            break
+        whole = timer.times(half, store=False, fresh=True)
+    if whole["pruned"] < whole["dense"]:
+        timer.store()  # never a calibration that says smaller is not faster
     half_ms = whole["pruned"]
     table = LatencyTable(widths, ms, whole["dense"], n_units={f.name: f.n_units for f in plan.families},
                          reference_ms=None if target.precision == "fp32" else whole["reference"])

@@ -47,7 +47,9 @@ def latency_table(student: nn.Module, splan, train: Shard, cfg: PruneConfig, spe
     if best < cfg.target_speedup:
         raise GeometryError(f"--target-speedup {cfg.target_speedup:g} cannot be reached here: the most this "
                             "model reaches on this machine (every head, neuron and channel family at its "
-                            f"smallest width, batch {speed.batch}, {speed.precision}) is {best:.2f}x")
+                            f"smallest width, batch {speed.batch}, {speed.precision}) is {best:.2f}x by the "
+                            "timings of this run or the timing cache (a busy machine can say less: "
+                            "--no-cache measures again)")
     return table, timer
 
 
@@ -97,11 +99,12 @@ TARGET_TOLERANCE = 0.9
 def measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputConfig, feed: dict,
                      calibration) -> dict:
     """The written model against the dense model (fp32), timed interleaved at the serving batch on this
-    machine (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model."""
+    machine (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model.
+    ``measured`` is the paired speed-up (the median over rounds of each round's ratio)."""
     import onnx
 
     import converters
-    from converters.latency import model_ms
+    from converters.latency import model_timing
 
     cache = converters.TimingCache.open(out.cache)
     graphs = {"dense": original, "pruned": onnx.load_from_string(artifact)}
@@ -112,11 +115,13 @@ def measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputCon
         ort_form = whole.form
         if whole.form != "fp32":
             graphs["ort_int8"] = whole.model
-    ms = model_ms(graphs, feed, threads=out.threads, cache=cache, precision="int8" if int8 else "fp32")
-    row = {"batch": len(next(iter(feed.values()))), "threads": out.threads, "ms": ms,
-           "measured": ms["dense"] / ms["pruned"]}
-    if "ort_int8" in ms:
-        row.update(vs_ort_int8=ms["ort_int8"] / ms["pruned"], ort_int8_form=ort_form)
+    pairs = [("dense", "pruned")] + ([("ort_int8", "pruned")] if "ort_int8" in graphs else [])
+    t = model_timing(graphs, feed, pairs, threads=out.threads, cache=cache,
+                     precision="int8" if int8 else "fp32")
+    row = {"batch": len(next(iter(feed.values()))), "threads": out.threads, "ms": t["ms"],
+           "measured": t["ratio"]["dense/pruned"], "paired": True}
+    if "ort_int8" in graphs:
+        row.update(vs_ort_int8=t["ratio"]["ort_int8/pruned"], ort_int8_form=ort_form)
     return row
 
 
