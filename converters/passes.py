@@ -69,11 +69,19 @@ class PassChoice:
 
 def choose(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, *, threads: int | None = None,
            cache: TimingCache | None = None, passes: tuple[str, ...] | None = None,
-           precision: str = "fp32") -> PassChoice:
-    """``model`` with the passes that measure faster here (none without ``feed``)."""
+           precision: str = "fp32", replay: tuple[str, ...] | None = None) -> PassChoice:
+    """``model`` with the passes that measure faster here (none without ``feed``); with ``replay``, exactly
+    those passes, untimed (an earlier run's choice)."""
     from .latency import model_ms
 
     out = PassChoice(model)
+    if replay is not None:
+        for name in replay:
+            if name not in PASSES:
+                raise KeyError(f"unknown graph pass {name!r}: expected some of {sorted(PASSES)}")
+            out.model, _ = PASSES[name](out.model)
+        out.applied = list(replay)
+        return out
     if not feed:
         return out
     for name in passes or tuple(PASSES):

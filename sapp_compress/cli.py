@@ -161,8 +161,9 @@ class Progress:
               help="Batch size auto times formulations at (your serving batch).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
 @click.option("--plan", "plan", type=click.Path(path_type=Path),
-              help="Replay the per-layer choices in this earlier run's report (no timing; same bytes for the "
-                   "same masks).")
+              help="Replay the choices in this earlier run's report: per-layer formulations, or with "
+                   "--structure channels the graph passes and int8 form (no timing; same bytes for the same "
+                   "masks).")
 @click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
               help="Reuse auto's timings measured on this machine (--no-cache: measure again and refresh "
                    "them). Location: $SAPP_COMPRESS_CACHE, else $XDG_CACHE_HOME or ~/.cache, sapp-compress/.")

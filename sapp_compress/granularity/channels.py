@@ -5,6 +5,8 @@ graph (with ONNX Runtime's own graph passes and int8 where they measure faster h
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,15 +65,19 @@ class Channels(Granularity):
                              frozenset(n for n, _ in inner.named_buffers()), folded=folded)
         return Finished(structure=st, masks=list(keep.values()))
 
-    def load_plan(self, path, quantize: str):
-        raise UsageError("--plan replays block-sparse formulations: expected --structure blocks with it, got "
-                         "channels")
+    def load_plan(self, path, quantize: str) -> Replay:
+        """The choices of the structured run whose report is at ``path`` (:class:`Replay`). Raises
+        :class:`UsageError` (exit 2)."""
+        return Replay.from_report(path, quantize)
 
     def precheck(self, dense, plan, shard, out, cfg, replay=None, axes=None) -> dict[str, str]:
         """A random removal at the target counts, exported and run in ORT (and put in int8 with ``--quantize
-        int8``), so a smaller model that cannot be exported fails before the fine-tune."""
+        int8``), so a smaller model that cannot be exported fails before the fine-tune; with ``replay``, its
+        families must be this run's."""
         import converters
 
+        if replay is not None:
+            replay.check_families(plan.units)
         model = copy.deepcopy(dense)
         families = [p.family for p in plan.units]
         remove(unwrap(model), families,
@@ -97,7 +103,10 @@ class Channels(Granularity):
     def convert(self, res, proto, original, out, cfg, feed, calibration, report, replay=None) -> Converted:
         """The smaller model's ONNX (:func:`convert_structured`); with ``--target-speedup``, measured against
         the dense model and corrected once if it misses (:func:`sapp_compress.speed.target.reach_target`)."""
-        onnx_bytes, int8 = convert_structured(res, proto, out, feed, calibration, report)
+        if replay is not None:
+            replay.check_kept(res.structure.keep)
+            report["plan"] = {"plan": str(replay.path)}
+        onnx_bytes, int8 = convert_structured(res, proto, out, feed, calibration, report, replay)
         if cfg.target_speedup:
             from ..speed.target import reach_target
 
@@ -108,12 +117,13 @@ class Channels(Granularity):
         return Converted(onnx_bytes, int8, proto.SerializeToString() if int8 else None)
 
 
-def convert_structured(res, proto, out: OutputConfig, timing_feed: dict, calibration, report: dict
-                       ) -> tuple[bytes, bool]:
+def convert_structured(res, proto, out: OutputConfig, timing_feed: dict, calibration, report: dict,
+                       replay: Replay | None = None) -> tuple[bytes, bool]:
     """The smaller model's ONNX: its plain dense export, with the graph passes that measure faster here
     (:mod:`converters.passes`), and with ``--quantize int8`` in the fastest of ONNX Runtime's own int8 forms
-    measured here (:func:`converters.quantize_whole`). Fills the report's ``structure``, ``graph_passes``,
-    ``layers`` and sizes; returns the bytes and whether they are int8."""
+    measured here (:func:`converters.quantize_whole`); with ``replay``, the passes and form of the run it
+    replays, untimed. Fills the report's ``structure``, ``graph_passes``, ``layers`` and sizes; returns the
+    bytes and whether they are int8."""
     import converters
     from converters import passes
 
@@ -121,12 +131,14 @@ def convert_structured(res, proto, out: OutputConfig, timing_feed: dict, calibra
     report["structure"] = {"families": len(st.families), "parity": st.parity,
                            "parameters": dict(zip(("dense", "pruned"), st.parameters()))}
     cache = converters.TimingCache.open(out.cache)
-    chosen = passes.choose(proto, timing_feed, threads=out.threads, cache=cache)
+    chosen = passes.choose(proto, timing_feed, threads=out.threads, cache=cache,
+                           replay=None if replay is None else replay.passes)
     report["graph_passes"] = chosen.to_json()
     model, fmt = chosen.model, "dense"
     if out.quantize == "int8":
         whole = converters.quantize_whole(chosen.model, timing_inputs=timing_feed,
-                                          calibration_inputs=calibration, threads=out.threads, cache=cache)
+                                          calibration_inputs=calibration, threads=out.threads, cache=cache,
+                                          form=None if replay is None else replay.int8_form)
         report["int8"] = whole.to_json()
         model, fmt = whole.model, ("dense" if whole.form == "fp32" else f"dense-int8-{whole.form}")
         if whole.form == "fp32":
@@ -149,6 +161,64 @@ def onnx_parameters(proto) -> int:
                                   onnx.TensorProto.UINT8))
 
 
+@dataclass(frozen=True)
+class Replay:
+    """``--plan`` for ``--structure channels``: an earlier run's kept units of each family (which the
+    fine-tune must reproduce: the same seed, data and options), its graph passes and its int8 form, replayed
+    without timing, so the same run on another machine writes the same bytes."""
+
+    path: Path
+    kept: dict[str, tuple[int, ...]]
+    units: dict[str, int]
+    passes: tuple[str, ...]
+    int8_form: str | None
+
+    @classmethod
+    def from_report(cls, path: Path, quantize: str) -> Replay:
+        import json
+
+        try:
+            r = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise UsageError(f"--plan {path}: cannot read it ({e.strerror})") from None
+        except ValueError as e:
+            raise UsageError(f"--plan {path}: not JSON ({e})") from None
+        if not isinstance(r, dict) or not r.get("structure") or not r.get("layers"):
+            raise UsageError(f"--plan {path}: expected the report of a --structure channels run, got one "
+                             "without its families")
+        if r.get("target_speedup"):
+            raise UsageError(f"--plan {path}: the report of a --target-speedup run, whose widths come from "
+                             "its timings: run it again without --plan")
+        form = (r.get("int8") or {}).get("form")
+        if (quantize == "int8") != (form is not None):
+            was = "int8" if form else "none"
+            raise UsageError(f"--plan {path}: written by a run with --quantize {was}, got --quantize "
+                             f"{quantize}")
+        try:
+            kept = {row["name"]: tuple(int(i) for i in row["kept"]) for row in r["layers"]}
+            units = {row["name"]: int(row["units"]) for row in r["layers"]}
+            applied = tuple((r.get("graph_passes") or {}).get("applied", ()))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--plan {path}: a family row without its kept units ({e})") from None
+        return cls(Path(path), kept, units, applied, form)
+
+    def check_families(self, units) -> None:
+        """This run's families (names and unit counts) must be the report's."""
+        got = {u.family.name: u.family.n_units for u in units}
+        if got != self.units:
+            diff = sorted(set(got.items()) ^ set(self.units.items()))[:3]
+            raise UsageError(f"--plan {self.path}: its families are not this run's (e.g. {diff}): another "
+                             "model, --include or --exclude")
+
+    def check_kept(self, keep: dict[str, np.ndarray]) -> None:
+        """The fine-tune must have kept the report's units (the same seed, data and options give them)."""
+        for name, k in keep.items():
+            got = tuple(int(i) for i in np.flatnonzero(k))
+            if got != self.kept.get(name):
+                raise UsageError(f"--plan {self.path}: the fine-tune kept other units of {name} than the run "
+                                 "that wrote it (another seed, shard or option)")
+
+
 CHANNELS = Channels()
 
-__all__ = ["CHANNELS", "Channels", "convert_structured", "onnx_parameters"]
+__all__ = ["CHANNELS", "Channels", "Replay", "convert_structured", "onnx_parameters"]
