@@ -13,8 +13,8 @@ Tasks (shipped data only):
 - ``ctr``: CTRNet (26 categorical fields x 8-d embeddings + 13 dense -> 256 -> 128 -> 1) on the synthetic CTR
   shard, pruning only the first dense layer (``mlp.0``, 256 x 221, padded) as the paper did on Criteo;
   metrics log-loss and AUC.
-- ``ctr_trained``: the same, with the dense model pretrained to its best validation log-loss (300 steps at 3e-2,
-  bench/ctr_pretrain.py) instead of ``ctr``'s 400 steps at 2e-3, which a pruned fine-tune improves on.
+- ``ctr_trained``: the same, with the dense model pretrained to its best validation log-loss (300 steps at
+  3e-2, bench/ctr_pretrain.py) instead of ``ctr``'s 400 steps at 2e-3, which a pruned fine-tune improves on.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ import itertools
 import json
 import time
 
+import harness
 import numpy as np
 import torch
-
-import harness
-from calib_data.shards import load_shard, shipped_shard
 from harness import RESULTS
+
+from calib_data.shards import load_shard, shipped_shard
 from sapp_compress import PruneConfig, TrainConfig, prune, zoo
 from sapp_compress.engine.methods import METHODS
-from sapp_compress.io.tasks import infer_task
-from sapp_compress.io.feeds import predict
 from sapp_compress.engine.training import train_dense
+from sapp_compress.io.feeds import predict
+from sapp_compress.io.tasks import infer_task
 
 TASKS = {
     # name: (shard, builder, pretrain TrainConfig, fine-tune TrainConfig, PruneConfig extras)
@@ -44,9 +44,9 @@ TASKS = {
     "ctr": ("ctr", lambda: zoo.CTRNet(),
             dict(steps=400, batch_size=256, lr=2e-3), dict(steps=300, batch_size=256, lr=5e-4),
             {"include": ("mlp.0.weight",), "indivisible": "pad"}),
-    # the same CTR model trained to its best held-out log-loss: 300 steps at 3e-2, chosen on a validation slice of
-    # the training rows (bench/ctr_pretrain.py); the 400 steps at 2e-3 above leave it far from that (a pruned
-    # fine-tune at 1e-2 beat it by 0.04 log-loss: BENCHMARKS.md section 15.7)
+    # the same CTR model trained to its best held-out log-loss: 300 steps at 3e-2, chosen on a validation
+    # slice of the training rows (bench/ctr_pretrain.py); the 400 steps at 2e-3 above leave it far from that
+    # (a pruned fine-tune at 1e-2 beat it by 0.04 log-loss: BENCHMARKS.md section 15.7)
     "ctr_trained": ("ctr", lambda: zoo.CTRNet(),
                     dict(steps=300, batch_size=256, lr=3e-2), dict(steps=300, batch_size=256, lr=5e-4),
                     {"include": ("mlp.0.weight",), "indivisible": "pad"}),
@@ -91,16 +91,18 @@ def run_cell(task: str, method: str, block: int, sparsity: float, seed: int, opt
     t0 = time.perf_counter()
     res = prune(model, shard, cfg, TrainConfig(**ft, seed=seed, log_every=10**9))
     return {
-        "task": task, "dense_model": model_digest(model), "method": method, "block": block, "sparsity": sparsity, "seed": seed,
-        "options": {**options, **({"balanced": True} if balanced else {}),
-                    **({"lr_scale": lr_scale} if lr_scale != 1.0 else {})}, "dense": res.metrics["dense"], "pruned": res.metrics["pruned_torch"],
+        "task": task, "dense_model": model_digest(model), "method": method, "block": block,
+        "sparsity": sparsity, "seed": seed, "options": {**options, **({"balanced": True} if balanced else {}),
+                    **({"lr_scale": lr_scale} if lr_scale != 1.0 else {})}, "dense": res.metrics["dense"],
+                    "pruned": res.metrics["pruned_torch"],
         "achieved_block_sparsity": res.achieved_block_sparsity, "layers": len(res.layers),
         "seconds": time.perf_counter() - t0, "lr": res.lr, "lr_source": res.lr_source,
     }
 
 
 def key(r: dict) -> tuple:
-    return (r["task"], r.get("dense_model"), r["method"], r["block"], r["sparsity"], r["seed"], json.dumps(r.get("options", {}), sort_keys=True))
+    return (r["task"], r.get("dense_model"), r["method"], r["block"], r["sparsity"], r["seed"],
+            json.dumps(r.get("options", {}), sort_keys=True))
 
 
 def main() -> None:
@@ -113,9 +115,10 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="JSON method options (ablations)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--balanced", action="store_true", help="balanced (per block-row) selection")
-    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the task's fine-tuning learning rate")
-    ap.add_argument("--lr", choices=["auto"], help="auto: the tool's default (the probe) instead of the task's rate "
-                    "(use another --out: the rows' options do not say it)")
+    ap.add_argument("--lr-scale", type=float, default=1.0,
+                    help="multiply the task's fine-tuning learning rate")
+    ap.add_argument("--lr", choices=["auto"], help="auto: the tool's default (the probe) instead of the "
+                    "task's rate (use another --out: the rows' options do not say it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -126,8 +129,9 @@ def main() -> None:
     options = json.loads(args.options)
     key_options = {**options, **({"balanced": True} if args.balanced else {}),
                    **({"lr_scale": args.lr_scale} if args.lr_scale != 1.0 else {})}
-    grid = itertools.product(harness.names(args.tasks), harness.names(args.methods), harness.ints(args.blocks),
-                             harness.floats(args.sparsities), harness.ints(args.seeds))
+    grid = itertools.product(harness.names(args.tasks), harness.names(args.methods),
+                             harness.ints(args.blocks), harness.floats(args.sparsities),
+                             harness.ints(args.seeds))
     digests = {t: model_digest(pretrain(t)) for t in harness.names(args.tasks)}
     for task, method, block, sparsity, seed in grid:
         k = (task, digests[task], method, block, sparsity, seed, json.dumps(key_options, sort_keys=True))
@@ -136,7 +140,8 @@ def main() -> None:
         try:
             if k in done():  # written already (a resumed sweep, or another process before the claim)
                 continue
-            row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale, args.lr)
+            row = run_cell(task, method, block, sparsity, seed, options, args.balanced, args.lr_scale,
+                           args.lr)
             harness.append_row(args.out, row)
         finally:
             harness.release(args.out, k)

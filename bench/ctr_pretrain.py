@@ -1,12 +1,13 @@
-"""How long and at what rate to pretrain bench/accuracy.py's CTR model: dense training from the same seed at each
-(steps, peak rate) of a small grid, scored by log-loss on a validation slice (10 %) of the training rows; the
-evaluation rows (the 20 % held out by seed 0) are printed for reference, never used to choose.
+"""How long and at what rate to pretrain bench/accuracy.py's CTR model: dense training from the same seed at
+each (steps, peak rate) of a small grid, scored by log-loss on a validation slice (10 %) of the training rows;
+the evaluation rows (the 20 % held out by seed 0) are printed for reference, never used to choose.
 
     python bench/ctr_pretrain.py            # the grid of BENCHMARKS.md section 15.7
     python bench/ctr_pretrain.py --grid 400:2e-3,300:3e-2
 
-The ``ctr`` task's dense model (400 steps at 2e-3) overfits the training rows quickly at more steps and is far from
-the best held-out log-loss a higher rate reaches; ``ctr_trained`` uses the grid's best (300 steps at 3e-2).
+The ``ctr`` task's dense model (400 steps at 2e-3) overfits the training rows quickly at more steps and is far
+from the best held-out log-loss a higher rate reaches; ``ctr_trained`` uses the grid's best (300 steps at
+3e-2).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import torch
 
 from calib_data.shards import load_shard, shipped_shard
 from sapp_compress import zoo
-from sapp_compress.io.tasks import infer_task
-from sapp_compress.io.feeds import predict
 from sapp_compress.engine.training import train_dense
+from sapp_compress.io.feeds import predict
+from sapp_compress.io.tasks import infer_task
 
 GRID = ("200:2e-3,400:2e-3,800:2e-3,1500:2e-3,3000:2e-3,300:1e-2,500:1e-2,800:1e-2,3000:1e-2,"
         "150:3e-2,200:3e-2,300:3e-2,400:3e-2,600:3e-2,200:1e-1,300:1e-1")
@@ -40,7 +41,8 @@ def main() -> None:
     train, ev = load_shard(shipped_shard("ctr")).split(0.2, 0)  # bench/accuracy.py's pretraining split
     fit, val = train.split(0.1, 7)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
-    print("| steps | peak rate | validation log-loss | training log-loss (8000 rows) | evaluation log-loss | seconds |")
+    print("| steps | peak rate | validation log-loss | training log-loss (8000 rows) | evaluation log-loss | "
+          "seconds |")
     print("|---|---|---|---|---|---|")
     for pair in args.grid.split(","):
         steps, lr = int(pair.split(":")[0]), float(pair.split(":")[1])

@@ -8,17 +8,18 @@ s = 0.8). Compared in one process, interleaved, 1 ORT thread, medians: the dense
 fp32). Prints the CPU line, speed-ups over dense fp32 and over ORT's best int8, file sizes, and each model's
 max |out - torch| / max |torch| on the same inputs.
 
-    python bench/encoder_int8.py [--batches 1,8] [--rounds 11] [--layers 4] [--out bench/results/encoder_int8.json]
+    python bench/encoder_int8.py [--batches 1,8] [--rounds 11] [--layers 4]
+                                 [--out bench/results/encoder_int8.json]
 """
 from __future__ import annotations
 
+import harness
 import numpy as np
 import torch
+from encoder_speed import build, inputs, prune
 from onnxruntime.quantization import QuantType
 
-import harness
 from converters import convert, export_onnx, run_onnx
-from encoder_speed import build, inputs, prune
 
 
 def main() -> None:
@@ -50,13 +51,15 @@ def main() -> None:
     err = {k: float(np.abs(run_onnx(v, feed, threads=1)[0] - ref).max() / np.abs(ref).max())
            for k, v in models.items()}
     print(f"CPU: {cpu}\nfile vs dense: " + ", ".join(f"{k} {sizes[k] / sizes['dense']:.3f}x" for k in models)
-          + "\nmax |out - torch| / max |torch| (batch 3): " + ", ".join(f"{k} {e:.1e}" for k, e in err.items()))
+          + "\nmax |out - torch| / max |torch| (batch 3): " + ", ".join(f"{k} {e:.1e}"
+                                                                        for k, e in err.items()))
     rows = []
     print("| batch | dense ms | " + " | ".join(f"{k}" for k in models if k != "dense")
           + " | blocked_int8 vs ORT's best int8 |\n|---|---|" + "---|" * (len(models) - 1) + "---|")
     for n in harness.ints(args.batches):
         f = inputs(n, args.seq, 1000)
-        med = harness.medians(harness.time_sessions(harness.sessions(models, threads=1), f, args.rounds, pause_s=0.02))
+        med = harness.medians(harness.time_sessions(harness.sessions(models, threads=1), f, args.rounds,
+                                                    pause_s=0.02))
         best_ort = min(med["ort_int8_s8"], med["ort_int8_u8"])
         rows.append({"batch": n, "ms": med, "vs_best_ort_int8": best_ort / med["blocked_int8"]})
         print(f"| {n} | {med['dense']:.1f} | " + " | ".join(f"{med['dense'] / med[k]:.2f}x" for k in models

@@ -3,21 +3,22 @@
 The model: ``transformers.BertModel`` (hidden 768, intermediate 3072, 12 heads, 4 layers, vocab 1000), random
 weights, eval mode, wrapped so that it maps ``(input_ids, attention_mask)`` to ``last_hidden_state``. All six
 linear projections of every layer (query, key, value, attention output, intermediate, output) get a random
-balanced block mask (B x B blocks, the same number kept in every block-row, sparsity s); the dropped blocks are
-zeroed in the torch weights; biases and LayerNorm parameters are random too (BERT's initialisation makes them
-all equal, and the exporter would share one tensor among them). Export: ``converters.export_onnx`` (batch
+balanced block mask (B x B blocks, the same number kept in every block-row, sparsity s); the dropped blocks
+are zeroed in the torch weights; biases and LayerNorm parameters are random too (BERT's initialisation makes
+them all equal, and the exporter would share one tensor among them). Export: ``converters.export_onnx`` (batch
 and sequence axes dynamic), conversion: ``converters.convert`` with ``fmt="blocked"`` and ``fmt="auto"``,
 the latter once per thread count, with timing inputs of the largest batch (auto times at that batch and at
 batch 1).
 
-For every batch size (sequence ``--seq``) and thread count the dense, blocked and auto models run interleaved in
-one process (rounds of dense, blocked, auto, ...; median of the rounds); the speedups are ratios of medians.
-Printed with every table: the CPU model and flags, the FLOP limit (linear layers' multiply-adds only: an upper
-bound), the encoder layers' weight bytes dense vs blocked and the whole file-size ratio, and the node types in
-the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath``).
+For every batch size (sequence ``--seq``) and thread count the dense, blocked and auto models run interleaved
+in one process (rounds of dense, blocked, auto, ...; median of the rounds); the speedups are ratios of
+medians. Printed with every table: the CPU model and flags, the FLOP limit (linear layers' multiply-adds only:
+an upper bound), the encoder layers' weight bytes dense vs blocked and the whole file-size ratio, and the node
+types in the graphs ONNX Runtime actually runs (``SessionOptions.optimized_model_filepath``).
 
     python bench/encoder_speed.py [--threads 1,2] [--batches 1,8] [--seq 128] [--rounds 15] [--repeat 2]
-                                  [--block 16] [--sparsity 0.8] [--layers 4] [--compare NAME=PATH.onnx] [--out ...]
+                                  [--block 16] [--sparsity 0.8] [--layers 4] [--compare NAME=PATH.onnx]
+                                  [--out ...]
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from torch import nn
 
-import harness
 from converters import LayerBlocks, convert, export_onnx
 from converters.runtime import run_onnx
 
@@ -104,7 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=1, help="measure every table this many times")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
-                    help="also time a saved ONNX model of the same encoder (e.g. an earlier converter's output)")
+                    help="also time a saved ONNX model of the same encoder "
+                         "(e.g. an earlier converter's output)")
     args = ap.parse_args()
     clock = harness.Clock()
     cpu = harness.machine_line()
@@ -132,8 +134,8 @@ def main() -> None:
     enc_dense = sum(lb.weight.nbytes for lb in manifest)
     enc = {"blocked": sum(o.stored_bytes for o in blocked.layers),
            **{f"auto{t}": sum(o.stored_bytes for o in a.layers) for t, a in autos.items()}}
-    limit = harness.flop_limit(model, tuple(torch.from_numpy(v) for v in ex.values()), {lb.name for lb in manifest},
-                               args.sparsity)
+    limit = harness.flop_limit(model, tuple(torch.from_numpy(v) for v in ex.values()),
+                               {lb.name for lb in manifest}, args.sparsity)
     # correctness against the pruned torch model at every measured batch size
     worst = 0.0
     for n in batches:
@@ -146,11 +148,11 @@ def main() -> None:
                 worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     sizes = {k: len(v) for k, v in models.items()}
     header = [f"CPU: {cpu}",
-              f"encoder: BERT-base shape, {args.layers} layers, seq {args.seq}, B = {args.block}, s = {args.sparsity}, "
-              f"balanced random masks; FLOP limit (linears) {limit:.2f}x; max |onnx - torch| / max|torch| = "
-              f"{worst:.2e}",
-              f"encoder layers' weights: dense {enc_dense / 2**20:.1f} MiB, blocked {enc['blocked'] / 2**20:.1f} MiB "
-              f"({enc['blocked'] / enc_dense:.3f}x); whole file vs dense: "
+              f"encoder: BERT-base shape, {args.layers} layers, seq {args.seq}, B = {args.block}, s = "
+              f"{args.sparsity}, balanced random masks; FLOP limit (linears) {limit:.2f}x; max |onnx - "
+              f"torch| / max|torch| = {worst:.2e}",
+              f"encoder layers' weights: dense {enc_dense / 2**20:.1f} MiB, blocked "
+              f"{enc['blocked'] / 2**20:.1f} MiB ({enc['blocked'] / enc_dense:.3f}x); whole file vs dense: "
               + ", ".join(f"{k} {sizes[k] / sizes['dense']:.3f}x" for k in models if k != "dense")
               + f"; convert: blocked {t_blocked:.1f} s, "
               + ", ".join(f"auto ({t} thread(s)) {v:.1f} s" for t, v in t_auto.items())]
@@ -159,7 +161,8 @@ def main() -> None:
                       f"{dict(Counter(o.fmt for o in a.layers))}")
     print("\n".join(header), flush=True)
     rows = []
-    ops = {t: {k: harness.optimized_ops(v, t) for k, v in models.items() if k in ("dense", "blocked", f"auto{t}", *extra)}
+    ops = {t: {k: harness.optimized_ops(v, t) for k, v in models.items()
+               if k in ("dense", "blocked", f"auto{t}", *extra)}
            for t in thread_counts}
     for rep in range(args.repeat):
         load = os.getloadavg()[0]
@@ -171,14 +174,16 @@ def main() -> None:
         for threads in thread_counts:
             for n in batches:
                 feed = inputs(n, args.seq, vocab)
-                sessions = harness.sessions({k: models[k] for k in ("dense", "blocked", f"auto{threads}", *extra)},
+                sessions = harness.sessions({k: models[k]
+                                             for k in ("dense", "blocked", f"auto{threads}", *extra)},
                                             threads=threads)
                 smp = harness.time_sessions(sessions, feed, args.rounds, pause_s=0.02)
                 med = {k.rstrip("0123456789") if k.startswith("auto") else k: v
                        for k, v in harness.medians(smp).items()}
                 row = {"run": rep, "batch": n, "seq": args.seq, "rows": n * args.seq, "threads": threads,
                        **{f"{k}_ms": med[k] for k in med},
-                       "speedup_blocked": med["dense"] / med["blocked"], "speedup_auto": med["dense"] / med["auto"],
+                       "speedup_blocked": med["dense"] / med["blocked"],
+                       "speedup_auto": med["dense"] / med["auto"],
                        **{f"speedup_{k}": med["dense"] / med[k] for k in extra}, "load_average": load,
                        "samples_ms": smp}
                 rows.append(row)
@@ -190,10 +195,11 @@ def main() -> None:
         for k, c in per.items():
             print(f"ORT-optimized graph, {threads} thread(s), {k}: {sum(c.values())} nodes: "
                   + ", ".join(f"{op} {n}" for op, n in c.items()), flush=True)
-    meta = {"cpu": cpu, "python": platform.python_version(), "onnxruntime": __import__("onnxruntime").__version__,
-            "args": vars(args), "utc": clock.span(), "flop_limit": limit,
-            "encoder_weight_bytes": {"dense": enc_dense, **enc}, "file_bytes": sizes, "max_rel_err": worst,
-            "ort_ops": ops, "auto_layers": {t: [o.to_json() for o in a.layers] for t, a in autos.items()}}
+    meta = {"cpu": cpu, "python": platform.python_version(),
+            "onnxruntime": __import__("onnxruntime").__version__, "args": vars(args), "utc": clock.span(),
+            "flop_limit": limit, "encoder_weight_bytes": {"dense": enc_dense, **enc}, "file_bytes": sizes,
+            "max_rel_err": worst, "ort_ops": ops, "auto_layers": {t: [o.to_json() for o in a.layers]
+                                                                  for t, a in autos.items()}}
     harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 

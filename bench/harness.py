@@ -15,8 +15,8 @@
   the manifest is the one the CLI would produce) and :func:`balanced_kept` (a random balanced kept grid);
 - **ORT's own int8** of a dense model, the peers of the int8 benchmarks: :func:`ort_dynamic`,
   :func:`ort_static`;
-- **results**: :func:`write_results` (one JSON file), :func:`read_rows` / :func:`append_row` (JSON lines, for the
-  resumable sweeps), :class:`Clock` (elapsed-time log lines, the UTC span of a run).
+- **results**: :func:`write_results` (one JSON file), :func:`read_rows` / :func:`append_row` (JSON lines, for
+  the resumable sweeps), :class:`Clock` (elapsed-time log lines, the UTC span of a run).
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from converters.runtime import interleaved_samples, session  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ arguments
 def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser whose help is the script's docstring; with ``out`` (a file name under bench/results),
-    an ``--out`` option defaulting to that file."""
+    """An argument parser whose help is the script's docstring; with ``out`` (a file name under
+    bench/results), an ``--out`` option defaulting to that file."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if out is not None:
         ap.add_argument("--out", default=str(RESULTS / out), help="results file (default: %(default)s)")
@@ -67,12 +67,14 @@ def names(text: str) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- machine
 def cpu_info() -> dict:
-    """CPU model name, each flag of interest (avx2, avx512f, avx512_vnni, avx_vnni, amx_int8) as a bool, and the
-    int8 weight bits this CPU gets (8 with VNNI, 7 without)."""
+    """CPU model name, each flag of interest (avx2, avx512f, avx512_vnni, avx_vnni, amx_int8) as a bool, and
+    the int8 weight bits this CPU gets (8 with VNNI, 7 without)."""
     from converters.int8 import default_weight_bits
 
     f = cpu_flags()
-    return {"model_name": cpu_model(), **{k: k in f for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
+    return {"model_name": cpu_model(), **{k: k in f
+                                          for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
+                                                    "amx_int8")},
             "int8_weight_bits_default": default_weight_bits()}
 
 
@@ -114,7 +116,8 @@ def summary(samples: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def optimized_ops(model_bytes: bytes, threads: int) -> dict[str, int]:
-    """Node types of the graph ORT actually runs (its optimized model, saved by the session), most common first."""
+    """Node types of the graph ORT actually runs (its optimized model, saved by the session), most common
+    first."""
     import onnx
     import onnxruntime as ort
 
@@ -130,7 +133,8 @@ def optimized_ops(model_bytes: bytes, threads: int) -> dict[str, int]:
 
 def flop_limit(model, xs: tuple, pruned: set[str], sparsity: float) -> float:
     """Whole-model FLOP limit: multiply-adds of every Linear / Conv (forward hooks) over those left when the
-    weights named ``pruned`` keep only 1 - ``sparsity`` of theirs (other ops are not counted: an upper bound)."""
+    weights named ``pruned`` keep only 1 - ``sparsity`` of theirs (other ops are not counted: an upper
+    bound)."""
     import torch
     from torch import nn
 
@@ -207,8 +211,8 @@ def _quantized(dense: bytes, run) -> bytes:
 
 
 def ort_dynamic(dense: bytes, **kw) -> bytes:
-    """``onnxruntime.quantization.quantize_dynamic`` of the dense model's bytes (``kw``: weight_type, per_channel,
-    reduce_range, ...)."""
+    """``onnxruntime.quantization.quantize_dynamic`` of the dense model's bytes (``kw``: weight_type,
+    per_channel, reduce_range, ...)."""
     from onnxruntime.quantization import quantize_dynamic
 
     return _quantized(dense, lambda s, d: quantize_dynamic(s, d, **kw))
@@ -224,7 +228,8 @@ def ort_static(dense: bytes, calibration: list[dict], **kw) -> bytes:
 
 # -------------------------------------------------------------------------------------------------- results
 def write_results(path: str | Path, data: dict) -> None:
-    """``data`` as indented JSON at ``path`` (its directory made; values JSON does not know written as text)."""
+    """``data`` as indented JSON at ``path`` (its directory made; values JSON does not know written as
+    text)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str))
@@ -250,11 +255,11 @@ def _claim_file(path: str | Path, key) -> Path:
 
 
 def claim(path: str | Path, key) -> bool:
-    """Whether this process may run the cell ``key`` of the results file ``path``: an exclusive claim file beside
-    it (``<path>.claims/<digest>``, holding the claimant's pid), so that processes sharing one results file run
-    each cell once even when they reach it together (re-reading the file before a cell is not enough: two
-    processes started together ran every cell twice). A claim whose process is gone is taken over; :func:`release`
-    removes the claim once the row is written."""
+    """Whether this process may run the cell ``key`` of the results file ``path``: an exclusive claim file
+    beside it (``<path>.claims/<digest>``, holding the claimant's pid), so that processes sharing one results
+    file run each cell once even when they reach it together (re-reading the file before a cell is not enough:
+    two processes started together ran every cell twice). A claim whose process is gone is taken over;
+    :func:`release` removes the claim once the row is written."""
     f = _claim_file(path, key)
     f.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):

@@ -8,15 +8,16 @@ metrics; so the two precisions share weights, masks, data and seed and differ on
 
     python bench/int8_accuracy.py                        # 4 tasks x seeds 0,1,2 at B = 8, s = 0.8
     python bench/int8_accuracy.py --tasks ctr --seeds 0  # one cell
-    python bench/int8_accuracy.py --tasks digits_mlp,ctr_mlp02 --weight-bits 7   # the weights a CPU without VNNI gets
+    python bench/int8_accuracy.py --tasks digits_mlp,ctr_mlp02 --weight-bits 7
+                                                         # the weights a CPU without VNNI gets
     python bench/int8_accuracy.py --table                # the table from the results file only
 
 Models: the shipped pretrained examples (``examples/models/*.pt``), not bench/accuracy.py's own pretrained
-task models (the MLP there is 64-512-512-10, the shipped one 64-256-256-10); the fine-tuning steps, batch, rate
-and layer selection (CTR: only ``mlp.0``, padded) are bench/accuracy.py's; ``ctr_mlp02`` adds ``mlp.2`` (see
-MODELS). The digits CNN's convs take the static (QDQ) int8 form, calibrated on 64 training rows as the CLI
-does (rows before 2026-12 predate int8 convs: they kept the CNN in fp32); CTR's padded ``mlp.0`` has no int8
-formulation and stays fp32. The shipped models were trained on the rows ``Shard.split(0.2, 0)`` keeps
+task models (the MLP there is 64-512-512-10, the shipped one 64-256-256-10); the fine-tuning steps, batch,
+rate and layer selection (CTR: only ``mlp.0``, padded) are bench/accuracy.py's; ``ctr_mlp02`` adds ``mlp.2``
+(see MODELS). The digits CNN's convs take the static (QDQ) int8 form, calibrated on 64 training rows as the
+CLI does (rows before 2026-12 predate int8 convs: they kept the CNN in fp32); CTR's padded ``mlp.0`` has no
+int8 formulation and stays fp32. The shipped models were trained on the rows ``Shard.split(0.2, 0)`` keeps
 for training, so for seeds other than 0 the evaluation rows include rows the dense model was trained on (as in
 bench/accuracy.py, whose pretraining uses the same split); both precisions see the same rows.
 
@@ -28,22 +29,22 @@ from __future__ import annotations
 import statistics
 import time
 
+import accuracy  # bench/accuracy.py: the tasks' fine-tuning budgets and the model digest
+import harness
 import numpy as np
 import torch
+from harness import ROOT
 
-import accuracy  # bench/accuracy.py: the tasks' fine-tuning budgets and the model digest
 import converters
 import converters.int8 as int8_module
-import harness
 from calib_data.shards import load_shard, shipped_shard
 from converters import FORMULATIONS
 from converters.machine import cpu_model, has_vnni
-from harness import ROOT
 from sapp_compress import PruneConfig, TrainConfig
-from sapp_compress.pruning import prune
-from sapp_compress.io.loading import load_model
-from sapp_compress.io.feeds import calibration_feed, onnx_feed, to_tensors
 from sapp_compress.io.export import export_model
+from sapp_compress.io.feeds import calibration_feed, onnx_feed, to_tensors
+from sapp_compress.io.loading import load_model
+from sapp_compress.pruning import prune
 
 #: task -> (shipped model file, bench/accuracy.py task whose shard and budget it uses, PruneConfig overrides).
 #: ``ctr`` prunes only ``mlp.0`` (256 x 221, padded to whole 8x8 blocks), as bench/accuracy.py does; no int8
@@ -53,10 +54,12 @@ MODELS = {
     "digits_mlp": (ROOT / "examples" / "models" / "digits_mlp.pt", "digits_mlp", {}),
     "digits_cnn": (ROOT / "examples" / "models" / "digits_cnn.pt", "digits_cnn", {}),
     "ctr": (ROOT / "examples" / "models" / "ctr_mlp.pt", "ctr", {}),
-    "ctr_mlp02": (ROOT / "examples" / "models" / "ctr_mlp.pt", "ctr", {"include": ("mlp.0.weight", "mlp.2.weight")}),
+    "ctr_mlp02": (ROOT / "examples" / "models" / "ctr_mlp.pt", "ctr",
+                  {"include": ("mlp.0.weight", "mlp.2.weight")}),
 }
 
-#: the question's tolerance: |int8 - fp32| score (accuracy) within 0.5 points; CTR log-loss within 1 % relative
+#: the question's tolerance: |int8 - fp32| score (accuracy) within 0.5 points; CTR log-loss within 1 %
+#: relative
 SCORE_TOL = 0.005
 LOGLOSS_REL_TOL = 0.01
 
@@ -86,7 +89,8 @@ def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | Non
     feed = onnx_feed(ev, tuple(ev.inputs))
     outs = {q: converters.run_onnx(data[q], feed, threads=threads)[0].astype(np.float64) for q in data}
     with torch.no_grad():
-        torch_out = res.model(*to_tensors(tuple(ev.inputs), torch.device("cpu"))).float().numpy().astype(np.float64)
+        torch_out = res.model(*to_tensors(tuple(ev.inputs), torch.device("cpu"))).float().numpy().astype(
+            np.float64)
     metrics = {q: res.task.metrics(outs[q], ev.y, res.dense_eval_outputs) for q in outs}
 
     fp32, int8 = outs["none"], outs["int8"]
@@ -101,11 +105,13 @@ def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | Non
                        **({"int8": o8.int8} if o8.int8 else {})})
     row = {
         "task": task, "model": str(path.relative_to(ROOT)),
-        "shard": shard_name, "prune_options": {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()}, "dense_model": accuracy.model_digest(model),
-        "method": "sapp", "block": block, "sparsity": sparsity, "seed": seed, "steps": ft["steps"],
-        "batch_size": ft["batch_size"], "lr": ft["lr"], "eval_rows": len(ev), "score_name": res.task.score_name,
-        "dense": res.metrics["dense"], "pruned_torch": res.metrics["pruned_torch"],
-        "onnx_fp32": metrics["none"], "onnx_int8": metrics["int8"],
+        "shard": shard_name,
+        "prune_options": {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()},
+        "dense_model": accuracy.model_digest(model), "method": "sapp", "block": block, "sparsity": sparsity,
+        "seed": seed, "steps": ft["steps"], "batch_size": ft["batch_size"], "lr": ft["lr"],
+        "eval_rows": len(ev), "score_name": res.task.score_name, "dense": res.metrics["dense"],
+        "pruned_torch": res.metrics["pruned_torch"], "onnx_fp32": metrics["none"],
+        "onnx_int8": metrics["int8"],
         "bytes": {"dense_export": proto.ByteSize(), "fp32": len(data["none"]), "int8": len(data["int8"])},
         "layers": layers, "skipped": [s.to_json() for s in res.skipped],
         "int8_layers": [r["name"] for r in layers if r["precision"] == "int8"],
@@ -115,7 +121,8 @@ def run_cell(task: str, block: int, sparsity: float, seed: int, steps: int | Non
         "top1_agree_int8_fp32": (float(np.mean(int8.argmax(-1) == fp32.argmax(-1))) if fp32.shape[-1] > 1
                                  else float(np.mean((int8.reshape(-1) > 0) == (fp32.reshape(-1) > 0)))),
         "achieved_block_sparsity": res.achieved_block_sparsity, "mask_digest": res.mask_digest,
-        "weight_bits": next((r["int8"]["weight_bits"] for r in layers if "int8" in r), int8_module.default_weight_bits()),
+        "weight_bits": next((r["int8"]["weight_bits"] for r in layers if "int8" in r),
+                            int8_module.default_weight_bits()),
         "weight_bits_forced": FORCED_BITS is not None, "vnni": has_vnni(), "cpu": cpu_model(),
         "threads": threads, "seconds_prune": round(t_prune, 2), "seconds": round(time.perf_counter() - t0, 2),
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
@@ -138,8 +145,9 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["block"], r["sparsity"], r["steps"], r["weight_bits"]), []).append(r)
-    lines = ["| task (score) | B | s | weight bits | seeds | pruned torch | fp32 ONNX | int8 ONNX | int8 - fp32 (mean; worst seed) "
-             "| within target | int8 layers | max abs out diff / max abs fp32 | top-1 agree | bytes fp32 -> int8 |",
+    lines = ["| task (score) | B | s | weight bits | seeds | pruned torch | fp32 ONNX | int8 ONNX | int8 - "
+             "fp32 (mean; worst seed) | within target | int8 layers | max abs out diff / max abs fp32 | "
+             "top-1 agree | bytes fp32 -> int8 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ctr_lines = []
     for (task, b, s, steps, bits), rs in sorted(groups.items()):
@@ -155,23 +163,29 @@ def table(rows: list[dict]) -> str:
         by = (f"{statistics.mean(r['bytes']['fp32'] for r in rs) / 1e3:.1f} k -> "
               f"{statistics.mean(r['bytes']['int8'] for r in rs) / 1e3:.1f} k")
         lines.append(f"| {task} ({rs[0]['score_name']}) | {b} | {s:g} | {bits} | {seeds} | "
-                     f"{_ms([r['pruned_torch']['score'] for r in rs])} | {_ms([r['onnx_fp32']['score'] for r in rs])} | "
-                     f"{_ms([r['onnx_int8']['score'] for r in rs])} | {statistics.mean(d):+.4f}; {worst:+.4f} | "
-                     f"{verdict}{'' if ok_score else ' (no)'} | {n8} | {rel:.2e} (worst seed) | {agree:.4f} (min) | {by} |")
+                     f"{_ms([r['pruned_torch']['score'] for r in rs])} | "
+                     f"{_ms([r['onnx_fp32']['score'] for r in rs])} | "
+                     f"{_ms([r['onnx_int8']['score'] for r in rs])} | {statistics.mean(d):+.4f}; "
+                     f"{worst:+.4f} | {verdict}{'' if ok_score else ' (no)'} | {n8} | {rel:.2e} (worst seed) "
+                     f"| {agree:.4f} (min) | {by} |")
         if "log_loss" in rs[0]["onnx_fp32"]:
-            ll = [(r["onnx_int8"]["log_loss"] - r["onnx_fp32"]["log_loss"]) / r["onnx_fp32"]["log_loss"] for r in rs]
+            ll = [(r["onnx_int8"]["log_loss"] - r["onnx_fp32"]["log_loss"]) / r["onnx_fp32"]["log_loss"]
+                  for r in rs]
             au = [r["onnx_int8"]["auc"] - r["onnx_fp32"]["auc"] for r in rs]
             ok = sum(abs(x) <= LOGLOSS_REL_TOL for x in ll)
             ctr_lines.append(
-                f"| {task} | {b} | {s:g} | {bits} | {seeds} | {_ms([r['pruned_torch']['log_loss'] for r in rs])} | "
-                f"{_ms([r['onnx_fp32']['log_loss'] for r in rs])} | {_ms([r['onnx_int8']['log_loss'] for r in rs])} | "
-                f"{100 * statistics.mean(ll):+.3f} %; {100 * max(ll, key=abs):+.3f} % | {ok}/{len(ll)} seeds | "
+                f"| {task} | {b} | {s:g} | {bits} | {seeds} | "
+                f"{_ms([r['pruned_torch']['log_loss'] for r in rs])} | "
+                f"{_ms([r['onnx_fp32']['log_loss'] for r in rs])} | "
+                f"{_ms([r['onnx_int8']['log_loss'] for r in rs])} | {100 * statistics.mean(ll):+.3f} %; "
+                f"{100 * max(ll, key=abs):+.3f} % | {ok}/{len(ll)} seeds | "
                 f"{_ms([r['onnx_fp32']['auc'] for r in rs])} | {_ms([r['onnx_int8']['auc'] for r in rs])} | "
                 f"{statistics.mean(au):+.5f}; {max(au, key=abs):+.5f} |")
     if ctr_lines:
-        lines += ["", "| task | B | s | weight bits | seeds | log-loss pruned torch | log-loss fp32 ONNX | log-loss int8 ONNX "
-                  "| int8 vs fp32, relative (mean; worst seed) | within 1 % | AUC fp32 ONNX | AUC int8 ONNX "
-                  "| AUC int8 - fp32 (mean; worst seed) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| task | B | s | weight bits | seeds | log-loss pruned torch | log-loss fp32 ONNX | "
+                  "log-loss int8 ONNX | int8 vs fp32, relative (mean; worst seed) | within 1 % | AUC fp32 "
+                  "ONNX | AUC int8 ONNX | AUC int8 - fp32 (mean; worst seed) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += ctr_lines
     return "\n".join(lines)
 
@@ -185,8 +199,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override every task's fine-tuning steps")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     ap.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
-                    help="force the int8 weights' bit width (default: the CPU's: 8 with VNNI, 7 without); 7 on a "
-                         "VNNI machine shows what a machine without VNNI computes (its kernel is exact at 7 bits)")
+                    help="force the int8 weights' bit width (default: the CPU's: 8 with VNNI, 7 without); 7 "
+                         "on a VNNI machine shows what a machine without VNNI computes "
+                         "(its kernel is exact at 7 bits)")
     ap.add_argument("--table", action="store_true", help="print the table from the results file and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -215,7 +230,8 @@ def main() -> None:
                          if "log_loss" in r["onnx_fp32"] else "")
                 print(f"{task:10s} seed={seed} {r['score_name']} torch {r['pruned_torch']['score']:.4f} "
                       f"fp32 {r['onnx_fp32']['score']:.4f} int8 {r['onnx_int8']['score']:.4f}{extra} "
-                      f"rel {r['rel_int8_vs_fp32']:.2e} int8 layers {r['int8_layers']} {r['seconds']:.1f}s", flush=True)
+                      f"rel {r['rel_int8_vs_fp32']:.2e} int8 layers {r['int8_layers']} {r['seconds']:.1f}s",
+                      flush=True)
     sel = [r for r in rows() if r["task"] in tasks and r["seed"] in seeds and r["block"] == args.block
            and r["sparsity"] == args.sparsity and (args.steps is None or r["steps"] == args.steps)
            and (args.weight_bits is None or r["weight_bits"] == args.weight_bits)]

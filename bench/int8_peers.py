@@ -12,12 +12,13 @@ engine's plan / attach / fold path, no fine-tuning), each timed at the issue's t
 - ``mobilenet_v3_small``, ``efficientnet_b0`` (not run by default): as resnet18 (torchvision / timm, 224x224).
 
 Columns, all from the same dense fp32 export (its pruned blocks zero, so the same runtime as dense), timed in
-one process, interleaved, 1 ORT thread, medians of ``--rounds`` rounds, ``--passes`` passes with fresh sessions:
+one process, interleaved, 1 ORT thread, medians of ``--rounds`` rounds, ``--passes`` passes with fresh
+sessions:
 
 - ``dense``: the fp32 export;
 - ``ort_dyn_s8`` / ``ort_dyn_u8``: ``quantize_dynamic`` with QInt8 / QUInt8 weights, per channel;
-- ``ort_static``: ``quantize_static``, QDQ, per channel, uint8 activations / int8 weights (7-bit without VNNI),
-  MinMax on the calibration rows below;
+- ``ort_static``: ``quantize_static``, QDQ, per channel, uint8 activations / int8 weights (7-bit without
+  VNNI), MinMax on the calibration rows below;
 - ``tool_fp32``: ``converters.convert(fmt="auto")`` timed at the larger batch (what the CLI writes);
 - ``tool_int8``: the same with ``quantize="int8"`` and ``calibration_inputs`` (64 random rows, the same rows
   ORT's static quantization calibrates on).
@@ -32,16 +33,16 @@ import statistics
 import sys
 import time
 
+import harness
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from int8_speed import build_pair
 from onnxruntime.quantization import QuantFormat, QuantType
 
-import harness
 from converters import convert, export_onnx, run_onnx
 from converters.int8 import default_weight_bits
-from int8_speed import build_pair
 
 ERR_OK = 5e-2
 CALIB_ROWS = 64
@@ -68,7 +69,8 @@ def _convnet(builder: str):
     wrapped, _, _ = adapters.adapt(model, shard)
     _, _, manifest = harness.random_masks(adapters.unwrap(wrapped), rms.BLOCK, rms.SPARSITY, seed=0)
     dense = export_model(wrapped, shard)
-    rows = lambda n, seed=0: {"x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}  # noqa: E731
+    rows = lambda n, seed=0: {  # noqa: E731
+        "x": np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)}
     return dense, manifest, rows, (1, 8), config
 
 
@@ -113,19 +115,21 @@ def run_model(name: str, rounds: int, passes: int, log) -> dict:
     fp32 = convert(dense, manifest, fmt="auto", timing_inputs=timing, threads=1)
     models["tool_fp32"], stage_s["tool_fp32"] = fp32.model.SerializeToString(), round(time.time() - t, 1)
     t = time.time()
-    i8 = convert(dense, manifest, fmt="auto", quantize="int8", timing_inputs=timing, calibration_inputs=calib_rows,
-                 threads=1)
+    i8 = convert(dense, manifest, fmt="auto", quantize="int8", timing_inputs=timing,
+                 calibration_inputs=calib_rows, threads=1)
     models["tool_int8"], stage_s["tool_int8"] = i8.model.SerializeToString(), round(time.time() - t, 1)
     formats = {k: {f: sum(lo.fmt == f for lo in r.layers) for f in {lo.fmt for lo in r.layers}}
                for k, r in (("tool_fp32", fp32), ("tool_int8", i8))}
     log(name, "converted:", stage_s, formats)
     check = rows(4, seed=5)
     ref = run_onnx(dense_b, check, threads=1)[0].astype(np.float64)
-    err = {k: float(np.abs(run_onnx(v, check, threads=1)[0] - ref).max() / np.abs(ref).max()) for k, v in models.items()}
+    err = {k: float(np.abs(run_onnx(v, check, threads=1)[0] - ref).max() / np.abs(ref).max())
+           for k, v in models.items()}
     sizes = {k: len(v) for k, v in models.items()}
-    res = {"config": config, "batches": list(batches), "bytes": sizes, "size_ratio": {k: v / sizes["dense"] for k, v in sizes.items()},
-           "max_rel_err": err, "convert_s": stage_s, "formats": formats,
-           "layers_int8": [lo.to_json() for lo in i8.layers], "passes": []}
+    res = {"config": config, "batches": list(batches), "bytes": sizes,
+           "size_ratio": {k: v / sizes["dense"] for k, v in sizes.items()}, "max_rel_err": err,
+           "convert_s": stage_s, "formats": formats, "layers_int8": [lo.to_json() for lo in i8.layers],
+           "passes": []}
     for p in range(passes):
         sess = harness.sessions(models, threads=1)
         out = {}
@@ -133,10 +137,11 @@ def run_model(name: str, rounds: int, passes: int, log) -> dict:
             med = harness.medians(harness.time_sessions(sess, rows(n, seed=7), rounds))
             peers = [k for k in ORT_NAMES if err[k] <= ERR_OK]
             best = min(peers, key=lambda k: med[k]) if peers else None
-            out[n] = {"median_ms": med, "speedup": {k: med["dense"] / v for k, v in med.items()}, "ort_best": best,
-                      "int8_vs_ort_best": med[best] / med["tool_int8"] if best else None,
+            out[n] = {"median_ms": med, "speedup": {k: med["dense"] / v for k, v in med.items()},
+                      "ort_best": best, "int8_vs_ort_best": med[best] / med["tool_int8"] if best else None,
                       "int8_vs_tool_fp32": med["tool_fp32"] / med["tool_int8"]}
-            log(name, f"pass {p} batch {n}:", ", ".join(f"{k} {med['dense'] / v:.2f}x" for k, v in med.items()),
+            log(name, f"pass {p} batch {n}:", ", ".join(f"{k} {med['dense'] / v:.2f}x"
+                                                        for k, v in med.items()),
                 f"| int8 vs ORT best ({best}) " + (f"{out[n]['int8_vs_ort_best']:.2f}x" if best else "-"))
         res["passes"].append(out)
         del sess
@@ -145,7 +150,8 @@ def run_model(name: str, rounds: int, passes: int, log) -> dict:
 
 def table(results: dict) -> list[str]:
     cols = ["dense", *ORT_NAMES, "tool_fp32", "tool_int8"]
-    lines = ["| model | batch | dense ms | " + " | ".join(cols[1:]) + " | tool int8 vs ORT best | tool int8 vs tool fp32 |",
+    lines = ["| model | batch | dense ms | " + " | ".join(cols[1:]) +
+             " | tool int8 vs ORT best | tool int8 vs tool fp32 |",
              "|---|---|---|" + "---|" * (len(cols) - 1) + "---|---|"]
     for name, r in results.items():
         for n in r["batches"]:
@@ -160,10 +166,13 @@ def table(results: dict) -> list[str]:
             dense_ms = statistics.median(p["median_ms"]["dense"] for p in ps)
             lines.append(f"| {name} | {n} | {dense_ms:.1f} | "
                          + " | ".join(rng(lambda p, k=k: p["speedup"][k]) for k in cols[1:])
-                         + f" | {rng(lambda p: p['int8_vs_ort_best'])} ({ps[0]['ort_best'] or 'no ORT int8 within 5e-2'}) | "
+                         + f" | {rng(lambda p: p['int8_vs_ort_best'])} "
+                           f"({ps[0]['ort_best'] or 'no ORT int8 within 5e-2'}) | "
                          + f"{rng(lambda p: p['int8_vs_tool_fp32'])} |")
-        lines.append(f"| {name} | file | | " + " | ".join(f"{r['size_ratio'][k]:.3f}" for k in cols[1:]) + " | | |")
-        lines.append(f"| {name} | err | | " + " | ".join(f"{r['max_rel_err'][k]:.1e}" for k in cols[1:]) + " | | |")
+        lines.append(f"| {name} | file | | " + " | ".join(f"{r['size_ratio'][k]:.3f}"
+                                                          for k in cols[1:]) + " | | |")
+        lines.append(f"| {name} | err | | " + " | ".join(f"{r['max_rel_err'][k]:.1e}"
+                                                         for k in cols[1:]) + " | | |")
     return lines
 
 

@@ -1,4 +1,5 @@
-"""int8 block-sparse (converters.int8) vs ONNX Runtime's own int8 of the dense model, one process, interleaved.
+"""int8 block-sparse (converters.int8) vs ONNX Runtime's own int8 of the dense model, one process,
+interleaved.
 
     python bench/int8_speed.py [--cases B16s0.8,B32s0.9] [--batches 1,32] [--rounds 15] [--passes 3]
 
@@ -13,16 +14,17 @@ plan / attach / fold path, no fine-tuning. 1 ORT intra-op thread, CPU EP, ORT_EN
 - ``i8_*``: :func:`converters.int8.blocked_int8` on every pruned linear of the pruned export: layouts ``row``
   (the default: MatMulInteger -> Cast -> Mul, which ORT fuses to MatMulIntegerToFloat), ``rowms``
   (com.microsoft.MatMulIntegerToFloat written directly), ``rowg1`` (input gathered on axis 1) and ``featu8``
-  (MatMulInteger with the uint8 weights as first input), dynamic (``dyn``) or static (``st``, scales calibrated on 8 random batches of 4)
-  activations, weight bits ``w8`` / ``w7`` (the CPU check picks one; the other is timed for its cost), chunks
-  sized for 16 rows (default, :data:`converters.int8.CHUNK_REF`), 8 (``c8``) or 32 (``c32``); ``i8_compact``:
+  (MatMulInteger with the uint8 weights as first input), dynamic (``dyn``) or static (``st``, scales
+  calibrated on 8 random batches of 4) activations, weight bits ``w8`` / ``w7`` (the CPU check picks one; the
+  other is timed for its cost), chunks sized for 16 rows (default, :data:`converters.int8.CHUNK_REF`), 8
+  (``c8``) or 32 (``c32``); ``i8_compact``:
   :func:`converters.int8.compact_int8` (int8 kept blocks in the file, dense int8 compute after ORT's folding).
 
 Every pass times all variants interleaved (rounds of every session in turn), ``--rounds`` rounds; the table is
-printed per pass, and the spread over passes is given. Errors: max |out - ref| / max |ref| on a batch of 32, ref
-= fp32 pruned model for the tool's outputs, fp32 dense model for ORT's quantized dense models. "ORT best" is the
-fastest ORT int8 variant at that batch among those with error <= 5e-2 (a kernel that saturates is not a peer).
-Raw results: bench/results/int8_speed.json.
+printed per pass, and the spread over passes is given. Errors: max |out - ref| / max |ref| on a batch of 32,
+ref = fp32 pruned model for the tool's outputs, fp32 dense model for ORT's quantized dense models. "ORT best"
+is the fastest ORT int8 variant at that batch among those with error <= 5e-2 (a kernel that saturates is not a
+peer). Raw results: bench/results/int8_speed.json.
 """
 from __future__ import annotations
 
@@ -32,16 +34,22 @@ import statistics
 import sys
 import time
 
+import harness
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-import harness
 from converters import convert, export_onnx, locate
 from converters.graph import GraphIndex, prune_unused
-from converters.int8 import blocked_int8, calibrate_activation, compact_int8, default_weight_bits, ensure_ms_opset
+from converters.int8 import (
+    blocked_int8,
+    calibrate_activation,
+    compact_int8,
+    default_weight_bits,
+    ensure_ms_opset,
+)
 from converters.rewrite import apply
 from converters.runtime import session
 from sapp_compress import zoo
@@ -85,7 +93,8 @@ def int8_model(pruned: onnx.ModelProto, manifest, calib: list[dict] | None = Non
         if layout == "compact":
             rw = compact_int8(site, GraphIndex(m.graph), **kw)
         else:
-            rw = blocked_int8(site, GraphIndex(m.graph), layout=layout, act=acts.get(site.node.input[0]), **kw)
+            rw = blocked_int8(site, GraphIndex(m.graph), layout=layout, act=acts.get(site.node.input[0]),
+                              **kw)
         apply(m, rw)
         rws.append(rw)
     ensure_ms_opset(m)
@@ -100,7 +109,8 @@ def rel_err(out, ref) -> float:
     return float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
 
 
-def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passes: int, loop_s: float, log) -> dict:
+def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passes: int, loop_s: float,
+             log) -> dict:
     dense_m, pruned_m, manifest = build_pair(block, sparsity)
     ex = (torch.randn(2, SIZES[0]),)
     proto_dense = export_onnx(dense_m, ex, input_names=["x"])
@@ -152,17 +162,20 @@ def run_case(block: int, sparsity: float, batches: list[int], rounds: int, passe
     sessions = {k: session(m, threads=1) for k, m in models.items()}
     for k, m in models.items():
         kind = "pruned" if (k == "blocked" or k.startswith("i8_")) else "dense"
-        res["variants"][k] = {"bytes": len(m.SerializeToString()), "bytes_ratio": len(m.SerializeToString()) / dense_bytes,
-                              "ref": kind, "err_max_over_maxref": rel_err(sessions[k].run(None, {"x": xe})[0], ref[kind]),
+        res["variants"][k] = {"bytes": len(m.SerializeToString()),
+                              "bytes_ratio": len(m.SerializeToString()) / dense_bytes, "ref": kind,
+                              "err_max_over_maxref": rel_err(sessions[k].run(None, {"x": xe})[0], ref[kind]),
                               **meta.get(k, {})}
-    feeds = {n: {"x": torch.randn(n, SIZES[0], generator=torch.Generator().manual_seed(n)).numpy()} for n in batches}
+    feeds = {n: {"x": torch.randn(n, SIZES[0], generator=torch.Generator().manual_seed(n)).numpy()}
+             for n in batches}
     for p in range(passes):
         entry = {}
         for n in batches:
             t = time.time()
             samples = harness.time_sessions(sessions, feeds[n], rounds, loop_s=loop_s)
             med = harness.medians(samples)
-            paired = {k: statistics.median(a / b for a, b in zip(samples["dense"], v)) for k, v in samples.items()}
+            paired = {k: statistics.median(a / b for a, b in zip(samples["dense"], v))
+                      for k, v in samples.items()}
             entry[n] = {"median_ms": med, "paired_speedup": paired, "wall_s": round(time.time() - t, 1),
                         "samples_ms": samples}
             log(f"pass {p} N={n} done ({entry[n]['wall_s']} s)")
@@ -174,7 +187,8 @@ def summarize(case: str, res: dict, batches: list[int]) -> list[str]:
     v = res["variants"]
     ort_ok = [k for k in v if k.startswith("ort_") and v[k]["err_max_over_maxref"] <= ERR_OK]
     lines = [f"## {case}", "| variant | bytes vs dense | err max/maxref | "
-             + " | ".join(f"N={n} x dense (pass speed-ups) | N={n} vs ORT best | N={n} vs blocked" for n in batches) + " |"]
+             + " | ".join(f"N={n} x dense (pass speed-ups) | N={n} vs ORT best | N={n} vs blocked"
+                          for n in batches) + " |"]
     per = {}  # (variant, n) -> list over passes of speed-up vs dense
     best = {}
     for n in batches:
@@ -194,16 +208,20 @@ def summarize(case: str, res: dict, batches: list[int]) -> list[str]:
             o, bl = per[(k, n, "ort")], per[(k, n, "blk")]
             cells.append(f"{statistics.median(o):.2f}x [{min(o):.2f}-{max(o):.2f}]")
             cells.append(f"{statistics.median(bl):.2f}x [{min(bl):.2f}-{max(bl):.2f}]")
-        lines.append(f"| {k} | {v[k]['bytes_ratio']:.3f} | {v[k]['err_max_over_maxref']:.1e} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | {v[k]['bytes_ratio']:.3f} | {v[k]['err_max_over_maxref']:.1e} | " +
+                     " | ".join(cells) + " |")
     for n in batches:
         ms = [ps[n]["median_ms"]["dense"] for ps in res["passes"]]
-        lines.append(f"N={n}: ORT best per pass {best[n]}; dense ms per pass {', '.join(f'{m:.2f}' for m in ms)}")
+        lines.append(f"N={n}: ORT best per pass {best[n]}; dense ms per pass "
+                     f"{', '.join(f'{m:.2f}' for m in ms)}")
     # the fastest sample of each variant over all passes: what each reaches when the machine is quiet
-    lines.append("fastest sample (ms) over all passes, x dense / x ORT best (fastest ORT variant by the same measure):")
+    lines.append("fastest sample (ms) over all passes, x dense / x ORT best "
+                 "(fastest ORT variant by the same measure):")
     for n in batches:
         lo = {k: min(min(ps[n]["samples_ms"][k]) for ps in res["passes"]) for k in v}
         ob = min(ort_ok, key=lambda k: lo[k])
-        lines.append(f"  N={n}: " + ", ".join(f"{k} {lo[k]:.2f} ({lo['dense'] / lo[k]:.2f}x/{lo[ob] / lo[k]:.2f}x)"
+        lines.append(f"  N={n}: " + ", ".join(f"{k} {lo[k]:.2f} "
+                                              f"({lo['dense'] / lo[k]:.2f}x/{lo[ob] / lo[k]:.2f}x)"
                                              for k in v if k != "dense") + f"; ORT best {ob}")
     return lines
 

@@ -1,10 +1,11 @@
 """How the CLI's ``model`` travels through the code: the walk from the command line to the written file.
 
-Runs the README's quick start in process (the shipped digits MLP, ``--steps 2 --onnx-format compact`` so nothing is
-timed) under ``sys.setprofile`` and records every call into a first-party function (``sapp_compress``,
-``converters``, ``calib_data``) that is handed the model in any of its forms (an argument named ``model``, or an
-``nn.Module`` or ``onnx.ModelProto`` among its arguments other than ``self``: a module's own forward is not a stop). Consecutive calls in the same file are one *stop*; a stop in a file the walk had already left
-is a *return*. Prints the stops, the files, the returns, and the sequence of files.
+Runs the README's quick start in process (the shipped digits MLP, ``--steps 2 --onnx-format compact`` so
+nothing is timed) under ``sys.setprofile`` and records every call into a first-party function
+(``sapp_compress``, ``converters``, ``calib_data``) that is handed the model in any of its forms (an argument
+named ``model``, or an ``nn.Module`` or ``onnx.ModelProto`` among its arguments other than ``self``: a
+module's own forward is not a stop). Consecutive calls in the same file are one *stop*; a stop in a file the
+walk had already left is a *return*. Prints the stops, the files, the returns, and the sequence of files.
 
     python bench/layout_walk.py            # this checkout
     PYTHONPATH=OTHER python bench/layout_walk.py   # another checkout of the project, for a before/after
@@ -34,7 +35,8 @@ def walk() -> list[str]:
     def holds_model(frame) -> bool:
         code = frame.f_code
         names = [n for n in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if n != "self"]
-        return "model" in names or any(isinstance(frame.f_locals.get(n), (nn.Module, onnx.ModelProto)) for n in names)
+        return "model" in names or any(isinstance(frame.f_locals.get(n), (nn.Module, onnx.ModelProto))
+                                       for n in names)
 
     def profile(frame, event, arg):
         if event != "call":
@@ -62,6 +64,10 @@ def walk() -> list[str]:
 
 
 def main() -> None:
+    import argparse
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    argparse.ArgumentParser(description=__doc__, formatter_class=fmt).parse_args()
     files = walk()
     left, returns = set(), 0
     for prev, cur in zip(files, files[1:]):

@@ -7,18 +7,18 @@ converter's `blocked` graph against an alternative with the activations as MatMu
 `current`: weights [R, 16, k*16] x gathered activations [R, k*16, N] (MLAS repacks the activations for each
 of the R GEMMs of 16 rows). `f2xC`: Gather on [N, C, 16] -> [N, R, k*16] -> Transpose [R, N, k*16] x
 pre-transposed weights [R, k*16, 16], in C row chunks. Measured (Intel Xeon 2-core VM, 2026-11-25), speedup
-over dense at N = 256: current 1.17x, f2x8 1.15-1.57x, f2x32 1.23-1.46x; at N = 32: current 2.7-2.8x (1 thread),
-f2 at most 2.04x.
+over dense at N = 256: current 1.17x, f2x8 1.15-1.57x, f2x32 1.23-1.46x; at N = 32: current 2.7-2.8x (1
+thread), f2 at most 2.04x.
 """
 from __future__ import annotations
 
+import harness
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-import harness
 from converters import LayerBlocks, convert, export_onnx
 from converters.runtime import session
 
@@ -47,7 +47,8 @@ def f2(chunks: int, cols: np.ndarray, Wb: np.ndarray, I: int, O: int) -> bytes:
         rs = slice(ci * rows_per, (ci + 1) * rows_per)
         nr = rows_per
         inits += [i64(f"c{ci}", cols[rs]), i64(f"s{ci}", [0, nr, k * B]),
-                  nh.from_array(Wb[rs].transpose(0, 1, 3, 2).reshape(nr, k * B, B).copy(), f"w{ci}")]  # [r, (j,bc), br]
+                  # [r, (j,bc), br]
+                  nh.from_array(Wb[rs].transpose(0, 1, 3, 2).reshape(nr, k * B, B).copy(), f"w{ci}")]
         nodes += [helper.make_node("Gather", ["x3", f"c{ci}"], [f"g{ci}"], axis=1),          # [N, nr, k, bc]
                   helper.make_node("Reshape", [f"g{ci}", f"s{ci}"], [f"g{ci}r"]),           # [N, nr, k*bc]
                   helper.make_node("Transpose", [f"g{ci}r"], [f"g{ci}t"], perm=[1, 0, 2]),  # [nr, N, k*bc]
@@ -72,7 +73,8 @@ def variants(size: int, rng: np.random.Generator) -> tuple[dict[str, bytes], np.
     for r in range(R):
         for j, c in enumerate(cols[r]):
             W[r * B:(r + 1) * B, c * B:(c + 1) * B] = Wb[r, j]
-    out = {"dense": model([helper.make_node("MatMul", ["x", "wt"], ["y"])], [nh.from_array(W.T.copy(), "wt")], I, O)}
+    out = {"dense": model([helper.make_node("MatMul", ["x", "wt"], ["y"])], [nh.from_array(W.T.copy(), "wt")],
+                          I, O)}
     out.update({f"f2x{c}": f2(c, cols, Wb, I, O) for c in (1, 8, 32) if R % c == 0})
     lin = torch.nn.Linear(I, O, bias=False)
     with torch.no_grad():
@@ -107,7 +109,8 @@ def main() -> None:
                 md = harness.medians(harness.time_sessions(harness.sessions(graphs, threads=t, spin=spin),
                                                            {"x": xs[n]}, args.rounds, pause_s=pause))
                 print(f"N={n} t={t} spin={spin}: dense {md['dense']:.2f} ms "
-                      + " ".join(f"{k} {md['dense'] / v:.2f}x" for k, v in md.items() if k != "dense"), flush=True)
+                      + " ".join(f"{k} {md['dense'] / v:.2f}x" for k, v in md.items() if k != "dense"),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-
-import harness
-from calib_data.text import text_shard
 from harness import ROOT
-from sapp_compress.config import PruneConfig, TrainConfig
+
+from calib_data.text import text_shard
 from sapp_compress.blocks.geometry import plan_layers
+from sapp_compress.config import OutputConfig, PruneConfig, TrainConfig
 from sapp_compress.io.loading import load_model
-from sapp_compress.config import OutputConfig
 from sapp_compress.pipeline import compress
 
 MODEL = ROOT / "examples" / "models" / "tiny_bert"
@@ -67,8 +66,8 @@ def make_shards(tmp: Path, max_length: int) -> tuple[Path, Path, dict]:
 
 
 def key(r: dict) -> tuple:
-    return (r["dense_model"], r["block"], r["sparsity"], r["steps"], r["batch_size"], r["max_length"], r["lr"],
-            r["seed"])
+    return (r["dense_model"], r["block"], r["sparsity"], r["steps"], r["batch_size"], r["max_length"],
+            r["lr"], r["seed"])
 
 
 def run_one(train: Path, ev: Path, split: dict, args, lr: float, seed: int, digest: str) -> dict:

@@ -22,8 +22,9 @@ Tasks (``--block`` / ``--sparsity`` default B = 16, s = 0.8):
   log-loss (bench/ctr_pretrain.py; BENCHMARKS.md section 15.7), at ``ctr``'s budget;
 - ``tiny_bert``: examples/models/tiny_bert on its own held-out split (bench/lr_family.py), 300 steps x 32;
 - ``stdlib_bert``: the trained examples/models/stdlib_bert on its own test passages, 300 steps x 32;
-- ``digits_resnet18``: bench/structured_accuracy.py's torchvision resnet18 trained on the digits, ``--structure
-  channels`` at s = 0.5 (``--block`` / ``--sparsity`` do not apply), the default budget (300 steps of 32);
+- ``digits_resnet18``: bench/structured_accuracy.py's torchvision resnet18 trained on the digits,
+  ``--structure channels`` at s = 0.5 (``--block`` / ``--sparsity`` do not apply), the default budget (300
+  steps of 32);
 - ``planted``: the planted block-sparse regression of BENCHMARKS.md section 3 (tests/engine/planted.py, noise
   30, B = 8, 560 steps x 128, coupled l2 1e-2, no clipping); score R^2 on the held-out 20 %, and the share of
   planted blocks kept.
@@ -40,9 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import harness
+import torch
 from harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
@@ -95,6 +95,7 @@ def _tiny_bert_shards() -> tuple[Shard, Shard, str]:
 
 def _tiny_bert(seed: int) -> Case:
     import lr_family
+
     from sapp_compress.io.loading import load_model
 
     train, ev, digest = _tiny_bert_shards()
@@ -144,8 +145,8 @@ def _digits_resnet18(seed: int) -> Case:
 
     path, train, test = structured_accuracy.digits_resnet18()
     model = torch.load(path, weights_only=False)
-    return Case(model, load_shard(train), load_shard(test), {"block": "8", "sparsity": 0.5, "structure": "channels"},
-                {}, _file_digest(path))
+    return Case(model, load_shard(train), load_shard(test),
+                {"block": "8", "sparsity": 0.5, "structure": "channels"}, {}, _file_digest(path))
 
 
 def _file_digest(path: Path) -> str:
@@ -194,7 +195,8 @@ def _probe_only(case: Case, cfg: PruneConfig, tc: TrainConfig):
     return seen["lr"]
 
 
-def setup(task: str, method: str, seed: int, kind: str, lr, args) -> tuple[Case, PruneConfig, TrainConfig, dict]:
+def setup(task: str, method: str, seed: int, kind: str, lr,
+          args) -> tuple[Case, PruneConfig, TrainConfig, dict]:
     """The run's case and configs, and its row so far (enough for its key)."""
     case = TASKS[task](seed)
     cfg = PruneConfig(**{"block": str(args.block), "sparsity": args.sparsity, "method": method, **case.prune})
@@ -243,9 +245,10 @@ def score_of(r: dict) -> float:
 
 
 def table(rows: list[dict], args) -> None:
-    own = {"planted": ("8x8", args.sparsity), "digits_resnet18": ("8x8", 0.5)}  # tasks with their own geometry
-    rows = [r for r in rows if (r["block"], r["sparsity"]) == own.get(r["task"], (f"{args.block}x{args.block}",
-                                                                                 args.sparsity))
+    # tasks with their own geometry
+    own = {"planted": ("8x8", args.sparsity), "digits_resnet18": ("8x8", 0.5)}
+    rows = [r for r in rows if (r["block"], r["sparsity"])
+            == own.get(r["task"], (f"{args.block}x{args.block}", args.sparsity))
             and r.get("train", {}) == json.loads(args.train)]
     metric = {"ctr": "log-loss (lower is better)", "ctr_cli": "log-loss (lower is better)",
               "ctr_trained": "log-loss (lower is better)",
@@ -263,22 +266,26 @@ def table(rows: list[dict], args) -> None:
                 v = [r for r in mine if r["kind"] == "fixed" and r["lr"] == lr]
                 means[lr] = _stats(v)
                 cells.append(_fmt(task, v))
-            best = max((lr for lr in means if lr in harness.floats(RATES)), key=lambda lr: means[lr][0], default=None)
+            best = max((lr for lr in means if lr in harness.floats(RATES)), key=lambda lr: means[lr][0],
+                       default=None)
             auto = [r for r in mine if r["kind"] == "auto"]
             a = _stats(auto)
             spread = max(means[best][1], a[1]) if best is not None and auto else float("nan")
             within = "-" if not auto or best is None else (
                 "yes" if a[0] >= means[best][0] - spread else f"no ({means[best][0] - a[0]:+.4f})")
-            frac_s = " / ".join(_fractions(auto, k) for k in ("cpu_fraction_of_fine_tune", "fraction_of_fine_tune"))
+            frac_s = " / ".join(_fractions(auto, k)
+                                for k in ("cpu_fraction_of_fine_tune", "fraction_of_fine_tune"))
             choices = ", ".join(f"{r['lr']:g}" for r in sorted(auto, key=lambda r: r["seed"]))
             best_s = "-" if best is None else f"{best:g}"
-            print(f"| {method} | " + " | ".join(cells) + f" | {best_s} | {_fmt(task, auto)} | {choices} | {within} | "
+            print(f"| {method} | " + " | ".join(cells) +
+                  f" | {best_s} | {_fmt(task, auto)} | {choices} | {within} | "
                   f"{frac_s} |")
         probes = [r for r in rows if r["task"] == task and r["kind"] == "probe"]
         for cfg in sorted({json.dumps(r["probe_config"], sort_keys=True) for r in probes}):
             for method in sorted({r["method"] for r in probes}):
                 mine = sorted((r for r in probes if r["method"] == method
-                               and json.dumps(r["probe_config"], sort_keys=True) == cfg), key=lambda r: r["seed"])
+                               and json.dumps(r["probe_config"], sort_keys=True) == cfg),
+                              key=lambda r: r["seed"])
                 fixed = {(r["lr"], r["seed"]): r for r in rows if r["task"] == task and r["method"] == method
                          and r["kind"] == "fixed"}
                 got = [fixed.get((r["lr"], r["seed"])) for r in mine]
@@ -316,7 +323,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="fixed,auto", help="fixed, auto and/or probe")
     ap.add_argument("--lrs", default=RATES, help="the fixed rates")
     ap.add_argument("--probe", default="{}", help="JSON LRProbeConfig fields for --kinds probe")
-    ap.add_argument("--train", default="{}", help="JSON TrainConfig overrides (e.g. weight_decay), kept in the row")
+    ap.add_argument("--train", default="{}", help="JSON TrainConfig overrides (e.g. weight_decay), kept in "
+                                                  "the row")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=1)

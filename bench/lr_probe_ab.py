@@ -13,10 +13,10 @@ import argparse
 import json
 import statistics
 
-import torch
-
 import harness
 import lr_probe as bench_probe
+import torch
+
 from sapp_compress.engine.lr_probe import runner as lr_probe
 
 
@@ -30,7 +30,8 @@ def probe_once(design: str, method: str, seed: int) -> dict:
         res = bench_probe._probe_only(case, cfg, tc)
     finally:
         lr_probe.Runner.warm_start = real_warm
-    return {"design": design, "lr": res.value, "steps": res.steps, "seconds": res.seconds, "digest": res.digest()}
+    return {"design": design, "lr": res.value, "steps": res.steps, "seconds": res.seconds,
+            "digest": res.digest()}
 
 
 def main() -> None:
@@ -46,8 +47,8 @@ def main() -> None:
         for design in (("shared", "own") if r % 2 == 0 else ("own", "shared")):
             rows.append(probe_once(design, args.method, args.seed))
             print(json.dumps(rows[-1]), flush=True)
-    out = {"model": "digits_resnet18", "method": args.method, "seed": args.seed, "machine": harness.machine_line(),
-           "runs": rows}
+    out = {"model": "digits_resnet18", "method": args.method, "seed": args.seed,
+           "machine": harness.machine_line(), "runs": rows}
     for d in ("shared", "own"):
         mine = [r for r in rows if r["design"] == d]
         out[d] = {"median_seconds": statistics.median(r["seconds"] for r in mine), "steps": mine[0]["steps"],

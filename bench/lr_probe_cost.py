@@ -1,14 +1,15 @@
-"""What ``--lr auto`` costs a user: the wall time of a whole ``prune()`` with the probe against the same run at the
-probe's choice fixed (``--lr X``), each in a fresh process, interleaved, medians of ``--repeats``.
+"""What ``--lr auto`` costs a user: the wall time of a whole ``prune()`` with the probe against the same run
+at the probe's choice fixed (``--lr X``), each in a fresh process, interleaved, medians of ``--repeats``.
 
-bench/lr_probe.py's ``fraction_of_fine_tune`` divides the probe's seconds by the fine-tune's, both measured in one
-process where the probe runs first: whatever the first steps of a process pay once (memory the process touches
-for the first time, lazy initialisation of kernels) is charged to the probe, and a fine-tune run without it pays
-that itself. The *marginal* cost, ``median(auto) - median(fixed)`` over whole runs in fresh processes, is what the
-user waits for the probe; it is reported as a fraction of the fixed run's fine-tune (median), next to the
-in-process fraction of the same auto runs.
+bench/lr_probe.py's ``fraction_of_fine_tune`` divides the probe's seconds by the fine-tune's, both measured in
+one process where the probe runs first: whatever the first steps of a process pay once (memory the process
+touches for the first time, lazy initialisation of kernels) is charged to the probe, and a fine-tune run
+without it pays that itself. The *marginal* cost, ``median(auto) - median(fixed)`` over whole runs in fresh
+processes, is what the user waits for the probe; it is reported as a fraction of the fixed run's fine-tune
+(median), next to the in-process fraction of the same auto runs.
 
-    python bench/lr_probe_cost.py --tasks ctr_trained,planted --methods sapp,magnitude --seeds 0,1,2 --repeats 3
+    python bench/lr_probe_cost.py --tasks ctr_trained,planted --methods sapp,magnitude --seeds 0,1,2
+                                  --repeats 3
 
 One JSON line per (task, method, seed) in bench/results/lr_probe_cost.jsonl; then the table.
 """
@@ -40,7 +41,8 @@ def child(task: str, method: str, seed: int, lr: str) -> None:
     args = argparse.Namespace(block=16, sparsity=0.8, probe="{}", train="{}")
     case, cfg, tc, _ = lr_probe.setup(task, method, seed, "auto" if lr == "auto" else "fixed",
                                       "auto" if lr == "auto" else float(lr), args)
-    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # torch's first optimizer imports torch._dynamo (once)
+    # torch's first optimizer imports torch._dynamo (once)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     t0 = time.perf_counter()
     res = prune(case.model, case.train, cfg, tc, eval_shard=case.eval)
     wall = time.perf_counter() - t0
@@ -50,8 +52,8 @@ def child(task: str, method: str, seed: int, lr: str) -> None:
 
 
 def _spawn(task: str, method: str, seed: int, lr: str) -> dict:
-    out = subprocess.run([sys.executable, str(HERE), "--child", task, method, str(seed), lr], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, str(HERE), "--child", task, method, str(seed), lr],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -75,8 +77,8 @@ def measure(task: str, method: str, seed: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> None:
-    print("| task | method | seed | lr | fixed run's fine-tune (s) | auto - fixed, whole run (s) | marginal / fine-tune "
-          "| in-process probe / fine-tune |")
+    print("| task | method | seed | lr | fixed run's fine-tune (s) | auto - fixed, whole run (s) | marginal "
+          "/ fine-tune | in-process probe / fine-tune |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         inproc = [f for f in r["in_process_fraction"] if f is not None]

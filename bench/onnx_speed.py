@@ -1,24 +1,25 @@
 """Compressed vs dense ONNX in ONNX Runtime on this machine: whole-model latency ratios.
 
-Cases: the converters issue's models (an MLP 1024-4096-4096-1024 at B = 32, s = 0.9 and B = 16, s = 0.8; a CNN of
-four 3x3 convs with 256 channels on 14x14) and the zoo at the shipped examples' sizes, each at N = 1, 32 and 256
-and 1 and 2 threads.
+Cases: the converters issue's models (an MLP 1024-4096-4096-1024 at B = 32, s = 0.9 and B = 16, s = 0.8; a CNN
+of four 3x3 convs with 256 channels on 14x14) and the zoo at the shipped examples' sizes, each at N = 1, 32
+and 256 and 1 and 2 threads.
 Masks are random and balanced (k blocks in every block-row; ``--unbalanced`` for free masks). For each case
 and thread count the dense, blocked and auto models run interleaved in one process (rounds of dense, blocked,
 auto, ...), and the medians' ratios are reported beside the FLOP limit 1/d. The auto model's per-layer
 choices and latencies are checked against dense (no layer more than 5 % slower).
 
-    python bench/onnx_speed.py [--threads 1,2] [--batches 1,32,256] [--cases mlp,zoo] [--unbalanced] [--out ...]
+    python bench/onnx_speed.py [--threads 1,2] [--batches 1,32,256] [--cases mlp,zoo] [--unbalanced]
+                               [--out ...]
 """
 from __future__ import annotations
 
 import os
 import platform
 
+import harness
 import torch
 from torch import nn
 
-import harness
 from converters import convert, export_onnx, verify
 from sapp_compress import zoo
 
@@ -49,17 +50,21 @@ CASES = [
          [(32, 0.9), (16, 0.8)], large=True),
     Case("cnn-4x conv3x3-256ch-14x14", conv_stack, [(F, (256, 14, 14), 0)], [(16, 0.8)], large=True),
     # the zoo at the shipped examples' sizes
-    Case("zoo digits_mlp 64-256-256-10", lambda: zoo.mlp([64, 256, 256, 10]), [(F, (64,), 0)], [(8, 0.8), (16, 0.8)]),
-    Case("zoo digits_cnn ResCNN w64", lambda: zoo.ResCNN(1, 64, 2, 10), [(F, (1, 8, 8), 0)], [(8, 0.8), (16, 0.8)]),
+    Case("zoo digits_mlp 64-256-256-10", lambda: zoo.mlp([64, 256, 256, 10]), [(F, (64,), 0)],
+         [(8, 0.8), (16, 0.8)]),
+    Case("zoo digits_cnn ResCNN w64", lambda: zoo.ResCNN(1, 64, 2, 10), [(F, (1, 8, 8), 0)],
+         [(8, 0.8), (16, 0.8)]),
     Case("zoo ctr CTRNet", lambda: zoo.CTRNet(), [(I, (26,), 50), (F, (13,), 0)], [(8, 0.8)]),
-    Case("zoo TransformerClassifier d64", lambda: zoo.TransformerClassifier(), [(I, (32,), 64)], [(8, 0.8), (16, 0.8)]),
+    Case("zoo TransformerClassifier d64", lambda: zoo.TransformerClassifier(), [(I, (32,), 64)],
+         [(8, 0.8), (16, 0.8)]),
 ]
 
 
 def pruned(build, block, sparsity, balanced, seed=0):
     torch.manual_seed(seed)
     model = build().eval()
-    _, _, manifest = harness.random_masks(model, block, sparsity, balanced=balanced, seed=seed, indivisible="pad")
+    _, _, manifest = harness.random_masks(model, block, sparsity, balanced=balanced, seed=seed,
+                                          indivisible="pad")
     return model, manifest
 
 
@@ -69,7 +74,8 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     xs = case.feed(n)
     with torch.no_grad():
         expected = model(*xs).numpy()
-    dense = export_onnx(model, case.feed(max(n, 2)))  # torch.export fixes an axis of size 1: never export at 1
+    # torch.export fixes an axis of size 1: never export at 1
+    dense = export_onnx(model, case.feed(max(n, 2)))
     names = [i.name for i in dense.graph.input]
     feed = {k: x.numpy() for k, x in zip(names, xs)}
     blocked = convert(dense, manifest, fmt="blocked").model.SerializeToString()
@@ -82,16 +88,18 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     # one session's spinning threads would steal the cores of the next (measured: 2-thread dense MLP B=16
     # N=32 19.1 ms interleaved, 9.2 ms alone), so each sample starts after a 20 ms pause and one untimed run.
     # --no-spin times sessions with spinning off instead (no pause needed).
-    sessions = harness.sessions({"dense": dense_b, "blocked": blocked, "auto": auto_b}, threads=threads, spin=spin)
+    sessions = harness.sessions({"dense": dense_b, "blocked": blocked, "auto": auto_b}, threads=threads,
+                                spin=spin)
     lat = harness.summary(harness.time_sessions(sessions, feed, rounds, pause_s=0.02 if spin else 0.0))
     layer_checks = [{"name": o.name, "fmt": o.fmt, "latencies_ms": o.latencies_ms,
-                     "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms else None}
+                     "vs_dense": (o.latencies_ms[o.fmt] / o.latencies_ms["dense"]) if o.latencies_ms
+                     else None}
                     for o in auto.layers]
     pruned_w = sum(lb.weight.size for lb in manifest)
     all_w = sum(p.numel() for p in model.parameters())
     row = {
-        "case": case.name, "block": block, "sparsity": s, "batch": n, "threads": threads, "balanced": balanced,
-        "spin": spin,
+        "case": case.name, "block": block, "sparsity": s, "batch": n, "threads": threads,
+        "balanced": balanced, "spin": spin,
         # the FLOP limit of the pruned layers, and of the whole model (Amdahl: the rest stays dense)
         "flop_limit": 1 / (1 - s),
         "model_flop_limit": harness.flop_limit(model, xs, {lb.name for lb in manifest}, s),
@@ -109,8 +117,9 @@ def measure(case: Case, block: int, s: float, n: int, threads: int, balanced: bo
     worst = max((c["vs_dense"] for c in layer_checks if c["vs_dense"]), default=None)
     print(f"{case.name} B={block} s={s} N={n} threads={threads}: dense {row['dense_ms']:.3f} ms, blocked "
           f"{row['blocked_ms']:.3f} ms ({row['speedup_blocked']:.2f}x, limit {row['flop_limit']:.0f}x), auto "
-          f"{row['auto_ms']:.3f} ms ({row['speedup_auto']:.2f}x); auto layers {[c['fmt'] for c in layer_checks]}"
-          f" worst layer vs dense {worst and round(worst, 3)}; size {len(blocked)/len(dense_b):.3f}x", flush=True)
+          f"{row['auto_ms']:.3f} ms ({row['speedup_auto']:.2f}x); auto layers "
+          f"{[c['fmt'] for c in layer_checks]} worst layer vs dense {worst and round(worst, 3)}; size "
+          f"{len(blocked)/len(dense_b):.3f}x", flush=True)
     return row
 
 
@@ -118,7 +127,8 @@ def main() -> None:
     ap = harness.parser(__doc__, out="onnx_speed.json")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,32,256")
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (7 for the large models at N = 256)")
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="interleaved rounds (7 for the large models at N = 256)")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     ap.add_argument("--unbalanced", action="store_true")
     ap.add_argument("--no-spin", action="store_true", help="time sessions with ORT's thread spinning off")
@@ -137,8 +147,9 @@ def main() -> None:
                     rows.append(measure(case, block, s, n, threads, not args.unbalanced, rounds,
                                         spin=not args.no_spin))
     m = harness.machine()
-    meta = {"cpu": m["cpu"], "cpu_flags": m["cpu_flags"], "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": m["onnxruntime"], "rounds": args.rounds, "spin": not args.no_spin, "utc": clock.span()}
+    meta = {"cpu": m["cpu"], "cpu_flags": m["cpu_flags"], "cores": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": m["onnxruntime"], "rounds": args.rounds,
+            "spin": not args.no_spin, "utc": clock.span()}
     harness.write_results(args.out, {"meta": meta, "rows": rows})
 
 

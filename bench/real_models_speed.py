@@ -4,10 +4,11 @@ Every model is built by its own library's constructor with random weights (no do
 speed of the output depends only on which blocks are kept), wrapped, planned, masked, exported and converted
 through the same functions the CLI runs:
 
-    sapp_compress.io.adapters.adapt(model, shard)               # ModelIO wrapper for keyword inputs / ModelOutput
-    sapp_compress.blocks.geometry.plan_layers(unwrap(model), PruneConfig(block="16", sparsity=0.8, balanced=True,
-                                                                   min_blocks=1))
-    attach -> random balanced masks (k = round(0.2 * C) blocks in every block-row) -> fold   # as the zoo tests
+    sapp_compress.io.adapters.adapt(model, shard)         # ModelIO wrapper for keyword inputs / ModelOutput
+    sapp_compress.blocks.geometry.plan_layers(unwrap(model), PruneConfig(block="16", sparsity=0.8,
+                                                                         balanced=True, min_blocks=1))
+    attach -> random balanced masks (k = round(0.2 * C) blocks in every block-row) -> fold
+                                                          # as the zoo tests
     sapp_compress.io.export.export_model(model, shard)        # dense ONNX, the pipeline's export
     converters.convert(proto, manifest, fmt="auto", timing_inputs=onnx_feed(shard, 16 rows), threads=T)
     converters.convert(proto, manifest, fmt="blocked")
@@ -45,18 +46,18 @@ import time
 import traceback
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
+from harness import ROOT
 from torch import nn
 
-import harness
-from harness import ROOT
-
 sys.path.insert(0, str(ROOT / "tests" / "models"))
+from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
+
 import converters  # noqa: E402
 from calib_data.shards import Shard  # noqa: E402
 from converters.runtime import session  # noqa: E402
-from real_models import EncoderClassifier  # noqa: E402 -- the matrix's encoder, here at realistic sizes
 from sapp_compress.io import adapters, export, feeds  # noqa: E402
 from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.io.feeds import to_tensors  # noqa: E402
@@ -89,7 +90,8 @@ def resnet18(layers=None):
 
 def mobilenet_v3_small(layers=None):
     tv = require("torchvision", "the mobilenet benchmark")
-    return tv.models.mobilenet_v3_small(), _images("x", 1), "torchvision mobilenet_v3_small, 1000 classes, 224x224"
+    return (tv.models.mobilenet_v3_small(), _images("x", 1),
+            "torchvision mobilenet_v3_small, 1000 classes, 224x224")
 
 
 def convnext_tiny(layers=None):
@@ -104,7 +106,8 @@ def convnext_nano(layers=None):
 
 def efficientnet_b0(layers=None):
     timm = require("timm", "the efficientnet benchmark")
-    return timm.create_model("efficientnet_b0"), _images("x", 3), "timm efficientnet_b0, 1000 classes, 224x224"
+    return (timm.create_model("efficientnet_b0"), _images("x", 3),
+            "timm efficientnet_b0, 1000 classes, 224x224")
 
 
 def distilbert(layers=None):
@@ -112,8 +115,9 @@ def distilbert(layers=None):
     cfg = t.DistilBertConfig(**({"n_layers": layers} if layers else {}))
     m = t.DistilBertForSequenceClassification(cfg)
     return m, _tokens(cfg.vocab_size, 4), (f"HF DistilBertForSequenceClassification, "
-                                           f"{'default config' if not layers else 'default sizes'} ({cfg.n_layers} "
-                                           f"layers, d {cfg.dim}, ff {cfg.hidden_dim}), seq {SEQ}")
+                                           f"{'default config' if not layers else 'default sizes'} "
+                                           f"({cfg.n_layers} layers, d {cfg.dim}, ff {cfg.hidden_dim}), seq "
+                                           f"{SEQ}")
 
 
 def roberta(layers=None):
@@ -130,8 +134,10 @@ def gpt2(layers=None):
     cfg = t.GPT2Config(**({"n_layer": layers} if layers else {}))
     m = t.GPT2LMHeadModel(cfg)
     n = sum(p.numel() for p in m.parameters()) / 1e6
-    return m, _tokens(cfg.vocab_size, 6), (f"HF GPT2LMHeadModel, {'default config' if not layers else 'default sizes'} ({cfg.n_layer} layers, d "
-                                           f"{cfg.n_embd}, {n:.0f}M params; lm_head tied, dense), seq {SEQ}")
+    return m, _tokens(cfg.vocab_size, 6), ("HF GPT2LMHeadModel, "
+                                           f"{'default config' if not layers else 'default sizes'} "
+                                           f"({cfg.n_layer} layers, d {cfg.n_embd}, {n:.0f}M params; lm_head "
+                                           f"tied, dense), seq {SEQ}")
 
 
 def vit(layers=None):
@@ -144,18 +150,18 @@ def vit(layers=None):
 
 def transformer_encoder(layers=None):
     m = EncoderClassifier(vocab=8000, d=512, heads=8, ff=2048, layers=layers or 4, classes=2)
-    return m, _tokens(8000, 8, mask=False), (f"nn.TransformerEncoder(batch_first=True), d 512, 8 heads, ff 2048, "
-                                             f"{layers or 4} layers, vocab 8000, seq {SEQ}")
+    return m, _tokens(8000, 8, mask=False), ("nn.TransformerEncoder(batch_first=True), d 512, 8 heads, ff "
+                                             f"2048, {layers or 4} layers, vocab 8000, seq {SEQ}")
 
 
 MODELS = {f.__name__: f for f in (resnet18, mobilenet_v3_small, convnext_tiny, convnext_nano, efficientnet_b0,
                                    distilbert, roberta, gpt2, vit, transformer_encoder)}
-#: ``name:N`` builds the model with N layers (roberta and vit default to 4, the others to their library default).
-#: The reduced variants stand beside the requested sizes because the converter's memory grows with every layer
-#: it rewrites (about one copy of all initializers per rewritten layer; see BENCHMARKS.md), so the full sizes of
-#: the large-vocabulary text models do not convert within --rss-cap-gb 11 on a 23 GiB machine.
-DEFAULT = ("resnet18,mobilenet_v3_small,convnext_nano,efficientnet_b0,distilbert,distilbert:2,roberta:4,roberta:2,"
-           "gpt2,gpt2:2,vit:4,transformer_encoder")
+#: ``name:N`` builds the model with N layers (roberta and vit default to 4, the others to their library
+#: default). The reduced variants stand beside the requested sizes because the converter's memory grows with
+#: every layer it rewrites (about one copy of all initializers per rewritten layer; see BENCHMARKS.md), so the
+#: full sizes of the large-vocabulary text models do not convert within --rss-cap-gb 11 on a 23 GiB machine.
+DEFAULT = ("resnet18,mobilenet_v3_small,convnext_nano,efficientnet_b0,distilbert,distilbert:2,roberta:4,"
+           "roberta:2,gpt2,gpt2:2,vit:4,transformer_encoder")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -165,13 +171,16 @@ class Failed(Exception):
         if isinstance(e, MemoryError) and GUARD is not None and GUARD.stack:
             tb = GUARD.stack
             e = MemoryError(f"resident memory passed the --rss-cap-gb {GUARD.cap:g} GB (peak so far "
-                            f"{peak_rss_gb():.1f} GB); main thread was at {os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno}")
+                            f"{peak_rss_gb():.1f} GB); main thread was at "
+                            f"{os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno}")
         own = [f for f in tb if "/sapp_compress/" in f.filename or "/converters/" in f.filename]
         where = own[-1] if own else (tb[-1] if tb else None)
         self.record = {
             "stage": stage, "error": f"{type(e).__name__}: {str(e).strip()}"[:2000],
-            "where": f"{os.path.relpath(where.filename, ROOT)}:{where.lineno} in {where.name}" if where else None,
-            "raised_at": f"{os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno} in {tb[-1].name}" if tb else None,
+            "where": (f"{os.path.relpath(where.filename, ROOT)}:{where.lineno} in {where.name}"
+                      if where else None),
+            "raised_at": (f"{os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno} in {tb[-1].name}"
+                          if tb else None),
             "traceback": ("".join(traceback.format_list(tb)) if isinstance(e, MemoryError) else
                           "".join(traceback.format_exception(type(e), e, e.__traceback__)))[-6000:],
         }
@@ -201,7 +210,8 @@ class RssGuard(threading.Thread):
                 self.stack = traceback.extract_stack(frame) if frame is not None else []
                 del frame  # a held frame would keep the converter's protos (all of its callers' locals) alive
                 self.armed = False
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main), ctypes.py_object(MemoryError))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main),
+                                                           ctypes.py_object(MemoryError))
 
     def rearm(self):
         self.stack, self.armed = None, True
@@ -262,7 +272,8 @@ _SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_c
 
 
 def flops(wrapped: nn.Module, inner: nn.Module, xs: tuple[torch.Tensor, ...], pruned: set[str]) -> dict:
-    """FLOPs at the inputs ``xs`` (batch 1): the whole model (flop counter) and the Linear/Conv layers (hooks)."""
+    """FLOPs at the inputs ``xs`` (batch 1): the whole model (flop counter) and the Linear/Conv layers
+    (hooks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     conv1d = _conv1d_cls()
@@ -318,8 +329,8 @@ def flops(wrapped: nn.Module, inner: nn.Module, xs: tuple[torch.Tensor, ...], pr
 
 # ------------------------------------------------------------------------------------------------ stages
 def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict:
-    """Build, mask, export, convert and verify one model (``name`` or ``name:layers``); the ONNX files are left
-    in ``workdir``."""
+    """Build, mask, export, convert and verify one model (``name`` or ``name:layers``); the ONNX files are
+    left in ``workdir``."""
     name, _, nl = spec.partition(":")
     layers = int(nl) if nl else None
     release()
@@ -384,7 +395,8 @@ def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict
                 continue
             with Stage(f"verify_{k}", log):
                 v = converters.verify(files[k].read_bytes(), feed1, [expected], atol=1e-4, rtol=1e-3)
-                row.setdefault("verify", {})[k] = {"max_abs_diff": v.max_abs_diff, "max_rel_diff": v.max_rel_diff}
+                row.setdefault("verify", {})[k] = {"max_abs_diff": v.max_abs_diff,
+                                                   "max_rel_diff": v.max_rel_diff}
         row["files"] = {k: str(f) for k, f in files.items()}
         row["feeds"] = {1: feed1, ROWS: feed16}
     except (Failed, MemoryError) as f:
@@ -402,8 +414,8 @@ def prepare(spec: str, threads: list[int], workdir: Path, seed: int = 0) -> dict
 
 
 def release() -> None:
-    """Collect, and hand freed heap back to the OS (glibc keeps it otherwise, and the RSS guard would then count
-    the previous model's freed protobuf arenas against the next model)."""
+    """Collect, and hand freed heap back to the OS (glibc keeps it otherwise, and the RSS guard would then
+    count the previous model's freed protobuf arenas against the next model)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -444,13 +456,15 @@ def time_model(row: dict, batches: list[int], threads: list[int], min_rounds: in
                 out.append({"threads": t, "batch": n, "failed": Failed("timing", e).record})
                 continue
             med = {k: statistics.median(v) for k, v in s.items()}
-            r = {"threads": t, "batch": n, "rounds": len(s["dense"]), "wall_s": round(time.perf_counter() - t0, 1),
-                 "median_ms": med, "samples_ms": s,
+            r = {"threads": t, "batch": n, "rounds": len(s["dense"]),
+                 "wall_s": round(time.perf_counter() - t0, 1), "median_ms": med, "samples_ms": s,
                  "speedup": {k: med["dense"] / med[k] for k in med if k != "dense"}}
             out.append(r)
             print(f"    t={t} N={n}: dense {med['dense']:.2f} ms, blocked {med['blocked']:.2f} ms "
-                  f"({r['speedup']['blocked']:.2f}x), auto {med['auto']:.2f} ms ({r['speedup']['auto']:.2f}x), "
-                  + (f"dense copy {med['dense_copy']:.2f} ms ({r['speedup']['dense_copy']:.2f}x), " if control else "")
+                  f"({r['speedup']['blocked']:.2f}x), auto {med['auto']:.2f} ms "
+                  f"({r['speedup']['auto']:.2f}x), "
+                  + (f"dense copy {med['dense_copy']:.2f} ms ({r['speedup']['dense_copy']:.2f}x), "
+                     if control else "")
                   + f"{r['rounds']} rounds, {r['wall_s']} s", flush=True)
         del sess
         gc.collect()
@@ -464,7 +478,8 @@ def _x(v) -> str:
 
 def table(rows: list[dict], passes: list[list[dict]], batches: list[int], threads: list[int]) -> str:
     """Markdown: one line per model; speed-ups as the median over passes (range over passes)."""
-    head = ["model (config)", "pruned / all params (planned)", "size blocked / auto", "FLOP limit (layers only)"]
+    head = ["model (config)", "pruned / all params (planned)", "size blocked / auto",
+            "FLOP limit (layers only)"]
     for t in threads:
         for n in batches:
             head += [f"blocked N={n}" + (f" t={t}" if len(threads) > 1 else ""),
@@ -475,7 +490,8 @@ def table(rows: list[dict], passes: list[list[dict]], batches: list[int], thread
         if "failed" in row:
             f = row["failed"]
             err = f["error"].splitlines()[0][:300].replace("|", "\\|")
-            lines.append(f"| {name} ({row.get('config', '?')}) | FAILED at {f['stage']}: `{err}` ({f['where']}) |"
+            lines.append(f"| {name} ({row.get('config', '?')}) | FAILED at {f['stage']}: `{err}` "
+                         f"({f['where']}) |"
                          + " |" * (len(head) - 2))
             continue
         fl = row["flops"]
@@ -489,10 +505,12 @@ def table(rows: list[dict], passes: list[list[dict]], batches: list[int], thread
                     vals = []
                     for p in passes:
                         for r in p:
-                            if r["model"] == name and r.get("threads") == t and r.get("batch") == n and "speedup" in r:
+                            if r["model"] == name and r.get("threads") == t and r.get("batch") == n and \
+                                    "speedup" in r:
                                 vals.append(r["speedup"][k])
                     if not vals:
-                        cells.append("failed" if any(r["model"] == name and "failed" in r for p in passes for r in p)
+                        cells.append("failed" if any(r["model"] == name and "failed" in r for p in passes
+                                                     for r in p)
                                      else "-")
                     elif len(vals) == 1:
                         cells.append(f"{vals[0]:.2f}x")
@@ -504,7 +522,8 @@ def table(rows: list[dict], passes: list[list[dict]], batches: list[int], thread
 
 def _reason_kind(reason: str) -> str:
     r = reason.lower()
-    for pat, kind in (("tied to", "tied"), ("depthwise", "depthwise conv"), ("do not divide", "indivisible"), ("grouped", "grouped conv"), ("does not divide", "indivisible"),
+    for pat, kind in (("tied to", "tied"), ("depthwise", "depthwise conv"), ("do not divide", "indivisible"),
+                      ("grouped", "grouped conv"), ("does not divide", "indivisible"),
                       ("larger than", "smaller than a block"), ("= 0 blocks", "k = 0 per row"),
                       ("normalisation", "norm"), ("embedding", "embedding")):
         if pat in r:
@@ -514,15 +533,16 @@ def _reason_kind(reason: str) -> str:
 
 def detail(rows: list[dict], passes: list[list[dict]]) -> str:
     """Dense latencies per pass, auto's formats, and what the FLOP counter saw outside the pruned layers."""
-    lines = ["| model | dense ms per pass (N=1 / N=16, 1st thread count) | auto layer formats | blocked layer formats "
-             "| GFLOP at N=1: total / Linear+Conv / pruned | skipped layers | convert s blocked / auto, process peak RSS so far GB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | dense ms per pass (N=1 / N=16, 1st thread count) | auto layer formats | blocked "
+             "layer formats | GFLOP at N=1: total / Linear+Conv / pruned | skipped layers | convert s "
+             "blocked / auto, process peak RSS so far GB |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "failed" in row:
             continue
         per = []
         for p in passes:
-            ms = [f"{r['median_ms']['dense']:.1f}" for r in p if r["model"] == row["model"] and "median_ms" in r
+            ms = [f"{r['median_ms']['dense']:.1f}" for r in p
+                  if r["model"] == row["model"] and "median_ms" in r
                   and r["threads"] == p[0].get("threads", 1)] if p else []
             per.append(" / ".join(ms))
         fl = row["flops"]
@@ -532,7 +552,8 @@ def detail(rows: list[dict], passes: list[list[dict]]) -> str:
             key = _reason_kind(s["reason"])
             reasons[key] = reasons.get(key, 0) + 1
         lines.append(f"| {row['model']} | {'; '.join(per)} | {auto} | {row['blocked_formats']} | "
-                     f"{fl['total_flops']/1e9:.2f} / {fl['layer_flops']/1e9:.2f} / {fl['pruned_flops']/1e9:.2f} | "
+                     f"{fl['total_flops']/1e9:.2f} / {fl['layer_flops']/1e9:.2f} / "
+                     f"{fl['pruned_flops']/1e9:.2f} | "
                      f"{'; '.join(f'{v} {k}' for k, v in reasons.items()) or '-'} | "
                      f"{row['stage_s'].get('convert_blocked', 0):.0f} / "
                      f"{sum(v for k, v in row['stage_s'].items() if k.startswith('convert_auto')):.0f}, "
@@ -547,11 +568,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1")
     ap.add_argument("--repeat", type=int, default=2, help="passes of the timing over all models")
     ap.add_argument("--min-rounds", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=6.0, help="seconds of interleaved rounds per (model, batch)")
+    ap.add_argument("--budget", type=float, default=6.0,
+                    help="seconds of interleaved rounds per (model, batch)")
     ap.add_argument("--rss-cap-gb", type=float, default=11.0,
                     help="record a model as failed (MemoryError, with its stack) past this resident memory")
     ap.add_argument("--control", action="store_true",
-                    help="time a second session of the dense model too (its ratio to the first is the noise floor)")
+                    help="time a second session of the dense model too "
+                         "(its ratio to the first is the noise floor)")
     ap.add_argument("--md", default="", help="also write the tables (markdown) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -594,7 +617,8 @@ def main() -> None:
         row.pop("files", None)
     meta["utc_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["wall_s"] = round(time.time() - t_start, 1)
-    md = (f"Machine: {machine}\n\n" + table(rows, passes, batches, threads) + "\n\n" + detail(rows, passes) + "\n")
+    md = (f"Machine: {machine}\n\n" + table(rows, passes, batches, threads) + "\n\n" + detail(rows, passes) +
+          "\n")
     print("\n" + md, flush=True)
     harness.write_results(args.out, {"meta": meta, "models": rows, "timings": passes, "table_md": md})
     if args.md:

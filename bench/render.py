@@ -33,8 +33,8 @@ def _rows(name: str) -> list[dict]:
             seen.add(k)
             kept.append(r)
     if len(kept) < len(rows):
-        print(f"note: {len(rows) - len(kept)} rows of {name} fine-tuned an older dense model or repeat a cell; "
-              "not shown",
+        print(f"note: {len(rows) - len(kept)} rows of {name} fine-tuned an older dense model or repeat a "
+              "cell; not shown",
               file=sys.stderr)
     return kept
 
@@ -81,7 +81,8 @@ def accuracy_tables(rows: list[dict], options: str = "{}") -> str:
                 if v:
                     vals[m] = (statistics.mean(v), statistics.pstdev(v) if len(v) > 1 else 0.0, len(v))
             best = (max if higher else min)(vals, key=lambda m: vals[m][0]) if vals else "-"
-            row = [f"{vals[m][0]:.4f} ± {vals[m][1]:.4f} (n={vals[m][2]})" if m in vals else "-" for m in methods]
+            row = [f"{vals[m][0]:.4f} ± {vals[m][1]:.4f} (n={vals[m][2]})" if m in vals else "-"
+                   for m in methods]
             out.append(f"| {b} | {s:g} | " + " | ".join(row) + f" | {best} |")
     return "\n".join(out)
 
@@ -98,8 +99,8 @@ def _cells(rows: list[dict], task: str, options: str) -> dict:
 
 def verdict(rows: list[dict], sapp_options: str = "{}", min_block: int = 8, min_sparsity: float = 0.8) -> str:
     """SA++ (with ``sapp_options``) against the best baseline (default options) in every cell with
-    B >= ``min_block`` and s >= ``min_sparsity``: a win or loss when the gap of the means exceeds the larger of
-    the two seed stds, a tie otherwise."""
+    B >= ``min_block`` and s >= ``min_sparsity``: a win or loss when the gap of the means exceeds the larger
+    of the two seed stds, a tie otherwise."""
     out = []
     tasks = sorted({r["task"] for r in rows})
     tasks += [t + "_auc" for t in CTR_TASKS if t in tasks]
@@ -152,8 +153,10 @@ def options_table(rows: list[dict], baselines: list[dict] | None = None) -> str:
     if len(methods) > 1:  # several methods: one line per (method, options), the method named in the label
         return "\n\n".join(options_table([r for r in rows if r["method"] == m], baselines).replace(
             "| defaults |", f"| {m} |").replace("| `{", f"| {m} `{{") for m in methods)
-    opts = sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows}, key=lambda o: (o != "{}", o))
-    head = "| options | " + " | ".join(f"{t} B={b} s={s:g}" for t, b, s in cols) + (" | ahead of best baseline |" if baselines else " |")
+    opts = sorted({json.dumps(r.get("options", {}), sort_keys=True) for r in rows},
+                  key=lambda o: (o != "{}", o))
+    head = "| options | " + " | ".join(f"{t} B={b} s={s:g}" for t, b, s in cols) + (
+        " | ahead of best baseline |" if baselines else " |")
     out = [head, "|---|" + "---|" * (len(cols) + (1 if baselines else 0))]
     for o in opts:
         cells, ahead, total = [], 0, 0
@@ -166,7 +169,8 @@ def options_table(rows: list[dict], baselines: list[dict] | None = None) -> str:
                 seeds = {r["seed"] for r in rows if (r["task"], r["block"], r["sparsity"]) == (t, b, s)
                          and json.dumps(r.get("options", {}), sort_keys=True) == o}
                 base = _cells([r for r in baselines if r["seed"] in seeds], t, "{}")
-                rivals = [statistics.mean(x) for (bb, ss, mm), x in base.items() if (bb, ss) == (b, s) and mm != "sapp"]
+                rivals = [statistics.mean(x) for (bb, ss, mm), x in base.items()
+                          if (bb, ss) == (b, s) and mm != "sapp"]
                 if rivals:
                     total += 1
                     best = max(rivals) if higher else min(rivals)
@@ -182,7 +186,8 @@ def best_of(rows: list[dict], seeds: set | None = None) -> list[dict]:
     Only settings run on all of ``seeds`` compete (default: the seeds every setting of the cell has)."""
     groups: dict = defaultdict(list)
     for r in rows:
-        groups[(r["task"], r["block"], r["sparsity"], r["method"], json.dumps(r.get("options", {}), sort_keys=True))].append(r)
+        groups[(r["task"], r["block"], r["sparsity"], r["method"],
+                json.dumps(r.get("options", {}), sort_keys=True))].append(r)
     cells: dict = defaultdict(dict)
     for (t, b, s, m, o), rs in groups.items():
         cells[(t, b, s, m)][o] = rs
@@ -192,7 +197,8 @@ def best_of(rows: list[dict], seeds: set | None = None) -> list[dict]:
         key, higher = _metric(t)
         scored = {o: [r for r in rs if r["seed"] in common] for o, rs in by_opt.items()}
         scored = {o: rs for o, rs in scored.items() if rs}
-        pick = (max if higher else min)(scored, key=lambda o: statistics.mean(r["pruned"][key] for r in scored[o]))
+        pick = (max if higher else min)(scored,
+                                        key=lambda o: statistics.mean(r["pruned"][key] for r in scored[o]))
         out += [{**r, "options": {}, "picked": pick} for r in scored[pick]]
     return out
 
@@ -243,8 +249,8 @@ def overhead_table() -> str:
            "| model | batch | block | plain step (ms) | SA++ step (ms) | ratio | per-round range |",
            "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        out.append(f"| {r['case']} | {r['batch']} | {r['block']} | {r['plain_ms']:.2f} | {r['sapp_ms']:.2f} | "
-                   f"{r['ratio_of_medians']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
+        out.append(f"| {r['case']} | {r['batch']} | {r['block']} | {r['plain_ms']:.2f} | {r['sapp_ms']:.2f} "
+                   f"| {r['ratio_of_medians']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
     return "\n".join(out)
 
 
@@ -268,18 +274,18 @@ def speed_table(name: str = "onnx_speed.json") -> str:
         return f"(no results: run bench/onnx_speed.py --out bench/results/{name})"
     d = json.loads(p.read_text())
     m = d["meta"]
-    out = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m.get('utc', '')} UTC, median of "
-           f"{m['rounds']} interleaved rounds (7 for the large models at N = 256)", "",
-           "| model | B | s | N | threads | dense ms | blocked ms | blocked speedup | auto speedup | FLOP limit 1/d "
-           "(whole model) | auto, of 1/d | auto: worst blocked layer vs dense op | size vs dense |",
+    out = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m.get('utc', '')} UTC, median "
+           f"of {m['rounds']} interleaved rounds (7 for the large models at N = 256)", "",
+           "| model | B | s | N | threads | dense ms | blocked ms | blocked speedup | auto speedup | FLOP "
+           "limit 1/d (whole model) | auto, of 1/d | auto: worst blocked layer vs dense op | size vs dense |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         w = _worst_blocked_pick(r["auto_layers"])
         worst = "dense op" if w is None else f"{w:.2f}"
-        out.append(f"| {r['case']}{'' if r['balanced'] else ' (free masks)'} | {r['block']} | {r['sparsity']} | "
-                   f"{r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | {r['blocked_ms']:.3f} | "
-                   f"{r['speedup_blocked']:.2f}x | {r['speedup_auto']:.2f}x | {r['flop_limit']:.0f}x "
-                   f"({r.get('model_flop_limit', r['flop_limit']):.1f}x) | "
+        out.append(f"| {r['case']}{'' if r['balanced'] else ' (free masks)'} | {r['block']} | "
+                   f"{r['sparsity']} | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | "
+                   f"{r['blocked_ms']:.3f} | {r['speedup_blocked']:.2f}x | {r['speedup_auto']:.2f}x | "
+                   f"{r['flop_limit']:.0f}x ({r.get('model_flop_limit', r['flop_limit']):.1f}x) | "
                    f"{r['speedup_auto'] / r['flop_limit']:.0%} | {worst} | "
                    f"{r['bytes']['blocked'] / r['bytes']['dense']:.3f} |")
     return "\n".join(out)
@@ -325,13 +331,27 @@ def speed_plot(name: str = "onnx_speed.json") -> Path | None:
 
 
 def planted_table() -> str:
+    """SA++'s variants (rows without a method are SA++'s); then, if measured (``--methods baselines``), the
+    other methods."""
     p = RESULTS / "planted.jsonl"
     rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+    sapp = [r for r in rows if r.get("method", "sapp") == "sapp"]
     out = ["| SA++ options | noise | recovered (seeds) | mean |", "|---|---|---|---|"]
-    for o, noise in sorted({(r["options"], r["noise"]) for r in rows}, key=lambda k: (k[0] != "{}", k)):
-        v = [r["recovered"] for r in sorted(rows, key=lambda r: r["seed"]) if (r["options"], r["noise"]) == (o, noise)]
+    for o, noise in sorted({(r["options"], r["noise"]) for r in sapp}, key=lambda k: (k[0] != "{}", k)):
+        v = [r["recovered"] for r in sorted(sapp, key=lambda r: r["seed"])
+             if (r["options"], r["noise"]) == (o, noise)]
         label = "defaults" if o == "{}" else f"`{o}`"
-        out.append(f"| {label} | {noise:g} | {' / '.join(f'{x:.2f}' for x in v)} | {statistics.mean(v):.2f} |")
+        out.append(f"| {label} | {noise:g} | {' / '.join(f'{x:.2f}' for x in v)} | "
+                   f"{statistics.mean(v):.2f} |")
+    others = [r for r in rows if r.get("method", "sapp") != "sapp"]
+    if others:
+        out += ["", "| method | options | noise | recovered (seeds) | mean |", "|---|---|---|---|---|"]
+        for m, o, noise in sorted({(r["method"], r["options"], r["noise"]) for r in others}):
+            v = [r["recovered"] for r in sorted(others, key=lambda r: r["seed"])
+                 if (r["method"], r["options"], r["noise"]) == (m, o, noise)]
+            label = "defaults" if o == "{}" else f"`{o}`"
+            out.append(f"| {m} | {label} | {noise:g} | {' / '.join(f'{x:.2f}' for x in v)} | "
+                       f"{statistics.mean(v):.2f} |")
     return "\n".join(out)
 
 
@@ -341,9 +361,11 @@ def balanced_table() -> str:
     out = ["| task | B | s | method | free | balanced |", "|---|---|---|---|---|---|"]
     for t, b, s, m in sorted({(r["task"], r["block"], r["sparsity"], r["method"]) for r in bal}):
         key = _metric(t)[0]
-        f = [r["pruned"][key] for r in acc if (r["task"], r["block"], r["sparsity"], r["method"]) == (t, b, s, m)
+        f = [r["pruned"][key] for r in acc if (r["task"], r["block"], r["sparsity"],
+                                               r["method"]) == (t, b, s, m)
              and not r.get("options")]
-        v = [r["pruned"][key] for r in bal if (r["task"], r["block"], r["sparsity"], r["method"]) == (t, b, s, m)]
+        v = [r["pruned"][key] for r in bal if (r["task"], r["block"], r["sparsity"],
+                                               r["method"]) == (t, b, s, m)]
         cell = lambda x: f"{statistics.mean(x):.4f} ± {statistics.pstdev(x):.4f}" if x else "-"  # noqa: E731
         out.append(f"| {t} | {b} | {s:g} | {m} | {cell(f)} | {cell(v)} |")
     return "\n".join(out)
@@ -375,8 +397,8 @@ def main() -> None:
         base = [r for r in _rows("accuracy.jsonl") if (r["task"], r["block"], r["sparsity"]) in cells]
         picked = best_of(base + [r for r in lr_rows if r["options"].keys() == {"lr_scale"}])
         print(verdict(picked))
-        print("\npicked: " + ", ".join(sorted({f"{r['task']} B={r['block']} s={r['sparsity']:g} {r['method']}: "
-                                                f"{r['picked']}" for r in picked})))
+        print("\npicked: " + ", ".join(sorted({f"{r['task']} B={r['block']} s={r['sparsity']:g} "
+                                                f"{r['method']}: {r['picked']}" for r in picked})))
     elif what == "balanced":
         print(balanced_table())
     elif what == "planted":

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper
-
 import harness
-from harness import machine, machine_line, medians, optimized_ops, parser, sessions, time_sessions, write_results
+import numpy as np
+from harness import (
+    machine,
+    machine_line,
+    medians,
+    optimized_ops,
+    parser,
+    sessions,
+    time_sessions,
+    write_results,
+)
+from onnx import TensorProto, helper
 
 
 def graph(op: str, hidden: int) -> bytes:
@@ -26,8 +33,10 @@ def graph(op: str, hidden: int) -> bytes:
     r = helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", "T", hidden])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", hidden])
     rng = np.random.default_rng(0)
-    inits = [helper.make_tensor("g", TensorProto.FLOAT, [hidden], rng.standard_normal(hidden).astype(np.float32)),
-             helper.make_tensor("b", TensorProto.FLOAT, [hidden], rng.standard_normal(hidden).astype(np.float32))]
+    inits = [helper.make_tensor("g", TensorProto.FLOAT, [hidden],
+                                rng.standard_normal(hidden).astype(np.float32)),
+             helper.make_tensor("b", TensorProto.FLOAT, [hidden],
+                                rng.standard_normal(hidden).astype(np.float32))]
     nodes = [helper.make_node(op, ["x", "r"], ["s"]),
              helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-12)]
     g = helper.make_graph(nodes, op, [x, r], [y], inits)
@@ -53,8 +62,8 @@ def main() -> None:
         outs = {k: s.run(None, feed)[0] for k, s in sess.items()}
         diff = float(np.abs(outs["add_fused"] - outs["sum_unfused"]).max())
         ms = medians(time_sessions(sess, feed, a.rounds))
-        row = {"batch": n, "seq": a.seq, "hidden": a.hidden, "ms": ms, "ratio": ms["add_fused"] / ms["sum_unfused"],
-               "max_abs_diff": diff}
+        row = {"batch": n, "seq": a.seq, "hidden": a.hidden, "ms": ms,
+               "ratio": ms["add_fused"] / ms["sum_unfused"], "max_abs_diff": diff}
         rows.append(row)
         print(f"batch {n}: fused SkipLayerNormalization {ms['add_fused']:.3f} ms, Sum + LayerNormalization "
               f"{ms['sum_unfused']:.3f} ms ({row['ratio']:.2f}x); outputs differ by {diff:.1e}", flush=True)

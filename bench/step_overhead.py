@@ -13,19 +13,19 @@ import copy
 import statistics
 import time
 
+import harness
 import numpy as np
 import torch
 from torch import nn
 
-import harness
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, zoo
 from sapp_compress.blocks.geometry import plan_layers
-from sapp_compress.granularity import BLOCKS, Plan
 from sapp_compress.engine.methods import METHODS
-from sapp_compress.io.tasks import Task
 from sapp_compress.engine.training import BatchPlan, fine_tune
+from sapp_compress.granularity import BLOCKS, Plan
 from sapp_compress.io.feeds import to_tensors
+from sapp_compress.io.tasks import Task
 
 
 def plain_steps(model, task, shard, cfg, device, steps):

@@ -11,17 +11,17 @@ its held-out shard; the score is the written ONNX model's accuracy there. Models
 - ``text_bert``: the trained BERT text classifier shipped in ``examples/models`` (see its README), with the
   shards made from its corpus by ``sapp-compress-shard`` (``--text-train`` / ``--text-test``);
 - ``digits_cnn``: the shipped digits CNN (a residual CNN) on ``calib_data/digits_img.npz`` (held-out 20 %);
-- ``digits_resnet18``: torchvision's resnet18 (its own constructor, 10 classes) trained here on the shipped digits
-  images, upsampled (nearest) to 3x32x32, on a fixed 80 % split, evaluated on the other 20 % (360 images). Made on
-  first use by :func:`digits_resnet18` (about a minute on one core, deterministic) and cached under
-  ``bench/results/models/`` and ``bench/results/tmp/``: no weights are shipped or downloaded.
+- ``digits_resnet18``: torchvision's resnet18 (its own constructor, 10 classes) trained here on the shipped
+  digits images, upsampled (nearest) to 3x32x32, on a fixed 80 % split, evaluated on the other 20 % (360
+  images). Made on first use by :func:`digits_resnet18` (about a minute on one core, deterministic) and cached
+  under ``bench/results/models/`` and ``bench/results/tmp/``: no weights are shipped or downloaded.
 
 Rows are appended to ``bench/results/structured_accuracy.jsonl`` as they finish (``--resume`` skips those
 already there); the summary (mean and spread per model and method) goes to ``structured_accuracy.json``.
 
 ``--latency-aware``: for each seed, the uniform run's written model is timed against the dense one (serving
-batch ``--batch``, 1 thread, interleaved) and the same method is run again with ``--target-speedup`` set to that
-measured speed-up; both models' ONNX accuracy and measured speed-ups go to
+batch ``--batch``, 1 thread, interleaved) and the same method is run again with ``--target-speedup`` set to
+that measured speed-up; both models' ONNX accuracy and measured speed-ups go to
 ``bench/results/latency_aware.jsonl`` (the latency-aware allocation against the uniform sparsity at the same
 measured speed-up).
 """
@@ -29,24 +29,27 @@ from __future__ import annotations
 
 import statistics
 import sys
-
-import numpy as np
 import tempfile
 import time
 from pathlib import Path
 
 import harness
+import numpy as np
 from harness import RESULTS, append_row, machine, machine_line, parser, read_rows, write_results
 
-from sapp_compress.config import PruneConfig, TrainConfig  # noqa: E402
-from sapp_compress.config import OutputConfig  # noqa: E402
+from sapp_compress.config import (  # noqa: E402
+    OutputConfig,  # noqa: E402
+    PruneConfig,
+    TrainConfig,
+)
 from sapp_compress.pipeline import compress
 
 ROOT = harness.ROOT
 
 
 def digits_resnet18(size: int = 32, epochs: int = 12) -> tuple[Path, Path, Path]:
-    """torchvision resnet18 trained on the shipped digits (upsampled to 3 x size x size): (model, train, test)."""
+    """torchvision resnet18 trained on the shipped digits (upsampled to 3 x size x size): (model, train,
+    test)."""
     import torch
     import torch.nn.functional as F
 
@@ -92,7 +95,8 @@ def digits_resnet18(size: int = 32, epochs: int = 12) -> tuple[Path, Path, Path]
 def model_source(name: str, args) -> tuple[Path, Path, Path | None, dict]:
     """(model path, training shard, evaluation shard or None, extra options)."""
     if name == "digits_cnn":
-        return ROOT / "examples" / "models" / "digits_cnn.pt", ROOT / "calib_data" / "digits_img.npz", None, {}
+        return (ROOT / "examples" / "models" / "digits_cnn.pt", ROOT / "calib_data" / "digits_img.npz", None,
+                {})
     if name == "digits_resnet18":
         return (*digits_resnet18(), {})
     if name == "text_bert":
@@ -103,16 +107,18 @@ def model_source(name: str, args) -> tuple[Path, Path, Path | None, dict]:
 def run(name: str, method: str, seed: int, sparsity: float, args, tmp: Path, target: float | None = None,
         batch: int = 1) -> dict:
     path, train, test, extra = model_source(name, args)
-    prune_cfg = PruneConfig(block="8", sparsity=sparsity, method=method, structure="channels", target_speedup=target)
+    prune_cfg = PruneConfig(block="8", sparsity=sparsity, method=method, structure="channels",
+                            target_speedup=target)
     train_cfg = TrainConfig(seed=seed, **({"steps": args.steps} if args.steps else {}))
     out = OutputConfig(output=tmp / "m.onnx", report=tmp / "r.json", threads=1, export_batch_size=batch,
                        accept_missed_target=True, **extra)
     t0 = time.perf_counter()
     rep = compress(path, prune_cfg, train_cfg, out, data=train, eval_data=test, trust_model=True)
-    return {"model": name, "method": method, "seed": seed, "sparsity": sparsity, "dense": rep["accuracy"]["dense"],
-            "pruned_torch": rep["accuracy"]["pruned_torch"], "onnx": rep["accuracy"]["onnx"],
-            "drop": rep["accuracy"]["drop"], "steps": rep["steps"], "lr": rep["lr"],
-            "parameters": rep["structure"]["parameters"], "seconds": round(time.perf_counter() - t0, 1),
+    return {"model": name, "method": method, "seed": seed, "sparsity": sparsity,
+            "dense": rep["accuracy"]["dense"], "pruned_torch": rep["accuracy"]["pruned_torch"],
+            "onnx": rep["accuracy"]["onnx"], "drop": rep["accuracy"]["drop"], "steps": rep["steps"],
+            "lr": rep["lr"], "parameters": rep["structure"]["parameters"],
+            "seconds": round(time.perf_counter() - t0, 1),
             "widths": {row["name"]: row["kept_units"] for row in rep["layers"]},
             "target_speedup": rep.get("target_speedup", {}).get("measured") if target else None}
 
@@ -126,8 +132,8 @@ def measured_speedup(name: str, onnx_path: Path, args) -> float:
     from calib_data.shards import load_shard
     from converters.latency import model_ms
     from sapp_compress.io import adapters
-    from sapp_compress.io.loading import load_model
     from sapp_compress.io.export import export_model
+    from sapp_compress.io.loading import load_model
 
     path, train, _, _ = model_source(name, args)
     shard = load_shard(train)
@@ -145,13 +151,14 @@ def latency_aware(args, tmp: Path) -> None:
         for seed in args.seeds:
             for method in args.methods:
                 uni = run(name, method, seed, args.sparsity, args, tmp, batch=args.batch)
-                if not any((r["model"], r["method"], r["seed"], r["sparsity"]) == (name, method, seed, args.sparsity)
-                           for r in read_rows(args.rows)):
+                if not any((r["model"], r["method"], r["seed"], r["sparsity"]) ==
+                           (name, method, seed, args.sparsity) for r in read_rows(args.rows)):
                     append_row(args.rows, uni)  # the uniform run is also a row of the accuracy table
                 y = measured_speedup(name, tmp / "m.onnx", args)
                 lat = run(name, method, seed, args.sparsity, args, tmp, target=round(y, 3), batch=args.batch)
-                row = {"model": name, "method": method, "seed": seed, "batch": args.batch, "sparsity": args.sparsity,
-                       "dense": uni["dense"], "uniform": {"onnx": uni["onnx"], "speedup": y, "widths": uni["widths"]},
+                row = {"model": name, "method": method, "seed": seed, "batch": args.batch,
+                       "sparsity": args.sparsity, "dense": uni["dense"],
+                       "uniform": {"onnx": uni["onnx"], "speedup": y, "widths": uni["widths"]},
                        "latency_aware": {"onnx": lat["onnx"], "speedup": lat["target_speedup"],
                                          "widths": lat["widths"], "target": round(y, 3)}}
                 append_row(rows_path, row)
@@ -165,8 +172,9 @@ def summarise(rows: list[dict]) -> dict:
         rs = [r for r in rows if (r["model"], r["sparsity"], r["method"]) == key]
         acc = [r["onnx"] for r in rs]
         out[f"{key[0]} s{key[1]} {key[2]}"] = {
-            "dense": rs[0]["dense"], "onnx_mean": statistics.mean(acc), "onnx_min": min(acc), "onnx_max": max(acc),
-            "seeds": [r["seed"] for r in rs], "onnx": acc, "params": rs[0]["parameters"]}
+            "dense": rs[0]["dense"], "onnx_mean": statistics.mean(acc), "onnx_min": min(acc),
+            "onnx_max": max(acc), "seeds": [r["seed"] for r in rs], "onnx": acc,
+            "params": rs[0]["parameters"]}
     return out
 
 
@@ -181,7 +189,8 @@ def main() -> None:
     ap.add_argument("--text-train", default=str(RESULTS / "tmp" / "text_train.npz"))
     ap.add_argument("--text-test", default=str(RESULTS / "tmp" / "text_test.npz"))
     ap.add_argument("--rows", default=str(RESULTS / "structured_accuracy.jsonl"),
-                    help="one JSON line per run; with --rows elsewhere and no --out, the summary goes beside it")
+                    help="one JSON line per run; with --rows elsewhere and no --out, the summary goes beside "
+                         "it")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--latency-aware", action="store_true")
     ap.add_argument("--batch", type=int, default=8, help="the serving batch of --latency-aware")
@@ -194,7 +203,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="sapp_lat_") as d:
             latency_aware(a, Path(d))
         return
-    done = {(r["model"], r["method"], r["seed"], r["sparsity"]) for r in read_rows(a.rows)} if a.resume else set()
+    done = {(r["model"], r["method"], r["seed"], r["sparsity"])
+            for r in read_rows(a.rows)} if a.resume else set()
     with tempfile.TemporaryDirectory(prefix="sapp_acc_") as d:
         for name in a.models:
             for seed in a.seeds:
@@ -208,7 +218,8 @@ def main() -> None:
     rows = [r for r in read_rows(a.rows) if r["sparsity"] == a.sparsity]
     write_results(a.out, {"machine": machine(), "summary": summarise(rows)})
     for k, v in summarise(rows).items():
-        print(f"{k}: dense {v['dense']:.4f}, onnx {v['onnx_mean']:.4f} [{v['onnx_min']:.4f}, {v['onnx_max']:.4f}]")
+        print(f"{k}: dense {v['dense']:.4f}, onnx {v['onnx_mean']:.4f} [{v['onnx_min']:.4f}, "
+              f"{v['onnx_max']:.4f}]")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ same model and the same inputs.
 **Prunable parameters** (one definition, used for both columns): every element of the weight of an
 ``nn.Linear`` (incl. ``nn.MultiheadAttention.out_proj``), an ``nn.Conv1d/2d/3d`` (incl. depthwise and the
 patch embeddings of ViTs), a transformers ``Conv1D``, and ``nn.MultiheadAttention``'s ``in_proj_weight``
-(or its separate ``q/k/v_proj_weight``); a weight that is an ``nn.Embedding`` table (or tied to one, as GPT-2's
-``lm_head``) is not counted. Biases, norms, embeddings, position embeddings and class tokens are not counted.
-An element is **covered** when its index along one of its tensor's axes (a row or a column, or a
+(or its separate ``q/k/v_proj_weight``); a weight that is an ``nn.Embedding`` table (or tied to one, as
+GPT-2's ``lm_head``) is not counted. Biases, norms, embeddings, position embeddings and class tokens are not
+counted. An element is **covered** when its index along one of its tensor's axes (a row or a column, or a
 kernel tap for convs) belongs to a unit of some family along that axis: it goes when that unit goes. The
 share covered is the most of the prunable parameters that structured pruning can reach with the residual
 width kept.
@@ -17,9 +17,9 @@ width kept.
 **ours**: ``sapp_compress.structure.discover(model, inputs, names_from=inner)``: families by kind, the share
 of prunable parameters covered, the discovery time, the removal parity (half of each family's units, chosen
 at random with seed 1, removed physically by ``remove`` vs zeroed at their consumers by ``zero_removed``:
-``max_rel_diff`` of the outputs; and the same for dense vs zeroed, which shows the removal changes the output),
-the parameters before / after that removal, and the weight axes left whole, counted by reason (conv kernel
-axes, axis 2 and up of a conv weight, are counted apart: they are kernel taps, not channels).
+``max_rel_diff`` of the outputs; and the same for dense vs zeroed, which shows the removal changes the
+output), the parameters before / after that removal, and the weight axes left whole, counted by reason (conv
+kernel axes, axis 2 and up of a conv weight, are counted apart: they are kernel taps, not channels).
 
 **Torch-Pruning** (``--torch-pruning PATH``: a folder that holds the ``torch_pruning`` package, e.g. from
 ``pip install --target PATH torch-pruning==1.6.1 --no-deps``; or importable already; otherwise the column is
@@ -27,10 +27,10 @@ skipped with a note): ``tp.pruner.MetaPruner`` with ``tp.importance.GroupMagnitu
 ``pruning_ratio=0.5``, and where the model has attention ``num_heads`` for its q/k/v projections,
 ``prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5``. The residual width is kept, as ours
 keeps it, the way a user of Torch-Pruning keeps it: the layers that write the residual stream (embeddings,
-attention output projections, the MLPs' second layers, stems, the last conv of residual blocks) and the model's
-output layer go in ``ignored_layers``. The per-model glue (what is ignored, the head counts given, modules
-converted before pruning, attributes updated after) is listed in the JSON. Reported: groups found by its
-``DependencyGraph`` (all, and those prunable with the ignored layers), groups it pruned, the share of the
+attention output projections, the MLPs' second layers, stems, the last conv of residual blocks) and the
+model's output layer go in ``ignored_layers``. The per-model glue (what is ignored, the head counts given,
+modules converted before pruning, attributes updated after) is listed in the JSON. Reported: groups found by
+its ``DependencyGraph`` (all, and those prunable with the ignored layers), groups it pruned, the share of the
 prunable parameters in its prunable groups (same definition as above, along the axes its groups prune),
 parameters before / after, whether the pruned model runs (before and after the attribute glue), and its
 parity: the pruned model's output vs the unpruned model whose pruned channels are zeroed at their consumers
@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "structure"))
 from library import MODELS, Built, Out  # noqa: E402
+
 from sapp_compress.errors import ModelLoadError  # noqa: E402
 from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.structure import discover  # noqa: E402
@@ -75,8 +76,9 @@ from sapp_compress.structure.remove import max_rel_diff, random_keep, remove, ze
 
 RATIO = 0.5
 PRUNABLE = ("every element of the weight of nn.Linear (incl. MultiheadAttention.out_proj), nn.Conv1d/2d/3d, "
-            "transformers Conv1D, and MultiheadAttention's in_proj_weight (or q/k/v_proj_weight); nn.Embedding "
-            "tables and weights tied to them excluded; biases, norms, position embeddings, class tokens not counted")
+            "transformers Conv1D, and MultiheadAttention's in_proj_weight (or q/k/v_proj_weight); "
+            "nn.Embedding tables and weights tied to them excluded; biases, norms, position embeddings, "
+            "class tokens not counted")
 COVERED = ("an element is covered when its index along one of its tensor's axes belongs to a unit of some "
            "family (ours) or to a prunable group (Torch-Pruning) along that axis")
 
@@ -100,7 +102,8 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for m in model.modules():
         ws = []
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or _qualname(m) == "transformers.pytorch_utils.Conv1D":
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or \
+                _qualname(m) == "transformers.pytorch_utils.Conv1D":
             ws = [m.weight]
         elif isinstance(m, nn.MultiheadAttention):
             ws = [m.in_proj_weight] if m.in_proj_weight is not None else [m.q_proj_weight, m.k_proj_weight,
@@ -232,20 +235,23 @@ def glue_for(name: str, m: nn.Module) -> Glue:
         for layer in base.encoder.layer:
             s = layer.attention.self
             ign += [layer.attention.output.dense, layer.output.dense]
-            heads.update({s.query: s.num_attention_heads, s.key: s.num_attention_heads, s.value: s.num_attention_heads})
+            heads.update({s.query: s.num_attention_heads, s.key: s.num_attention_heads,
+                          s.value: s.num_attention_heads})
         if name == "bert":
             ign.append(m.classifier)
         if name == "roberta":
             ign.append(m.classifier.out_proj)
 
         def fix(inner, pruner):
-            for layer in (getattr(inner, "bert", None) or getattr(inner, "roberta", None) or inner).encoder.layer:
+            for layer in (getattr(inner, "bert", None) or getattr(inner, "roberta",
+                                                                  None) or inner).encoder.layer:
                 s = layer.attention.self
                 s.num_attention_heads = pruner.num_heads[s.query]
                 s.all_head_size = s.query.out_features
-        return Glue(ign, heads, fix, notes=["ignored: embeddings, each block's attention.output.dense and "
-                                            "output.dense, the classifier's last layer",
-                                            "after: num_attention_heads, all_head_size of each self-attention"])
+        return Glue(ign, heads, fix,
+                    notes=["ignored: embeddings, each block's attention.output.dense and output.dense, the "
+                           "classifier's last layer",
+                           "after: num_attention_heads, all_head_size of each self-attention"])
     if name == "distilbert":
         ign = [m.distilbert.embeddings, m.classifier]
         heads = {}
@@ -267,8 +273,9 @@ def glue_for(name: str, m: nn.Module) -> Glue:
         t = m.transformer
         return Glue([t.wte, t.wpe, m.lm_head] + [x for blk in t.h for x in (blk.attn.c_proj, blk.mlp.c_proj)],
                     {blk.attn.c_attn: blk.attn.num_heads for blk in t.h}, fix,
-                    notes=["before: every transformers Conv1D replaced by an equivalent nn.Linear (Torch-Pruning "
-                           "has no Conv1D pruner)", "ignored: wte, wpe, lm_head (tied to wte), attn.c_proj, "
+                    notes=["before: every transformers Conv1D replaced by an equivalent nn.Linear "
+                           "(Torch-Pruning has no Conv1D pruner)",
+                           "ignored: wte, wpe, lm_head (tied to wte), attn.c_proj, "
                            "mlp.c_proj", "num_heads given for the fused c_attn",
                            "after: num_heads, split_size of each attention"])
     if name == "llama_gqa":
@@ -314,16 +321,18 @@ def glue_for(name: str, m: nn.Module) -> Glue:
         def fix(inner, pruner):
             for layer in inner.encoder.layers:
                 layer.self_attn.num_heads = pruner.num_heads[layer.self_attn.q_proj]
-        return Glue(ign, heads, fix, notes=["ignored: encoder.conv2, embed_positions, self_attn.out_proj, fc2, "
-                                            "classifier", "after: num_heads of each attention"])
+        return Glue(ign, heads, fix, notes=["ignored: encoder.conv2, embed_positions, self_attn.out_proj, "
+                                            "fc2, classifier", "after: num_heads of each attention"])
     if name == "resnet18":
         ign = [m.conv1, m.fc] + [x for s in (m.layer1, m.layer2, m.layer3, m.layer4) for blk in s
-                                 for x in [blk.conv2] + ([blk.downsample[0]] if blk.downsample is not None else [])]
+                                 for x in [blk.conv2] +
+                                 ([blk.downsample[0]] if blk.downsample is not None else [])]
         return Glue(ign, notes=["ignored: stem conv1, each block's conv2 and downsample conv, fc"])
     if name == "mobilenet_v3_small":
-        ign = [m.classifier[3]] + [blk.block[-1][0] for blk in m.features if getattr(blk, "use_res_connect", False)]
-        return Glue(ign, notes=["ignored: the last conv of every inverted-residual block with a residual add, "
-                                "the last classifier layer"])
+        ign = [m.classifier[3]] + [blk.block[-1][0] for blk in m.features
+                                   if getattr(blk, "use_res_connect", False)]
+        return Glue(ign, notes=["ignored: the last conv of every inverted-residual block with a residual "
+                                "add, the last classifier layer"])
     if name == "torchvision_vit":
         ign = [m.conv_proj, m.heads.head] + [x for layer in m.encoder.layers
                                               for x in (layer.self_attention, layer.mlp[3])]
@@ -358,8 +367,9 @@ def glue_for(name: str, m: nn.Module) -> Glue:
         return Glue(ign, notes=["ignored: the last 1x1 conv of every block with a skip, the classifier"])
     if name == "transformer_encoder":
         ign = [m.tok, m.head] + [x for layer in m.encoder.layers for x in (layer.self_attn, layer.linear2)]
-        return Glue(ign, notes=["ignored: tok embedding, each nn.MultiheadAttention (embed_dim pruning only), "
-                                "linear2, head", "no head groups possible for nn.MultiheadAttention with the "
+        return Glue(ign, notes=["ignored: tok embedding, each nn.MultiheadAttention "
+                                "(embed_dim pruning only), linear2, head",
+                                "no head groups possible for nn.MultiheadAttention with the "
                                 "residual kept"])
     if name == "mlp":
         return Glue([m[4]], notes=["ignored: the last Linear (the output)"])
@@ -428,16 +438,18 @@ def _tp_prune(name: str, b: Built, tp, prepare: bool, overrides: bool) -> dict:
     try:
         t0 = time.perf_counter()
         pruner = tp.pruner.MetaPruner(
-            model, list(b.inputs), importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=RATIO,
-            ignored_layers=glue.ignored, num_heads=glue.num_heads, prune_num_heads=bool(glue.num_heads),
-            prune_head_dims=False, head_pruning_ratio=RATIO if glue.num_heads else 0.0)
+            model, list(b.inputs), importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=RATIO, ignored_layers=glue.ignored, num_heads=glue.num_heads,
+            prune_num_heads=bool(glue.num_heads), prune_head_dims=False,
+            head_pruning_ratio=RATIO if glue.num_heads else 0.0)
         rec["graph_s"] = round(time.perf_counter() - t0, 3)
         DG = pruner.DG
         stage = "DependencyGraph.get_all_groups()"
         rec["groups_all"] = sum(1 for _ in DG.get_all_groups(root_module_types=pruner.root_module_types))
         covered: dict[tuple[str, int], set[int]] = defaultdict(set)
         n_prunable = 0
-        bad: list[str] = []  # a group item whose indices exceed its tensor's axis: an index mapping gone wrong
+        # a group item whose indices exceed its tensor's axis: an index mapping gone wrong
+        bad: list[str] = []
         for group in DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                        root_module_types=pruner.root_module_types):
             n_prunable += 1
@@ -457,9 +469,11 @@ def _tp_prune(name: str, b: Built, tp, prepare: bool, overrides: bool) -> dict:
                 pruned_groups += 1
             for dep, idxs in group:
                 mod = dep.target.module
-                if not len(idxs) or not isinstance(mod, nn.Module) or not DG.is_in_channel_pruning_fn(dep.handler):
+                if not len(idxs) or not isinstance(mod, nn.Module) or \
+                        not DG.is_in_channel_pruning_fn(dep.handler):
                     continue
-                if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1):
+                if isinstance(mod, nn.Linear) or (isinstance(mod,
+                                                             nn.modules.conv._ConvNd) and mod.groups == 1):
                     zero_cols[(names[mod], 1)].update(int(i) for i in idxs)
             group.prune()
         rec["groups_pruned"] = pruned_groups
@@ -559,7 +573,8 @@ def tp_version(tp) -> str:
 def compare_axes(inner: nn.Module, ours: list[str], theirs: list[str]) -> dict:
     """Prunable weight axes in some group of one discovery and not of the other (Torch-Pruning's axes of a
     transformers Conv1D converted to nn.Linear are mapped back: rows and columns swap)."""
-    conv1d = {f"{n}.weight" for n, m in inner.named_modules() if _qualname(m) == "transformers.pytorch_utils.Conv1D"}
+    conv1d = {f"{n}.weight" for n, m in inner.named_modules()
+              if _qualname(m) == "transformers.pytorch_utils.Conv1D"}
 
     def back(k: str) -> str:
         t, a = k[:-3], int(k[-2])
@@ -580,7 +595,8 @@ def _tp_cell(t: dict | None) -> str:
         return f"FAIL at {t['stage']}: {t['error'][:90]}"
     f = t["forward"]
     par = f.get("parity_vs_zeroed")
-    run = (f"runs, parity {par:.1e}" if par is not None else "runs") if f["runs"] else f"forward FAIL: {f['error'][:70]}"
+    run = (f"runs, parity {par:.1e}" if par is not None else "runs") if f["runs"] else \
+        f"forward FAIL: {f['error'][:70]}"
     return (f"groups {t['groups_prunable']}/{t['groups_all']} pruned {t['groups_pruned']}, cov "
             f"{t['coverage']['share']:.0%}, params {t['params_after'] / t['params_before']:.2f}x, {run}")
 
@@ -601,7 +617,8 @@ def main(argv=None) -> int:
             versions[lib] = None
     versions["torch_pruning"] = tp_version(tp) if tp else None
     cpu = cpu_line()
-    print(f"CPU: {cpu}\n{tp_line}\nversions: {versions}\nprunable parameters: {PRUNABLE}\ncovered: {COVERED}\n")
+    print(f"CPU: {cpu}\n{tp_line}\nversions: {versions}\nprunable parameters: {PRUNABLE}\ncovered: "
+          f"{COVERED}\n")
     rows = []
     for name in args.models.split(","):
         builder, lib, _ = MODELS[name]
@@ -629,14 +646,16 @@ def main(argv=None) -> int:
         if "error" in o:
             print(f"{name}: ours FAIL {o['error']}")
         else:
-            print(f"{name}: ours {o['families']} families ({_fmt_kinds(o['by_kind'])}), cov {o['coverage']['share']:.1%}"
-                  f" of {o['coverage']['prunable_params']}, parity {o['parity_removed_vs_zeroed']:.1e}, params "
-                  f"{o['params_after_half_removed'] / o['params_before']:.2f}x, {o['discovery_s']:.2f}s"
-                  f" | TP: {_tp_cell(row['torch_pruning'])}", flush=True)
+            print(f"{name}: ours {o['families']} families ({_fmt_kinds(o['by_kind'])}), cov "
+                  f"{o['coverage']['share']:.1%} of {o['coverage']['prunable_params']}, parity "
+                  f"{o['parity_removed_vs_zeroed']:.1e}, params "
+                  f"{o['params_after_half_removed'] / o['params_before']:.2f}x, {o['discovery_s']:.2f}s | "
+                  f"TP: {_tp_cell(row['torch_pruning'])}", flush=True)
     _table(rows)
     meta = {"cpu": cpu, "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "versions": versions,
             "torch_pruning": tp_line, "prunable_parameters": PRUNABLE, "covered": COVERED, "ratio": RATIO,
-            "command": "python bench/structured_discovery.py" + (" --torch-pruning PATH" if args.torch_pruning else "")}
+            "command": "python bench/structured_discovery.py" +
+            (" --torch-pruning PATH" if args.torch_pruning else "")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "models": rows}, indent=1) + "\n")
     print(f"\nwrote {args.out}")
@@ -644,16 +663,17 @@ def main(argv=None) -> int:
 
 
 def _table(rows) -> None:
-    print("\n| model | ours: families | ours: prunable params covered | ours: parity | ours: left whole (weight axes) "
-          "| Torch-Pruning |\n|---|---|---|---|---|---|")
+    print("\n| model | ours: families | ours: prunable params covered | ours: parity | ours: left whole "
+          "(weight axes) | Torch-Pruning |\n|---|---|---|---|---|---|")
     for r in rows:
         o = r.get("ours") or {}
         if "error" in r or "error" in o:
             print(f"| {r['model']} | error: {r.get('error') or o.get('error')} | | | | |")
             continue
-        whole = "; ".join(f"{v} {k.split(':')[0].split(' (')[0]}" for k, v in o["whole_axes_by_reason"].items())
-        print(f"| {r['model']} | {o['families']} ({_fmt_kinds(o['by_kind'])}) | {o['coverage']['share']:.1%} | "
-              f"{o['parity_removed_vs_zeroed']:.1e} | {whole} | {_tp_cell(r['torch_pruning'])} |")
+        whole = "; ".join(f"{v} {k.split(':')[0].split(' (')[0]}"
+                          for k, v in o["whole_axes_by_reason"].items())
+        print(f"| {r['model']} | {o['families']} ({_fmt_kinds(o['by_kind'])}) | {o['coverage']['share']:.1%} "
+              f"| {o['parity_removed_vs_zeroed']:.1e} | {whole} | {_tp_cell(r['torch_pruning'])} |")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""Structured pruning's speed in stock ONNX Runtime: the tool's smaller dense graph against the dense model and
-against ONNX Runtime's own int8 of the dense model.
+"""Structured pruning's speed in stock ONNX Runtime: the tool's smaller dense graph against the dense model
+and against ONNX Runtime's own int8 of the dense model.
 
-    python bench/structured_speed.py [--models encoder,resnet18,llama] [--sparsities 0.5,0.75] [--rounds 9] [--exact-widths]
+    python bench/structured_speed.py [--models encoder,resnet18,llama] [--sparsities 0.5,0.75] [--rounds 9]
+                                     [--exact-widths]
 
 Models (random weights from their constructors; which units go does not change the speed, so a random choice
 of round((1 - s) n) units per family is removed through the tool's own discover / remove path, no fine-tune):
 
 - ``encoder``: transformers' ``BertModel``, BERT-base-shaped (hidden 768, 12 heads, FFN 3072), 4 layers,
   sequence 128, output ``last_hidden_state``; batch 1 and 8;
-- ``resnet18``: torchvision resnet18 at 224x224 (the first conv of each block loses channels; the residual width
-  stays); batch 1 and 8;
-- ``mobilenet_v3_small``, ``efficientnet_b0``: torchvision's, 224x224 (squeeze-excitation blocks: the expansion
-  channels, their depthwise conv and the squeeze units go); batch 1 and 8;
+- ``resnet18``: torchvision resnet18 at 224x224 (the first conv of each block loses channels; the residual
+  width stays); batch 1 and 8;
+- ``mobilenet_v3_small``, ``efficientnet_b0``: torchvision's, 224x224 (squeeze-excitation blocks: the
+  expansion channels, their depthwise conv and the squeeze units go); batch 1 and 8;
 - ``llama``: transformers' ``LlamaModel`` (hidden 768, 12 query / 4 kv heads of 64, SwiGLU 2048, 4 layers),
-  prefill of 128 tokens, output ``last_hidden_state`` (no LM head: a vocabulary projection of the last token is
-  the same for every width); batch 1 and 8.
+  prefill of 128 tokens, output ``last_hidden_state`` (no LM head: a vocabulary projection of the last token
+  is the same for every width); batch 1 and 8.
 
 Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`` rounds:
 
@@ -25,14 +26,14 @@ Columns, timed in one process, interleaved, 1 ORT thread, medians of ``--rounds`
   output) is at most 5e-2 or the tool's own int8 error against its fp32 graph, whichever is larger (random
   weights give some models larger int8 errors than trained ones: a peer is as accurate as the tool's output);
 - ``tool_fp32``: what ``--structure channels`` writes: the smaller model's export with the graph passes that
-  measure faster here at the larger batch (``converters.passes``: an Add before a LayerNorm as Sum, which keeps
-  ORT from fusing them into its slower SkipLayerNormalization);
-- ``tool_int8``: what ``--quantize int8`` writes: the same through ``converters.quantize_whole`` (the fastest of
-  ORT's int8 forms of the smaller graph, measured at the larger batch);
-- ``dense_passes``: the dense export with the same passes, so that the table also says how much of the speed-up
-  is the pruning alone (``fp32_vs_dense_passes``); where a pass applies, ORT's three int8 forms of that graph
-  too (``ort_dyn_s8+passes``, ...: ``int8_vs_ort_best_passes``), since a pass that helps the smaller graph also
-  helps ORT's int8 of the dense one.
+  measure faster here at the larger batch (``converters.passes``: an Add before a LayerNorm as Sum, which
+  keeps ORT from fusing them into its slower SkipLayerNormalization);
+- ``tool_int8``: what ``--quantize int8`` writes: the same through ``converters.quantize_whole`` (the fastest
+  of ORT's int8 forms of the smaller graph, measured at the larger batch);
+- ``dense_passes``: the dense export with the same passes, so that the table also says how much of the
+  speed-up is the pruning alone (``fp32_vs_dense_passes``); where a pass applies, ORT's three int8 forms of
+  that graph too (``ort_dyn_s8+passes``, ...: ``int8_vs_ort_best_passes``), since a pass that helps the
+  smaller graph also helps ORT's int8 of the dense one.
 
 Results: bench/results/structured_speed.json; BENCHMARKS.md, section 16.
 """
@@ -41,13 +42,22 @@ from __future__ import annotations
 import copy
 import sys
 
+import harness
 import numpy as np
 import onnx
 import torch
+from harness import (
+    machine,
+    machine_line,
+    medians,
+    ort_dynamic,
+    ort_static,
+    parser,
+    sessions,
+    time_sessions,
+    write_results,
+)
 from torch import nn
-
-import harness
-from harness import machine, machine_line, medians, ort_dynamic, ort_static, parser, sessions, time_sessions, write_results
 
 from converters import export_onnx, passes, quantize_whole, run_onnx  # noqa: E402
 from converters.int8 import default_weight_bits  # noqa: E402
@@ -69,7 +79,8 @@ class Out(nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
 
 
-def _tokens(n: int, seq: int = 128, vocab: int = 1000, seed: int = 0, mask: bool = True) -> dict[str, np.ndarray]:
+def _tokens(n: int, seq: int = 128, vocab: int = 1000, seed: int = 0,
+            mask: bool = True) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feed = {"input_ids": rng.integers(1, vocab, size=(n, seq)).astype(np.int64)}
     if mask:
@@ -96,7 +107,8 @@ def resnet18():
 def llama():
     t = require("transformers", "the decoder")
     cfg = t.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                        num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=512)
+                        num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                        max_position_embeddings=512)
     m = t.LlamaModel(cfg).eval()
     m.config.use_cache = False
     return (Out(m, ("input_ids",)), lambda n, seed=0: _tokens(n, seed=seed, mask=False),
@@ -109,12 +121,14 @@ def _images224(n, seed=0):
 
 def mobilenet_v3_small():
     tv = require("torchvision", "mobilenet_v3_small")
-    return tv.models.mobilenet_v3_small(num_classes=1000).eval(), _images224, "torchvision mobilenet_v3_small, 224x224"
+    return (tv.models.mobilenet_v3_small(num_classes=1000).eval(), _images224,
+            "torchvision mobilenet_v3_small, 224x224")
 
 
 def efficientnet_b0():
     tv = require("torchvision", "efficientnet_b0")
-    return tv.models.efficientnet_b0(num_classes=1000).eval(), _images224, "torchvision efficientnet_b0, 224x224"
+    return (tv.models.efficientnet_b0(num_classes=1000).eval(), _images224,
+            "torchvision efficientnet_b0, 224x224")
 
 
 MODELS = {"encoder": encoder, "resnet18": resnet18, "llama": llama, "mobilenet_v3_small": mobilenet_v3_small,
@@ -140,7 +154,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def run_model(name: str, sparsities: list[float], batches: list[int], rounds: int, exact: bool = False) -> dict:
+def run_model(name: str, sparsities: list[float], batches: list[int], rounds: int,
+              exact: bool = False) -> dict:
     torch.manual_seed(0)
     model, rows, desc = MODELS[name]()
     inner = model.inner if isinstance(model, Out) else model
@@ -168,15 +183,18 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
         choices[f"tool_int8 s{s}"] = whole.to_json()
         choices[f"tool_fp32 s{s}"] = chosen.to_json()
         if exact:  # the widths before they were rounded to multiples of 8: round((1 - s) n) for every family
-            keep = random_keep(plan.families, {f.name: int(round((1 - s) * f.n_units)) for f in plan.families}, seed=0)
+            keep = random_keep(plan.families, {f.name: int(round((1 - s) * f.n_units))
+                                               for f in plan.families}, seed=0)
             small = copy.deepcopy(model)
             remove(small.inner if isinstance(small, Out) else small, plan, keep)
-            graphs[f"exact_fp32 s{s}"] = passes.choose(_export(small, ex), timing, threads=1).model.SerializeToString()
+            graphs[f"exact_fp32 s{s}"] = passes.choose(_export(small, ex), timing,
+                                                       threads=1).model.SerializeToString()
     dense_proto = onnx.load_from_string(dense)
     for name_ in dict.fromkeys(applied):
         dense_proto = passes.PASSES[name_](dense_proto)[0]
     graphs["dense_passes"] = dense_proto.SerializeToString()
-    if applied:  # ORT's int8 of the dense graph with the same passes: how much of the int8 gain is the pruning
+    # ORT's int8 of the dense graph with the same passes: how much of the int8 gain is the pruning
+    if applied:
         for k in ORT_NAMES:
             graphs[f"{k}+passes"] = ort_int8(graphs["dense_passes"], k, calib)
     out = {"model": desc, "families": len(plan.families), "choices": choices,
@@ -184,7 +202,8 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
     for b in batches:
         feed = rows(b, seed=3)
         ref = run_onnx(dense, feed, threads=1)[0]
-        errs = {k: _rel(run_onnx(v, feed, threads=1)[0], ref) for k, v in graphs.items() if k.startswith("ort_")}
+        errs = {k: _rel(run_onnx(v, feed, threads=1)[0], ref) for k, v in graphs.items()
+                if k.startswith("ort_")}
         for s in sparsities:
             small = run_onnx(graphs[f"tool_fp32 s{s}"], feed, threads=1)[0]
             errs[f"tool_int8 s{s}"] = _rel(run_onnx(graphs[f"tool_int8 s{s}"], feed, threads=1)[0], small)
@@ -200,7 +219,8 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
             row[f"s{s}"] = {"fp32_vs_dense": med["dense"] / med[f"tool_fp32 s{s}"],
                             "fp32_vs_dense_passes": med["dense_passes"] / med[f"tool_fp32 s{s}"],
                             "int8_vs_ort_best": (med[best] / med[f"tool_int8 s{s}"]) if best else None,
-                            "int8_vs_ort_best_passes": (med[best_p] / med[f"tool_int8 s{s}"]) if best_p else None,
+                            "int8_vs_ort_best_passes": (med[best_p] / med[f"tool_int8 s{s}"]) if best_p
+                            else None,
                             "int8_vs_dense": med["dense"] / med[f"tool_int8 s{s}"]}
             if exact:
                 row[f"s{s}"]["exact_fp32_vs_dense"] = med["dense"] / med[f"exact_fp32 s{s}"]
@@ -210,10 +230,11 @@ def run_model(name: str, sparsities: list[float], batches: list[int], rounds: in
             r = row[f"s{s}"]
             ib = f"{r['int8_vs_ort_best']:.2f}x" if r["int8_vs_ort_best"] else "-"
             ip = (f" ({r['int8_vs_ort_best_passes']:.2f}x {best_p})" if r["int8_vs_ort_best_passes"] else "")
-            print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32 ({r['fp32_vs_dense_passes']:.2f}x with the same "
-                  f"passes); int8 {ib} ORT's best int8 ({best}){ip}, "
-                  f"{r['int8_vs_dense']:.2f}x dense fp32" + (
-                      f"; unrounded widths: fp32 {r['exact_fp32_vs_dense']:.2f}x dense fp32" if exact else ""), flush=True)
+            print(f"   s={s}: fp32 {r['fp32_vs_dense']:.2f}x dense fp32 "
+                  f"({r['fp32_vs_dense_passes']:.2f}x with the same passes); int8 {ib} ORT's best int8 "
+                  f"({best}){ip}, {r['int8_vs_dense']:.2f}x dense fp32" + (
+                      f"; unrounded widths: fp32 {r['exact_fp32_vs_dense']:.2f}x dense fp32" if exact
+                      else ""), flush=True)
     return out
 
 

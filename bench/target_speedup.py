@@ -21,15 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-
-import harness
 from harness import machine, machine_line, parser, write_results
 
-from sapp_compress.config import PruneConfig, TrainConfig  # noqa: E402
+from sapp_compress.config import (  # noqa: E402
+    OutputConfig,  # noqa: E402
+    PruneConfig,
+    TrainConfig,
+)
 from sapp_compress.io.extras import require  # noqa: E402
-from sapp_compress.config import OutputConfig  # noqa: E402
 from sapp_compress.pipeline import compress
 
 
@@ -68,14 +70,16 @@ def run(name: str, target: float, batch: int, steps: int, tmp: Path, quantize: s
     row = {"model": name, "target": target, "batch": batch, "quantize": quantize, "predicted": t["predicted"],
            "measured": t["measured"], "vs_ort_int8": t.get("vs_ort_int8"),
            "in_range": target <= t["measured"] <= 1.25 * target,
-           "rounds": [{k: r[k] for k in ("round", "measured", "predicted", "ms", "widths")} for r in t["rounds"]],
+           "rounds": [{k: r[k] for k in ("round", "measured", "predicted", "ms", "widths")}
+                      for r in t["rounds"]],
            "allocations": t["allocations"],
-           "table_seconds": rep["timings"].get("latency_table"), "allocation_seconds": rep["timings"].get("allocation"),
+           "table_seconds": rep["timings"].get("latency_table"),
+           "allocation_seconds": rep["timings"].get("allocation"),
            "parameters": rep["structure"]["parameters"]}
     vs = f", {t['vs_ort_int8']:.2f}x ORT's int8" if t.get("vs_ort_int8") else ""
     print(f"{name} X={target:g} {quantize} batch {batch}: predicted {t['predicted']:.2f}x, "
-          f"measured {t['measured']:.2f}x{vs} ({len(t['rounds'])} round(s)); table {row['table_seconds']}s, allocations {row['allocation_seconds']}s",
-          flush=True)
+          f"measured {t['measured']:.2f}x{vs} ({len(t['rounds'])} round(s)); table {row['table_seconds']}s, "
+          f"allocations {row['allocation_seconds']}s", flush=True)
     return row
 
 
@@ -86,8 +90,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--quantize", default="none", choices=("none", "int8"),
-                    help="int8: the table and X are for the int8 graph against dense fp32; the row also gives the "
-                         "speed-up against ONNX Runtime's own int8 of the dense model")
+                    help="int8: the table and X are for the int8 graph against dense fp32; the row also "
+                         "gives the speed-up against ONNX Runtime's own int8 of the dense model")
     a = ap.parse_args(sys.argv[1:])
     print(f"machine: {machine_line()}; ONNX Runtime 1 thread", flush=True)
     rows = []

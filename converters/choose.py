@@ -28,6 +28,7 @@ from . import qdq
 from .export import one_line
 from .formulations import FORMULATIONS
 from .graph import GraphIndex
+
 # importing int8 registers its formulations
 from .int8 import Int8Rewrite, calibrate_activation, default_weight_bits
 from .locate import Site, relocate

@@ -33,9 +33,9 @@ from .cache import TimingCache, TimingKey
 from .errors import ConverterError
 from .export import one_line
 from .int8 import default_weight_bits
-from .timing import graph_digest, shapes_text
 from .qdq import QDQ_OPS, _quiet, calibration_batches, quantize_qdq
 from .runtime import session, time_interleaved
+from .timing import graph_digest, shapes_text
 
 
 @dataclass

@@ -19,18 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from calib_data.shards import load_shard, shipped_shard  # noqa: E402
 from sapp_compress import zoo  # noqa: E402
-from sapp_compress.io.tasks import infer_task  # noqa: E402
+from sapp_compress.engine.training import train_dense  # noqa: E402
 from sapp_compress.io.feeds import predict  # noqa: E402
-from sapp_compress.engine.training import train_dense
+from sapp_compress.io.tasks import infer_task  # noqa: E402
 
 OUT = ROOT / "examples" / "models"
 
 EXAMPLES = {
     # file: (shard, builder, training options)
-    "digits_mlp.pt": ("digits", lambda: zoo.mlp([64, 256, 256, 10]), dict(steps=2000, batch_size=64, lr=1e-3)),
-    "digits_cnn.pt": ("digits_img", lambda: zoo.ResCNN(1, 64, 2, 10), dict(steps=1500, batch_size=64, lr=2e-3)),
+    "digits_mlp.pt": ("digits", lambda: zoo.mlp([64, 256, 256, 10]),
+                      dict(steps=2000, batch_size=64, lr=1e-3)),
+    "digits_cnn.pt": ("digits_img", lambda: zoo.ResCNN(1, 64, 2, 10),
+                      dict(steps=1500, batch_size=64, lr=2e-3)),
     "ctr_mlp.pt": ("ctr", lambda: zoo.CTRNet(), dict(steps=400, batch_size=256, lr=2e-3)),
-    "diabetes_mlp.pt": ("diabetes", lambda: zoo.mlp([10, 64, 64, 1]), dict(steps=1500, batch_size=32, lr=1e-3)),
+    "diabetes_mlp.pt": ("diabetes", lambda: zoo.mlp([10, 64, 64, 1]),
+                        dict(steps=1500, batch_size=32, lr=1e-3)),
 }
 
 
@@ -51,8 +54,9 @@ def main() -> None:
         torch.save(model, OUT / name)
         n_params = sum(p.numel() for p in model.parameters())
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
-        arch = type(model).__name__ if not isinstance(model, torch.nn.Sequential) else "Sequential MLP " + "-".join(
-            str(m.in_features) for m in model if isinstance(m, torch.nn.Linear)) + f"-{model[-1].out_features}"
+        arch = type(model).__name__ if not isinstance(model, torch.nn.Sequential) else \
+            "Sequential MLP " + "-".join(str(m.in_features) for m in model
+                                         if isinstance(m, torch.nn.Linear)) + f"-{model[-1].out_features}"
         lines.append(f"| `{name}` | `{shard_name}` | {arch} | {n_params:,} | {shown} |")
         print(f"{name}: {shown}", flush=True)
     (OUT / "README.md").write_text("\n".join(lines) + "\n")

@@ -84,34 +84,95 @@ def _formats() -> list[str]:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain periodic lines otherwise (CI logs)."""
+    """What the run is doing, on stderr: a tqdm bar on a terminal (each stage with steps its own bar), plain
+    lines otherwise (CI logs): one when a stage starts, one every ``every`` seconds while it runs, with the
+    time it has taken and, where it counts steps, an estimate of the time left.
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+    Events (dicts, from :func:`sapp_compress.pipeline.compress`): ``{"event": "phase", "phase": name}`` starts
+    a stage; ``{"event": "step", "step": i, "total": n, "stage": name, ...}`` advances one (the fine-tune's
+    also carry its method ``phase`` and ``loss``)."""
+
+    def __init__(self, quiet: bool, every: float = 30.0, tty: bool | None = None) -> None:
+        import threading
+
+        self.quiet, self.every = quiet, every
+        self.tty = sys.stderr.isatty() if tty is None else tty
         self.bar = None
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
+        self.stage, self.started, self.step, self.total, self.extra = None, time.monotonic(), None, None, ""
+        self.first: tuple[int, float] | None = None  # the stage's first step seen, and when
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.beat = None
+        if not quiet and not self.tty:
+            self.beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self.beat.start()
 
     def __call__(self, ev: dict) -> None:
-        if self.quiet or ev.get("event") != "step":
+        if self.quiet:
             return
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
+        with self.lock:
+            if ev.get("event") == "phase":
+                self._start(ev["phase"])
+            elif ev.get("event") == "step":
+                stage = ev.get("stage", "fine-tune")
+                if stage != self.stage:
+                    self._start(stage)
+                self.step, self.total = ev["step"], ev["total"]
+                if self.first is None:
+                    self.first = (ev["step"], time.monotonic())
+                extra = [f"phase {ev['phase']}"] if "phase" in ev else []
+                extra += [f"loss {ev['loss']:.4f}"] if "loss" in ev else []
+                self.extra = " ".join(extra)
+                if self.tty:
+                    self._bar(ev)
+                elif time.monotonic() - self.last >= min(self.every, 10.0) or ev["step"] == ev["total"]:
+                    self._line()
 
-                self.bar = tqdm(total=ev["total"], desc="fine-tune", unit="step", file=sys.stderr,
-                                leave=False)
-            self.bar.n = ev["step"]
-            self.bar.set_postfix(phase=ev["phase"], loss=f"{ev['loss']:.4f}", refresh=False)
-            self.bar.refresh()
-        elif time.monotonic() - self.last > 5.0 or ev["step"] == ev["total"]:
+    def _start(self, stage: str) -> None:
+        self._close_bar()
+        self.stage, self.started, self.step, self.total, self.extra = stage, time.monotonic(), None, None, ""
+        self.first = None
+        if not self.tty:
             self.last = time.monotonic()
-            click.echo(f"fine-tune step {ev['step']}/{ev['total']} phase {ev['phase']} loss {ev['loss']:.4f}",
-                       err=True)
+            click.echo(f"{stage} ...", err=True)
 
-    def close(self) -> None:
+    def _bar(self, ev: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=ev["total"], desc=self.stage, unit="step", file=sys.stderr, leave=False)
+        self.bar.n = ev["step"]
+        if "phase" in ev:
+            self.bar.set_postfix(phase=ev["phase"], loss=f"{ev.get('loss', float('nan')):.4f}", refresh=False)
+        self.bar.refresh()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        spent = self.last - self.started
+        text = f"{self.stage}: {spent:.0f} s"
+        if self.step is not None and self.total:
+            text += f", step {self.step}/{self.total}"
+            s0, t0 = self.first
+            if self.step > s0:
+                text += f", about {(self.last - t0) / (self.step - s0) * (self.total - self.step):.0f} s left"
+        click.echo(text + (f" ({self.extra})" if self.extra else ""), err=True)
+
+    def _heartbeat(self) -> None:
+        while not self.done.wait(min(1.0, self.every)):
+            with self.lock:
+                if self.stage is not None and time.monotonic() - self.last >= self.every:
+                    self._line()
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.done.set()
+        with self.lock:
+            self._close_bar()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

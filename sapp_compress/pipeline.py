@@ -59,14 +59,19 @@ def compress(
     timings = report["timings"]
     info = distributed.init_from_env(train_cfg.device)
     t = time.perf_counter()
+    say = progress if progress is not None and info.is_main else (lambda ev: None)
 
-    def lap(stage: str) -> None:
+    def lap(stage: str, then: str | None = None) -> None:
+        """Time ``stage`` (ended now); ``then`` names the stage starting (a progress event)."""
         nonlocal t
         now = time.perf_counter()
         timings[stage] = round(now - t, 3)
         t = now
+        if then:
+            say({"event": "phase", "phase": then})
 
     try:
+        say({"event": "phase", "phase": "load"})
         for path, what in ((out.output, "output"), (out.report, "report"), (out.save_torch, "--save-torch")):
             if path is not None:
                 check_writable(Path(path), what)
@@ -74,18 +79,19 @@ def compress(
         replay = granularity.load_plan(out.plan, out.quantize) if out.plan is not None else None
         if isinstance(model, (str, Path)):
             model = load_model(model, trust=trust_model, arch=arch)
-        lap("load")
+        lap("load", "data")
         shard = choose_shard(model, Path(data) if data else None)
         ev = load_shard(eval_data) if eval_data else None
         report["data"] = {"train": shard.source,
                           "eval": ev.source if ev else f"held out {train_cfg.eval_fraction:g}",
                           "samples": len(shard)}
-        lap("data")
+        lap("data", "plan")
         job = prepare(model, shard, prune_cfg, train_cfg, eval_shard=ev)
         # on every rank: a rank that skipped it would wait in DDP for one that failed it
+        say({"event": "phase", "phase": "pre-check"})
         job.plan = _precheck(job, shard, out, prune_cfg, replay, timings)
         res = run(job, progress=progress, speed=_speed(prune_cfg, out))
-        lap("fine_tune")
+        lap("fine_tune", "export")
         # timed on its own
         timings["fine_tune"] = round(timings["fine_tune"] - timings.get("precheck", 0.0), 3)
         _record_fine_tune(res, report)
@@ -99,7 +105,7 @@ def compress(
         report["input_axes"] = res.axes.to_json()
         report["warnings"] += [f"the ONNX model takes {name} only at the shard's size: {why}"
                                for name, why in res.axes.fixed.items() if why.startswith("the exporter")]
-        lap("export")
+        lap("export", "convert")
         timing_feed = onnx_feed(ev_shard, rows(ev_shard, out.export_batch_size))
         calibration = None
         if out.quantize == "int8":  # static activation scales of int8 convs
@@ -108,7 +114,7 @@ def compress(
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
         conv = granularity.convert(res, proto, original, out, prune_cfg, timing_feed, calibration, report,
                                    replay)
-        lap("convert")
+        lap("convert", "verify")
 
         stages = []
         if conv.int8:
@@ -118,7 +124,7 @@ def compress(
         stages.append(("int8" if conv.int8 else "fp32", conv.onnx_bytes, out.atol,
                        out.int8_rtol if conv.int8 else out.rtol))
         report["verification"] = verify_stages(res, ev_shard, stages, out)
-        lap("verify")
+        lap("verify", "evaluate")
         evaluate(res, conv.onnx_bytes, out, report)
         lap("evaluate")
         gate(res, out, report)

@@ -236,13 +236,16 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     cpu = torch.device("cpu")
     device = resolve_device(train_cfg.device)
     total_steps = train_cfg.total_steps(len(train))
+    say = progress or (lambda ev: None)
     table = timer = None
     if prune_cfg.target_speedup:
         from .speed.target import latency_table
 
+        say({"event": "phase", "phase": "latency table"})
         table, timer = latency_table(student, plan.structure, train, prune_cfg, speed)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
-    lr = choose_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
+    say({"event": "phase", "phase": "lr probe"})
+    lr = choose_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps, progress)
     train_cfg = dataclasses.replace(train_cfg, lr=lr.value)
     if not lr.informative:
         warnings.append(
@@ -258,7 +261,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
         from .speed.target import default_speed, loss_on_rows
 
         allocator = Allocator(table, speed or default_speed(prune_cfg),
-                              loss_on_rows(student, task, train, device), timer=timer)
+                              loss_on_rows(student, task, train, device), timer=timer, progress=progress)
         method.before_sparsify = allocator
 
     dense_out = predict(dense, eval_shard, cpu)
@@ -266,6 +269,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     log.info("pruning %d layers with %s for %d steps on %s at lr %g (%s)", len(plan.units), prune_cfg.method,
              total_steps, device, lr.value, lr.source)
     cpu_t0 = time.process_time()
+    say({"event": "phase", "phase": "fine-tune"})
     outcome = fine_tune(student, teacher, method, task, train, train_cfg, device, total_steps, progress,
                         checkpointer=_checkpointer(prune_cfg, train_cfg, total_steps, train, dense),
                         # its first steps at lr.value

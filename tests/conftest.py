@@ -1,7 +1,16 @@
-"""Every test gets its own empty timing cache (``auto``'s measurements, :mod:`converters.cache`): no test reads
-another's timings, and none writes to the user's cache directory (module-scoped fixtures, which run before a
-test's own, share one for the session). Subprocesses inherit the variable."""
+"""Every test gets its own empty timing cache (``auto``'s measurements, :mod:`converters.cache`): no test
+reads another's timings, and none writes to the user's cache directory (module-scoped fixtures, which run
+before a test's own, share one for the session). Subprocesses inherit the variable.
+
+tests/ itself goes on ``sys.path`` (pytest's default import mode puts it there too), so that test modules in
+any sub-directory import the shared helpers: ``from helpers import needs``."""
+import sys
+from pathlib import Path
+
 import pytest
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from calib_data.shards import HERE, Shard, load_shard, shipped_shard, shipped_shards
 from calib_data.errors import DataError
+from calib_data.shards import HERE, Shard, load_shard, shipped_shard, shipped_shards
 
 MANIFEST = json.loads((HERE / "MANIFEST.json").read_text())
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import needs
 
-pytest.importorskip("transformers")
+needs("transformers")
 
 from calib_data.shards import DataError, load_shard  # noqa: E402
 from calib_data.text import label_ids, main, text_shard  # noqa: E402
@@ -58,8 +59,8 @@ def test_shipped_stdlib_areas_match_their_manifest_and_model(tmp_path):
         texts[part] = {r["text"] for r in rows}
     assert not texts["train"] & texts["test"]  # no passage on both sides
     assert sum(p.stat().st_size for p in STDLIB_BERT.iterdir()) < 4_600_000
-    r = text_shard(STDLIB_BERT, DOCS.parent / "stdlib_areas.test.jsonl", tmp_path / "t.npz", label_field="label",
-                   limit=20)
+    r = text_shard(STDLIB_BERT, DOCS.parent / "stdlib_areas.test.jsonl", tmp_path / "t.npz",
+                   label_field="label", limit=20)
     assert r.arrays["y"] == (20,) and r.label_source == "config.json label2id"
 
 
@@ -80,7 +81,8 @@ def test_jsonl_with_labels_uses_the_models_label2id(tmp_path):
 
 
 def test_txt_has_no_labels_and_skips_blank_lines(tmp_path):
-    src = _write(tmp_path / "t.txt", "Return the square root of x.\n\n  Open a socket.  \nSort a list in place.\n")
+    src = _write(tmp_path / "t.txt",
+                 "Return the square root of x.\n\n  Open a socket.  \nSort a list in place.\n")
     r = text_shard(MODEL, src, tmp_path / "t.npz")
     z = np.load(tmp_path / "t.npz")
     assert "y" not in z.files and z["input_ids"].shape == (3, 128) and r.label2id is None
@@ -110,7 +112,8 @@ def test_truncation_is_counted(tmp_path):
 @pytest.mark.parametrize("config,labels,ids,source", [
     ({"label2id": {"LABEL_0": 0, "LABEL_1": 1}, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}},
      ["1", "0", "1"], [1, 0, 1], "integer labels"),
-    ({"label2id": {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}}, ["pos", "neg", "mid"], [2, 1, 0], "sorted labels"),
+    ({"label2id": {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}}, ["pos", "neg", "mid"], [2, 1, 0],
+     "sorted labels"),
     ({}, ["b", "a"], [1, 0], "sorted labels"),
     ({"label2id": {"LABEL_0": 0, "LABEL_1": 1}}, ["LABEL_1", "LABEL_0"], [1, 0], "sorted labels"),
 ])
@@ -128,7 +131,8 @@ def test_more_classes_than_the_model_has_is_an_error():
 
 BAD = [
     ("missing", lambda t: t / "missing.jsonl", [], "missing.jsonl: no such file"),
-    ("empty", lambda t: _write(t / "empty.txt", "\n\n"), [], "empty.txt: no text rows found (the file is empty)"),
+    ("empty", lambda t: _write(t / "empty.txt", "\n\n"), [],
+     "empty.txt: no text rows found (the file is empty)"),
     ("suffix", lambda t: _write(t / "d.tsv", "a\tb\n"), [],
      "d.tsv: expected a .txt, .csv, .jsonl file, got '.tsv'"),
     ("column", lambda t: _write(t / "d.csv", "text\nhello\n"), ["--label-field", "label"],
@@ -168,10 +172,12 @@ def test_bad_model_dir_and_output_name(tmp_path):
     assert res.exit_code == 2 and res.stderr == ("Error: nomodel: expected a Hugging Face save_pretrained "
                                                  "directory, found no such directory\n")
     res = CliRunner().invoke(main, [str(tmp_path), str(src), "-o", str(tmp_path / "o.npz")])
-    assert res.exit_code == 2 and res.stderr.startswith(f"Error: {tmp_path.name}: no tokenizer could be loaded")
+    assert res.exit_code == 2 and \
+        res.stderr.startswith(f"Error: {tmp_path.name}: no tokenizer could be loaded")
     assert res.stderr.count("\n") == 1
     res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npy")])
-    assert res.exit_code == 2 and res.stderr == "Error: o.npy: expected an output name ending in .npz, got '.npy'\n"
+    assert res.exit_code == 2 and \
+        res.stderr == "Error: o.npy: expected an output name ending in .npz, got '.npy'\n"
     res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "no" / "o.npz")])
     assert res.exit_code == 2 and res.stderr.startswith("Error: o.npz: expected an existing output directory")
     assert _leftovers(tmp_path) == []
@@ -179,7 +185,8 @@ def test_bad_model_dir_and_output_name(tmp_path):
 
 def test_cli_writes_the_shard_and_says_what(tmp_path):
     out = tmp_path / "text.npz"
-    res = CliRunner().invoke(main, [str(MODEL), str(DOCS), "--label-field", "label", "--limit", "20", "-o", str(out)])
+    res = CliRunner().invoke(main, [str(MODEL), str(DOCS), "--label-field", "label", "--limit", "20", "-o",
+                                    str(out)])
     assert res.exit_code == 0, res.output
     assert "labels (config.json label2id): concurrency=0, containers=1" in res.stderr
     assert np.load(out)["y"].shape == (20,) and _leftovers(tmp_path) == ["text.npz"]
@@ -229,8 +236,9 @@ def test_model_dir_without_tokenizer_files_is_refused(tmp_path):
     (bare / "config.json").write_text((MODEL / "config.json").read_text())
     res = CliRunner().invoke(main, [str(bare), str(DOCS), "-o", str(tmp_path / "o.npz"), "--limit", "5"])
     assert res.exit_code == 2, res.output
-    assert res.stderr.startswith("Error: bare: the tokenizer has no vocabulary beyond its 5 special tokens: the "
-                                 "directory holds no tokenizer files (expected one of tokenizer.json, vocab.txt")
+    assert res.stderr.startswith("Error: bare: the tokenizer has no vocabulary beyond its 5 special tokens: "
+                                 "the directory holds no tokenizer files (expected one of tokenizer.json, "
+                                 "vocab.txt")
     assert res.stderr.count("\n") == 1 and _leftovers(tmp_path) == []
 
 
@@ -239,9 +247,9 @@ def test_text_the_tokenizer_cannot_read_is_refused_or_warned(tmp_path):
     src = _write(tmp_path / "ru.txt", "Привет мир как дела\nЗдравствуй дорогой друг\n")
     res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npz")])
     assert res.exit_code == 2, res.output
-    assert res.stderr == ("Error: tiny_bert: the tokenizer maps 100% of the text's tokens to its unknown token "
-                          "'[UNK]' (refused above 50%): it is not this text's tokenizer, or the directory's "
-                          "tokenizer files are incomplete\n")
+    assert res.stderr == ("Error: tiny_bert: the tokenizer maps 100% of the text's tokens to its unknown "
+                          "token '[UNK]' (refused above 50%): it is not this text's tokenizer, or the "
+                          "directory's tokenizer files are incomplete\n")
     assert _leftovers(tmp_path) == []
     src = _write(tmp_path / "mixed.txt", "Return the square root of x.\nOpen a socket \u2603 now.\n"
                                          "Sort a list in place \u265e quickly.\n")

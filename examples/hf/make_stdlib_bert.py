@@ -1,7 +1,8 @@
 """Make examples/models/stdlib_bert: a small BERT text classifier trained from scratch on stdlib_areas.
 
     python examples/hf/make_stdlib_bert.py             # CPU, one thread; needs transformers (15 minutes)
-    python examples/hf/make_stdlib_bert.py --val 0.1   # tuning: hold out 10 % of the training file, save nothing
+    python examples/hf/make_stdlib_bert.py --val 0.1   # tuning: hold out 10 % of the training file, save
+                                                       # nothing
     python examples/hf/make_stdlib_bert.py --baseline  # only the bag-of-words baseline (seconds)
 
 Data: calib_data/text/stdlib_areas.{train,test}.jsonl (passages of Python standard-library docstrings
@@ -80,7 +81,8 @@ def run_epochs(model, step, n_epochs: int, lr: float, lengths: list[int], gen: t
     """AdamW with a one-cycle LR over ``n_epochs``; ``step(batch_indices)`` returns the loss of a batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     n_batches = len(batches(lengths, torch.Generator().manual_seed(0)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_epochs * n_batches, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_epochs * n_batches,
+                                                pct_start=0.1)
     t0 = time.time()
     for epoch in range(n_epochs):
         model.train()
@@ -112,9 +114,9 @@ def accuracy(model, ids: list[list[int]], y: torch.Tensor, pad_id: int) -> float
 
 
 def bag_of_words_baseline(train_rows: list[dict], test_rows: list[dict]) -> tuple[float, float]:
-    """(test accuracy, chosen L2 weight) of a multinomial logistic regression on log(1 + word counts) (lower-cased
-    ``\\w+`` words found in at least two training passages); the L2 weight is chosen on 10 % of the training
-    rows, then the model is refitted on all of them."""
+    """(test accuracy, chosen L2 weight) of a multinomial logistic regression on log(1 + word counts)
+    (lower-cased ``\\w+`` words found in at least two training passages); the L2 weight is chosen on 10 % of
+    the training rows, then the model is refitted on all of them."""
     import re
 
     labels = sorted({r["label"] for r in train_rows})
@@ -164,7 +166,8 @@ def bag_of_words_baseline(train_rows: list[dict], test_rows: list[dict]) -> tupl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--val", type=float, default=0.0,
-                    help="hold out this fraction of the training file for validation, report it, save nothing")
+                    help="hold out this fraction of the training file for validation, report it, "
+                         "save nothing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline", action="store_true", help="only the bag-of-words baseline's test accuracy")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
@@ -179,7 +182,8 @@ def main() -> None:
     train_rows, test_rows = read(TRAIN), read(TEST)
     if args.baseline:
         acc, l2 = bag_of_words_baseline(train_rows, test_rows)
-        print(f"bag-of-words logistic regression (L2 {l2:g}): test accuracy {acc:.4f} ({len(test_rows)} rows)")
+        print(f"bag-of-words logistic regression (L2 {l2:g}): test accuracy {acc:.4f} "
+              f"({len(test_rows)} rows)")
         return
     if args.val:
         perm = np.random.default_rng(SEED).permutation(len(train_rows))
@@ -190,7 +194,8 @@ def main() -> None:
     print(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f} s)", flush=True)
     model = build_model(len(tok), labels, tok.pad_token_id, SIZES)
     label2id = model.config.label2id
-    train_ids, test_ids = encode(tok, [r["text"] for r in train_rows]), encode(tok, [r["text"] for r in test_rows])
+    train_ids, test_ids = encode(tok, [r["text"] for r in train_rows]), \
+        encode(tok, [r["text"] for r in test_rows])
     y_train = torch.tensor([label2id[r["label"]] for r in train_rows])
     y_test = torch.tensor([label2id[r["label"]] for r in test_rows])
     gen = torch.Generator().manual_seed(SEED)
@@ -202,7 +207,8 @@ def main() -> None:
             input_ids = input_ids.masked_fill(drop, tok.mask_token_id)
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=y_train[idx]).loss
 
-    report = (lambda: f", held-out {accuracy(model, test_ids, y_test, tok.pad_token_id):.3f}") if args.val else None
+    report = (lambda: f", held-out {accuracy(model, test_ids, y_test, tok.pad_token_id):.3f}") if args.val \
+        else None
     run_epochs(model, step, EPOCHS, LR, [len(x) for x in train_ids], gen, "classifier", report)
     acc_train = accuracy(model, train_ids, y_train, tok.pad_token_id)
     acc_test = accuracy(model, test_ids, y_test, tok.pad_token_id)
@@ -231,25 +237,26 @@ A small BERT text classifier trained from scratch, for measuring what pruning co
 something to lose. Made by `examples/hf/make_stdlib_bert.py` (a `save_pretrained` directory: `config.json`,
 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`).
 
-- BertForSequenceClassification: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} \
-heads of {c.hidden_size // c.num_attention_heads}, intermediate {c.intermediate_size}, {c.max_position_embeddings} \
-positions, vocabulary {len(tok)} (WordPiece, lower-cased, learned from the training passages), {params:,} parameters \
-(float32).
+- BertForSequenceClassification: hidden {c.hidden_size}, {c.num_hidden_layers} layers, \
+{c.num_attention_heads} heads of {c.hidden_size // c.num_attention_heads}, intermediate \
+{c.intermediate_size}, {c.max_position_embeddings} positions, vocabulary {len(tok)} (WordPiece, lower-cased, \
+learned from the training passages), {params:,} parameters (float32).
 - Task: which of {len(labels)} areas of the Python standard library ({", ".join(labels)}) a passage of its \
 docstrings documents; data `calib_data/text/stdlib_areas.train.jsonl` / `.test.jsonl` (PSF License; how they \
 were made, and which module names were removed from the text, is in `calib_data/README.md`).
-- Trained on the {len(train_rows)} training passages only, {EPOCHS} epochs, {int(TOKEN_DROPOUT * 100)} % of the \
-tokens masked at each step. Accuracy {acc_train:.3f} on them and **{acc_test:.3f} on the {len(test_rows)} \
-test passages** (the largest class is {max(Counter(r['label'] for r in test_rows).values()) / len(test_rows):.3f} \
-of them; a bag-of-words logistic regression on the same split, `--baseline`, gets {bow:.3f}). {minutes:.0f} \
-minutes on one CPU thread.
+- Trained on the {len(train_rows)} training passages only, {EPOCHS} epochs, {int(TOKEN_DROPOUT * 100)} % of \
+the tokens masked at each step. Accuracy {acc_train:.3f} on them and **{acc_test:.3f} on the \
+{len(test_rows)} test passages** (the largest class is \
+{max(Counter(r['label'] for r in test_rows).values()) / len(test_rows):.3f} of them; a bag-of-words \
+logistic regression on the same split, `--baseline`, gets {bow:.3f}). {minutes:.0f} minutes on one CPU thread.
 - Licence: Apache-2.0 (this project's); the training text is under the PSF License.
 
 Shards for sapp-compress, made with the model's own tokenizer (about 13 MB and 3 MB at the default
 `--max-length 128`, so not shipped: one command each makes them, in seconds):
 
 ```bash
-sapp-compress-shard examples/models/stdlib_bert calib_data/text/stdlib_areas.train.jsonl --label-field label \\
+sapp-compress-shard examples/models/stdlib_bert calib_data/text/stdlib_areas.train.jsonl \
+--label-field label \\
     -o stdlib_train.npz
 sapp-compress-shard examples/models/stdlib_bert calib_data/text/stdlib_areas.test.jsonl --label-field label \\
     -o stdlib_test.npz

@@ -95,15 +95,17 @@ def _merge(syms: tuple[str, ...], a: str, b: str, merged: str) -> tuple[str, ...
 
 
 def train_tokenizer(texts: list[str], size: int = VOCAB):
-    """A lower-casing BERT WordPiece tokenizer with a vocabulary of ``size`` learned from ``texts`` (split into
-    words by the tokenizers library's BERT normaliser and pre-tokeniser, the ones the tokenizer itself uses)."""
+    """A lower-casing BERT WordPiece tokenizer with a vocabulary of ``size`` learned from ``texts`` (split
+    into words by the tokenizers library's BERT normaliser and pre-tokeniser, the ones the tokenizer itself
+    uses)."""
     from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
     norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
     vocab = learn_vocab(words, size)
-    return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True, model_max_length=128)
+    return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True,
+                         model_max_length=128)
 
 
 SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
@@ -114,8 +116,8 @@ def bert_config(vocab_size: int, labels: list[str], pad_id: int, sizes: dict | N
     layers, heads, intermediate: tiny_bert's by default)."""
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, **(sizes or SIZES), max_position_embeddings=128, type_vocab_size=2,
-                      pad_token_id=pad_id, num_labels=len(labels),
+    return BertConfig(vocab_size=vocab_size, **(sizes or SIZES), max_position_embeddings=128,
+                      type_vocab_size=2, pad_token_id=pad_id, num_labels=len(labels),
                       id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)})
 
 

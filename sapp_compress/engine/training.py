@@ -210,7 +210,7 @@ def fine_tune(
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise FloatingPointError(f"loss is {lv} at step {step + 1}; lower --lr")
-            row = {"event": "step", "step": step + 1, "total": total_steps,
+            row = {"event": "step", "stage": "fine-tune", "step": step + 1, "total": total_steps,
                    "phase": method.phases[method.current_phase].kind, "loss": lv, "lr": lr,
                    "skipped_steps": skipped}
             history.append(row)

@@ -120,8 +120,9 @@ class Allocator:
     allocation for the report."""
 
     def __init__(self, table: LatencyTable, target: SpeedTarget, loss_of,
-                 timer: WholeTimer | None = None) -> None:
+                 timer: WholeTimer | None = None, progress=None) -> None:
         self.table, self.target, self.loss_of, self.timer = table, target, loss_of, timer
+        self.progress = progress  # told when an allocation starts (a stage of its own, inside the fine-tune)
         self.history: list[dict] = []
         self.loss: dict[str, list[float]] = {}
         #: why the last search of :meth:`measured_allocation` stopped (the report's allocations say it)
@@ -151,6 +152,8 @@ class Allocator:
         if phase_index not in (sparsify[0], sparsify[-1]) or (self.history and phase_index == sparsify[0]):
             return
         t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress({"event": "phase", "phase": "allocation"})
         self.loss = self.sensitivity(method)
         widths, measured = self.measured_allocation()
         method.targets.update({f: 1.0 - w / self.table.n_units[f] for f, w in widths.items()})

@@ -1,6 +1,6 @@
 """bench/: every script imports and parses its command line (``--help``) through the shared harness, and the
-harness's pieces do what the scripts rely on (interleaved samples per session, random masks through the engine,
-result files)."""
+harness's pieces do what the scripts rely on (interleaved samples per session, random masks through the
+engine, result files)."""
 from __future__ import annotations
 
 import importlib
@@ -58,7 +58,8 @@ def test_harness_times_sessions_interleaved_and_writes_results(harness, tmp_path
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"meta": {"p": str(tmp_path)}}
     harness.append_row(tmp_path / "rows.jsonl", {"a": 1})
     harness.append_row(tmp_path / "rows.jsonl", {"a": 2})
-    assert harness.read_rows(tmp_path / "rows.jsonl") == [{"a": 1}, {"a": 2}] and not harness.read_rows(tmp_path / "x")
+    assert harness.read_rows(tmp_path / "rows.jsonl") == [{"a": 1}, {"a": 2}] and \
+        not harness.read_rows(tmp_path / "x")
 
 
 def test_harness_random_masks_are_balanced_and_reproducible(harness):

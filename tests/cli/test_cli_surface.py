@@ -28,7 +28,8 @@ def test_no_shipped_shard_fits_asks_for_data(run_cli, tmp_path):
     assert r["exit_code"] == 2 and "pass --data" in r["error"] and r["accuracy"]["onnx"] is None
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated; users still have archives
+# torch.jit is deprecated; users still have archives
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_archive_is_a_one_line_usage_error(run_cli, tmp_path, mlp_path):
     path, out = tmp_path / "ts.pt", tmp_path / "m.onnx"
     torch.jit.save(torch.jit.script(torch.load(mlp_path, weights_only=False)), path)
@@ -73,11 +74,12 @@ def test_help_lists_every_contract_option_and_version(run_cli):
     from sapp_compress.cli import main
 
     text = CliRunner().invoke(main, ["--help"]).output
-    for opt in ("--output", "--block", "--sparsity", "--method", "--data", "--eval-data", "--epochs", "--steps",
-                "--batch-size", "--lr", "--device", "--seed", "--onnx-format", "--max-accuracy-drop", "--atol",
-                "--rtol", "--report", "--trust-model", "--save-torch", "--arch", "--balanced", "--min-blocks",
-                "--indivisible", "--include", "--exclude", "--conv-layout", "--weight-decay", "--threads",
-                "--export-batch-size", "--quiet", "--verbose", "--version"):
+    for opt in ("--output", "--block", "--sparsity", "--method", "--data", "--eval-data", "--epochs",
+                "--steps", "--batch-size", "--lr", "--device", "--seed", "--onnx-format",
+                "--max-accuracy-drop", "--atol", "--rtol", "--report", "--trust-model", "--save-torch",
+                "--arch", "--balanced", "--min-blocks", "--indivisible", "--include", "--exclude",
+                "--conv-layout", "--weight-decay", "--threads", "--export-batch-size", "--quiet", "--verbose",
+                "--version"):
         assert opt in text, opt
     for name in ("sapp", "acdc", "magnitude", "gmp", "powerprop", "blocked", "compact", "sparse-initializer"):
         assert name in text, name

@@ -1,4 +1,5 @@
-"""Bad input: each case exits with its documented code, prints one line (no traceback) and leaves no output."""
+"""Bad input: each case exits with its documented code, prints one line (no traceback) and leaves no
+output."""
 import os
 import signal
 import subprocess
@@ -131,7 +132,8 @@ def test_labels_out_of_range(run_cli, tmp_path, mlp_path, digits_shard):
     shard = save_npz(tmp_path / "labels.npz", x=digits_shard["x"], y=y)
     out = tmp_path / "m.onnx"
     code, err = run_cli(mlp_path, "-o", out, "--data", shard, *FAST)
-    _assert_failed(code, err, out, 2, "class indices in [0, 9] for a model with 10 outputs, got values in [0, 12]")
+    _assert_failed(code, err, out, 2, "class indices in [0, 9] for a model with 10 outputs, got values in "
+                   "[0, 12]")
 
 
 def test_unwritable_output_path(run_cli, tmp_path, mlp_path):
@@ -182,17 +184,20 @@ def test_forced_verification_failure_exits_3(run_cli, tmp_path, mlp_path, monkey
     code, err = run_cli(mlp_path, "-o", out, "--report", rep, *FAST)
     _assert_failed(code, err, out, 3, "ONNX Runtime differs from the pruned PyTorch model")
     r = json.loads(rep.read_text())
-    assert r["exit_code"] == 3 and r["verification"]["passed"] is False and r["verification"]["max_abs_diff"] > 1e-3
+    assert r["exit_code"] == 3 and r["verification"]["passed"] is False and \
+        r["verification"]["max_abs_diff"] > 1e-3
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_and_leaves_nothing(tmp_path, mlp_path):
     out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sapp_compress", str(mlp_path), "-o", str(out), "--report", str(rep),
          "--steps", "100000", "--lr", "1e-3"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        # a suite started in the background by a non-interactive shell runs with SIGINT ignored, which children
-        # inherit (and Python then honours): the child gets the default disposition, as from a terminal
+        # a suite started in the background by a non-interactive shell runs with SIGINT ignored, which
+        # children inherit (and Python then honours): the child gets the default disposition, as from a
+        # terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait until fine-tuning is under way (the progress line), then interrupt
     deadline = time.time() + 120

@@ -1,5 +1,5 @@
-"""--lr auto (the default) through the CLI: the report's lr (value, source, the probe's scores per candidate and
-its cost), --lr RATE fixing the rate, and a bad --lr as a usage error."""
+"""--lr auto (the default) through the CLI: the report's lr (value, source, the probe's scores per candidate
+and its cost), --lr RATE fixing the rate, and a bad --lr as a usage error."""
 import json
 
 from conftest import one_line_error
@@ -17,14 +17,17 @@ def test_report_says_what_the_probe_measured(tmp_path, run_cli, mlp_path):
     assert set(lr["scores"]) == {f"{c:g}" for c in LR_CANDIDATES}  # every candidate, a held-out loss per rung
     assert all(isinstance(v, list) and v for v in lr["scores"].values())
     p = lr["probe"]
-    winner = min(lr["scores"], key=lambda k: (lr["scores"][k][-1] if len(lr["scores"][k]) == 2 else 9e9, float(k)))
+    winner = min(lr["scores"], key=lambda k: (lr["scores"][k][-1] if len(lr["scores"][k]) == 2 else 9e9,
+                                              float(k)))
     check = p["dense_check"]  # SA++ (the default method) starts dense: the winner's dense steps were checked
     assert list(check["losses"])[0] == winner and check["vetoed"] == list(check["losses"])[:-1]
-    assert f"{lr['value']:g}" == list(check["losses"])[-1]  # the best of the last rung, unless the check vetoed it
+    # the best of the last rung, unless the check vetoed it
+    assert f"{lr['value']:g}" == list(check["losses"])[-1]
     cfg = LRProbeConfig()  # the budget's steps, the shared priming steps and the dense check's
     assert p["strategy"] == "halving"
     assert (p["anneal"], p["batch_stats"]) == ("program", True)  # SA++ has phases before its final sparse one
-    assert p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200) + check["steps"] * len(check["losses"])
+    assert p["steps"] <= int(cfg.budget * 200) + round(cfg.prime * 200) + \
+        check["steps"] * len(check["losses"])
     assert p["rungs"][-1] == p["program_steps"]
     assert p["seconds"] > 0 and p["fine_tune_seconds"] > 0 and p["fraction_of_fine_tune"] > 0
     assert p["rows"]["scored"] > 0 and len(lr["digests_per_rank"]) == 1

@@ -1,7 +1,7 @@
 """--quantize int8 through the CLI: the int8 artifact is verified (fp32 stage, ORT's int8 kernels against the
-model's own quantization reference, then the int8 tolerance against PyTorch), gated and reported; a verification
-it cannot pass is exit 3; a fixed format gives the same bytes for the same seed. The MLP's linears take the
-dynamic int8 form, the digits CNN's convs the static (QDQ) one."""
+model's own quantization reference, then the int8 tolerance against PyTorch), gated and reported; a
+verification it cannot pass is exit 3; a fixed format gives the same bytes for the same seed. The MLP's
+linears take the dynamic int8 form, the digits CNN's convs the static (QDQ) one."""
 import json
 
 import onnx
@@ -28,7 +28,8 @@ def test_int8_end_to_end_report_and_gate(int8_run):
     r = json.loads((d / "r.json").read_text())
     assert [row["precision"] for row in r["layers"]] == ["int8"] * len(r["layers"])
     assert {row["onnx_format"] for row in r["layers"]} == {"blocked-int8"}
-    assert all(row["int8"]["weight_bits"] in (7, 8) and row["int8"]["activation"] == "dynamic" for row in r["layers"])
+    assert all(row["int8"]["weight_bits"] in (7, 8) and row["int8"]["activation"] == "dynamic"
+               for row in r["layers"])
     # bytes at each stage: int8 blocks take about a quarter of the fp32 blocks
     b = r["bytes"]
     assert b["sparse"] < b["sparse_fp32"] < b["dense_fp32"]
@@ -82,7 +83,8 @@ def test_int8_fixed_format_is_byte_deterministic(run_cli, tmp_path, mlp_path, in
     assert (tmp_path / "m.onnx").read_bytes() == (d / "m.onnx").read_bytes()
 
 
-CNN = ["--block", "8", "--sparsity", "0.8", "--steps", "150", "--quantize", "int8", "--onnx-format", "compact"]
+CNN = ["--block", "8", "--sparsity", "0.8", "--steps", "150", "--quantize", "int8", "--onnx-format",
+       "compact"]
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +94,13 @@ def cnn_path():
     return Path(__file__).resolve().parents[2] / "examples" / "models" / "digits_cnn.pt"
 
 
+@pytest.mark.slow
 def test_int8_convs_end_to_end(run_cli, tmp_path, cnn_path):
-    """The shipped digits CNN: its pruned convs in int8 with calibrated static scales, the rest of the conv net
-    too; the report says so per layer, with the calibration rows."""
+    """The shipped digits CNN: its pruned convs in int8 with calibrated static scales, the rest of the conv
+    net too; the report says so per layer, with the calibration rows."""
     rep = tmp_path / "r.json"
-    code, err = run_cli(cnn_path, "-o", tmp_path / "m.onnx", "--report", rep, "--max-accuracy-drop", "0.05", *CNN)
+    code, err = run_cli(cnn_path, "-o", tmp_path / "m.onnx", "--report", rep, "--max-accuracy-drop", "0.05",
+                        *CNN)
     assert code == 0, err
     r = json.loads(rep.read_text())
     convs = [row for row in r["layers"] if len(row["shape"]) == 4]
@@ -109,9 +113,10 @@ def test_int8_convs_end_to_end(run_cli, tmp_path, cnn_path):
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= len(convs)
 
 
+@pytest.mark.slow
 def test_int8_kernel_check_failure_is_exit_3(run_cli, tmp_path, cnn_path):
-    """A kernel tolerance ORT's requantization rounding cannot meet: the fp32 stage passes, the int8 kernel stage
-    fails, exit 3, and nothing is written."""
+    """A kernel tolerance ORT's requantization rounding cannot meet: the fp32 stage passes, the int8 kernel
+    stage fails, exit 3, and nothing is written."""
     rep = tmp_path / "r.json"
     code, err = run_cli(cnn_path, "-o", tmp_path / "m.onnx", "--report", rep, "--int8-kernel-rtol", "1e-9",
                         "--atol", "1e-9", *CNN)
@@ -125,7 +130,8 @@ def test_int8_kernel_check_failure_is_exit_3(run_cli, tmp_path, cnn_path):
 
 def test_int8_failure_is_found_before_the_fine_tune(run_cli, tmp_path, cnn_path, monkeypatch):
     """A model the int8 pass cannot take fails in the pre-check (exit 2, one line), not after a 100000-step
-    fine-tune: the QDQ pass is made to fail as ONNX Runtime's quantizer would on a graph it does not support."""
+    fine-tune: the QDQ pass is made to fail as ONNX Runtime's quantizer would on a graph it does not
+    support."""
     import time
 
     import converters.qdq

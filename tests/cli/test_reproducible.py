@@ -35,12 +35,14 @@ def runs(tmp_path_factory, mlp_path):
     with pytest.MonkeyPatch.context() as mp:
         calls = []
         real = converters.runtime.interleaved_samples
-        mp.setattr(converters.runtime, "interleaved_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+        mp.setattr(converters.runtime, "interleaved_samples",
+                   lambda *a, **k: calls.append(1) or real(*a, **k))
         for name, cache, extra in (("first", "cache", ()), ("second", "cache", ()),
                                    ("replay", "empty", ("--plan", d / "first.json"))):
             mp.setenv(ENV, str(d / cache))
             before = len(calls)
-            code, err = _invoke(mlp_path, "-o", d / f"{name}.onnx", "--report", d / f"{name}.json", *FAST, *extra)
+            code, err = _invoke(mlp_path, "-o", d / f"{name}.onnx", "--report", d / f"{name}.json", *FAST,
+                                *extra)
             assert code == 0, err
             out[name] = ((d / f"{name}.onnx").read_bytes(), json.loads((d / f"{name}.json").read_text()),
                          len(calls) - before)
@@ -64,7 +66,8 @@ def test_report_layers_carry_the_plan(runs):
                                                                                   "fallback"}
     for lay in r["layers"]:
         p = lay["plan"]
-        assert p["name"] == lay["name"] and p["onnx_format"] == lay["onnx_format"] and p["reason"] == lay["reason"]
+        assert p["name"] == lay["name"] and p["onnx_format"] == lay["onnx_format"] and \
+            p["reason"] == lay["reason"]
         assert p["shape"] == lay["shape"] and "x".join(map(str, p["block"])) == lay["block"]
         assert len(p["mask_digest"]) == 16 and p["layout"] == "linear"
 
@@ -101,7 +104,8 @@ def test_no_cache_measures_again_and_refreshes_the_cache(runs, tmp_path, mlp_pat
     d, out = runs
     monkeypatch.setenv(ENV, str(d / "cache"))
     before = {p: p.read_text() for p in (d / "cache").rglob("*.json")}
-    code, err = _invoke(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", *FAST, "--no-cache")
+    code, err = _invoke(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", *FAST,
+                        "--no-cache")
     assert code == 0, err
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["plan"]["measured"] == out["first"][1]["plan"]["measured"] and r["plan"]["from_cache"] == 0

@@ -42,7 +42,8 @@ def test_shard_with_both_label_names_is_refused(tmp_path):
 
 
 def test_rnn_weights_are_listed_as_dense_with_a_reason():
-    """An LSTM / GRU classifier's recurrent weights (most of its parameters) were neither pruned nor listed."""
+    """An LSTM / GRU classifier's recurrent weights (most of its parameters) were neither pruned nor
+    listed."""
     from sapp_compress import PruneConfig
     from sapp_compress.blocks.geometry import plan_layers
 
@@ -66,8 +67,8 @@ def test_rnn_weights_are_listed_as_dense_with_a_reason():
 
 def test_int8_that_quantizes_nothing_says_so(run_cli, tmp_path, mlp_path):
     """--quantize int8 with a format that has no int8 form: nothing went int8, and the run said nothing."""
-    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", "--quantize", "int8",
-                        "--onnx-format", "sparse-initializer", *QUICK)
+    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", "--quantize",
+                        "int8", "--onnx-format", "sparse-initializer", *QUICK)
     assert code == 0, err
     r = _report(tmp_path / "r.json")
     assert all(row["precision"] == "fp32" for row in r["layers"])
@@ -78,8 +79,8 @@ def test_int8_that_quantizes_nothing_says_so(run_cli, tmp_path, mlp_path):
 def test_top1_floor_fails_an_int8_classifier_that_flips_decisions(run_cli, tmp_path, mlp_path):
     """The int8 tolerance is scaled to the largest logit, so it can pass a classifier whose decisions flip:
     with a floor above the agreement measured (0.994 on this MLP), exit 3, and the report says why."""
-    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", "--quantize", "int8",
-                        "--onnx-format", "compact", "--min-top1-agreement", "1.0", "--seed", "1",
+    code, err = run_cli(mlp_path, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json", "--quantize",
+                        "int8", "--onnx-format", "compact", "--min-top1-agreement", "1.0", "--seed", "1",
                         "--block", "8", "--sparsity", "0.9", "--steps", "10")
     r = _report(tmp_path / "r.json")
     v = r["verification"]
@@ -93,7 +94,8 @@ def test_top1_floor_fails_an_int8_classifier_that_flips_decisions(run_cli, tmp_p
 
 
 def test_verify_top1_floor_on_near_ties():
-    """10 of 13 rows flipped between near-tied logits: within the output-scaled tolerance, yet below a floor."""
+    """10 of 13 rows flipped between near-tied logits: within the output-scaled tolerance, yet below a
+    floor."""
     from onnx import TensorProto, helper
 
     import converters
@@ -107,12 +109,14 @@ def test_verify_top1_floor_on_near_ties():
     torch_out[:3] = [10.001, 10.0]  # three rows decide the other way
     ok = converters.verify(model, {"x": ort_out}, [torch_out], atol=0, rtol=0.2, classifier=True)
     assert ok.passed and ok.top1_agreement == pytest.approx(10 / 13)
-    with pytest.raises(converters.VerificationError, match="top-1 agrees .* on 0.769 of the rows, below the floor"):
+    with pytest.raises(converters.VerificationError,
+                       match="top-1 agrees .* on 0.769 of the rows, below the floor"):
         converters.verify(model, {"x": ort_out}, [torch_out], atol=0, rtol=0.2, classifier=True, min_top1=0.8)
 
 
 def test_fine_tune_time_excludes_the_precheck(run_cli, tmp_path, mlp_path, monkeypatch):
-    """The report's ``fine_tune`` seconds included the pre-check's: a pre-check made 3 s slower showed there."""
+    """The report's ``fine_tune`` seconds included the pre-check's: a pre-check made 3 s slower showed
+    there."""
     import time
 
     from sapp_compress.granularity import blocks
@@ -136,32 +140,34 @@ def test_summary_keeps_q_k_v_apart():
 
     r = empty_report()
     r["layers"] = [{"name": f"bert.encoder.layer.11.attention.self.{p}.weight", "shape": [768, 768],
-                    "block": "16x16", "sparsity": 0.8, "onnx_format": "compact"} for p in ("query", "key", "value")]
+                    "block": "16x16", "sparsity": 0.8, "onnx_format": "compact"}
+                   for p in ("query", "key", "value")]
     rows = [line.split()[0] for line in summary(r).splitlines()[1:4]]
-    assert len(set(rows)) == 3 and all(row.endswith(("query.weight", "key.weight", "value.weight")) for row in rows)
+    assert len(set(rows)) == 3 and all(row.endswith(("query.weight", "key.weight", "value.weight"))
+                                       for row in rows)
 
 
 def test_arch_takes_constructor_arguments(tmp_path):
     """--arch module:callable(k=literal, ...): a state_dict of a 10-class torchvision ResNet."""
+    from helpers import needs
+
     from sapp_compress.errors import ModelLoadError
-    from sapp_compress.io.extras import require
     from sapp_compress.io.loading import arch_arguments, load_model
 
-    try:
-        tv = require("torchvision", "this test")
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+    tv = needs("torchvision")
     torch.save(tv.models.resnet18(num_classes=10).state_dict(), tmp_path / "sd.pt")
     m = load_model(tmp_path / "sd.pt", arch="torchvision.models:resnet18(num_classes=10)")
     assert m.fc.out_features == 10
-    assert arch_arguments("m:f(a=1, b='x', c=(1, 2), d=None)") == ("m:f", {"a": 1, "b": "x", "c": (1, 2), "d": None})
+    assert arch_arguments("m:f(a=1, b='x', c=(1, 2), d=None)") == \
+        ("m:f", {"a": 1, "b": "x", "c": (1, 2), "d": None})
     for bad, why in (("m:f(10)", "by keyword"), ("m:f(n=x)", "n=x is not a Python literal")):
         with pytest.raises(ModelLoadError, match=why):
             arch_arguments(bad)
 
 
 class Twice(nn.Module):
-    """One Linear called twice on a 3-D input: the exporter holds its weight in one transposed copy per call."""
+    """One Linear called twice on a 3-D input: the exporter holds its weight in one transposed copy per
+    call."""
 
     def __init__(self):
         super().__init__()
@@ -173,14 +179,15 @@ class Twice(nn.Module):
 
 
 def test_module_called_twice_is_pruned_once_and_stored_once(tmp_path):
-    """"2 initializers hold this weight; refusing to guess" (exit 2) for a Linear applied twice: now one weight,
-    one compact storage, both calls read it, verified against PyTorch."""
+    """"2 initializers hold this weight; refusing to guess" (exit 2) for a Linear applied twice: now one
+    weight, one compact storage, both calls read it, verified against PyTorch."""
     from sapp_compress import PruneConfig, TrainConfig
     from sapp_compress.config import OutputConfig
     from sapp_compress.pipeline import compress
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "s.npz", x=rng.standard_normal((40, 3, 16)).astype(np.float32), y=rng.integers(0, 8, 40))
+    np.savez(tmp_path / "s.npz", x=rng.standard_normal((40, 3, 16)).astype(np.float32),
+             y=rng.integers(0, 8, 40))
     out = OutputConfig(output=tmp_path / "m.onnx", onnx_format="auto")
     r = compress(Twice(), PruneConfig(block="8", sparsity=0.5, min_blocks=1), TrainConfig(steps=5), out,
                  data=tmp_path / "s.npz")

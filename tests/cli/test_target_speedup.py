@@ -1,5 +1,6 @@
-"""``--target-speedup X`` through the CLI: a small transformer and a small CNN end to end (the report's measured
-speed-up re-timed here), the unreachable target before the fine-tune, the bad combinations, and exit 5."""
+"""``--target-speedup X`` through the CLI: a small transformer and a small CNN end to end (the report's
+measured speed-up re-timed here), the unreachable target before the fine-tune, the bad combinations, and exit
+5."""
 from __future__ import annotations
 
 import json
@@ -15,27 +16,24 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ROOT, one_line_error  # noqa: E402
+from helpers import needs  # noqa: E402
+
 from sapp_compress.cli import main  # noqa: E402
-from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.speed.allocate import REFINE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 def _bert(tmp: Path) -> tuple[Path, Path]:
-    try:
-        t = require("transformers", "this test")
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+    t = needs("transformers")
     torch.manual_seed(0)
     m = t.BertForSequenceClassification(t.BertConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2,
                                                      num_attention_heads=4, intermediate_size=512,
                                                      max_position_embeddings=64, num_labels=3))
     m.save_pretrained(tmp / "bert")
     rng = np.random.default_rng(0)
-    np.savez(tmp / "d.npz", input_ids=rng.integers(1, 300, size=(64, 32)), attention_mask=np.ones((64, 32), np.int64),
-             y=rng.integers(0, 3, size=64))
+    np.savez(tmp / "d.npz", input_ids=rng.integers(1, 300, size=(64, 32)),
+             attention_mask=np.ones((64, 32), np.int64), y=rng.integers(0, 3, size=64))
     return tmp / "bert", tmp / "d.npz"
 
 
@@ -68,9 +66,9 @@ def test_target_speedup_end_to_end(case, tmp_path):
         model, data = ROOT / "examples" / "models" / "digits_cnn.pt", ROOT / "calib_data" / "digits_img.npz"
         args = [model, "--data", data]
     rep = tmp_path / "r.json"
-    code, out = _run(*args, "--structure", "channels", "--target-speedup", "1.5", "--steps", "8", "--batch-size",
-                     "16", "--export-batch-size", "8", "--threads", "1", "--accept-missed-target", "-o",
-                     tmp_path / "m.onnx", "--report", rep)
+    code, out = _run(*args, "--structure", "channels", "--target-speedup", "1.5", "--steps", "8",
+                     "--batch-size", "16", "--export-batch-size", "8", "--threads", "1",
+                     "--accept-missed-target", "-o", tmp_path / "m.onnx", "--report", rep)
     assert code == 0, out
     r = json.loads(rep.read_text())
     t = r["target_speedup"]
@@ -89,7 +87,8 @@ def test_target_speedup_end_to_end(case, tmp_path):
     # re-timed here, the written model's latency is what the report says, within timing noise
     feed_shard = np.load(data)
     names = [n for n in ("input_ids", "attention_mask", "x") if n in feed_shard.files]
-    feed = {n: np.ascontiguousarray(feed_shard[n][:8]).astype(np.int64 if n != "x" else np.float32) for n in names}
+    feed = {n: np.ascontiguousarray(feed_shard[n][:8]).astype(np.int64 if n != "x" else np.float32)
+            for n in names}
     assert _retime(tmp_path / "m.onnx", 0, feed) == pytest.approx(t["rounds"][-1]["ms"]["pruned"], rel=0.6)
 
 

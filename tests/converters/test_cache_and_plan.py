@@ -61,7 +61,8 @@ def _auto(rows) -> dict:
     return dict(fmt="auto", timing_inputs={k: v[:4] for k, v in rows.items()})
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "cnn_int8" else c
+                                  for c in CASES])
 def test_second_auto_run_reads_every_timing_from_the_cache_and_writes_the_same_bytes(tmp_path, timings, case):
     name, quantize = CASES[case]
     proto, manifest, rows = _case(name)

@@ -18,18 +18,28 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from zoo_cases import build_case
 
 from converters import LayerBlocks, export_onnx, locate
-from converters.rewrite import apply
 from converters.graph import GraphIndex, prune_unused
-from converters.int8 import (CHUNK_REF, LAYOUTS, BlockedInt8, CompactInt8, compact_int8, Int8Rewrite,
-                             blocked_int8, calibrate_activation, default_weight_bits,
-                             ensure_ms_opset, error_bound, quantize_rows)
+from converters.int8 import (
+    CHUNK_REF,
+    LAYOUTS,
+    BlockedInt8,
+    CompactInt8,
+    Int8Rewrite,
+    blocked_int8,
+    calibrate_activation,
+    compact_int8,
+    default_weight_bits,
+    ensure_ms_opset,
+    error_bound,
+    quantize_rows,
+)
 from converters.manifest import element_mask
 from converters.ops import buckets, chunk_rows
+from converters.rewrite import apply
 from converters.runtime import session
-
-from zoo_cases import build_case
 
 FLOAT_RTOL = 1e-5
 KERNEL = {"feature": "MatMulInteger", "feature-u8": "MatMulInteger", "row": "MatMulInteger",
@@ -301,10 +311,10 @@ def test_through_convert_when_registered(case, monkeypatch):
     attention and LayerNorm)."""
     import sys
 
+    from zoo_cases import feed, names_for
+
     from converters import convert
     from converters.formulations import FORMULATIONS
-
-    from zoo_cases import feed, names_for
 
     monkeypatch.setitem(FORMULATIONS, "blocked-int8", BlockedInt8())
     monkeypatch.setitem(FORMULATIONS, "compact-int8", CompactInt8())
@@ -323,7 +333,7 @@ def test_through_convert_when_registered(case, monkeypatch):
     assert np.abs(outs["blocked-int8"] - outs["compact-int8"]).max() <= 2e-3 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("case", ["mlp", "transformer"])
+@pytest.mark.parametrize("case", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_static_formulations_through_convert(case, monkeypatch):
     """With calibration inputs, the static forms (QuantizeLinear with the calibrated scale instead of
     DynamicQuantizeLinear) join the candidates: within 2 % of the output's scale of PyTorch (the calibration
@@ -331,10 +341,10 @@ def test_static_formulations_through_convert(case, monkeypatch):
     times them. Without calibration they do not apply."""
     import sys
 
+    from zoo_cases import feed, names_for
+
     from converters import convert
     from converters.formulations import FORMULATIONS
-
-    from zoo_cases import feed, names_for
 
     monkeypatch.setattr(sys.modules["converters.convert"], "FORMATS", ("auto", *FORMULATIONS))
     model, manifest, _, xs = build_case(case, False)

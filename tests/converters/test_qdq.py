@@ -13,11 +13,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from zoo_cases import build_case, feed, names_for
 
 from converters import convert, export_onnx, measure_sparsity, verify_kernels
 from converters.runtime import session
-
-from zoo_cases import build_case, feed, names_for
 
 CONV_CASES = ["rescnn_bn", "dscnn", "cnn1d"]
 

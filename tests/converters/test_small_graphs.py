@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from auto_rule import auto_rule_holds
 from onnx import TensorProto, helper, numpy_helper
 
 import converters
@@ -20,8 +21,6 @@ from converters import FORMATS, FORMULATIONS, LayerBlocks, convert, measure_spar
 from converters.manifest import element_mask
 from converters.ops import MAX_BUCKETS, buckets
 from converters.runtime import session
-
-from auto_rule import auto_rule_holds
 
 OPSET = 18
 

@@ -169,16 +169,13 @@ def _tiny_bert():
     s = 0.75, balanced; biases and LayerNorm parameters random, so that nothing is deduplicated."""
     if _BERT:
         return _BERT["v"]
-    torch = pytest.importorskip("torch")
+    import torch
+    from helpers import needs
+
     from converters import export_onnx
 
-    try:
-        from sapp_compress.io.extras import import_torchvision
-
-        import_torchvision()
-        from transformers import BertConfig, BertModel
-    except Exception as e:  # noqa: BLE001 -- optional dependency
-        pytest.skip(f"transformers unavailable: {e}")
+    needs("transformers")  # skips only when transformers is not installed; any other error fails
+    from transformers import BertConfig, BertModel
 
     class Enc(torch.nn.Module):
         def __init__(self, inner):

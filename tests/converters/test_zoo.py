@@ -6,13 +6,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from auto_rule import auto_rule_holds
 from onnx import numpy_helper
+from zoo_cases import CASES, build_case, feed, names_for
 
 import converters
 from converters import FORMATS, convert, export_onnx, measure_sparsity, verify
-
-from auto_rule import auto_rule_holds
-from zoo_cases import CASES, build_case, feed, names_for
 
 RTOL = 1e-4  # relative to max|output|
 _EXPORTS: dict = {}

@@ -29,7 +29,8 @@ def planted_problem(seed: int, n_in: int = 256, n_out: int = 128, block: int = 8
     w_t /= (x @ w_t.T).std()
     student = nn.Linear(n_in, n_out, bias=False)
     with torch.no_grad():
-        student.weight.copy_(torch.from_numpy(w_t + noise * np.abs(w_t).mean() * rng.normal(size=w_t.shape).astype(np.float32)))
+        student.weight.copy_(torch.from_numpy(
+            w_t + noise * np.abs(w_t).mean() * rng.normal(size=w_t.shape).astype(np.float32)))
     return student, Shard(inputs=(x,), y=y, source=f"planted(seed={seed})"), planted
 
 

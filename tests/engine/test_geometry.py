@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from sapp_compress.blocks.geometry import VIEWS, plan_layers
 from sapp_compress.config import BlockSpec, PruneConfig
 from sapp_compress.errors import GeometryError
-from sapp_compress.blocks.geometry import VIEWS, plan_layers
 
 
 def _reference_blocks(view, w):
@@ -49,7 +49,8 @@ def test_norms_and_expand_match_reference(layout, shape, block):
     view = VIEWS[layout](shape, block)
     w = torch.randn(shape, dtype=torch.float64)
     ids = _reference_blocks(view, w)
-    ref = torch.zeros(view.n_blocks, dtype=torch.float64).index_add_(0, ids.flatten(), w.flatten() ** 2).sqrt()
+    ref = torch.zeros(view.n_blocks, dtype=torch.float64).index_add_(
+        0, ids.flatten(), w.flatten() ** 2).sqrt()
     torch.testing.assert_close(view.block_norms(w).double().flatten(), ref, rtol=1e-6, atol=1e-9)
     v = torch.randn(view.grid, dtype=torch.float64)
     expected = w * v.flatten()[ids]

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from sapp_compress import PruneConfig
-from sapp_compress.io.adapters import ModelIO, find_output, select, unwrap
 from sapp_compress.blocks.geometry import plan_layers
 from sapp_compress.blocks.masks import attach, fold
+from sapp_compress.io.adapters import ModelIO, find_output, select, unwrap
 
 
 def _fold_with_mask(model: nn.Module, cfg: PruneConfig, keep_fn):
@@ -22,13 +22,9 @@ def _fold_with_mask(model: nn.Module, cfg: PruneConfig, keep_fn):
 
 
 def test_conv1d_is_pruned_as_the_transposed_linear_it_is():
-    from sapp_compress.errors import ModelLoadError
-    from sapp_compress.io.extras import require
+    from helpers import needs
 
-    try:
-        require("transformers", "this test")
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+    needs("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -103,5 +99,6 @@ def test_model_io_passes_named_inputs_by_keyword_and_unwraps():
     inner = KW()
     io = ModelIO(inner, ("input_ids", "attention_mask"), True, "logits")
     ids, mask = torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
-    np.testing.assert_array_equal(io(ids, mask).detach().numpy(), inner.fc(torch.zeros(2, 4)).detach().numpy())
+    np.testing.assert_array_equal(io(ids, mask).detach().numpy(),
+                                  inner.fc(torch.zeros(2, 4)).detach().numpy())
     assert unwrap(io) is inner

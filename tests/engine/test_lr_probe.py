@@ -1,5 +1,5 @@
-"""``lr="auto"``: the probe's schedules, its choice on a task where one rate is clearly best, its determinism and
-its independence from the evaluation shard, the fallback, and structural families."""
+"""``lr="auto"``: the probe's schedules, its choice on a task where one rate is clearly best, its determinism
+and its independence from the evaluation shard, the fallback, and structural families."""
 import dataclasses
 
 import numpy as np
@@ -10,35 +10,36 @@ from torch import nn
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
 from sapp_compress.config import LRProbeConfig
-from sapp_compress.errors import ConfigError
 from sapp_compress.engine.lr_probe.strategies import MIN_PROGRAM, STRATEGIES, halving
+from sapp_compress.errors import ConfigError
 
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def scaled_regression(seed: int = 0, n: int = 2048, d_in: int = 64, d_out: int = 16, scale: float = 1e-2,
                       noise: float = 0.3, offset: float = 1.0) -> tuple[nn.Module, Shard]:
-    """A linear teacher with weights of scale ``scale`` (inputs scaled by 1 / scale, so outputs are O(1)), noisy
-    targets, and a student = teacher + an offset of the same scale. Adam moves every weight by about its rate
-    per step, so the rate that fits is set by ``scale``: below 1e-3 the student cannot travel the offset in the
-    budget, above it the last steps' jitter (rate x input scale) stays in the outputs."""
+    """A linear teacher with weights of scale ``scale`` (inputs scaled by 1 / scale, so outputs are O(1)),
+    noisy targets, and a student = teacher + an offset of the same scale. Adam moves every weight by about its
+    rate per step, so the rate that fits is set by ``scale``: below 1e-3 the student cannot travel the offset
+    in the budget, above it the last steps' jitter (rate x input scale) stays in the outputs."""
     rng = np.random.default_rng(seed)
     w = (scale * rng.normal(size=(d_out, d_in))).astype(np.float32)
     x = (rng.normal(size=(n, d_in)) / (scale * np.sqrt(d_in))).astype(np.float32)
     y = (x @ w.T + noise * rng.normal(size=(n, d_out))).astype(np.float32)
     student = nn.Linear(d_in, d_out, bias=False)
     with torch.no_grad():
-        student.weight.copy_(torch.from_numpy(w + offset * scale * rng.normal(size=w.shape).astype(np.float32)))
+        student.weight.copy_(torch.from_numpy(
+            w + offset * scale * rng.normal(size=w.shape).astype(np.float32)))
     return student, Shard((x,), y, "scaled-regression")
 
 
 CFG = PruneConfig(block="8", sparsity=0.5, method="magnitude", min_blocks=1)
 
 
-#: the probe without priming (``prime=0``, its earlier budget and scoring): on the scaled regression it finds the
-#: clearly best rate; the default, primed probe chooses 1e-2 there (R^2 0.443 against 1e-3's 0.469: the probe's 27
-#: steps favour the rate that travels the offset fastest once Adam's first steps no longer penalise it; on trained
-#: transformers the priming is what finds their best rate, BENCHMARKS.md section 15.2)
+#: the probe without priming (``prime=0``, its earlier budget and scoring): on the scaled regression it finds
+#: the clearly best rate; the default, primed probe chooses 1e-2 there (R^2 0.443 against 1e-3's 0.469: the
+#: probe's 27 steps favour the rate that travels the offset fastest once Adam's first steps no longer penalise
+#: it; on trained transformers the priming is what finds their best rate, BENCHMARKS.md section 15.2)
 UNPRIMED = dict(prime=0.0, budget=0.1, scoring=1.2)
 
 
@@ -79,9 +80,9 @@ def test_probe_picks_the_known_best_rate():
 
 @pytest.mark.parametrize("method", ["magnitude", "sapp"])
 def test_auto_is_deterministic_and_is_the_fixed_run_at_its_choice(method):
-    """Two runs: the same scores and choice; and the fine-tune after the probe is, bit for bit, the one a fixed
-    --lr at the chosen rate gives (the probe leaves the RNG as it found it; with SA++, which starts dense, the
-    fine-tune continues from the dense check's run of its own first steps)."""
+    """Two runs: the same scores and choice; and the fine-tune after the probe is, bit for bit, the one a
+    fixed --lr at the chosen rate gives (the probe leaves the RNG as it found it; with SA++, which starts
+    dense, the fine-tune continues from the dense check's run of its own first steps)."""
     student, shard = scaled_regression(seed=1)
     cfg = dataclasses.replace(CFG, method=method)
     a, b = (prune(student, shard, cfg, _train("auto", seed=3)) for _ in range(2))
@@ -120,7 +121,8 @@ def test_too_short_a_budget_falls_back():
 def test_fixed_lr_is_kept():
     student, shard = scaled_regression()
     res = prune(student, shard, CFG, dataclasses.replace(_train(2e-3), steps=20))
-    assert (res.lr, res.lr_source, res.lr_choice.to_json()) == (2e-3, "--lr", {"value": 2e-3, "source": "--lr"})
+    assert (res.lr, res.lr_source, res.lr_choice.to_json()) == \
+        (2e-3, "--lr", {"value": 2e-3, "source": "--lr"})
 
 
 def test_probe_on_structural_families():
@@ -163,8 +165,8 @@ def test_ranks_with_different_scores_stop(monkeypatch):
 
 
 def test_scoring_rows_are_bounded_by_the_probes_training():
-    """Half of the allowed rows go to the last rung's evaluations, the other half to the earlier ones; clamped to
-    [MIN_SCORED, held-out rows]. The default halving over 7 candidates scores 7 then 3."""
+    """Half of the allowed rows go to the last rung's evaluations, the other half to the earlier ones; clamped
+    to [MIN_SCORED, held-out rows]. The default halving over 7 candidates scores 7 then 3."""
     from sapp_compress.engine.lr_probe.strategies import MIN_SCORED, halving, scored_rows
 
     sched = halving(7, 29, 1.0 / 3.0)
@@ -179,8 +181,8 @@ def test_scoring_rows_are_bounded_by_the_probes_training():
 
 
 def test_rung_cycles_anneal_every_rung():
-    """``anneal="rung"``: each rung is a warm-up and cosine cycle of its own, so the step before every score runs
-    near zero (the default decays once, over the whole program: an early rung scores near the peak)."""
+    """``anneal="rung"``: each rung is a warm-up and cosine cycle of its own, so the step before every score
+    runs near zero (the default decays once, over the whole program: an early rung scores near the peak)."""
     from sapp_compress.engine.lr_probe.strategies import rung_cycle
     from sapp_compress.engine.schedules import cosine_lr
 
@@ -201,8 +203,8 @@ def test_probe_with_rung_cycles_picks_the_known_best_rate():
 
 
 def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
-    """``prime``: steps at rate zero run once and are shared: every candidate starts from the same primed state,
-    whose weights are the starting weights and whose Adam moments are filled; the steps count once."""
+    """``prime``: steps at rate zero run once and are shared: every candidate starts from the same primed
+    state, whose weights are the starting weights and whose Adam moments are filled; the steps count once."""
     from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
@@ -226,13 +228,14 @@ def test_priming_fills_the_optimizer_once_and_moves_no_weight(monkeypatch):
     probe = res.lr_choice.to_json()["probe"]
     # the shared first step counts once, not once per candidate
     assert probe["steps"] == 15 + halving(len(RATES), 30, 1 / 3).cost(len(RATES)) - (len(RATES) - 1)
-    assert res.lr in (1e-3, 1e-2)  # the best two rates (R^2 0.469 and 0.443; test_probe_picks_the_known_best_rate)
+    # the best two rates (R^2 0.469 and 0.443; test_probe_picks_the_known_best_rate)
+    assert res.lr in (1e-3, 1e-2)
 
 
 def test_the_candidates_first_step_runs_once(monkeypatch):
     """With priming, the program's first step runs at warm-up's rate zero for every candidate (the same state,
-    batch and RNG), so it is run once with the priming: every score is what a candidate that ran that step itself
-    measures (there at a rate of ~1e-11 x its peak: equal to 1e-6), in n - 1 fewer steps."""
+    batch and RNG), so it is run once with the priming: every score is what a candidate that ran that step
+    itself measures (there at a rate of ~1e-11 x its peak: equal to 1e-6), in n - 1 fewer steps."""
     from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
@@ -247,9 +250,9 @@ def test_the_candidates_first_step_runs_once(monkeypatch):
 
 
 def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
-    """Every candidate alive holds a copy of the model and its optimizer moments: a rung drops a candidate as soon
-    as ``keep`` better ones have been scored, so at most ``keep + 1`` are alive at once (not all of them), and the
-    survivors are still the rung's best."""
+    """Every candidate alive holds a copy of the model and its optimizer moments: a rung drops a candidate as
+    soon as ``keep`` better ones have been scored, so at most ``keep + 1`` are alive at once (not all of
+    them), and the survivors are still the rung's best."""
     from sapp_compress.engine.lr_probe import runner as lr_probe
 
     student, shard = scaled_regression()
@@ -267,7 +270,8 @@ def test_halving_keeps_at_most_keep_plus_one_candidates_alive(monkeypatch):
     assert len(alive) > len(RATES) and max(alive) == keep + 1
     scores = res.lr_choice.scores
     first = sorted(RATES, key=lambda r: (scores[r][0], r))
-    assert sorted(r for r in RATES if len(scores[r]) > 1) == sorted(first[:keep])  # the best of the first rung went on
+    # the best of the first rung went on
+    assert sorted(r for r in RATES if len(scores[r]) > 1) == sorted(first[:keep])
 
 
 @pytest.mark.parametrize("method", ["sapp", "gmp"])
@@ -285,8 +289,9 @@ def test_primed_probe_over_the_whole_program_is_deterministic(method):
 
 
 def test_constant_loss_is_the_best_input_independent_prediction():
-    """The floor the probe's scores are held against: the class prior's cross-entropy, the base rate's log-loss,
-    the targets' variance, the KL to the teacher's mean distribution (0 when every row has the same target)."""
+    """The floor the probe's scores are held against: the class prior's cross-entropy, the base rate's
+    log-loss, the targets' variance, the KL to the teacher's mean distribution (0 when every row has the same
+    target)."""
     from sapp_compress.engine.lr_probe.runner import constant_loss
     from sapp_compress.io.tasks import Task
 
@@ -301,15 +306,17 @@ def test_constant_loss_is_the_best_input_independent_prediction():
 
 
 def test_a_probe_that_cannot_beat_a_constant_says_so():
-    """Labels independent of the inputs: no candidate beats the class prior on the held-out rows, so the report
-    marks the probe uninformative and the run warns; a task the probe can learn (the scaled regression) does not."""
+    """Labels independent of the inputs: no candidate beats the class prior on the held-out rows, so the
+    report marks the probe uninformative and the run warns; a task the probe can learn (the scaled regression)
+    does not."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2048, 32)).astype(np.float32)
     shard = Shard((x,), rng.integers(0, 4, size=2048).astype(np.int64), "random-labels")
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
     res = prune(model, shard, CFG, _train("auto"))
     probe = res.lr_choice.to_json()["probe"]
-    assert probe["informative"] is False and np.log(4) - 0.05 < probe["constant_loss"] <= np.log(4)  # the prior
+    # the prior
+    assert probe["informative"] is False and np.log(4) - 0.05 < probe["constant_loss"] <= np.log(4)
     assert res.lr_choice.scores[res.lr][-1] >= probe["constant_loss"]
     assert any("no candidate rate beat a constant prediction" in w for w in res.warnings)
     student, reg = scaled_regression()
@@ -320,10 +327,10 @@ def test_a_probe_that_cannot_beat_a_constant_says_so():
 
 def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     """SA++'s program starts dense. On the scaled regression (weights of scale 1e-2) a peak rate of 1e-1 moves
-    every weight by about 0.1 a step: the fine-tune's first steps at it (its warm-up and one step at the peak) take
-    the held-out loss far above the start and far above what 1e-2's do, so the check vetoes it and steps down;
-    1e-3 passes as it is; the check is deterministic and counted in the probe's steps; magnitude (no dense phase)
-    has none."""
+    every weight by about 0.1 a step: the fine-tune's first steps at it (its warm-up and one step at the peak)
+    take the held-out loss far above the start and far above what 1e-2's do, so the check vetoes it and steps
+    down; 1e-3 passes as it is; the check is deterministic and counted in the probe's steps; magnitude (no
+    dense phase) has none."""
     from sapp_compress.engine.lr_probe import probe
 
     seen: dict = {}
@@ -333,7 +340,8 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
         out = real(runner, cands, best, *rest)
         seen["steps"] = runner.steps
         # the same runner, while it still holds the starting weights (the fine-tune trains them afterwards)
-        seen.update({lr: real(runner, cands, lr, *rest) for lr in (1e-1, 1e-3)}, again=real(runner, cands, 1e-1, *rest))
+        seen.update({lr: real(runner, cands, lr, *rest) for lr in (1e-1, 1e-3)},
+                    again=real(runner, cands, 1e-1, *rest))
         return out
 
     monkeypatch.setattr(probe, "dense_check", spy)
@@ -342,23 +350,28 @@ def test_dense_check_vetoes_a_rate_that_wrecks_the_dense_phase(monkeypatch):
     rep = res.lr_choice.to_json()["probe"]
     assert set(rep["dense_check"]) == {"steps", "start", "bound", "ratio", "losses", "vetoed", "resumed",
                                        "seconds_reused_by_fine_tune"}
-    assert rep["dense_check"]["steps"] == 16 and rep["dense_check"]["resumed"]  # 5 % of 300 steps, then the peak
+    # 5 % of 300 steps, then the peak
+    assert rep["dense_check"]["steps"] == 16 and rep["dense_check"]["resumed"]
     hot, check = seen[1e-1]
-    assert check.vetoed == [1e-1] and hot == 1e-2 and check.state is not None and int(check.state["step"]) == 16
+    assert check.vetoed == [1e-1] and hot == 1e-2 and check.state is not None and \
+        int(check.state["step"]) == 16
     assert check.losses[1e-1] > check.bound and check.losses[1e-1] > check.ratio * check.losses[1e-2], check
     assert seen["again"][1].losses == check.losses  # deterministic
     cool, check = seen[1e-3]
     assert cool == 1e-3 and check.vetoed == [] and check.losses[1e-3] <= check.bound
     monkeypatch.setattr(probe, "dense_check", real)
-    off = prune(student, shard, dataclasses.replace(CFG, method="sapp"), _train("auto", {"dense_check": None}))
+    off = prune(student, shard, dataclasses.replace(CFG, method="sapp"),
+                _train("auto", {"dense_check": None}))
     assert "dense_check" not in off.lr_choice.to_json()["probe"]
-    assert seen["steps"] == off.lr_choice.steps + rep["dense_check"]["steps"] * len(rep["dense_check"]["losses"])
+    assert seen["steps"] == off.lr_choice.steps + \
+        rep["dense_check"]["steps"] * len(rep["dense_check"]["losses"])
     mag = prune(student, shard, CFG, _train("auto"))
     assert "dense_check" not in mag.lr_choice.to_json()["probe"]
 
 
 def _bn_mlp(seed: int = 0, n: int = 1024) -> tuple[nn.Module, Shard]:
-    """A regression by an MLP with a BatchNorm between its layers, its running statistics those of its inputs."""
+    """A regression by an MLP with a BatchNorm between its layers, its running statistics those of its
+    inputs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
     y = torch.tanh(x @ torch.randn(16, 4, generator=g))
@@ -370,10 +383,10 @@ def _bn_mlp(seed: int = 0, n: int = 1024) -> tuple[nn.Module, Shard]:
 
 
 def test_candidates_are_scored_by_batch_statistics():
-    """``batch_stats``: BatchNorm normalises each held-out chunk by its own statistics when a candidate is scored,
-    so the running statistics a model arrives with (after a one-shot prune they describe the dense model) change no
-    score, bit for bit; scored by them (``batch_stats=False``) they do. A model without BatchNorm scores the same
-    either way."""
+    """``batch_stats``: BatchNorm normalises each held-out chunk by its own statistics when a candidate is
+    scored, so the running statistics a model arrives with (after a one-shot prune they describe the dense
+    model) change no score, bit for bit; scored by them (``batch_stats=False``) they do. A model without
+    BatchNorm scores the same either way."""
     import copy
 
     model, shard = _bn_mlp()
@@ -382,20 +395,22 @@ def test_candidates_are_scored_by_batch_statistics():
     stale[1].running_var *= 20.0
     by_batch = [prune(m, shard, CFG, _train("auto", {"batch_stats": True})).lr_choice for m in (model, stale)]
     assert by_batch[0].source == "probe" and by_batch[0].digest() == by_batch[1].digest()
-    by_running = [prune(m, shard, CFG, _train("auto", {"batch_stats": False})).lr_choice for m in (model, stale)]
+    by_running = [prune(m, shard, CFG, _train("auto", {"batch_stats": False})).lr_choice
+                  for m in (model, stale)]
     assert by_running[0].digest() != by_running[1].digest()
     assert by_running[0].digest() != by_batch[0].digest()
     student, data = scaled_regression()
-    same = [prune(student, data, CFG, _train("auto", {"batch_stats": b})).lr_choice.digest() for b in (True, False)]
+    same = [prune(student, data, CFG, _train("auto", {"batch_stats": b})).lr_choice.digest()
+            for b in (True, False)]
     assert same[0] == same[1]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sapp"])
 def test_a_shard_too_small_to_hold_two_rows_out_falls_back(method):
-    """A probe scored on one held-out row measures nothing, and BatchNorm has no batch statistics of one row (the
-    dense check's scoring and magnitude's raised there, before the fine-tune): a 12-row shard (10 training rows
-    after the evaluation split, 1 of them held out) falls back with the reason; 20 rows (2 held out) are probed,
-    batch statistics and all."""
+    """A probe scored on one held-out row measures nothing, and BatchNorm has no batch statistics of one row
+    (the dense check's scoring and magnitude's raised there, before the fine-tune): a 12-row shard (10
+    training rows after the evaluation split, 1 of them held out) falls back with the reason; 20 rows (2 held
+    out) are probed, batch statistics and all."""
     model, _ = _bn_mlp()
     cfg, train = dataclasses.replace(CFG, method=method), dataclasses.replace(_train("auto"), batch_size=4)
     small, enough = (prune(model, _bn_mlp(n=n)[1], cfg, train).lr_choice for n in (12, 20))
@@ -404,9 +419,9 @@ def test_a_shard_too_small_to_hold_two_rows_out_falls_back(method):
 
 
 def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
-    """Of the registered methods only magnitude's program (one prune at step 0, then sparse to the end) is what a
-    probe candidate runs in phase ``sparse``; every method with a dense phase first is not, nor is any method under
-    ``phase="program"`` (the default's settings differ only where this holds)."""
+    """Of the registered methods only magnitude's program (one prune at step 0, then sparse to the end) is
+    what a probe candidate runs in phase ``sparse``; every method with a dense phase first is not, nor is any
+    method under ``phase="program"`` (the default's settings differ only where this holds)."""
     from sapp_compress.engine.lr_probe.runner import runs_whole_program
     from sapp_compress.engine.methods import METHODS
     from sapp_compress.granularity import BLOCKS, Plan
@@ -417,14 +432,15 @@ def test_only_a_prune_at_step_0_then_sparse_is_the_whole_program():
     assert not any(runs_whole_program(ph, "program") for ph in programs.values())
 
 
-@pytest.mark.parametrize("method, phase, anneal", [("magnitude", "sparse", "rung"), ("sapp", "sparse", "program"),
+@pytest.mark.parametrize("method, phase, anneal", [("magnitude", "sparse", "rung"),
+                                                   ("sapp", "sparse", "program"),
                                                    ("magnitude", "program", "program")])
 def test_auto_anneals_every_rung_where_the_probe_is_the_whole_program(method, phase, anneal):
     """``anneal="auto"`` (the default): where a candidate is the fine-tune in miniature (phase ``sparse`` and
     magnitude's program, one prune at step 0 then sparse), every rung anneals; SA++ (dense and sparsify phases
-    first), or the compressed whole program, keep one anneal over the program. BatchNorm scores by batch statistics
-    either way (the default). The default measures exactly what the explicit setting measures, bit for bit, and the
-    report names it."""
+    first), or the compressed whole program, keep one anneal over the program. BatchNorm scores by batch
+    statistics either way (the default). The default measures exactly what the explicit setting measures, bit
+    for bit, and the report names it."""
     model, shard = _bn_mlp()
     cfg = dataclasses.replace(CFG, method=method)
     auto = prune(model, shard, cfg, _train("auto", {"phase": phase})).lr_choice

@@ -7,10 +7,10 @@ from torch import nn
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
 from sapp_compress.blocks.geometry import plan_layers
-from sapp_compress.granularity import BLOCKS, Plan
 from sapp_compress.blocks.masks import attach, fold
-from sapp_compress.io.reparametrizations import is_parametrized
 from sapp_compress.engine.methods import METHODS, select_top_k
+from sapp_compress.granularity import BLOCKS, Plan
+from sapp_compress.io.reparametrizations import is_parametrized
 
 
 def _model():
@@ -161,7 +161,8 @@ def test_sapp_effective_score_outranks_a_near_zero_block_with_a_high_logit():
     assert a.flatten().argmax() == 0
     assert e.flatten().argmin() == 0
     # elsewhere the effective score is the block's norm times its (equal) attention
-    torch.testing.assert_close(e[1:, 1:], torch.full_like(e[1:, 1:], 8.0) * eff.layers[0].masker.attention()[1:, 1:])
+    torch.testing.assert_close(e[1:, 1:],
+                               torch.full_like(e[1:, 1:], 8.0) * eff.layers[0].masker.attention()[1:, 1:])
 
 
 def test_logit_adam_normalises_per_tensor_and_keeps_gradient_ratios():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -18,6 +19,7 @@ def _run(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     ref = _run(tmp_path / "ref.pt", tmp_path / "ckpt_ref")
     assert ref.returncode == 0, ref.stderr
@@ -37,6 +39,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(a["state"][k], b["state"][k]), k
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_run_or_a_broken_file(tmp_path):
     assert _run(tmp_path / "a.pt", tmp_path / "ckpt", "--kill-at", 25).returncode == -signal.SIGKILL
     r = _run(tmp_path / "b.pt", tmp_path / "ckpt", "--resume", "--lr", "1e-3")

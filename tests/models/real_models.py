@@ -36,7 +36,8 @@ def _tokens(seed: int = 0, labels: int | None = 3) -> dict[str, np.ndarray]:
     return out
 
 
-def _images(seed: int = 0, size: int = 32, name: str = "x", labels: int | None = None) -> dict[str, np.ndarray]:
+def _images(seed: int = 0, size: int = 32, name: str = "x",
+            labels: int | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {name: rng.standard_normal((N, 3, size, size)).astype(np.float32)}
     if labels:
@@ -72,7 +73,8 @@ def bert(tmp):
 
 def distilbert(tmp):
     t = _transformers()
-    DistilBertConfig, DistilBertForSequenceClassification = t.DistilBertConfig, t.DistilBertForSequenceClassification
+    DistilBertConfig, DistilBertForSequenceClassification = \
+        t.DistilBertConfig, t.DistilBertForSequenceClassification
 
     cfg = DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                            max_position_embeddings=64, num_labels=3)
@@ -92,7 +94,8 @@ def gpt2(tmp):
     t = _transformers()
     GPT2Config, GPT2LMHeadModel = t.GPT2Config, t.GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB + 1, n_embd=64, n_layer=2, n_head=4, n_positions=64)  # 97 rows: indivisible
+    # 97 rows: indivisible
+    cfg = GPT2Config(vocab_size=VOCAB + 1, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     return _hf(tmp, "gpt2", GPT2LMHeadModel(cfg), _tokens(labels=None))
 
 
@@ -169,5 +172,5 @@ def transformer_encoder(tmp):
 
 
 #: name -> builder(tmp_path) -> Case
-MODELS = {f.__name__: f for f in (bert, distilbert, roberta, gpt2, vit, resnet18, mobilenet_v3_small, convnext,
-                                   efficientnet, transformer_encoder, torchvision_vit)}
+MODELS = {f.__name__: f for f in (bert, distilbert, roberta, gpt2, vit, resnet18, mobilenet_v3_small,
+                                  convnext, efficientnet, transformer_encoder, torchvision_vit)}

@@ -21,11 +21,10 @@ from click.testing import CliRunner
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import needs  # noqa: E402
 from real_models import MODELS, Case, _tokens, distilbert, gpt2  # noqa: E402
 
 from sapp_compress.cli import main  # noqa: E402
-from sapp_compress.errors import ModelLoadError  # noqa: E402
-from sapp_compress.io.extras import require  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BLOCK = 16
@@ -34,26 +33,20 @@ FAST = ["--block", str(BLOCK), "--sparsity", "0.8", "--steps", "4", "--batch-siz
 
 
 #: the optional library each matrix case needs (the extras hf / vision)
-LIBRARY = {"bert": "transformers", "distilbert": "transformers", "roberta": "transformers", "gpt2": "transformers",
-           "vit": "transformers", "resnet18": "torchvision", "mobilenet_v3_small": "torchvision",
-           "torchvision_vit": "torchvision", "convnext": "timm", "efficientnet": "timm", "transformer_encoder": None}
+LIBRARY = {"bert": "transformers", "distilbert": "transformers", "roberta": "transformers",
+           "gpt2": "transformers", "vit": "transformers", "resnet18": "torchvision",
+           "mobilenet_v3_small": "torchvision", "torchvision_vit": "torchvision", "convnext": "timm",
+           "efficientnet": "timm", "transformer_encoder": None}
 
 
-def needs(library: str | None) -> None:
-    """Skip when an optional library is not installed (``pip install -e ".[hf,vision]"`` installs them)."""
-    if library is None:
-        return
-    try:
-        require(library, "this test")
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+
 
 
 def run(case: Case, tmp: Path, *args) -> tuple[int, str, dict]:
     np.savez(tmp / "shard.npz", **case.arrays)
     rep = tmp / "report.json"
-    res = CliRunner().invoke(main, [str(case.path), "--data", str(tmp / "shard.npz"), "-o", str(tmp / "m.onnx"),
-                                    "--report", str(rep), *case.args, *map(str, args)])
+    res = CliRunner().invoke(main, [str(case.path), "--data", str(tmp / "shard.npz"), "-o",
+                                    str(tmp / "m.onnx"), "--report", str(rep), *case.args, *map(str, args)])
     return res.exit_code, res.output, json.loads(rep.read_text()) if rep.exists() else {}
 
 
@@ -132,13 +125,13 @@ def test_int32_token_shard_runs(tmp_path):
     code, out, rep = run(case, tmp_path, *FAST)
     assert code == 0, out
     assert rep["inputs"] == ["input_ids", "attention_mask"]
-    assert [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["input_ids", "attention_mask"]
+    assert [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input] == \
+        ["input_ids", "attention_mask"]
 
 
 def test_feature_output_is_scored_as_features(tmp_path):
     """DistilBertModel returns last_hidden_state: distilled and scored by cosine similarity, not classes."""
-    needs("transformers")
-    transformers = require("transformers", "this test")
+    transformers = needs("transformers")
     cfg = transformers.DistilBertConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                         max_position_embeddings=64)
     model = transformers.DistilBertModel(cfg).eval()
@@ -163,7 +156,8 @@ def test_torch_saved_transformers_module_with_trust(tmp_path):
     code, out, rep = run(case, tmp_path, *FAST)
     assert code == 0, out
     assert rep["output"] == {"key": "logits", "kind": "classes", "type": "SequenceClassifierOutput"}
-    assert rep["lr"]["value"] == pytest.approx(1e-3) and rep["lr"]["source"] == "fallback"  # 4 steps: no probe
+    # 4 steps: no probe
+    assert rep["lr"]["value"] == pytest.approx(1e-3) and rep["lr"]["source"] == "fallback"
 
 
 class Unlocatable(nn.Module):
@@ -194,9 +188,9 @@ class FixedBatch(nn.Module):
     # fc.weight is left dense by the pre-check (a model with other layers goes on: test_rim_models.py), and
     # then no layer is left to prune
     (Unlocatable(), "no layer can be pruned at block 8x8: head.weight: block 8x8 larger than the 4x32 linear "
-                    "view; fc.weight: no initializer of the exported graph holds this weight (shape (32, 32), as "
-                    "is, transposed or BatchNorm-scaled): the graph only holds a tensor computed from it, e.g. "
-                    "folded with a constant input: left dense"),
+                    "view; fc.weight: no initializer of the exported graph holds this weight "
+                    "(shape (32, 32), as is, transposed or BatchNorm-scaled): the graph only holds a tensor "
+                    "computed from it, e.g. folded with a constant input: left dense"),
     (FixedBatch(), "cannot export the model to ONNX: the model's graph cannot keep axis 0 (batch) of input x "
                    "dynamic: its code fixes it to 2"),
 ])
@@ -229,7 +223,8 @@ def test_collapsing_fine_tune_warns(tmp_path):
 
 
 def test_named_input_eval_shard(tmp_path):
-    """--eval-data with named inputs (input_ids, attention_mask) is checked and scored like the training shard."""
+    """--eval-data with named inputs (input_ids, attention_mask) is checked and scored like the training
+    shard."""
     needs("transformers")
     case = MODELS["bert"](tmp_path)
     half = {k: v[24:] for k, v in case.arrays.items()}
@@ -242,9 +237,9 @@ def test_named_input_eval_shard(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet", "distilbert", "vit"])
 def test_real_model_int8(name, tmp_path):
-    """``--quantize int8`` on library models: exit 0, every pruned layer int8 (convs in the static QDQ form with the
-    rest of a conv net, linears dynamic), the three verification stages passed, and ORT's int8 kernels within
-    the default kernel tolerance of the model's own quantization reference."""
+    """``--quantize int8`` on library models: exit 0, every pruned layer int8 (convs in the static QDQ form
+    with the rest of a conv net, linears dynamic), the three verification stages passed, and ORT's int8
+    kernels within the default kernel tolerance of the model's own quantization reference."""
     needs(LIBRARY[name])
     case = MODELS[name](tmp_path)
     args = [a if a != "blocked" else "compact" for a in FAST]

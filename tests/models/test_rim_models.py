@@ -1,9 +1,9 @@
 """Issue 16, the rim a new user hits on library models (small configs of the libraries' own classes, random
-weights): a parametrized layer and --save-torch; layers the pre-check cannot place left dense with their reason
-instead of failing the model (a pooler the output does not use, a layer shared across calls, a projection the
-exporter folds into a constant, a norm whose scale starts at zero); the model's own configuration errors and
-token ids beyond the vocabulary named as such; a --save-torch file of a torchvision model loaded by a fresh
-interpreter."""
+weights): a parametrized layer and --save-torch; layers the pre-check cannot place left dense with their
+reason instead of failing the model (a pooler the output does not use, a layer shared across calls, a
+projection the exporter folds into a constant, a norm whose scale starts at zero); the model's own
+configuration errors and token ids beyond the vocabulary named as such; a --save-torch file of a torchvision
+model loaded by a fresh interpreter."""
 from __future__ import annotations
 
 import json
@@ -18,15 +18,14 @@ from click.testing import CliRunner
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import needs  # noqa: E402
 from real_models import VOCAB, _images, _tokens  # noqa: E402
-from test_real_models import needs  # noqa: E402
 
 from calib_data.shards import Shard  # noqa: E402
 from sapp_compress import PruneConfig, TrainConfig  # noqa: E402
 from sapp_compress.cli import main  # noqa: E402
-from sapp_compress.errors import DataError, ModelLoadError  # noqa: E402
-from sapp_compress.io.extras import require  # noqa: E402
 from sapp_compress.config import OutputConfig  # noqa: E402
+from sapp_compress.errors import DataError, ModelLoadError  # noqa: E402
 from sapp_compress.pruning import prepare, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +51,8 @@ def _prune_with_precheck(model: nn.Module, arrays: dict):
     shard = _shard(arrays)
     cfg = PruneConfig(block="16", sparsity=0.8, min_blocks=1)
     job = prepare(model, shard, cfg, TrainConfig(steps=1, batch_size=16))
-    drop = job.plan.granularity.precheck(job.dense, job.plan, shard, OutputConfig(output=Path("unused.onnx")), cfg)
+    drop = job.plan.granularity.precheck(job.dense, job.plan, shard, OutputConfig(output=Path("unused.onnx")),
+                                         cfg)
     job.plan = job.plan.leave_dense(drop, cfg)
     res = run(job)
     return res, {s.name: s.reason for s in res.skipped}, {lb.name for lb in res.layers}
@@ -64,8 +64,7 @@ def test_weight_norm_layer_is_pruned_and_saved(tmp_path):
     pruned too): it ran to exit 1 (a parametrized weight cannot take the masks, and torch.save refuses a
     parametrized module); now the user's parametrization is folded first, --save-torch writes, and the saved
     model computes what the ONNX model does."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    t = needs("transformers")
     cfg = t.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=1, num_labels=3)
@@ -78,10 +77,9 @@ def test_weight_norm_layer_is_pruned_and_saved(tmp_path):
                           "--save-torch", tmp_path / "pruned.pt")
     assert code == 0, out
     assert "wav2vec2.encoder.pos_conv_embed.conv.weight" in {lay["name"] for lay in rep["layers"]}
+    import converters
     from sapp_compress import load_pruned
     from sapp_compress.io.feeds import onnx_feed
-
-    import converters
 
     saved = load_pruned(tmp_path / "pruned.pt", trust=True)
     x = arrays["input_values"][:3]
@@ -94,8 +92,8 @@ def test_weight_norm_layer_is_pruned_and_saved(tmp_path):
 def test_unpicklable_model_with_save_torch_fails_before_the_fine_tune(tmp_path):
     """Item 1, what folding cannot fix: a model torch.save cannot write fails in the pre-check (exit 2, one
     line), not after the fine-tune."""
-    from sapp_compress.errors import UnsupportedModel
     from sapp_compress.config import OutputConfig
+    from sapp_compress.errors import UnsupportedModel
     from sapp_compress.pipeline import compress
 
     class Lambda(nn.Module):
@@ -120,8 +118,7 @@ def test_unpicklable_model_with_save_torch_fails_before_the_fine_tune(tmp_path):
 def test_bert_model_pooler_unused_by_the_output_is_left_dense():
     """Item 3a: BertModel (feature extraction): its pooler does not feed last_hidden_state, the exporter drops
     it, and the pre-check refused the whole model; now it stays dense with that reason, naming the output."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    t = needs("transformers")
     cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=128, max_position_embeddings=64)
     res, skipped, pruned = _prune_with_precheck(t.BertModel(cfg).eval(), _tokens(labels=None))
@@ -134,12 +131,12 @@ def test_bert_model_pooler_unused_by_the_output_is_left_dense():
 @pytest.mark.slow
 def test_layer_shared_across_calls_is_pruned_once_and_stored_once(tmp_path):
     """Item 3b: ALBERT calls one layer num_hidden_layers times; the exporter holds each of its weights in one
-    transposed copy per call ("2 initializers hold this weight; refusing to guess", exit 2). Now the copies are
-    one weight: pruned once, stored once (compact), every consumer reads it, ORT matches PyTorch."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    transposed copy per call ("2 initializers hold this weight; refusing to guess", exit 2). Now the copies
+    are one weight: pruned once, stored once (compact), every consumer reads it, ORT matches PyTorch."""
+    t = needs("transformers")
     cfg = t.AlbertConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64, num_labels=3)
+                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                         num_labels=3)
     t.AlbertForSequenceClassification(cfg).eval().save_pretrained(tmp_path / "albert")
     code, out, rep = _cli(tmp_path / "albert", _tokens(), tmp_path, *COMPACT)
     assert code == 0, out
@@ -158,10 +155,9 @@ def test_layer_shared_across_calls_is_pruned_once_and_stored_once(tmp_path):
 
 @pytest.mark.slow
 def test_projection_folded_into_a_constant_is_left_dense():
-    """Item 3c: DeBERTa-v2's relative-position projections of a fixed embedding: the exporter folds them into a
-    constant, and the pre-check refused the whole model; now they stay dense with the reason."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    """Item 3c: DeBERTa-v2's relative-position projections of a fixed embedding: the exporter folds them into
+    a constant, and the pre-check refused the whole model; now they stay dense with the reason."""
+    t = needs("transformers")
     cfg = t.DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                             intermediate_size=128, max_position_embeddings=64, relative_attention=True,
                             position_buckets=16, pos_att_type=["p2c", "c2p"], num_labels=3)
@@ -205,7 +201,6 @@ def test_zero_init_last_resnet_goes_through(tmp_path):
     conv folds to zeros in the graph ("no initializer holds this weight ..., BatchNorm-scaled", exit 2). Now
     located by name: every such conv is pruned."""
     needs("timm")
-    timm = require("timm", "this test")
     from timm.models.resnet import BasicBlock, ResNet
 
     model = ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 16, 32, 32), stem_width=16, num_classes=10)
@@ -221,8 +216,7 @@ def test_zero_init_last_resnet_goes_through(tmp_path):
 def test_model_config_error_is_the_models_not_the_shards():
     """Item 6: a T5 config without decoder_start_token_id fails inside the model: said to be the model's
     configuration, not "inputs ... do not fit the model"."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    t = needs("transformers")
     from sapp_compress.io.adapters import adapt
 
     cfg = t.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, num_labels=3,
@@ -236,8 +230,7 @@ def test_model_config_error_is_the_models_not_the_shards():
 def test_token_ids_beyond_the_vocabulary_name_the_array_and_its_size():
     """Item 6: an id past the embedding ("index out of range in self") named with its array and the
     vocabulary size, whichever row holds it (not only the two the model is probed on)."""
-    needs("transformers")
-    t = require("transformers", "this test")
+    t = needs("transformers")
     from sapp_compress.io.adapters import adapt
 
     cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -254,10 +247,8 @@ def test_save_torch_file_of_a_torchvision_model_loads_in_a_fresh_interpreter(tmp
     """Item 5: the torchvision wheel is built for another torch, so a fresh interpreter cannot import
     torchvision (nor timm, nor unpickle a torchvision model). ``import sapp_compress`` first, or
     ``sapp_compress.load_pruned``, makes all three work."""
-    needs("torchvision")
+    tv = needs("torchvision")
     from sapp_compress.io.saving import save_pruned
-
-    tv = require("torchvision", "this test")
     save_pruned(tv.models.resnet18(num_classes=10).eval(), tmp_path / "pruned.pt")
     code = (f"import sapp_compress, torch\n"
             f"m = sapp_compress.load_pruned({str(tmp_path / 'pruned.pt')!r}, trust=True)\n"
@@ -271,8 +262,8 @@ def test_save_torch_file_of_a_torchvision_model_loads_in_a_fresh_interpreter(tmp
 
 
 def _fresh(code: str, **env: str) -> subprocess.CompletedProcess:
-    """``code`` in a new interpreter of this environment, from a directory outside the checkout (so nothing but
-    what the install put in site-packages runs before it)."""
+    """``code`` in a new interpreter of this environment, from a directory outside the checkout (so nothing
+    but what the install put in site-packages runs before it)."""
     import os
     import tempfile
 
@@ -281,20 +272,21 @@ def _fresh(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_users_own_code_imports_torchvision_without_importing_sapp_compress(tmp_path):
-    """The install's start-up file (``sapp_compress_torchvision.pth``, setup.py) installs the torchvision hook in
-    every interpreter of the environment: a user's script that never imports sapp_compress builds and runs a
-    torchvision model, imports timm, and unpickles a torchvision model. Where torchvision's compiled ops do not
-    load with this torch (the README's install), the same script fails with the start-up hook switched off,
-    which shows it is the hook that makes it work; with a matching torchvision build both work."""
-    needs("torchvision")
+    """The install's start-up file (``sapp_compress_torchvision.pth``, setup.py) installs the torchvision hook
+    in every interpreter of the environment: a user's script that never imports sapp_compress builds and runs
+    a torchvision model, imports timm, and unpickles a torchvision model. Where torchvision's compiled ops do
+    not load with this torch (the README's install), the same script fails with the start-up hook switched
+    off, which shows it is the hook that makes it work; with a matching torchvision build both work."""
+    tv = needs("torchvision")
     import importlib.metadata
 
     installs = list(importlib.metadata.distributions(name="sapp-compress"))  # an egg-info in the checkout too
     if not installs:
-        pytest.skip("sapp-compress is not installed (pip install -e .): the start-up file comes with the install")
+        pytest.skip("sapp-compress is not installed (pip install -e .): "
+                    "the start-up file comes with the install")
     files = {str(f) for dist in installs for f in dist.files or ()}
-    assert "sapp_compress_torchvision.pth" in files, "the install did not put the start-up file in site-packages"
-    tv = require("torchvision", "this test")
+    assert "sapp_compress_torchvision.pth" in files, \
+        "the install did not put the start-up file in site-packages"
     torch.save(tv.models.resnet18(num_classes=10).eval(), tmp_path / "resnet.pt")
     code = ("import torch, torchvision, timm\n"
             f"m = torch.load({str(tmp_path / 'resnet.pt')!r}, weights_only=False)\n"
@@ -305,16 +297,18 @@ def test_users_own_code_imports_torchvision_without_importing_sapp_compress(tmp_
     run = _fresh(code)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "(1, 10) (1, 4)"
-    native = _fresh("import torch, torchvision; torch.ops.torchvision.nms", SAPP_COMPRESS_NO_TORCHVISION_HOOK="1")
+    native = _fresh("import torch, torchvision; torch.ops.torchvision.nms",
+                    SAPP_COMPRESS_NO_TORCHVISION_HOOK="1")
     if native.returncode != 0:  # the ops do not load here: without the hook the user's import fails
         assert "torchvision::nms does not exist" in native.stderr, native.stderr[-2000:]
 
 
 def test_pruned_layer_whose_zeros_the_export_shares_is_stored_dense_not_fatal():
-    """Seen on timm's mobilevit_xxs after a 4-step fine-tune: two same-shape layers whose kept blocks were still
-    all zero (SA++ revives a block at zero) were stored by the exporter as one zero tensor, and the conversion,
-    after the whole fine-tune, failed the run (exit 2). Now the layer the graph no longer holds under its own name
-    stays as exported (its values are the pruned ones), with the reason, and the run goes on."""
+    """Seen on timm's mobilevit_xxs after a 4-step fine-tune: two same-shape layers whose kept blocks were
+    still all zero (SA++ revives a block at zero) were stored by the exporter as one zero tensor, and the
+    conversion, after the whole fine-tune, failed the run (exit 2). Now the layer the graph no longer holds
+    under its own name stays as exported (its values are the pruned ones), with the reason, and the run goes
+    on."""
     from types import SimpleNamespace
 
     from converters import LayerBlocks

@@ -44,7 +44,8 @@ def main() -> None:
     ev = load_shard(evalp)
     # one-time runtime start-up (autograd, optimizer, thread pools) happens before the baseline, with a
     # small in-memory run of the same job
-    prune(model, ev, PruneConfig(block="8", sparsity=0.75), TrainConfig(steps=20, batch_size=256), eval_shard=ev)
+    prune(model, ev, PruneConfig(block="8", sparsity=0.75), TrainConfig(steps=20, batch_size=256),
+          eval_shard=ev)
     base, base_rss = anon_mb(), rss_peak_mb()
     sampler = AnonPeak()
     sampler.start()

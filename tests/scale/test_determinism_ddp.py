@@ -20,6 +20,7 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["blocked", "compact"])
 def test_same_seed_gives_byte_identical_onnx(tmp_path, fmt):
     digests, masks = [], []
@@ -34,6 +35,7 @@ def test_same_seed_gives_byte_identical_onnx(tmp_path, fmt):
     assert masks[0] == masks[1] and len(masks[0]) == 64
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     torchrun = shutil.which("torchrun")
     assert torchrun, "torchrun is installed with torch"

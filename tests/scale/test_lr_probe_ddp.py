@@ -13,6 +13,7 @@ MODELS = ROOT / "examples" / "models"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, method, resolved", [
     ("digits_mlp.pt", "sapp", ("program", True)),
     # magnitude's probe anneals every rung (BENCHMARKS 15.10); BatchNorm scored by batch statistics (15.11)
@@ -23,9 +24,9 @@ def test_torchrun_two_ranks_choose_the_same_rate(tmp_path, model, method, resolv
     assert torchrun, "torchrun is installed with torch"
     out, rep = tmp_path / "ddp.onnx", tmp_path / "ddp.json"
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sapp_compress", str(MODELS / model), "-o", str(out),
-         "--report", str(rep), "--steps", "200", "--device", "cpu", "--onnx-format", "compact", "--seed", "1",
-         "--method", method],
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sapp_compress", str(MODELS / model), "-o",
+         str(out), "--report", str(rep), "--steps", "200", "--device", "cpu", "--onnx-format", "compact",
+         "--seed", "1", "--method", method],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(rep.read_text())

@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_finetune_streams_a_memory_mapped_shard(tmp_path):
     n, d = 400_000, 256  # 410 MB of float32 features
     rng = np.random.default_rng(0)
@@ -37,6 +39,7 @@ def test_finetune_streams_a_memory_mapped_shard(tmp_path):
     growth = r["peak_mb"] - r["baseline_mb"]
     shard_mb = train.stat().st_size / 2**20
     print(f"\nshard {shard_mb:.0f} MB, peak anonymous memory growth {growth:.0f} MB "
-          f"({shard_mb / max(growth, 1):.1f}x); resident incl. mapped page cache {r['rss_incl_page_cache_growth_mb']:.0f} MB")
+          f"({shard_mb / max(growth, 1):.1f}x); resident incl. mapped page cache "
+          f"{r['rss_incl_page_cache_growth_mb']:.0f} MB")
     assert r["memmap"] == "memmap" and r["samples"] == n
     assert shard_mb > 4 * growth, (shard_mb, growth)

@@ -20,8 +20,8 @@ VOCAB, SEQ = 96, 8
 
 
 class Out(nn.Module):
-    """``f(*tensors) -> tensor`` around a library model (keyword inputs, ``ModelOutput``), as the tool's adapter
-    makes it; the library model is ``inner``, whose parameter names the families use."""
+    """``f(*tensors) -> tensor`` around a library model (keyword inputs, ``ModelOutput``), as the tool's
+    adapter makes it; the library model is ``inner``, whose parameter names the families use."""
 
     def __init__(self, inner: nn.Module, keys: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -72,7 +72,8 @@ def _layers(template: dict[str, tuple[str, int, int]], n: int) -> dict[str, tupl
 def bert():
     t = require("transformers", "the tests")
     m = t.BertForSequenceClassification(t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=128, num_labels=3))
+                                                     num_attention_heads=4, intermediate_size=128,
+                                                     num_labels=3))
     fams = _layers({"bert.encoder.layer.{i}.attention (heads)": ("heads", 4, 16),
                     "bert.encoder.layer.{i} (neurons)": ("neurons", 128, 1)}, 2)
     fams["bert.pooler.dense (neurons)"] = ("neurons", 64, 1)
@@ -91,8 +92,8 @@ def bert_features():
 
 def distilbert():
     t = require("transformers", "the tests")
-    m = t.DistilBertForSequenceClassification(t.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4,
-                                                                 hidden_dim=128, num_labels=3))
+    m = t.DistilBertForSequenceClassification(t.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2,
+                                                                 n_heads=4, hidden_dim=128, num_labels=3))
     fams = _layers({"distilbert.transformer.layer.{i}.attention (heads)": ("heads", 4, 16),
                     "distilbert.transformer.layer.{i}.ffn (neurons)": ("neurons", 128, 1)}, 2)
     fams["pre_classifier (neurons)"] = ("neurons", 64, 1)  # pre_classifier -> classifier
@@ -101,9 +102,10 @@ def distilbert():
 
 def roberta():
     t = require("transformers", "the tests")
-    m = t.RobertaForSequenceClassification(t.RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, intermediate_size=128,
-                                                           num_labels=3, pad_token_id=0))
+    m = t.RobertaForSequenceClassification(t.RobertaConfig(vocab_size=VOCAB, hidden_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=128, num_labels=3,
+                                                           pad_token_id=0))
     fams = _layers({"roberta.encoder.layer.{i}.attention (heads)": ("heads", 4, 16),
                     "roberta.encoder.layer.{i} (neurons)": ("neurons", 128, 1)}, 2)
     fams["classifier (neurons)"] = ("neurons", 64, 1)
@@ -123,8 +125,9 @@ def llama_gqa():
     """Grouped-query attention (8 query heads, 2 kv heads) and a SwiGLU MLP: a unit is a kv head with its 4
     query heads (8 rows of k: the first producer), a neuron is a row of gate and up and a column of down."""
     t = require("transformers", "the tests")
-    m = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=8, num_key_value_heads=2, head_dim=8))
+    m = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                         head_dim=8))
     return Built(Out(m.eval(), ("input_ids",)), _ids(),
                  _layers({"model.layers.{i}.self_attn (heads)": ("heads", 2, 8),
                           "model.layers.{i}.mlp (neurons)": ("neurons", 96, 1)}, 2))
@@ -132,8 +135,9 @@ def llama_gqa():
 
 def vit():
     t = require("transformers", "the tests")
-    m = t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=128, num_labels=5))
+    m = t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=8, hidden_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=128, num_labels=5))
     return Built(Out(m.eval(), ("pixel_values",)), _img(),
                  _layers({"vit.layers.{i}.attention (heads)": ("heads", 4, 16),
                           "vit.layers.{i}.mlp (neurons)": ("neurons", 128, 1)}, 2))
@@ -148,8 +152,9 @@ def swin():
                                                   num_heads=[2, 4], window_size=4, num_labels=3))
     fams = {}
     for s, (heads, width) in enumerate(((2, 128), (4, 256))):
-        fams.update(_layers({f"swin.encoder.layers.{s}.blocks.{{i}}.attention (heads)": ("heads", heads, 16),
-                             f"swin.encoder.layers.{s}.blocks.{{i}}.mlp (neurons)": ("neurons", width, 1)}, 2))
+        fams.update(_layers({
+            f"swin.encoder.layers.{s}.blocks.{{i}}.attention (heads)": ("heads", heads, 16),
+            f"swin.encoder.layers.{s}.blocks.{{i}}.mlp (neurons)": ("neurons", width, 1)}, 2))
     return Built(Out(_no_zero_weights(m).eval(), ("pixel_values",)), _img(), fams)
 
 
@@ -157,7 +162,8 @@ def t5_encoder():
     """T5's relative attention bias (an embedding of position buckets x heads) is computed in the first block
     and added to every block's scores: a head index is one unit across all blocks, with its bias column."""
     t = require("transformers", "the tests")
-    m = t.T5EncoderModel(t.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+    m = t.T5EncoderModel(t.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                    num_heads=4))
     fams = {"encoder.block (heads)": ("heads", 4, 16)}
     fams.update(_layers({"encoder.block.{i}.layer.1.DenseReluDense (neurons)": ("neurons", 128, 1)}, 2))
     return Built(Out(m.eval(), ("input_ids",)), _ids(), fams)
@@ -165,10 +171,10 @@ def t5_encoder():
 
 def whisper_encoder():
     t = require("transformers", "the tests")
-    cfg = t.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-                          max_source_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                          decoder_start_token_id=1)
+    cfg = t.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                          decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     m = t.WhisperForAudioClassification(cfg)
     fams = _layers({"encoder.layers.{i}.self_attn (heads)": ("heads", 4, 16),
                     "encoder.layers.{i} (neurons)": ("neurons", 128, 1)}, 2)
@@ -192,10 +198,11 @@ def mobilenet_v3_small():
 
 def torchvision_vit():
     tv = require("torchvision", "the tests")
-    m = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
-                                    num_classes=10)
-    return Built(_no_zero_weights(m).eval(), _img(), _layers({"encoder.layers.encoder_layer_{i}.self_attention (heads)": ("heads", 4, 48),
-                                             "encoder.layers.encoder_layer_{i}.mlp (neurons)": ("neurons", 128, 1)}, 2))
+    m = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                    mlp_dim=128, num_classes=10)
+    return Built(_no_zero_weights(m).eval(), _img(),
+                 _layers({"encoder.layers.encoder_layer_{i}.self_attention (heads)": ("heads", 4, 48),
+                          "encoder.layers.encoder_layer_{i}.mlp (neurons)": ("neurons", 128, 1)}, 2))
 
 
 def deit():
@@ -236,14 +243,16 @@ def mlp():
 MODELS: dict[str, tuple[Callable[[], Built], str | None, int]] = {
     "bert": (bert, "transformers", 5), "bert_features": (bert_features, "transformers", 4),
     "distilbert": (distilbert, "transformers", 5), "roberta": (roberta, "transformers", 5),
-    "gpt2": (gpt2, "transformers", 4), "llama_gqa": (llama_gqa, "transformers", 4), "vit": (vit, "transformers", 4),
-    "whisper_encoder": (whisper_encoder, "transformers", 6), "swin": (swin, "transformers", 8),
-    "t5_encoder": (t5_encoder, "transformers", 3), "resnet18": (resnet18, "torchvision", 8),
+    "gpt2": (gpt2, "transformers", 4), "llama_gqa": (llama_gqa, "transformers", 4),
+    "vit": (vit, "transformers", 4), "whisper_encoder": (whisper_encoder, "transformers", 6),
+    "swin": (swin, "transformers", 8), "t5_encoder": (t5_encoder, "transformers", 3),
+    "resnet18": (resnet18, "torchvision", 8),
     # mobilenet_v3_small: 11 inverted-residual expansions, 9 squeeze-excite bottlenecks, its stem (no residual
     # after it), its last conv's channels and the classifier's hidden layer
     "mobilenet_v3_small": (mobilenet_v3_small, "torchvision", 23),
     "torchvision_vit": (torchvision_vit, "torchvision", 4), "deit": (deit, "timm", 4),
-    "convnext_atto": (convnext, "timm", 12),  # one MLP per block (2 + 2 + 6 + 2); its depthwise convs are residual
+    # one MLP per block (2 + 2 + 6 + 2); its depthwise convs are residual
+    "convnext_atto": (convnext, "timm", 12),
     "efficientnet_b0": (efficientnet, "timm", 35),
     "transformer_encoder": (transformer_encoder, None, 4), "mlp": (mlp, None, 2),
 }

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import needs  # noqa: E402
 from library import MODELS, Built  # noqa: E402
-from sapp_compress.errors import ModelLoadError
-from sapp_compress.io.extras import require
+
 from sapp_compress.structure import discover
 from sapp_compress.structure.remove import max_rel_diff, random_keep, remove, zero_removed
 
@@ -22,10 +22,7 @@ from sapp_compress.structure.remove import max_rel_diff, random_keep, remove, ze
 def build(name: str) -> Built:
     builder, library, _ = MODELS[name]
     if library:
-        try:
-            require(library, "this test")
-        except ModelLoadError as e:
-            pytest.skip(str(e))
+        needs(library)
     torch.manual_seed(0)
     return builder()
 
@@ -74,7 +71,8 @@ def test_heads_and_gqa_units(discovered):
     assert list(u[(p + "q_proj.weight", 0)]) == list(range(32, 64))
     assert list(u[(p + "o_proj.weight", 1)]) == list(range(32, 64))
     mlp = plan.family("model.layers.0.mlp (neurons)")
-    assert {t for t, _ in mlp.producers} == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    assert {t for t, _ in mlp.producers} == {"model.layers.0.mlp.gate_proj.weight",
+                                             "model.layers.0.mlp.up_proj.weight"}
     assert mlp.consumers == (("model.layers.0.mlp.down_proj.weight", 1),)
 
 
@@ -92,11 +90,13 @@ def test_relative_position_bias_column_goes_with_its_head(discovered):
     u = plan.family("encoder.block (heads)").units[2]
     bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     assert list(u[(bias, 1)]) == [2]
-    assert all(list(u[(f"encoder.block.{b}.layer.0.SelfAttention.q.weight", 0)]) == list(range(32, 48)) for b in (0, 1))
+    assert all(list(u[(f"encoder.block.{b}.layer.0.SelfAttention.q.weight", 0)]) == list(range(32, 48))
+               for b in (0, 1))
 
 
 def test_fused_projections_split_by_head(discovered):
-    """GPT-2's c_attn and nn.MultiheadAttention's in_proj_weight hold q, k and v: a head is its rows in each."""
+    """GPT-2's c_attn and nn.MultiheadAttention's in_proj_weight hold q, k and v: a head is its rows in
+    each."""
     _, plan = discovered("gpt2")
     u = plan.family("transformer.h.0.attn (heads)").units[2]
     cols = u[("transformer.h.0.attn.c_attn.weight", 1)]  # Conv1D: [in, out]
@@ -148,18 +148,21 @@ def test_removal_updates_module_sizes(discovered):
     keep = {f.name: np.arange(f.n_units) < f.n_units // 4 for f in plan.families}
     m = copy.deepcopy(b.model)
     remove(m, plan, keep)
-    assert (m.layer1[0].conv1.out_channels, m.layer1[0].bn1.num_features, m.layer1[0].conv2.in_channels) == (16, 16, 16)
+    assert (m.layer1[0].conv1.out_channels, m.layer1[0].bn1.num_features,
+            m.layer1[0].conv2.in_channels) == (16, 16, 16)
     b, plan = discovered("deit")
     keep = {f.name: np.arange(f.n_units) < 1 for f in plan.families}
     m = copy.deepcopy(b.model)
     remove(m, plan, keep)
-    assert (m.blocks[0].attn.num_heads, m.blocks[0].attn.qkv.out_features, m.blocks[0].mlp.fc1.out_features) == \
+    assert (m.blocks[0].attn.num_heads, m.blocks[0].attn.qkv.out_features,
+            m.blocks[0].mlp.fc1.out_features) == \
         (1, 192, 1)
 
 
 def test_baddbmm_by_keyword_joins_its_operands():
-    """``bias.baddbmm(batch1=q, batch2=k^T)`` (Bloom's alibi scores name their operands): the tracer reads them by
-    name, and q's and k's neurons, contracted together in the scores, are one family (it raised IndexError)."""
+    """``bias.baddbmm(batch1=q, batch2=k^T)`` (Bloom's alibi scores name their operands): the tracer reads
+    them by name, and q's and k's neurons, contracted together in the scores, are one family (it raised
+    IndexError)."""
     from torch import nn
 
     class Scores(nn.Module):
@@ -180,9 +183,10 @@ def test_baddbmm_by_keyword_joins_its_operands():
 
 
 def test_trace_leaves_a_modules_cache_as_it_was():
-    """A module that caches what it derives from its weights in eval mode (timm's LeViT: its attention biases, in a
-    dict): the trace, which runs with gradients enabled, leaves the cache as it found it. A cache it filled held
-    tensors of the traced graph, which no deep copy of the model accepts (--structure channels exited 1)."""
+    """A module that caches what it derives from its weights in eval mode (timm's LeViT: its attention biases,
+    in a dict): the trace, which runs with gradients enabled, leaves the cache as it found it. A cache it
+    filled held tensors of the traced graph, which no deep copy of the model accepts (--structure channels
+    exited 1)."""
     import copy as copy_module
 
     from torch import nn

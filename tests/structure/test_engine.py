@@ -11,10 +11,10 @@ from torch import nn
 
 from calib_data.shards import Shard
 from sapp_compress import PruneConfig, TrainConfig, prune
-from sapp_compress.io.reparametrizations import is_parametrized
 from sapp_compress.engine.methods import METHODS
-from sapp_compress.structure import discover
 from sapp_compress.granularity import CHANNELS, Plan
+from sapp_compress.io.reparametrizations import is_parametrized
+from sapp_compress.structure import discover
 from sapp_compress.structure.gates import FamilyPlan, attach, fold
 from sapp_compress.structure.remove import remove
 
@@ -87,7 +87,8 @@ def test_gates_fold_to_what_the_masked_model_computes(method):
 
 
 def test_gate_is_identity_at_start_and_scales_consumers():
-    """At initialisation (logits 0, mask 1) the gated model is the model; a unit at mask 0 is the unit removed:
+    """At initialisation (logits 0, mask 1) the gated model is the model; a unit at mask 0 is the unit
+    removed:
     its down-projection column is zero in the effective weight, its up-projection row untouched."""
     model = _model()
     x = torch.randn(8, 32)
@@ -162,12 +163,14 @@ def _family(kind: str, n: int):
 
 
 @pytest.mark.parametrize(("kind", "n", "sparsity", "kept"), [
-    ("channels", 64, 0.6, 24), ("channels", 128, 0.6, 48), ("channels", 256, 0.6, 104), ("channels", 512, 0.6, 208),
+    ("channels", 64, 0.6, 24), ("channels", 128, 0.6, 48), ("channels", 256, 0.6, 104),
+    ("channels", 512, 0.6, 208),
     ("neurons", 3072, 0.6, 1232), ("neurons", 100, 0.5, 48),  # 50 -> 48: nearest multiple of 8
     ("channels", 64, 0.5, 32), ("channels", 96, 0.75, 24),  # already multiples: unchanged
     ("neurons", 36, 0.5, 16),  # 18 -> 16
     ("channels", 48, 0.75, 16), ("channels", 40, 0.7, 16),  # 12: a tie between 8 and 16, kept up
-    ("channels", 64, 0.95, 3), ("channels", 12, 0.5, 6), ("channels", 64, 0.0, 64),  # under 8, small, all: exact
+    # under 8, small, all: exact
+    ("channels", 64, 0.95, 3), ("channels", 12, 0.5, 6), ("channels", 64, 0.0, 64),
     ("channels", 16, 0.25, 12), ("neurons", 24, 0.125, 21),  # the multiple would keep the whole family: exact
     ("heads", 12, 0.5, 6), ("heads", 64, 0.6, 26), ("conv groups", 64, 0.6, 26),  # whole slices: exact
 ])
@@ -195,8 +198,8 @@ def test_methods_end_at_the_kernel_friendly_widths_and_allocations_are_exact():
 
 
 def test_a_chained_familys_norm_counts_its_producer_rows():
-    """Family "2 (neurons)" makes model[2]'s rows, whose input columns family "0 (neurons)" gates: its group norm
-    still counts those rows (with its bias and its consumer columns in model[4])."""
+    """Family "2 (neurons)" makes model[2]'s rows, whose input columns family "0 (neurons)" gates: its group
+    norm still counts those rows (with its bias and its consumer columns in model[4])."""
     model = _model()
     layers = attach(_plans(model), attention=False, powerprop=False, density=0.5)
     fam = {layer.name: layer for layer in layers}["2 (neurons)"]
@@ -224,25 +227,27 @@ class _SqueezeExcite(nn.Module):
 
 
 def test_squeeze_excitation_prunes_with_the_coupled_decay():
-    """The coupled l2 decays the up projection through the family that owns it although another family gates it
-    (torchvision's mobilenet_v3 and efficientnet failed here with a KeyError); the pruned model is smaller and
-    computes what the masked one did."""
+    """The coupled l2 decays the up projection through the family that owns it although another family gates
+    it (torchvision's mobilenet_v3 and efficientnet failed here with a KeyError); the pruned model is smaller
+    and computes what the masked one did."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 3, 8, 8)).astype(np.float32)
     shard = Shard((x,), rng.integers(0, 4, size=256).astype(np.int64), "synthetic")
-    res = prune(_SqueezeExcite(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp", structure="channels"),
+    res = prune(_SqueezeExcite(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp",
+                                                     structure="channels"),
                 TrainConfig(steps=20, batch_size=32, lr=1e-3, weight_decay=1e-2))
     m = res.model
-    # 16 of 32 channels, at most 8 of 16 squeeze units (a kept unit whose consumer slices ended at zero goes too)
+    # 16 of 32 channels, at most 8 of 16 squeeze units (a kept unit whose consumer slices ended at zero goes
+    # too)
     assert m.conv.out_channels == m.fc1.in_channels == m.fc2.out_channels == m.out.in_channels == 16
     assert 1 <= m.fc1.out_channels == m.fc2.in_channels <= 8
     assert res.structure.parity <= 1e-5
 
 
 class _ChannelShuffle(nn.Module):
-    """ShuffleNet's pattern: one conv's channels interleaved by a channel shuffle, then split between two convs,
-    so the conv's output channels form two families."""
+    """ShuffleNet's pattern: one conv's channels interleaved by a channel shuffle, then split between two
+    convs, so the conv's output channels form two families."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -259,43 +264,48 @@ class _ChannelShuffle(nn.Module):
 
 
 def test_families_of_one_conv_split_by_a_shuffle_get_distinct_names_and_prune_exactly():
-    """The two families a shuffle makes of one conv's channels are named apart (the engine keys its state by name:
-    torchvision's shufflenet_v2 failed on the clash), and whatever the fine-tune keeps, the smaller model computes
-    what the masked one did (the plan's removal check tries two keep sets; a removal exact for one only is left
-    whole)."""
+    """The two families a shuffle makes of one conv's channels are named apart (the engine keys its state by
+    name:
+    torchvision's shufflenet_v2 failed on the clash), and whatever the fine-tune keeps, the smaller model
+    computes what the masked one did (the plan's removal check tries two keep sets; a removal exact for one
+    only is left whole)."""
     from sapp_compress.structure.groups import discover
 
     torch.manual_seed(0)
     names = [f.name for f in discover(_ChannelShuffle(), (torch.randn(2, 3, 8, 8),)).families]
     assert names[:2] == ["conv #1 (channels)", "conv #2 (channels)"] and len(set(names)) == len(names)
     rng = np.random.default_rng(0)
-    shard = Shard((rng.normal(size=(128, 3, 8, 8)).astype(np.float32),), rng.integers(0, 4, 128).astype(np.int64),
-                  "synthetic")
+    shard = Shard((rng.normal(size=(128, 3, 8, 8)).astype(np.float32),),
+                  rng.integers(0, 4, 128).astype(np.int64), "synthetic")
     for seed in range(3):
-        res = prune(_ChannelShuffle(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp", structure="channels"),
+        res = prune(_ChannelShuffle(), shard, PruneConfig(block="8", sparsity=0.5, method="sapp",
+                                                          structure="channels"),
                     TrainConfig(steps=12, batch_size=32, lr=1e-3, seed=seed))
         assert res.structure.parity <= 1e-5
 
 
 @pytest.mark.parametrize("zeroed, width", [(3, 24), (9, 16), (0, 24)])
 def test_fold_keeps_a_rounded_width_on_its_multiple(zeroed, width):
-    """A kept unit whose consumer slices ended at zero goes at the fold, but a neuron family kept at a multiple of
-    8 (24 of 64 here) loses such units only in whole eights: 3 zeroed -> still 24 wide, 9 -> 16; the other family
-    (16 of 48 kept, none zeroed) is untouched, and the removal computes what the masked model did."""
+    """A kept unit whose consumer slices ended at zero goes at the fold, but a neuron family kept at a
+    multiple of 8 (24 of 64 here) loses such units only in whole eights: 3 zeroed -> still 24 wide, 9 -> 16;
+    the other family (16 of 48 kept, none zeroed) is untouched, and the removal computes what the masked model
+    did."""
     model = _model()
     cfg = PruneConfig(block="8", sparsity=0.6, method="magnitude", structure="channels")
     m = METHODS["magnitude"](cfg, _plan(model), total_steps=10)
     m.finish()
     alive = np.flatnonzero(m.layers[0].alive().reshape(-1).numpy())
     assert len(alive) == 24
-    with torch.no_grad():  # the consumer (model[2]) columns of `zeroed` kept units: zero, as if revived and unmoved
+    # the consumer (model[2]) columns of `zeroed` kept units: zero, as if revived and unmoved
+    with torch.no_grad():
         model[2].parametrizations.weight.original[:, alive[:zeroed]] = 0
     x = torch.randn(16, 32)
     with torch.no_grad():
         masked = model(x)
     keep = fold(m.layers)
     assert [int(k.sum()) for k in keep.values()] == [width, 16]
-    assert not keep[m.layers[0].name][alive[: (zeroed // 8) * 8]].any()  # the lowest-indexed zeroed units went
+    # the lowest-indexed zeroed units went
+    assert not keep[m.layers[0].name][alive[: (zeroed // 8) * 8]].any()
     remove(model, [layer.family for layer in m.layers], keep)
     assert model[0].out_features == width
     with torch.no_grad():
@@ -303,8 +313,8 @@ def test_fold_keeps_a_rounded_width_on_its_multiple(zeroed, width):
 
 
 class _ShuffleBN(_ChannelShuffle):
-    """The shuffle pattern with a BatchNorm after the first conv (its running statistics move on any forward in
-    training mode)."""
+    """The shuffle pattern with a BatchNorm after the first conv (its running statistics move on any forward
+    in training mode)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -334,4 +344,5 @@ def test_removal_check_leaves_the_model_exactly_as_it_was(training):
     assert fams and model.training == training
     after = model.state_dict()
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]

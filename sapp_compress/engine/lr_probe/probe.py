@@ -149,17 +149,17 @@ def probe_split(train: Shard, cfg: LRProbeConfig, seed: int) -> tuple[Shard, Sha
 
 def choose_lr(student: nn.Module, plan, teacher: nn.Module | None, task: Task, train: Shard,
               prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device,
-              total_steps: int) -> ProbeResult:
+              total_steps: int, progress=None) -> ProbeResult:
     """The fine-tune's peak rate: ``train_cfg.lr`` when it is a number (source ``--lr``), else
     :func:`probe_lr`'s."""
     if train_cfg.lr != "auto":
         return ProbeResult(float(train_cfg.lr), "--lr", "")
-    return probe_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps)
+    return probe_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps, progress)
 
 
 def probe_lr(student: nn.Module, plan, teacher: nn.Module | None, task: Task, train: Shard,
              prune_cfg: PruneConfig, train_cfg: TrainConfig, device: torch.device,
-             total_steps: int) -> ProbeResult:
+             total_steps: int, progress=None) -> ProbeResult:
     """Choose the peak learning rate of a fine-tune of ``total_steps`` steps (see the module's docstring).
 
     ``student`` and ``plan`` are the model and its planned units (:class:`~sapp_compress.granularity.Plan`)
@@ -186,6 +186,8 @@ def probe_lr(student: nn.Module, plan, teacher: nn.Module | None, task: Task, tr
     runner.rows_per_rung = scored_rows(sched, len(cands), cfg.scoring * budget * train_cfg.batch_size,
                                        len(held))
     runner.train = train
+    runner.progress = progress  # a step event after each candidate's run (the probe's steps so far)
+    runner.expected = sched.cost(sched.runs or len(cands)) + runner.shared
     runner.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

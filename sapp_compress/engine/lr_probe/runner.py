@@ -83,6 +83,8 @@ class Runner:
         self.rows_per_rung: tuple[int, ...] = ()
         # of the first held-out rows scored so far (:meth:`_targets`)
         self.targets: torch.Tensor | None = None
+        self.progress: Callable[[dict], None] | None = None  # told the probe's steps so far (:meth:`tick`)
+        self.expected = 0  # the steps the probe is expected to run
 
     def warm_start(self) -> bool:
         """Whether a candidate's program starts with a warm-up from rate zero (its first step then moves no
@@ -115,7 +117,14 @@ class Runner:
         except FloatingPointError:
             loss = math.inf
         self.steps += self.prime + stop - done
+        self.tick()
         return loss if math.isfinite(loss) else math.inf
+
+    def tick(self) -> None:
+        """A progress event: the probe's steps so far, of those it is expected to run."""
+        if self.progress is not None:
+            self.progress({"event": "step", "stage": "lr probe", "step": self.steps,
+                           "total": max(self.expected, self.steps)})
 
     def _fresh(self) -> tuple[nn.Module, object]:
         """A copy of the starting weights with the method attached (pruned at once in phase ``sparse``): a
@@ -221,6 +230,8 @@ class Runner:
         except FloatingPointError:
             wall, cpu_s, loss = time.perf_counter() - t0, time.process_time() - c0, math.inf
         self.steps += steps
+        self.expected += steps
+        self.tick()
         after = loss if math.isfinite(loss) else math.inf
         return before, after, memory.state, wall, cpu_s
 
