@@ -2,11 +2,12 @@
 
 The install puts one start-up file in site-packages, ``sapp_compress_torchvision.pth``, in a regular wheel
 (``build_py``) and in an editable install (``editable_wheel``). Python runs its one line at start-up: it loads
-``sapp_compress/io/torchvision_compat.py`` by path (standard library only, not the package, which imports torch)
-and installs its import hook, so that in an environment where torchvision's compiled ops do not load with the
-installed torch (a CPU torch beside the index's torchvision wheel) a user's own ``import torchvision`` works
-without ``import sapp_compress`` first. The hook does nothing unless torchvision's import is about to fail for
-want of those ops; ``SAPP_COMPRESS_NO_TORCHVISION_HOOK=1`` turns it off; the line never raises.
+``sapp_compress/io/torchvision_compat.py`` by path (standard library only, not the package, which imports
+torch) and installs its import hook, so that in an environment where torchvision's compiled ops do not load
+with the installed torch (a CPU torch beside the index's torchvision wheel) a user's own ``import
+torchvision`` works without ``import sapp_compress`` first. The hook does nothing unless torchvision's import
+is about to fail for want of those ops; ``SAPP_COMPRESS_NO_TORCHVISION_HOOK=1`` turns it off; the line never
+raises.
 """
 from __future__ import annotations
 
