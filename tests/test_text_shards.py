@@ -257,3 +257,29 @@ def test_text_the_tokenizer_cannot_read_is_refused_or_warned(tmp_path):
     assert res.exit_code == 0, res.output
     assert "WARNING: the tokenizer maps 7.4% of the text's tokens to its unknown token '[UNK]'" in res.stderr
     assert text_shard(MODEL, DOCS, tmp_path / "d.npz", limit=100).unknown < 0.01  # the model's own text
+
+
+def test_a_tokenizer_json_with_an_empty_vocabulary_is_named_as_such(tmp_path):
+    """A directory that holds a tokenizer.json whose vocabulary has nothing but the special tokens: the error
+    names that file, not "no tokenizer files"."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        (empty / name).write_text((MODEL / name).read_text())
+    tok = json.loads((MODEL / "tokenizer.json").read_text())
+    special = {t["content"] for t in tok["added_tokens"]}
+    tok["model"]["vocab"] = {k: v for k, v in tok["model"]["vocab"].items() if k in special}
+    (empty / "tokenizer.json").write_text(json.dumps(tok))
+    res = CliRunner().invoke(main, [str(empty), str(DOCS), "-o", str(tmp_path / "o.npz"), "--limit", "5"])
+    assert res.exit_code == 2, res.output
+    assert "its tokenizer.json holds an empty vocabulary" in res.stderr, res.stderr
+    assert "no tokenizer files" not in res.stderr and _leftovers(tmp_path) == []
+
+
+def test_the_unknown_token_warning_is_said_once(tmp_path):
+    """The warning of a text with a few unknown tokens: printed once, with its WARNING: (it was also logged
+    without it)."""
+    src = _write(tmp_path / "mixed.txt", "Return the square root of x.\nOpen a socket \u2603 now.\n")
+    res = CliRunner().invoke(main, [str(MODEL), str(src), "-o", str(tmp_path / "o.npz")])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("of the text's tokens to its unknown token") == 1, res.stderr
