@@ -283,11 +283,9 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
     Example:
       sapp-compress model.pt --block 8 --sparsity 0.8 -o model.onnx --max-accuracy-drop 0.01
     """
+    shown = _Stderr()
     logging.basicConfig(level=logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
-                        logging.INFO if verbose else logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    shown = _Shown()
-    logging.getLogger().addHandler(shown)
+                        logging.INFO if verbose else logging.WARNING), handlers=[shown])
     progress = Progress(quiet)
     started = False  # compress writes the report itself, on every exit, once it has started
     try:
@@ -319,14 +317,12 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                           trust_model=trust_model, arch=arch, progress=progress)
     except KeyboardInterrupt:
         progress.close()
-        logging.getLogger().removeHandler(shown)
         if report is not None and not started:
             _failure_report(report, 130, "interrupted (SIGINT)")
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except BaseException as e:  # noqa: BLE001 -- every failure becomes one line and its exit code
         progress.close()
-        logging.getLogger().removeHandler(shown)
         if isinstance(e, SystemExit):
             raise
         from converters.export import one_line
@@ -342,7 +338,6 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
         click.echo(f"Error: {msg}" if code != 1 else f"Error: {type(e).__name__}: {msg}", err=True)
         sys.exit(code)
     progress.close()
-    logging.getLogger().removeHandler(shown)
     for w in [] if quiet else result.get("warnings") or []:
         if w not in shown.messages:  # a warning logged as it happened is not repeated
             click.echo(f"WARNING: {w}", err=True)  # also in the report's "warnings"
@@ -364,16 +359,25 @@ def _failure_report(path: Path, code: int, error: str) -> None:
         write_json(path, rep)
 
 
-class _Shown(logging.Handler):
-    """Remembers the warnings the library logged (already on stderr), so the end of the run does not repeat
-    them."""
+class _Stderr(logging.StreamHandler):
+    """The command's log on stderr: a warning as ``WARNING: message`` (as the end of the run says the report's
+    warnings), anything else with its level and logger. Remembers the warnings it printed, so the end of the
+    run does not say them twice (where the root logger already had its handlers, this one is not installed
+    and remembers nothing: the end of the run says them all)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(sys.stderr)
         self.messages: set[str] = set()
 
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:
+            return f"WARNING: {record.getMessage()}"
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.add(record.getMessage())
+        if record.levelno == logging.WARNING:
+            self.messages.add(record.getMessage())
+        super().emit(record)
 
 
 def _given(name: str) -> bool:
