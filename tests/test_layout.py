@@ -137,7 +137,8 @@ def _decides_granularity(node: ast.AST) -> bool:
 def _granularity_decisions() -> list[str]:
     """``module:definition`` of every place in ``sapp_compress`` (the package that reads ``--structure``;
     converters only ever see a report's) that tests which granularity a run has, each at its innermost
-    enclosing definition."""
+    enclosing definition. The entries of :mod:`sapp_compress.granularity` are not scanned: each is one
+    granularity's own code; the registry that chooses between them (``granularity/__init__``) is."""
     places = set()
 
     def walk(node: ast.AST, where: str, module: str) -> None:
@@ -150,7 +151,7 @@ def _granularity_decisions() -> list[str]:
             walk(child, inner, module)
 
     for name, path in _modules().items():
-        if name.startswith("sapp_compress"):
+        if name.startswith("sapp_compress") and not name.startswith("sapp_compress.granularity."):
             walk(ast.parse(path.read_text()), "<module>", name)
     return sorted(places)
 

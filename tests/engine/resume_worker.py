@@ -27,8 +27,8 @@ def main() -> None:
     x = rng.normal(size=(512, 32)).astype(np.float32)
     y = (x[:, :4].argmax(1)).astype(np.int64)
 
-    def progress(ev):
-        if kill_at is not None and ev["step"] >= kill_at:
+    def progress(ev):  # the fine-tune's steps (the lr probe and the stages send events too)
+        if kill_at is not None and ev.get("stage") == "fine-tune" and ev["step"] >= kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     res = prune(model, Shard(inputs=(x,), y=y, source="resume-test"),
