@@ -199,10 +199,10 @@ def test_sigint_exits_130_and_leaves_nothing(tmp_path, mlp_path):
         # children inherit (and Python then honours): the child gets the default disposition, as from a
         # terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # wait until fine-tuning is under way (the progress line), then interrupt
+    # wait until fine-tuning is under way (its progress line), then interrupt
     deadline = time.time() + 120
     line = ""
-    while time.time() < deadline and "fine-tune step" not in line:
+    while time.time() < deadline and not line.startswith("fine-tune"):
         line = proc.stderr.readline()
     proc.send_signal(signal.SIGINT)
     err = line + proc.communicate(timeout=60)[1]
