@@ -121,9 +121,8 @@ class Progress:
                 self.step, self.total = ev["step"], ev["total"]
                 if self.first is None:
                     self.first = (ev["step"], time.monotonic())
-                extra = [f"phase {ev['phase']}"] if "phase" in ev else []
-                extra += [f"loss {ev['loss']:.4f}"] if "loss" in ev else []
-                self.extra = " ".join(extra)
+                if "loss" in ev:  # the last loss read, with its phase (not every step reads it)
+                    self.extra = f"phase {ev['phase']} loss {ev['loss']:.4f}"
                 if self.tty:
                     self._bar(ev)
                 elif time.monotonic() - self.last >= min(self.every, 10.0) or ev["step"] == ev["total"]:
@@ -143,8 +142,8 @@ class Progress:
 
             self.bar = tqdm(total=ev["total"], desc=self.stage, unit="step", file=sys.stderr, leave=False)
         self.bar.n = ev["step"]
-        if "phase" in ev:
-            self.bar.set_postfix(phase=ev["phase"], loss=f"{ev.get('loss', float('nan')):.4f}", refresh=False)
+        if "loss" in ev:
+            self.bar.set_postfix(phase=ev["phase"], loss=f"{ev['loss']:.4f}", refresh=False)
         self.bar.refresh()
 
     def _line(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -57,15 +58,18 @@ def compress(
                         "train": asdict(train_cfg), "output": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in asdict(out).items()}}
     timings = report["timings"]
+    report["peak_memory_mb"] = {}  # the peak so far at the end of each stage: where the memory went
     info = distributed.init_from_env(train_cfg.device)
     t = time.perf_counter()
     say = progress if progress is not None and info.is_main else (lambda ev: None)
 
     def lap(stage: str, then: str | None = None) -> None:
-        """Time ``stage`` (ended now); ``then`` names the stage starting (a progress event)."""
+        """Time ``stage`` (ended now), and the process's peak memory by its end; ``then`` names the stage
+        starting (a progress event)."""
         nonlocal t
         now = time.perf_counter()
         timings[stage] = round(now - t, 3)
+        report["peak_memory_mb"][stage] = _peak_rss_mb()
         t = now
         if then:
             say({"event": "phase", "phase": then})
@@ -87,9 +91,11 @@ def compress(
                           "samples": len(shard)}
         lap("data", "plan")
         job = prepare(model, shard, prune_cfg, train_cfg, eval_shard=ev)
+        report["peak_memory_mb"]["plan"] = _peak_rss_mb()
         # on every rank: a rank that skipped it would wait in DDP for one that failed it
         say({"event": "phase", "phase": "pre-check"})
         job.plan = _precheck(job, shard, out, prune_cfg, replay, timings)
+        report["peak_memory_mb"]["precheck"] = _peak_rss_mb()
         res = run(job, progress=progress, speed=_speed(prune_cfg, out))
         lap("fine_tune", "export")
         # timed on its own
@@ -149,6 +155,16 @@ def compress(
         with contextlib.suppress(Exception):
             distributed.barrier()
         distributed.shutdown()
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KB elsewhere
 
 
 def _speed(prune_cfg: PruneConfig, out: OutputConfig):

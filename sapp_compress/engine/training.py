@@ -216,6 +216,9 @@ def fine_tune(
             history.append(row)
             if progress is not None:
                 progress(row)
+        elif progress is not None:  # every step counts for the estimate; the loss only where it was read
+            progress({"event": "step", "stage": "fine-tune", "step": step + 1, "total": total_steps,
+                      "phase": method.phases[method.current_phase].kind})
         if checkpointer is not None and checkpointer.due(step + 1, total_steps):
             checkpointer.save(_snapshot(step + 1, model, opt, method, scaler, history))
     if skipped:

@@ -58,18 +58,31 @@ def calibration_feed(shard: Shard, n: int | None = None) -> dict[str, np.ndarray
     return onnx_rows(shard, spread(len(shard), n or CALIBRATION_ROWS))
 
 
-@torch.no_grad()
-def predict(model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 512) -> np.ndarray:
+#: rows a model runs at once when it only predicts: a transformer's activations on 512 rows of 64 tokens took
+#: over a GB (BENCHMARKS.md section 21)
+PREDICT_ROWS = 64
+
+
+def predict(model: nn.Module, shard: Shard, device: torch.device,
+            batch_size: int = PREDICT_ROWS) -> np.ndarray:
     """Model outputs on a whole shard, in eval mode, as float32 numpy."""
+    return predict_arrays(model, tuple(shard.inputs), device, batch_size)
+
+
+@torch.no_grad()
+def predict_arrays(model: nn.Module, arrays: tuple[np.ndarray, ...], device: torch.device,
+                   batch_size: int = PREDICT_ROWS) -> np.ndarray:
+    """Model outputs on ``arrays`` (one per input, rows first), ``batch_size`` rows at a time, in eval mode,
+    as float32 numpy."""
     was_training = model.training
     model.eval()
     outs = []
-    for i in range(0, len(shard), batch_size):
-        xs = to_tensors(tuple(x[i : i + batch_size] for x in shard.inputs), device)
+    for i in range(0, len(arrays[0]), batch_size):
+        xs = to_tensors(tuple(x[i : i + batch_size] for x in arrays), device)
         outs.append(model(*xs).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(outs, axis=0)
 
 
-__all__ = ["CALIBRATION_ROWS", "calibration_feed", "feed_dtype", "onnx_feed", "onnx_rows", "predict", "rows",
-           "spread", "to_tensors"]
+__all__ = ["CALIBRATION_ROWS", "PREDICT_ROWS", "calibration_feed", "feed_dtype", "onnx_feed", "onnx_rows",
+           "predict", "predict_arrays", "rows", "spread", "to_tensors"]

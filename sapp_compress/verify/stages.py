@@ -11,7 +11,7 @@ from calib_data.shards import Shard
 from ..config import OutputConfig
 from ..errors import VerificationFailed
 from ..io.export import EXPORT_ROWS
-from ..io.feeds import onnx_feed, rows, to_tensors
+from ..io.feeds import onnx_feed, predict_arrays, rows
 
 
 def stage_failed(e, model: str, stage: str, batch_size: int, done: dict) -> None:
@@ -57,8 +57,7 @@ def verify_stages(res, shard: Shard, stages: list, out: OutputConfig) -> dict:
         vers = []
         for n in (out.verify_samples, 1):
             vx = rows(shard, n)
-            with torch.no_grad():
-                expected = res.model(*to_tensors(vx, cpu)).float().numpy()
+            expected = predict_arrays(res.model, vx, cpu)
             try:
                 floor = out.min_top1_agreement if precision == "int8" and n == out.verify_samples else None
                 vers.append(converters.verify(data, onnx_feed(shard, vx), [expected], atol=atol, rtol=rtol,
