@@ -59,18 +59,19 @@ def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
 
 def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expected: list[np.ndarray], *,
            atol: float = 1e-4, rtol: float = 1e-3, classifier: bool = False, threads: int | None = None,
-           min_top1: float | None = None) -> Verification:
+           min_top1: float | None = None, batch_size: int = 256) -> Verification:
     """Compare ORT (optimizations disabled, then enabled) with ``expected``. Raises VerificationError
     (carrying the :class:`Verification`) when any output of either session is out of tolerance, or, for a
     classifier with ``min_top1``, when the top-1 agreement with ``expected`` (the worse session's, over the
-    rows and positions of the first output) is below it."""
+    rows and positions of the first output) is below it. ORT runs ``batch_size`` rows at a time."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     check(data)
     per = {}
     worst_abs, worst_rel, agree = 0.0, 0.0, None
     ok = True
     for label, opt in (("optimizations_off", False), ("optimizations_on", True)):
-        outs = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=opt))
+        sess = session(data, threads=threads, optimize=opt)
+        outs = run_onnx(data, inputs, sess=sess, batch_size=batch_size)
         if len(outs) != len(expected):
             raise VerificationError(f"ONNX model has {len(outs)} outputs, PyTorch {len(expected)}")
         for o, e in zip(outs, expected):
@@ -132,7 +133,7 @@ def float_reference(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
 
 
 def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], *, atol: float = 1e-4,
-                   rtol: float = 0.02, threads: int | None = None) -> Verification:
+                   rtol: float = 0.02, threads: int | None = None, batch_size: int = 256) -> Verification:
     """An int8 model's integer kernels against its own quantization reference.
 
     The reference is the model run by ONNX Runtime with graph optimizations off, op by op as written, with its
@@ -145,8 +146,9 @@ def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]
     output. Raises VerificationError."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     ref_data = float_reference(data).SerializeToString()
-    ref = run_onnx(ref_data, inputs, sess=session(ref_data, threads=threads, optimize=False))
-    got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True))
+    ref = run_onnx(ref_data, inputs, sess=session(ref_data, threads=threads, optimize=False),
+                   batch_size=batch_size)
+    got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True), batch_size=batch_size)
     rows, ok = _compare(got, ref, atol, rtol)
     worst_abs = max([0.0, *(r["max_abs_diff"] for r in rows)])
     worst_rel = max([0.0, *(r["max_rel_diff"] for r in rows)])

@@ -75,21 +75,32 @@ class Axes:
         return {"dynamic": {n: list(d) for n, d in zip(self.names, self.dynamic)}, "fixed": dict(self.fixed)}
 
 
+#: inputs of more axes than this (images: ``[N, C, H, W]``) keep every non-batch axis at the shard's size:
+#: with height and width dynamic, a CNN's export took three times as long (BENCHMARKS.md section 21)
+MAX_PROBED_RANK = 3
+IMAGE_AXES = "an image's axes stay at the shard's size (resize the images to it)"
+
+
 def probe_axes(model: nn.Module, shard: Shard) -> Axes:
-    """The input axes ``model`` accepts at another size: every non-batch axis of size > 1 is tried one shorter
-    on :data:`EXPORT_ROWS` rows of ``shard`` (axes of the same size across the inputs together: a token input
-    and its attention mask), and one that runs is dynamic. An axis of size 1 stays as it is (the exporter
-    specialises it)."""
+    """The input axes ``model`` accepts at another size: every non-batch axis of size > 1 of an input of up
+    to :data:`MAX_PROBED_RANK` axes (token ids, a mask, audio, a sequence of feature vectors) is tried one
+    shorter on :data:`EXPORT_ROWS` rows of ``shard`` (axes of the same size across the inputs together: a
+    token input and its attention mask), and one that runs is dynamic. An axis of size 1 stays as it is (the
+    exporter specialises it), and so do an image's axes, with the reason (BENCHMARKS.md section 21)."""
     import torch
 
     xs = rows(shard, EXPORT_ROWS)
     groups: dict[int, list[tuple[int, int]]] = {}
+    dynamic = [{0} for _ in xs]
+    fixed = {}
     for i, x in enumerate(xs):
+        if x.ndim > MAX_PROBED_RANK:
+            for a in range(1, x.ndim):
+                fixed[f"{shard.names[i]} axis {a}"] = IMAGE_AXES
+            continue
         for a in range(1, x.ndim):
             if x.shape[a] > 1:
                 groups.setdefault(x.shape[a], []).append((i, a))
-    dynamic = [{0} for _ in xs]
-    fixed = {}
 
     def runs(axes: list[tuple[int, int]]) -> str | None:
         cut = list(xs)

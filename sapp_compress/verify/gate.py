@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import OutputConfig
 from ..errors import AccuracyGateFailed
-from ..io.feeds import onnx_feed
+from ..io.feeds import PREDICT_ROWS, onnx_feed
 
 
 def evaluate(res, onnx_bytes: bytes, out: OutputConfig, report: dict) -> None:
@@ -13,7 +13,8 @@ def evaluate(res, onnx_bytes: bytes, out: OutputConfig, report: dict) -> None:
     import converters
 
     ev = res.eval_shard
-    onnx_out = converters.run_onnx(onnx_bytes, onnx_feed(ev, tuple(ev.inputs)), threads=out.threads)[0]
+    onnx_out = converters.run_onnx(onnx_bytes, onnx_feed(ev, tuple(ev.inputs)), threads=out.threads,
+                                   batch_size=PREDICT_ROWS)[0]
     metrics = res.task.metrics(onnx_out, ev.y, res.dense_eval_outputs)
     report["metrics"]["onnx"] = metrics
     report["accuracy"]["onnx"] = metrics["score"]

@@ -11,7 +11,7 @@ from calib_data.shards import Shard
 from ..config import OutputConfig
 from ..errors import VerificationFailed
 from ..io.export import EXPORT_ROWS
-from ..io.feeds import onnx_feed, predict_arrays, rows
+from ..io.feeds import PREDICT_ROWS, onnx_feed, predict_arrays, rows
 
 
 def stage_failed(e, model: str, stage: str, batch_size: int, done: dict) -> None:
@@ -50,7 +50,8 @@ def verify_stages(res, shard: Shard, stages: list, out: OutputConfig) -> dict:
             vx = rows(shard, out.verify_samples)
             try:
                 k = converters.verify_kernels(data, onnx_feed(shard, vx), atol=atol,
-                                              rtol=out.int8_kernel_rtol, threads=out.threads)
+                                              rtol=out.int8_kernel_rtol, threads=out.threads,
+                                              batch_size=PREDICT_ROWS)
             except converters.VerificationError as e:
                 stage_failed(e, "int8", "int8_kernels", len(vx[0]), done)
             done["int8_kernels"] = {**k.to_json(), "batch_sizes": [len(vx[0])], "precision": "int8_kernels"}
@@ -62,13 +63,14 @@ def verify_stages(res, shard: Shard, stages: list, out: OutputConfig) -> dict:
                 floor = out.min_top1_agreement if precision == "int8" and n == out.verify_samples else None
                 vers.append(converters.verify(data, onnx_feed(shard, vx), [expected], atol=atol, rtol=rtol,
                                               classifier=res.task.is_classifier, threads=out.threads,
-                                              min_top1=floor))
+                                              min_top1=floor, batch_size=PREDICT_ROWS))
             except converters.VerificationError as e:
                 stage_failed(e, precision, precision, len(vx[0]), done)
         ver = vers[0].to_json()
         ver.update(max_abs_diff=max(v.max_abs_diff for v in vers),
                    max_rel_diff=max(v.max_rel_diff for v in vers),
-                   batch_sizes=[min(out.verify_samples, len(shard)), 1], export_batch_size=EXPORT_ROWS,
+                   batch_sizes=[min(out.verify_samples, len(shard), PREDICT_ROWS), 1],
+                   export_batch_size=EXPORT_ROWS,
                    precision=precision)
         done[precision] = ver
     final = dict(done[stages[-1][0]])
