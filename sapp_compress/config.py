@@ -258,6 +258,12 @@ class TrainConfig:
         eval_fraction: held-out fraction of the training shard when no evaluation shard is given.
         checkpoint_dir / checkpoint_every / resume: write a checkpoint every ``checkpoint_every`` steps
             (0: every 5 % of the budget) and, with ``resume``, continue from the one found there.
+        micro_batch: rows per forward and backward; a batch of more rows is run in parts whose gradients add
+            up to the batch's (the same step, less memory). None: chosen by ``activation_budget_mb``.
+        activation_budget_mb: with ``micro_batch`` None, the most memory a part's activations (what
+            autograd keeps for the backward, measured on two rows before the fine-tune) may take; a batch that
+            needs more is split (not a model with BatchNorm, whose batch statistics a part would change).
+            None: never split. BENCHMARKS.md section 21.
     """
 
     steps: int | None = None
@@ -277,6 +283,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    micro_batch: int | None = None
+    activation_budget_mb: float | None = 512.0
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -306,6 +314,12 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every: expected >= 0 steps, got {self.checkpoint_every!r}")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume: needs a checkpoint directory (--checkpoint-dir)")
+        if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
+            raise ConfigError(f"micro_batch: expected a positive integer or None, got "
+                              f"{self.micro_batch!r}")
+        if self.activation_budget_mb is not None and not self.activation_budget_mb > 0:
+            raise ConfigError(f"activation_budget_mb: expected a positive number or None, got "
+                              f"{self.activation_budget_mb!r}")
         if not (0.0 < self.eval_fraction < 1.0):
             raise ConfigError(f"eval_fraction: expected 0 < f < 1, got {self.eval_fraction!r}")
 

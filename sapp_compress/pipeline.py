@@ -197,6 +197,7 @@ def _record_fine_tune(res: PruneResult, report: dict) -> None:
                   inputs=list(res.eval_shard.names))
     report["mask_digests_per_rank"] = distributed.gather_digests(res.mask_digest)
     report["lr"]["digests_per_rank"] = distributed.gather_digests(res.lr_choice.digest())
+    report["micro_batch"] = res.micro_batch
     report["accuracy"]["dense"] = res.metrics["dense"]["score"]
     report["accuracy"]["pruned_torch"] = res.metrics["pruned_torch"]["score"]
     report["metrics"] = dict(res.metrics)

@@ -33,7 +33,7 @@ from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.distributed import mask_digest
 from .engine.lr_probe.probe import ProbeResult, choose_lr
 from .engine.methods import METHODS
-from .engine.training import Progress, fine_tune, resolve_device
+from .engine.training import Progress, choose_micro_batch, fine_tune, resolve_device
 from .engine.units import SkippedLayer
 from .errors import ConfigError, DataError
 from .granularity import Plan, resolve
@@ -66,6 +66,8 @@ class PruneResult:
             (:class:`~sapp_compress.structure.groups.StructureResult`).
         masks: the final 0/1 masks (blocks per layer, or units per family), in plan order.
         axes: the input axes the exported graph keeps dynamic (:func:`~sapp_compress.io.export.probe_axes`).
+        micro_batch: ``rows`` per forward and backward (None: the whole batch) and the activation MB per row
+            measured (:func:`~sapp_compress.engine.training.choose_micro_batch`).
     """
 
     model: nn.Module
@@ -89,6 +91,7 @@ class PruneResult:
     structure: object | None = None
     masks: list[np.ndarray] = field(default_factory=list)
     axes: Axes | None = None
+    micro_batch: dict | None = None
 
     @property
     def mask_digest(self) -> str:
@@ -243,6 +246,9 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
 
         say({"event": "phase", "phase": "latency table"})
         table, timer = latency_table(student, plan.structure, train, prune_cfg, speed)
+    # measured on the CPU, in float32, before any copy of the model is trained: the probe's copies too
+    micro, per_row = choose_micro_batch(student, dense if task.distill else None, task, train, train_cfg, cpu)
+    train_cfg = dataclasses.replace(train_cfg, micro_batch=micro)
     teacher = copy.deepcopy(dense).to(device) if task.distill else None
     say({"event": "phase", "phase": "lr probe"})
     lr = choose_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps, progress)
@@ -297,6 +303,8 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
         dense_eval_outputs=dense_out, device=str(device), seconds=time.perf_counter() - job.started,
         total_steps=total_steps, output=job.output, lr=lr.value, lr_source=lr.source, lr_choice=lr,
         warnings=warnings, structure=done.structure, masks=done.masks, axes=job.axes,
+        micro_batch={"rows": micro,
+                     "activation_mb_per_row": None if per_row is None else round(per_row / 2**20, 3)},
     )
 
 

@@ -177,17 +177,8 @@ def fine_tune(
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         idx = batches(step)
-        xs = to_tensors(tuple(x[idx] for x in train.inputs), device)
-        with autocast:
-            out = net(*xs)
-            if task.distill:
-                with torch.no_grad():
-                    target = teacher(*xs).float()
-            else:
-                target = to_tensors((train.y[idx],), device)[0]
-            loss = task.loss(out, target, cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
+        loss = _accumulate(net, teacher, task, train, idx, cfg, device, autocast, scaler, info.active)
         if scaler:
             scaler.unscale_(opt)
         _coupled_decay(method, cfg.weight_decay, logit_decay)
@@ -228,6 +219,87 @@ def fine_tune(
         if info.active:
             distributed.check_same_masks(method.masks(), "the end of fine-tuning")
     return TrainOutcome(history, time.perf_counter() - t0, stop, continued)
+
+
+def activation_bytes(model: nn.Module, teacher: nn.Module | None, task: Task, train: Shard,
+                     cfg: TrainConfig, device: torch.device, rows: int = 2) -> int:
+    """Bytes autograd keeps for the backward of ``rows`` rows of ``train`` (each tensor once): a training
+    step's activations. The model is left as it was (its gradients cleared)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (a functional wrapper)
+            pass
+        return t
+
+    was = model.training
+    model.train()
+    idx = np.arange(min(rows, len(train)))
+    xs = to_tensors(tuple(x[idx] for x in train.inputs), device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout's draws here leave the fine-tune's as they were
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*xs)
+            target = (teacher(*xs).detach().float() if task.distill
+                      else to_tensors((train.y[idx],), device)[0])
+            loss = task.loss(out, target, cfg.distill_temperature)
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    model.train(was)
+    weights = {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in weights)
+
+
+def choose_micro_batch(model: nn.Module, teacher: nn.Module | None, task: Task, train: Shard,
+                       cfg: TrainConfig, device: torch.device) -> tuple[int | None, int | None]:
+    """(:attr:`TrainConfig.micro_batch` as given, or the most rows whose activations fit
+    :attr:`TrainConfig.activation_budget_mb` when a whole batch's do not; the activation bytes per row
+    measured, or None where nothing was measured). A model with BatchNorm is never split."""
+    if cfg.micro_batch is not None or cfg.activation_budget_mb is None:
+        return cfg.micro_batch, None
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None, None
+    rows = 2
+    per_row = max(1, activation_bytes(model, teacher, task, train, cfg, device, rows) // rows)
+    fit = int(cfg.activation_budget_mb * 2**20 // per_row)
+    return (max(1, fit) if fit < cfg.batch_size else None), per_row
+
+
+def micro_batches(idx: np.ndarray, rows: int | None) -> list[np.ndarray]:
+    """A batch's rows in parts of at most ``rows`` (None: the whole batch), as even as they come."""
+    if not rows or len(idx) <= rows:
+        return [idx]
+    return np.array_split(idx, math.ceil(len(idx) / rows))
+
+
+def _accumulate(net, teacher, task: Task, train: Shard, idx: np.ndarray, cfg: TrainConfig, device, autocast,
+                scaler, ddp: bool) -> torch.Tensor:
+    """Forward and backward of the batch ``idx``, in :attr:`TrainConfig.micro_batch` parts whose gradients add
+    up to the batch's (each part's mean loss weighted by its share of the rows; under DDP the ranks' gradients
+    are averaged once, at the last part). Returns the batch's loss (detached)."""
+    parts = micro_batches(idx, cfg.micro_batch)
+    total = None
+    for j, part in enumerate(parts):
+        sync = net.no_sync() if ddp and j < len(parts) - 1 else contextlib.nullcontext()
+        xs = to_tensors(tuple(x[part] for x in train.inputs), device)
+        with sync:
+            with autocast:
+                out = net(*xs)
+                if task.distill:
+                    with torch.no_grad():
+                        target = teacher(*xs).float()
+                else:
+                    target = to_tensors((train.y[part],), device)[0]
+                loss = task.loss(out, target, cfg.distill_temperature)
+                if len(parts) > 1:
+                    loss = loss * (len(part) / len(idx))
+            (scaler.scale(loss) if scaler else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def train_dense(model: nn.Module, train: Shard, task: Task, *, steps: int, batch_size: int, lr: float,
