@@ -133,4 +133,25 @@ def export_onnx(model, example_inputs: tuple, *, input_names: list[str] | None =
         raise ConverterError(f"the model's graph cannot keep these axes dynamic: {', '.join(fixed)} (its "
                              "code fixes them; the ONNX model would only run at that size)")
     proto.producer_name = "sapp-compress"
+    _strip_paths(proto.graph)
     return proto
+
+
+#: node metadata the exporter writes that holds file paths of the machine that exported (its stack traces)
+PATH_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def _strip_paths(graph: onnx.GraphProto) -> None:
+    """Drop the nodes' :data:`PATH_METADATA` (in subgraphs too): the written model then does not depend on
+    where the code was installed (the same run elsewhere writes the same bytes) and does not carry the user's
+    paths."""
+    for node in graph.node:
+        keep = [p for p in node.metadata_props if p.key not in PATH_METADATA]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _strip_paths(a.g)
+            for g in a.graphs:
+                _strip_paths(g)
