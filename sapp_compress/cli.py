@@ -210,6 +210,9 @@ class Progress:
                    "report's lr).")
 @click.option("--weight-decay", default=1e-4, type=float, show_default=True,
               help="Coupled l2 on the masked weights and SA++ logits.")
+@click.option("--layer-distill", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="Weight of layer-wise distillation: each repeated block's output (a transformer's layers) "
+                   "held to the original model's, added to the loss; 0: off.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
               help="Where to fine-tune; auto = CUDA when available.")
 @click.option("--amp", default="auto", type=click.Choice(["auto", "bf16", "fp16", "off"]), show_default=True,
@@ -271,7 +274,8 @@ class Progress:
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug); tracebacks on failures.")
 @click.version_option(__version__, "--version")
 def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method,
-         method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay, device, amp, seed,
+         method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay, layer_distill, device,
+         amp, seed,
          onnx_format, export_batch_size, threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol,
          min_top1_agreement, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
@@ -303,6 +307,7 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                                 include=include, exclude=exclude, conv_layout=conv_layout)
         train_cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                                 weight_decay=weight_decay, device=device, amp=amp, seed=seed,
+                                layer_distill=layer_distill,
                                 checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                                 checkpoint_every=checkpoint_every, resume=resume)
         out = OutputConfig(output=output, report=report, save_torch=save_torch, onnx_format=onnx_format,

@@ -264,6 +264,8 @@ class TrainConfig:
             autograd keeps for the backward, measured on two rows before the fine-tune) may take; a batch that
             needs more is split (not a model with BatchNorm, whose batch statistics a part would change).
             None: never split. BENCHMARKS.md section 21.
+        layer_distill: the weight of layer-wise distillation (each repeated block's output held to the
+            original's: :mod:`sapp_compress.engine.distill`) added to the task's loss; 0: off.
     """
 
     steps: int | None = None
@@ -285,6 +287,7 @@ class TrainConfig:
     resume: bool = False
     micro_batch: int | None = None
     activation_budget_mb: float | None = 512.0
+    layer_distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -317,6 +320,8 @@ class TrainConfig:
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
             raise ConfigError(f"micro_batch: expected a positive integer or None, got "
                               f"{self.micro_batch!r}")
+        if not (isinstance(self.layer_distill, (int, float)) and self.layer_distill >= 0):
+            raise ConfigError(f"layer_distill: expected a weight >= 0, got {self.layer_distill!r}")
         if self.activation_budget_mb is not None and not self.activation_budget_mb > 0:
             raise ConfigError(f"activation_budget_mb: expected a positive number or None, got "
                               f"{self.activation_budget_mb!r}")

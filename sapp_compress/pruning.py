@@ -249,7 +249,7 @@ def run(job: Prepared, *, progress: Progress | None = None, speed=None) -> Prune
     # measured on the CPU, in float32, before any copy of the model is trained: the probe's copies too
     micro, per_row = choose_micro_batch(student, dense if task.distill else None, task, train, train_cfg, cpu)
     train_cfg = dataclasses.replace(train_cfg, micro_batch=micro)
-    teacher = copy.deepcopy(dense).to(device) if task.distill else None
+    teacher = copy.deepcopy(dense).to(device) if task.distill or train_cfg.layer_distill else None
     say({"event": "phase", "phase": "lr probe"})
     lr = choose_lr(student, plan, teacher, task, train, prune_cfg, train_cfg, device, total_steps, progress)
     train_cfg = dataclasses.replace(train_cfg, lr=lr.value)

@@ -26,6 +26,7 @@ from ..io.feeds import to_tensors
 from ..io.tasks import Task
 from . import distributed
 from .checkpoint import Checkpointer
+from .distill import layer_loss, layer_names, taps
 from .methods import PruningMethod
 from .schedules import cosine_lr
 
@@ -166,6 +167,10 @@ def fine_tune(
         teacher.eval()
     stop = total_steps if stop is None else min(stop, total_steps)
     skipped = 0
+    blocks = layer_names(model) if cfg.layer_distill and teacher is not None else []
+    if cfg.layer_distill and not blocks:
+        log.warning("layer distillation: %s", "no teacher" if teacher is None else
+                    "the model has no run of same-class blocks to hold to the original's: the output only")
     for step in range(start, stop):
         if method.begin_step(step):
             if method.options.reset_optimizer:
@@ -178,7 +183,8 @@ def fine_tune(
             g["lr"] = lr * g["lr_scale"]
         idx = batches(step)
         opt.zero_grad(set_to_none=True)
-        loss = _accumulate(net, teacher, task, train, idx, cfg, device, autocast, scaler, info.active)
+        loss = _accumulate(net, teacher, task, train, idx, cfg, device, autocast, scaler, info.active,
+                           (model, blocks))
         if scaler:
             scaler.unscale_(opt)
         _coupled_decay(method, cfg.weight_decay, logit_decay)
@@ -277,24 +283,29 @@ def micro_batches(idx: np.ndarray, rows: int | None) -> list[np.ndarray]:
 
 
 def _accumulate(net, teacher, task: Task, train: Shard, idx: np.ndarray, cfg: TrainConfig, device, autocast,
-                scaler, ddp: bool) -> torch.Tensor:
+                scaler, ddp: bool, layers: tuple[nn.Module, list[str]] = (None, [])) -> torch.Tensor:
     """Forward and backward of the batch ``idx``, in :attr:`TrainConfig.micro_batch` parts whose gradients add
     up to the batch's (each part's mean loss weighted by its share of the rows; under DDP the ranks' gradients
-    are averaged once, at the last part). Returns the batch's loss (detached)."""
+    are averaged once, at the last part). With ``layers`` (the student, its block names), the blocks' outputs
+    are held to the teacher's too (:mod:`.distill`, weight :attr:`TrainConfig.layer_distill`). Returns the
+    batch's loss (detached)."""
     parts = micro_batches(idx, cfg.micro_batch)
+    student, blocks = layers
     total = None
     for j, part in enumerate(parts):
         sync = net.no_sync() if ddp and j < len(parts) - 1 else contextlib.nullcontext()
         xs = to_tensors(tuple(x[part] for x in train.inputs), device)
-        with sync:
+        with sync, taps(student, blocks) as mine, taps(teacher, blocks) as theirs:
             with autocast:
                 out = net(*xs)
-                if task.distill:
+                if task.distill or blocks:
                     with torch.no_grad():
                         target = teacher(*xs).float()
-                else:
+                if not task.distill:
                     target = to_tensors((train.y[part],), device)[0]
                 loss = task.loss(out, target, cfg.distill_temperature)
+                if blocks:
+                    loss = loss + cfg.layer_distill * layer_loss(mine, theirs)
                 if len(parts) > 1:
                     loss = loss * (len(part) / len(idx))
             (scaler.scale(loss) if scaler else loss).backward()

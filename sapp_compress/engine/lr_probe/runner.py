@@ -242,7 +242,7 @@ class Runner:
         rows the bounded scoring reads)."""
         if self.targets is None or len(self.targets) < n:
             n = min(len(self.held), max(n, *self.rows_per_rung, 0))  # every rung's rows at once
-            if self.teacher is None:
+            if not self.task.distill:  # labels (a teacher may be there for layer-wise distillation alone)
                 self.targets = to_tensors((self.held.y,), torch.device("cpu"))[0]
             else:
                 self.targets = _outputs(self.teacher, self.held.subset(np.arange(n)), self.device).cpu()
