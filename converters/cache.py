@@ -8,8 +8,9 @@ the dense one), then ``op`` (the op type and a digest of its dense graph: attrib
 shapes, layouts), ``shapes`` (the input shapes timed), ``batch`` (the batch sizes timed), ``mask`` (a
 digest of the kept-block pattern: :func:`mask_digest`), ``formulation`` (the candidates timed), ``precision``
 (the quantization setting and the int8 weight bits), ``threads`` (ORT intra-op threads; 0 = ORT's default),
-``code`` (a digest of the converters' source: a changed graph times differently) and ``machine``
-(:class:`converters.machine.Machine`: CPU model, instruction-set flags, cores, ORT version). A field that
+``code`` (a digest of the converters' source: a changed graph times differently), ``machine``
+(:class:`converters.machine.Machine`: CPU model, instruction-set flags, cores, ORT version) and ``runtime``
+(the runtime timed in, its version and precision: :mod:`converters.runtimes`). A field that
 does not apply holds ``""``. Other measurements (per-layer latency tables) use the same key with their own
 ``kind``.
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from .machine import Machine
 from .manifest import LayerBlocks
+from .runtimes import current
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,9 @@ def mask_digest(lb: LayerBlocks) -> str:
 def code_digest() -> str:
     """A short sha256 of the converters package's source files (the graphs that are timed)."""
     h = hashlib.sha256()
-    for p in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(p.name.encode())
+    root = Path(__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -98,6 +101,7 @@ class TimingKey:
     threads: int
     code: str = field(default_factory=code_digest)
     machine: Machine = field(default_factory=Machine.current)
+    runtime: str = field(default_factory=lambda: current().key())
 
     def to_json(self) -> dict:
         return asdict(self)

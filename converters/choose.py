@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from . import qdq
@@ -36,6 +35,7 @@ from .manifest import LayerBlocks
 from .plan import Plan, PlanMismatch
 from .rewrite import apply
 from .runtime import session, time_interleaved
+from .runtimes import Session, reference_session
 from .timing import Timer
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def timing_feeds(timing_inputs: dict[str, np.ndarray] | None) -> list[dict[str, 
     return feeds
 
 
-def _probe(model: onnx.ModelProto, names: set[str]) -> tuple[ort.InferenceSession, list[str], set[str]]:
+def _probe(model: onnx.ModelProto, names: set[str]) -> tuple[Session, list[str], set[str]]:
     """A session of ``model`` (unoptimized) that also outputs the inner tensors ``names``, the names it
     outputs (the graph inputs among ``names`` are not: they are the feed), and those graph inputs."""
     m = copy.deepcopy(model)
@@ -74,7 +74,7 @@ def _probe(model: onnx.ModelProto, names: set[str]) -> tuple[ort.InferenceSessio
     have = {o.name for o in m.graph.output}
     extra = sorted(n for n in names if n not in have and n not in inputs)
     m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
-    return session(m, optimize=False), [*extra, *sorted(n for n in names if n in have)], inputs
+    return reference_session(m), [*extra, *sorted(n for n in names if n in have)], inputs
 
 
 def _shapes_by_running(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: set[str]

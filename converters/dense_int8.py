@@ -1,4 +1,5 @@
-"""int8 of a whole dense graph in ONNX Runtime's own forms, the fastest measured on this machine.
+"""int8 of a whole dense graph in the current runtime's own forms (:mod:`converters.runtimes`), the fastest
+measured on this machine.
 
 A structurally pruned model is a smaller *dense* model: ONNX Runtime runs it fastest with its own dense int8
 kernels, so the question is only which of its int8 forms to use, and that differs between models and CPUs.
@@ -13,6 +14,10 @@ The forms (:data:`FORMS`), each a whole-graph pass:
 - ``static``: ``quantize_static`` in QDQ form with activation scales calibrated on sample inputs
   (:func:`converters.qdq.quantize_qdq`, the conv-net op set: ``QLinearConv`` and what runs between convs).
   Only offered when the graph has convolutions and calibration inputs are given.
+- ``nncf`` (OpenVINO's form): NNCF's post-training int8 (QDQ ONNX, activation scales calibrated on the
+  calibration inputs): :func:`converters.runtimes.openvino.nncf_int8`.
+
+Which forms a runtime offers is its ``int8_forms`` (ORT: ``dynamic``, ``static``; OpenVINO: ``nncf``).
 
 :func:`quantize_whole` builds every applicable form, times each against the fp32 graph interleaved in one
 process (median of rounds) at the timing inputs, and keeps the fastest; an int8 form slower than fp32 is not
@@ -35,6 +40,7 @@ from .export import one_line
 from .int8 import default_weight_bits
 from .qdq import QDQ_OPS, _quiet, calibration_batches, quantize_qdq
 from .runtime import session, time_interleaved
+from .runtimes import current
 from .timing import graph_digest, shapes_text
 
 
@@ -123,6 +129,12 @@ def _static(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
     return quantize_qdq(model, calibration, nodes, weight_bits=bits)
 
 
+def _nncf(model: onnx.ModelProto, calibration, bits: int) -> onnx.ModelProto:
+    from .runtimes.openvino import nncf_int8
+
+    return nncf_int8(model, calibration, bits)
+
+
 def _has_conv(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "Conv" for n in model.graph.node)
 
@@ -135,6 +147,7 @@ FORMS: dict[str, tuple[Callable, Callable[[onnx.ModelProto, list | None], str | 
     "static": (_static, lambda m, c: None if _has_conv(m) and c else
                ("no convolution (the static form is the conv-net one)" if not _has_conv(m)
                 else "needs calibration inputs")),
+    "nncf": (_nncf, lambda m, c: None if c else "needs calibration inputs"),
 }
 
 
@@ -145,17 +158,17 @@ def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarra
     """The fastest of ``model`` (fp32) and its int8 forms (:data:`FORMS`) at ``timing_inputs``. Without timing
     inputs every applicable form is built (a dry run) and the first is returned untimed; with ``form`` that
     form is built untimed (a replay). The timings go through ``cache`` (kind ``whole_int8``: the graph's
-    digest, the timing shapes, the forms, the weight bits, the threads, the machine), so the same graph on the
-    same machine gets the same choice, without timing.
+    digest, the timing shapes, the forms, the weight bits, the threads, the machine, the runtime), so the same
+    graph on the same machine gets the same choice, without timing.
 
     Raises:
-        ConverterError: no int8 form applies, or ORT's quantizer fails.
+        ConverterError: no int8 form applies, or the quantizer (ORT's, NNCF's) fails.
     """
     bits = weight_bits or default_weight_bits()
     calibration = calibration_batches(calibration_inputs) if calibration_inputs else None
     why_not = {}
     applicable = []
-    for name in forms or tuple(FORMS):
+    for name in forms or current().int8_forms:
         why = FORMS[name][1](model, calibration)
         if why is None:
             applicable.append(name)

@@ -1,4 +1,5 @@
-"""Running ONNX models in ONNX Runtime: sessions, batched inference, interleaved timing."""
+"""Running ONNX models in the current runtime (:mod:`converters.runtimes`): sessions, batched inference,
+interleaved timing."""
 from __future__ import annotations
 
 import statistics
@@ -6,28 +7,22 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from .runtimes import Session, current
 
 
 def session(model: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True,
-            spin: bool = True) -> ort.InferenceSession:
-    """A CPU session. ``spin=False`` stops idle intra-op threads from busy-waiting after a run: needed when
-    several sessions are timed interleaved, or one session's spinning threads steal the cores of the next."""
-    so = ort.SessionOptions()
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            spin: bool = True) -> Session:
+    """A CPU session of the current runtime (:func:`converters.runtimes.current`: ONNX Runtime unless a job
+    runs in another). ``optimize=False``: the graph as written (ONNX Runtime's optimizations off; other
+    runtimes always optimize). ``spin=False`` stops idle intra-op threads from busy-waiting after a run:
+    needed when several sessions are timed interleaved, or one session's spinning threads steal the cores of
+    the next."""
+    return current().session(model, threads=threads, optimize=optimize, spin=spin)
 
 
 def run_onnx(model, inputs: dict[str, np.ndarray], *, batch_size: int = 256, threads: int | None = None,
-             optimize: bool = True, sess: ort.InferenceSession | None = None) -> list[np.ndarray]:
+             optimize: bool = True, sess: Session | None = None) -> list[np.ndarray]:
     """All outputs of ``model`` on ``inputs`` (first axis = samples), run ``batch_size`` rows at a time."""
     sess = sess or session(model, threads=threads, optimize=optimize)
     n = len(next(iter(inputs.values())))
@@ -38,7 +33,7 @@ def run_onnx(model, inputs: dict[str, np.ndarray], *, batch_size: int = 256, thr
     return [np.concatenate([o[j] for o in outs], axis=0) for j in range(len(outs[0]))]
 
 
-def interleaved_samples(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,
+def interleaved_samples(sessions: dict[str, Session], feed: dict[str, np.ndarray], *,
                         budget_s: float = 0.4, min_rounds: int = 5, max_rounds: int = 25,
                         loop_s: float = 1e-3, pause_s: float = 0.0) -> dict[str, list[float]]:
     """Latency samples (ms) of each session on ``feed``: a warm-up, then rounds that run every session in
@@ -71,7 +66,7 @@ def interleaved_samples(sessions: dict[str, ort.InferenceSession], feed: dict[st
     return samples
 
 
-def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
+def time_interleaved(sessions: dict[str, Session], feed: dict[str, np.ndarray],
                      **kwargs) -> dict[str, float]:
     """Median latency (ms) of each session (see :func:`interleaved_samples`)."""
     return {k: statistics.median(v) for k, v in interleaved_samples(sessions, feed, **kwargs).items()}

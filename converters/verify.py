@@ -1,5 +1,6 @@
-"""Checks on the final bytes: the ONNX checker, then ONNX Runtime (graph optimizations off and on) against
-the pruned PyTorch model's outputs on real inputs.
+"""Checks on the final bytes: the ONNX checker, then the current runtime (:mod:`converters.runtimes`; ONNX
+Runtime with its graph optimizations off and on, or OpenVINO) against the pruned PyTorch model's outputs on
+real inputs.
 
 An output passes when ``max|onnx - torch| <= atol + rtol * max|torch|``: the relative part is scaled to the
 output's magnitude, so logits of size 30 and probabilities of size 1 get comparable tolerances. Top-1
@@ -16,6 +17,7 @@ import onnx
 from .errors import VerificationError
 from .export import one_line
 from .runtime import run_onnx, session
+from .runtimes import current, reference_session
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,18 @@ def check(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
 def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expected: list[np.ndarray], *,
            atol: float = 1e-4, rtol: float = 1e-3, classifier: bool = False, threads: int | None = None,
            min_top1: float | None = None, batch_size: int = 256) -> Verification:
-    """Compare ORT (optimizations disabled, then enabled) with ``expected``. Raises VerificationError
+    """Compare the current runtime's sessions (ORT: optimizations disabled, then enabled; its
+    ``verify_modes``) with ``expected``. Raises VerificationError
     (carrying the :class:`Verification`) when any output of either session is out of tolerance, or, for a
     classifier with ``min_top1``, when the top-1 agreement with ``expected`` (the worse session's, over the
-    rows and positions of the first output) is below it. ORT runs ``batch_size`` rows at a time."""
+    rows and positions of the first output) is below it. The runtime runs ``batch_size`` rows at a time."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     check(data)
     per = {}
     worst_abs, worst_rel, agree = 0.0, 0.0, None
     ok = True
-    for label, opt in (("optimizations_off", False), ("optimizations_on", True)):
+    rt = current()
+    for label, opt in rt.verify_modes:
         sess = session(data, threads=threads, optimize=opt)
         outs = run_onnx(data, inputs, sess=sess, batch_size=batch_size)
         if len(outs) != len(expected):
@@ -90,11 +94,11 @@ def verify(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray], expect
     result = Verification(worst_abs, worst_rel, agree, bool(ok and top1_ok), atol, rtol, per, floor)
     if not ok:
         raise VerificationError(
-            f"ONNX Runtime differs from the pruned PyTorch model: max abs diff {worst_abs:.3g}, max rel diff "
+            f"{rt.title} differs from the pruned PyTorch model: max abs diff {worst_abs:.3g}, max rel diff "
             f"{worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x max|output|)", result)
     if not top1_ok:
         raise VerificationError(
-            f"ONNX Runtime's top-1 agrees with the pruned PyTorch model on {agree:.3f} of the rows, below "
+            f"{rt.title}'s top-1 agrees with the pruned PyTorch model on {agree:.3f} of the rows, below "
             f"the floor {floor:g} (max abs diff {worst_abs:.3g} is within tolerance)", result)
     return result
 
@@ -139,14 +143,14 @@ def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]
     The reference is the model run by ONNX Runtime with graph optimizations off, op by op as written, with its
     integer matmuls in float (:func:`float_reference`): QuantizeLinear / DequantizeLinear and the float op
     between them, DynamicQuantizeLinear: the fake-quantized computation the stored scales define. The model
-    itself runs with optimizations on: the fused integer kernels ORT deploys (QLinearConv, QGemm,
-    MatMulIntegerToFloat, ...). The two differ only by requantization rounding (a quantization step here and
-    there), so a larger difference is a wrong kernel or fusion: e.g. the int16 saturation of u8 x s8 products
-    on a CPU without VNNI. Passes when ``max|model - reference| <= atol + rtol * max|reference|`` on every
-    output. Raises VerificationError."""
+    itself runs in the current runtime, optimizations on: the fused integer kernels it deploys (ORT's
+    QLinearConv, QGemm, MatMulIntegerToFloat, ...; OpenVINO's int8 kernels). The two differ only by
+    requantization rounding (a quantization step here and there), so a larger difference is a wrong kernel
+    or fusion: e.g. the int16 saturation of u8 x s8 products on a CPU without VNNI. Passes when
+    ``max|model - reference| <= atol + rtol * max|reference|`` on every output. Raises VerificationError."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     ref_data = float_reference(data).SerializeToString()
-    ref = run_onnx(ref_data, inputs, sess=session(ref_data, threads=threads, optimize=False),
+    ref = run_onnx(ref_data, inputs, sess=reference_session(ref_data, threads=threads),
                    batch_size=batch_size)
     got = run_onnx(data, inputs, sess=session(data, threads=threads, optimize=True), batch_size=batch_size)
     rows, ok = _compare(got, ref, atol, rtol)
@@ -159,8 +163,8 @@ def verify_kernels(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]
                           {"optimizations_on_vs_off": rows})
     if not result.passed:
         raise VerificationError(
-            f"ONNX Runtime's int8 kernels differ from the model's own quantization reference: max abs diff "
-            f"{worst_abs:.3g}, max rel diff {worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x "
+            f"{current().title}'s int8 kernels differ from the model's own quantization reference: max abs "
+            f"diff {worst_abs:.3g}, max rel diff {worst_rel:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x "
             "max|reference|)",
             result)
     return result

@@ -222,7 +222,11 @@ class Progress:
               help="How pruned layers are stored; auto times the candidates per layer in ORT.")
 @click.option("--export-batch-size", default=1, type=int, show_default=True,
               help="Batch size auto times formulations at (your serving batch).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads for timing and checks.")
+@click.option("--threads", type=int, help="Runtime threads for timing and checks.")
+@click.option("--runtime", default="ort", type=click.Choice(["ort", "openvino"]), show_default=True,
+              help="Where the output is timed, verified and put in int8: ONNX Runtime, or OpenVINO (pip "
+                   "install 'sapp-compress[openvino]': NNCF's int8, f32 precision set explicitly); -o "
+                   "model.xml writes OpenVINO IR.")
 @click.option("--plan", "plan", type=click.Path(path_type=Path),
               help="Replay the choices in this earlier run's report: per-layer formulations, or with "
                    "--structure channels the graph passes and int8 form (no timing; same bytes for the same "
@@ -275,8 +279,8 @@ class Progress:
 @click.version_option(__version__, "--version")
 def main(model, output, block, sparsity, target_speedup, accept_missed_target, structure, method,
          method_option, data, eval_data, epochs, steps, batch_size, lr, weight_decay, layer_distill, device,
-         amp, seed,
-         onnx_format, export_batch_size, threads, plan, use_cache, quantize, int8_rtol, int8_kernel_rtol,
+         amp, seed, onnx_format, export_batch_size, threads, runtime, plan, use_cache, quantize, int8_rtol,
+         int8_kernel_rtol,
          min_top1_agreement, max_accuracy_drop, atol, rtol, report,
          save_torch, trust_model, arch, balanced, min_blocks, indivisible, include, exclude, conv_layout,
          checkpoint_dir, checkpoint_every, resume, quiet, verbose):
@@ -315,7 +319,7 @@ def main(model, output, block, sparsity, target_speedup, accept_missed_target, s
                            export_batch_size=export_batch_size, quantize=quantize, int8_rtol=int8_rtol,
                            int8_kernel_rtol=int8_kernel_rtol, plan=plan,
                            cache="use" if use_cache else "refresh", accept_missed_target=accept_missed_target,
-                           min_top1_agreement=min_top1_agreement)
+                           min_top1_agreement=min_top1_agreement, runtime=runtime)
         started = True
         result = compress(model, prune_cfg, train_cfg, out, data=data, eval_data=eval_data,
                           trust_model=trust_model, arch=arch, progress=progress)

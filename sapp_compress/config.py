@@ -366,6 +366,9 @@ class OutputConfig:
             (:class:`converters.Plan`; needs ``onnx_format="auto"``).
         cache: ``auto``'s timing cache (:mod:`converters.cache`): ``use`` (read, measure what is missing,
             write), ``refresh`` (measure everything again and overwrite: ``--no-cache``) or ``off``.
+        runtime: where everything is timed, verified and put in int8 (:mod:`converters.runtimes`): ``ort``
+            (ONNX Runtime) or ``openvino`` (the ``openvino`` extra). An ``output`` ending in ``.xml`` is
+            written as OpenVINO IR (needs ``openvino``).
     """
 
     output: Path
@@ -385,10 +388,18 @@ class OutputConfig:
     plan: Path | None = None
     cache: str = "use"
     accept_missed_target: bool = False
+    runtime: str = "ort"
 
     def __post_init__(self) -> None:
         from converters import FORMATS
         from converters.cache import MODES
+        from converters.runtimes import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"runtime: expected one of {tuple(RUNTIMES)}, got {self.runtime!r}")
+        if self.output is not None and str(self.output).endswith(".xml") and self.runtime != "openvino":
+            raise UsageError(f"-o {self.output}: an .xml output is OpenVINO IR, verified in OpenVINO: add "
+                             "--runtime openvino")
 
         if self.onnx_format not in FORMATS:
             raise UsageError(f"onnx format: expected one of {FORMATS}, got {self.onnx_format!r}")

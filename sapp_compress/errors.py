@@ -41,6 +41,11 @@ class UnsupportedModel(UsageError):
     found before fine-tuning: exit 2."""
 
 
+class RuntimeUnavailable(UsageError):
+    """``--runtime`` names a runtime whose package is not installed (exit 2, before anything runs), or an
+    output only that runtime writes (``-o model.xml``) without it."""
+
+
 class VerificationFailed(SappError):
     """ONNX Runtime's outputs differ from the pruned PyTorch model beyond tolerance: exit 3. ``result`` holds
     the measured differences for the report. (The converters raise their own

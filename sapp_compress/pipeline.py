@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 from calib_data.shards import load_shard
+from converters import runtimes
 
 from .config import OutputConfig, PruneConfig, TrainConfig
 from .engine import distributed
-from .errors import VerificationFailed, exit_code_of
+from .errors import RuntimeUnavailable, VerificationFailed, exit_code_of
 from .granularity import resolve
 from .io.adapters import unwrap
 from .io.feeds import calibration_feed, onnx_feed, rows
@@ -74,11 +75,16 @@ def compress(
         if then:
             say({"event": "phase", "phase": then})
 
+    in_runtime = contextlib.ExitStack()
     try:
         say({"event": "phase", "phase": "load"})
+        runtime = _runtime(out, report)
+        in_runtime.enter_context(runtimes.use(runtime))
         for path, what in ((out.output, "output"), (out.report, "report"), (out.save_torch, "--save-torch")):
             if path is not None:
                 check_writable(Path(path), what)
+        if str(out.output).endswith(".xml"):
+            check_writable(Path(out.output).with_suffix(".bin"), "output's weights")
         granularity = resolve(prune_cfg.structure)
         replay = granularity.load_plan(out.plan, out.quantize) if out.plan is not None else None
         if isinstance(model, (str, Path)):
@@ -120,6 +126,8 @@ def compress(
                                      "source": "training rows (the evaluation rows held out), evenly spaced"}
         conv = granularity.convert(res, proto, original, out, prune_cfg, timing_feed, calibration, report,
                                    replay)
+        if out.quantize == "int8":
+            report["runtime"]["speedup"] = _speedup(original, conv, out, timing_feed, calibration, report)
         lap("convert", "verify")
 
         stages = []
@@ -147,6 +155,7 @@ def compress(
         report["error"] = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else one_line(e)
         raise
     finally:
+        in_runtime.close()
         if out.report is not None and info.is_main:
             with contextlib.suppress(OSError):
                 write_json(out.report, report)
@@ -155,6 +164,30 @@ def compress(
         with contextlib.suppress(Exception):
             distributed.barrier()
         distributed.shutdown()
+
+
+def _runtime(out: OutputConfig, report: dict):
+    """The runtime the job measures and verifies in, checked installed (exit 2 in seconds otherwise); its
+    name, version and precision go in the report's ``runtime``."""
+    rt = runtimes.get(out.runtime)
+    why = rt.missing()
+    if why:
+        raise RuntimeUnavailable(f"--runtime {rt.name} needs {why}: pip install 'sapp-compress[{rt.extra}]'")
+    report["runtime"] = rt.describe()
+    report["versions"].update({k: v for k, v in rt.describe().items() if k in ("nncf",)},
+                              **({rt.name: rt.version()} if rt.name != "ort" else {}))
+    return rt
+
+
+def _speedup(original, conv, out: OutputConfig, feed: dict, calibration, report: dict) -> dict:
+    """With ``--quantize int8``: the artifact (int8, or fp32 where no int8 form was faster) against the dense
+    model and against the runtime's own fastest int8 of it, at the serving batch, paired
+    (``--target-speedup`` measured it already: its last round)."""
+    if report.get("target_speedup"):
+        return report["target_speedup"]["rounds"][-1]
+    from .speed.target import measure_speedup
+
+    return measure_speedup(original, None, conv.onnx_bytes, conv.int8, out, feed, calibration, peer_int8=True)
 
 
 def _peak_rss_mb() -> float | None:
@@ -204,7 +237,10 @@ def _record_fine_tune(res: PruneResult, report: dict) -> None:
 
 
 def _write(res: PruneResult, onnx_bytes: bytes, out: OutputConfig) -> None:
-    """The ONNX file and ``--save-torch``, each staged beside its target and renamed onto it."""
+    """The ONNX file (or OpenVINO IR: ``.xml`` and its ``.bin``) and ``--save-torch``, each staged beside its
+    target and renamed onto it."""
+    if str(out.output).endswith(".xml"):
+        return _write_ir(res, onnx_bytes, out)
     with contextlib.ExitStack() as stack:
         staged_onnx = stack.enter_context(staged(Path(out.output)))
         staged_onnx.write_bytes(onnx_bytes)
@@ -215,6 +251,31 @@ def _write(res: PruneResult, onnx_bytes: bytes, out: OutputConfig) -> None:
         os.replace(staged_onnx, out.output)
         if staged_pt is not None:
             os.replace(staged_pt, out.save_torch)
+
+
+def _write_ir(res: PruneResult, onnx_bytes: bytes, out: OutputConfig) -> None:
+    """OpenVINO IR of the verified ONNX, written into a temporary directory beside the target, then both
+    files renamed onto theirs."""
+    import shutil
+    import tempfile
+
+    from converters.runtimes.openvino import save_ir
+
+    xml = Path(out.output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{xml.stem}.", dir=xml.parent))
+    try:
+        with contextlib.ExitStack() as stack:
+            staged_pt = None
+            if out.save_torch is not None:
+                staged_pt = stack.enter_context(staged(Path(out.save_torch)))
+                save_pruned(unwrap(res.model), staged_pt)
+            written = save_ir(onnx_bytes, tmp / xml.name)
+            for f in written:
+                os.replace(f, xml.parent / f.name)
+            if staged_pt is not None:
+                os.replace(staged_pt, out.save_torch)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["OutputConfig", "compress", "exit_code_of", "summary"]

@@ -126,13 +126,21 @@ def summary(r: dict) -> str:
         lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense "
                      f"{r['dense_onnx_bytes'] / 1024:.1f} KiB "
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
+    rt = r.get("runtime") or {}
+    name = {"ort": "ORT", "openvino": "OpenVINO"}.get(rt.get("name"), "ORT")
+    sp = rt.get("speedup")
+    if sp:
+        lines.append(f"speed in {name} {rt.get('version', '')} ({rt.get('precision', 'f32')}), batch "
+                     f"{sp['batch']}: {sp['measured']:.2f}x the dense model"
+                     + (f", {sp['vs_dense_int8']:.2f}x its own int8 of the dense model "
+                        f"({sp['dense_int8_form']})" if sp.get("vs_dense_int8") else ""))
     v = r["verification"]
     if v:
         k = (v.get("stages") or {}).get("int8_kernels")
         if k:
-            lines.append(f"ORT int8 kernels vs the model's quantization reference: max rel diff "
+            lines.append(f"{name} int8 kernels vs the model's quantization reference: max rel diff "
                          f"{k['max_rel_diff']:.2e}, passed {k['passed']}")
-        lines.append(f"ORT{' int8' if v.get('precision') == 'int8' else ''} vs pruned torch: max abs diff "
+        lines.append(f"{name}{' int8' if v.get('precision') == 'int8' else ''} vs pruned torch: max abs diff "
                      f"{v['max_abs_diff']:.2e}, max rel diff {v['max_rel_diff']:.2e}, passed {v['passed']}")
     t = r["timings"]
     if t:

@@ -19,8 +19,8 @@ from ..config import PruneConfig
 from ..engine.units import SkippedLayer
 from ..errors import GeometryError, UnsupportedModel, UsageError
 from ..io.adapters import OutputInfo, unwrap
-from ..io.export import export_model
-from ..io.feeds import calibration_feed, to_tensors
+from ..io.export import EXPORT_ROWS, export_model
+from ..io.feeds import calibration_feed, onnx_feed, rows, to_tensors
 from ..report import block_sparsity, int8_sparsity, no_int8_warning
 from .base import Converted, Finished, Granularity, Plan
 
@@ -84,11 +84,13 @@ class Blocks(Granularity):
         different forms) is left dense instead, with the reason (:func:`converters.unplaceable`). With int8
         the int8 rewrites (ONNX Runtime's QDQ pass over the convs included) run once on that graph too. With a
         ``replay`` plan, its layers, shapes and blocks must be the ones to be pruned (its masks are checked
-        after the fine-tune)."""
+        after the fine-tune). The dense graph runs in the job's runtime first (an op it cannot run is named
+        here, not after the fine-tune)."""
         import converters
 
         model, manifest = dry_run_model(dense, list(plan.units))
         proto = export_model(model, shard, axes)
+        run_in_runtime(proto, shard)
         drop = converters.unplaceable(proto, manifest)
         manifest = [lb for lb in manifest if lb.name not in drop]
         if replay is not None:
@@ -178,6 +180,20 @@ def unused_by_output(model: nn.Module, plans: list[LayerPlan], shard: Shard, out
     return [SkippedLayer(p.name, f"the selected output {output.key!r} does not depend on it (the exported "
                                  "graph computes only that output, without this weight): left dense")
             for p, g in zip(plans, grads) if g is None]
+
+
+def run_in_runtime(proto, shard) -> None:
+    """Run ``proto`` on a few rows of ``shard`` in the job's runtime; :class:`UnsupportedModel` (exit 2)
+    naming the runtime and what it could not run."""
+    import converters
+    from converters.export import one_line
+    from converters.runtimes import current
+
+    try:
+        converters.run_onnx(proto, onnx_feed(shard, rows(shard, EXPORT_ROWS)))
+    except Exception as e:  # noqa: BLE001 -- the runtime's own errors
+        raise UnsupportedModel(f"{current().title} {current().version()} cannot run the model: "
+                               f"{one_line(e)}") from None
 
 
 def dry_run_model(dense: nn.Module, plans: list[LayerPlan], seed: int = 0) -> tuple[nn.Module, list]:

@@ -71,9 +71,9 @@ class Channels(Granularity):
         return Replay.from_report(path, quantize)
 
     def precheck(self, dense, plan, shard, out, cfg, replay=None, axes=None) -> dict[str, str]:
-        """A random removal at the target counts, exported and run in ORT (and put in int8 with ``--quantize
-        int8``), so a smaller model that cannot be exported fails before the fine-tune; with ``replay``, its
-        families must be this run's."""
+        """A random removal at the target counts, exported and run in the job's runtime (and put in int8 with
+        ``--quantize int8``), so a smaller model that cannot be exported or run fails before the fine-tune;
+        with ``replay``, its families must be this run's."""
         import converters
 
         if replay is not None:
@@ -90,10 +90,11 @@ class Channels(Granularity):
                     proto, calibration_inputs=calibration_feed(shard, PRECHECK_CALIBRATION_ROWS))
         except converters.ConverterError as e:
             raise UnsupportedModel(f"cannot convert the smaller model: {e}") from None
-        except Exception as e:  # noqa: BLE001 -- ORT's own errors on the smaller graph
+        except Exception as e:  # noqa: BLE001 -- the runtime's own errors on the smaller graph
             from converters.export import one_line
+            from converters.runtimes import current
 
-            raise UnsupportedModel(f"ONNX Runtime cannot run the smaller model: {one_line(e)}") from None
+            raise UnsupportedModel(f"{current().title} cannot run the smaller model: {one_line(e)}") from None
         return {}
 
     def export(self, res):

@@ -97,31 +97,38 @@ TARGET_TOLERANCE = 0.9
 
 
 def measure_speedup(original, proto, artifact: bytes, int8: bool, out: OutputConfig, feed: dict,
-                     calibration) -> dict:
+                    calibration, peer_int8: bool | None = None) -> dict:
     """The written model against the dense model (fp32), timed interleaved at the serving batch on this
-    machine (through the timing cache); with int8 also against ORT's own fastest int8 of the dense model.
-    ``measured`` is the paired speed-up (the median over rounds of each round's ratio)."""
+    machine in the job's runtime (through the timing cache); with int8 also against that runtime's own
+    fastest int8 of the dense model (``vs_dense_int8``, its form ``dense_int8_form``; in ONNX Runtime also
+    under the older names ``vs_ort_int8`` / ``ort_int8_form``). ``measured`` is the paired speed-up (the
+    median over rounds of each round's ratio). ``peer_int8`` (default: ``int8``): measure against the dense
+    model's int8 even where the artifact stayed fp32."""
     import onnx
 
     import converters
     from converters.latency import model_timing
+    from converters.runtimes import current
 
     cache = converters.TimingCache.open(out.cache)
     graphs = {"dense": original, "pruned": onnx.load_from_string(artifact)}
-    ort_form = None
-    if int8:
+    form = None
+    peer_int8 = int8 if peer_int8 is None else peer_int8
+    if peer_int8:
         whole = converters.quantize_whole(original, timing_inputs=feed, calibration_inputs=calibration,
                                           threads=out.threads, cache=cache)
-        ort_form = whole.form
+        form = whole.form
         if whole.form != "fp32":
-            graphs["ort_int8"] = whole.model
-    pairs = [("dense", "pruned")] + ([("ort_int8", "pruned")] if "ort_int8" in graphs else [])
+            graphs["dense_int8"] = whole.model
+    pairs = [("dense", "pruned")] + ([("dense_int8", "pruned")] if "dense_int8" in graphs else [])
     t = model_timing(graphs, feed, pairs, threads=out.threads, cache=cache,
                      precision="int8" if int8 else "fp32")
     row = {"batch": len(next(iter(feed.values()))), "threads": out.threads, "ms": t["ms"],
-           "measured": t["ratio"]["dense/pruned"], "paired": True}
-    if "ort_int8" in graphs:
-        row.update(vs_ort_int8=t["ratio"]["ort_int8/pruned"], ort_int8_form=ort_form)
+           "measured": t["ratio"]["dense/pruned"], "paired": True, "runtime": current().name}
+    if peer_int8:
+        row.update(dense_int8_form=form, vs_dense_int8=t["ratio"].get("dense_int8/pruned"))
+        if current().name == "ort" and row["vs_dense_int8"] is not None:
+            row.update(vs_ort_int8=row["vs_dense_int8"], ort_int8_form=form)
     return row
 
 
@@ -154,6 +161,8 @@ def reach_target(res, original, proto, onnx_bytes: bytes, int8: bool, cfg: Prune
     report["target_speedup"] = {"target": cfg.target_speedup, "predicted": final["predicted"],
                                 "measured": final["measured"], **({"vs_ort_int8": final["vs_ort_int8"]}
                                                                    if "vs_ort_int8" in final else {}),
+                                **({"vs_dense_int8": final["vs_dense_int8"]}
+                                   if final.get("vs_dense_int8") is not None else {}),
                                 "batch": final["batch"], "threads": out.threads, "rounds": rows,
                                 "allocations": st.speed["allocations"], "table": st.speed["table"].to_json()}
     if final["measured"] < TARGET_TOLERANCE * cfg.target_speedup:

@@ -187,12 +187,14 @@ def test_key_is_named_fields_and_each_field_matters(tmp_path):
     key = _key()
     fields = key.to_json()
     assert set(fields) == {"kind", "op", "shapes", "batch", "mask", "formulation", "precision", "threads",
-                           "code", "machine"}
+                           "code", "machine", "runtime"}
+    assert fields["runtime"].startswith("ort ")
     assert set(fields["machine"]) == {"cpu", "cpu_flags", "cores", "onnxruntime"}
     c = TimingCache(tmp_path)
     c.put(key, {"v": 1})
     for change in (dict(threads=2), dict(shapes="16x64"), dict(mask="n"), dict(precision="int8/w8"),
-                   dict(machine=replace(key.machine, cpu_flags="avx2")), dict(code="other")):
+                   dict(machine=replace(key.machine, cpu_flags="avx2")), dict(code="other"),
+                   dict(runtime="openvino 2026.4.1 f32")):
         assert c.get(replace(key, **change)) is None, change
     assert c.get(key) == {"v": 1}
     _, manifest, _ = _case("mlp")
