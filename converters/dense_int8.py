@@ -17,7 +17,8 @@ The forms (:data:`FORMS`), each a whole-graph pass:
 - ``nncf`` (OpenVINO's form): NNCF's post-training int8 (QDQ ONNX, activation scales calibrated on the
   calibration inputs): :func:`converters.runtimes.openvino.nncf_int8`.
 
-Which forms a runtime offers is its ``int8_forms`` (ORT: ``dynamic``, ``static``; OpenVINO: ``nncf``).
+Which forms a runtime offers is its ``int8_forms`` (ORT: ``dynamic``, ``static``; OpenVINO: ``nncf``,
+``dynamic``). A form the runtime cannot build or run is left out of the timing, its error in the reason.
 
 :func:`quantize_whole` builds every applicable form, times each against the fp32 graph interleaved in one
 process (median of rounds) at the timing inputs, and keeps the fastest; an int8 form slower than fp32 is not
@@ -49,7 +50,7 @@ class WholeInt8:
     """The chosen graph and how it was chosen.
 
     Attributes:
-        form: ``dynamic``, ``static`` or ``fp32`` (no int8 form was faster).
+        form: ``dynamic``, ``static``, ``nncf`` or ``fp32`` (no int8 form was faster).
         latencies_ms: median latency of every form timed, ``fp32`` included (empty without timing).
         reason: why this form.
     """
@@ -188,20 +189,36 @@ def quantize_whole(model: onnx.ModelProto, *, timing_inputs: dict[str, np.ndarra
                     int(threads or 0))
     hit = cache.get(key) if cache is not None else None
     built: dict[str, onnx.ModelProto] = {}
+    failed: dict[str, str] = {}
     if hit is None:
-        built = {name: build(name) for name in applicable}
         sessions = {"fp32": session(model, threads=threads, spin=False)}
-        sessions.update({k: session(v, threads=threads, spin=False) for k, v in built.items()})
+        for name in applicable:  # a form the runtime cannot build or run is left out, with the reason
+            try:
+                built[name] = build(name)
+                sessions[name] = session(built[name], threads=threads, spin=False)
+                sessions[name].run(None, timing_inputs)
+            except Exception as e:  # noqa: BLE001 -- the quantizer's or the runtime's own errors
+                failed[name] = one_line(e)[:200]
+                sessions.pop(name, None)
         lat = {k: round(v, 4) for k, v in time_interleaved(sessions, timing_inputs).items()}
+        if failed:
+            lat["failed"] = failed
         if cache is not None:
             cache.put(key, lat)
     else:
         lat = hit
-    best = min(applicable, key=lambda k: (lat[k], k))
+    failed = lat.get("failed") or {}
+    lat = {k: v for k, v in lat.items() if k != "failed"}
+    timed = [k for k in applicable if k in lat]
+    why_failed = "".join(f"; {k} failed: {v}" for k, v in failed.items())
+    if not timed:
+        return WholeInt8(model, "fp32", bits, lat, f"no int8 form could run here{why_failed}")
+    best = min(timed, key=lambda k: (lat[k], k))
     if lat[best] >= lat["fp32"]:
-        return WholeInt8(model, "fp32", bits, lat, f"no int8 form was faster than fp32 here ({_seen(lat)})")
+        return WholeInt8(model, "fp32", bits, lat,
+                         f"no int8 form was faster than fp32 here ({_seen(lat)}){why_failed}")
     chosen = built.get(best) or build(best)
-    return WholeInt8(chosen, best, bits, lat, f"fastest measured ({_seen(lat)})")
+    return WholeInt8(chosen, best, bits, lat, f"fastest measured ({_seen(lat)}){why_failed}")
 
 
 def _seen(lat: dict[str, float]) -> str:

@@ -115,7 +115,8 @@ class OpenVino(Runtime):
     name = "openvino"
     title = "OpenVINO"
     extra = "openvino"
-    int8_forms = ("nncf",)
+    # NNCF's static int8, and ONNX Runtime's dynamic form (which OpenVINO reads too): timed, the faster kept
+    int8_forms = ("nncf", "dynamic")
     verify_modes = (("openvino", True),)
 
     def missing(self) -> str | None:

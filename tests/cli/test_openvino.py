@@ -45,14 +45,14 @@ def _check_runtime_report(rep: dict) -> None:
     assert rep["versions"]["openvino"] == OPENVINO.version() and rep["versions"]["nncf"]
     sp = rt["speedup"]
     assert sp["runtime"] == "openvino" and sp["measured"] > 0 and sp["paired"]
-    assert sp["dense_int8_form"] in ("nncf", "fp32")
+    assert sp["dense_int8_form"] in ("nncf", "dynamic", "fp32")
     assert (sp["vs_dense_int8"] is None) == (sp["dense_int8_form"] == "fp32")
     ver = rep["verification"]
     assert ver["passed"] and set(ver["per_session"]) == {"openvino"}
-    assert set(rep["int8"]["latencies_ms"]) == {"fp32", "nncf"}
-    if rep["int8"]["form"] == "nncf":
+    assert set(rep["int8"]["latencies_ms"]) == {"fp32", "nncf", "dynamic"}
+    if rep["int8"]["form"] != "fp32":
         assert ver["precision"] == "int8" and set(ver["stages"]) == {"fp32", "int8_kernels"}
-    else:  # NNCF's int8 measured slower than fp32 here: the graph stays fp32, said in a warning
+    else:  # no int8 form measured faster than fp32 here: the graph stays fp32, said in a warning
         assert ver["precision"] == "fp32" and any("stays fp32" in w for w in rep["warnings"])
 
 
@@ -79,7 +79,7 @@ def test_hugging_face_encoder_as_openvino_ir(tmp_path):
     with torch.no_grad():
         want = small(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
     got = compiled(feed)[0]
-    tol = 0.2 if rep["int8"]["form"] == "nncf" else 1e-4
+    tol = 0.2 if rep["int8"]["form"] != "fp32" else 1e-4
     assert np.abs(got - want).max() <= 1e-4 + tol * np.abs(want).max()
 
 
