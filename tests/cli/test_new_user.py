@@ -199,3 +199,13 @@ def test_the_cli_says_every_stage(tmp_path):
     stages = [line[:-4] for line in res.stderr.splitlines() if line.endswith(" ...")]
     assert stages == ["load", "data", "plan", "pre-check", "lr probe", "fine-tune", "export", "convert",
                       "verify", "evaluate"], res.stderr
+
+
+def test_a_text_model_without_data_is_told_how_to_make_a_shard(tmp_path):
+    """No shipped shard holds token ids: a Hugging Face text model without --data gets exit 2 in seconds
+    with the shard command (it used to run on CTR's columns by position and fail at the export)."""
+    needs("transformers")
+    t0 = time.perf_counter()
+    code, err = _cli(ROOT / "examples" / "models" / "tiny_bert", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "sapp-compress-shard MODEL_DIR TEXT_FILE" in err, err
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "m.onnx").exists()
