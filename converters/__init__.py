@@ -17,7 +17,13 @@ Depends on onnx, onnxruntime and numpy; torch is imported only inside :func:`exp
 
     # a smaller dense graph (structured pruning) in ORT's own int8 forms, the fastest measured
     whole = quantize_whole(proto, timing_inputs={"x": x_np}, calibration_inputs={"x": rows})
+
+    # the same, timed and verified in OpenVINO (the openvino extra): NNCF's int8 among the forms
+    with runtimes.use("openvino"):
+        whole = quantize_whole(proto, timing_inputs={"x": x_np}, calibration_inputs={"x": rows})
+        verify(whole.model, {"x": x_np}, [torch_out_np], rtol=0.2)
 """
+from . import runtimes
 from .cache import TimingCache, TimingKey
 from .convert import FORMATS, ConversionResult, LayerOutcome, convert
 from .dense_int8 import WholeInt8, quantize_whole
@@ -36,6 +42,6 @@ __all__ = [
     "FORMATS", "FORMULATIONS", "OP_HANDLERS", "ConversionResult", "ConverterError", "LayerBlocks",
     "LayerChoice", "LayerOutcome", "Plan", "PlanError", "PlanMismatch", "Site", "SparsityReport",
     "TimingCache", "TimingKey", "Verification", "VerificationError", "WeightNotFound", "WholeInt8", "check",
-    "convert", "export_onnx", "locate", "measure_sparsity", "quantize_whole", "run_onnx", "unplaceable",
-    "verify", "verify_kernels",
+    "convert", "export_onnx", "locate", "measure_sparsity", "quantize_whole", "run_onnx", "runtimes",
+    "unplaceable", "verify", "verify_kernels",
 ]
