@@ -89,6 +89,10 @@ def summary(r: dict) -> str:
     if r.get("task"):
         lines.append(f"task {r['task']} ({r.get('score_name', 'score')}): dense {_fmt(acc['dense'])}, "
                      f"pruned torch {_fmt(acc['pruned_torch'])}, onnx {_fmt(acc['onnx'])}")
+    fid = r.get("fidelity")
+    if fid and fid.get("onnx") is not None:
+        lines.append(f"fidelity to the original model ({fid['measure']}): pruned torch "
+                     f"{_fmt(fid['pruned_torch'])}, onnx {_fmt(fid['onnx'])}")
     if r["layers"] and r.get("structure"):
         lines.append(f"{'family':44s} {'kind':>8s} {'units':>13s} {'sparsity':>8s}  onnx format")
         for lay in r["layers"][:14]:

@@ -58,6 +58,13 @@ class Task:
         }[self.name]
 
     @property
+    def fidelity_name(self) -> str:
+        """What :meth:`metrics`' ``fidelity`` measures: how close the model stays to the original, whatever
+        the task's labels say (for a distillation task it is the score itself)."""
+        return {"classification": "top1_agreement", "binary": "agreement",
+                "regression": "r2_to_original"}.get(self.name, self.score_name)
+
+    @property
     def is_classifier(self) -> bool:
         return self.name in ("classification", "distill_classification")
 
@@ -82,8 +89,26 @@ class Task:
 
     def metrics(self, out: np.ndarray, y: np.ndarray | None, reference: np.ndarray | None = None) -> dict:
         """Metrics of outputs ``out`` against labels ``y`` (or, for distillation, the original model's
-        outputs ``reference``). Always has ``score``."""
+        outputs ``reference``). Always has ``score``; with ``reference``, ``fidelity`` too
+        (:attr:`fidelity_name`: what a labelled score does not show, how far the model moved from the
+        original)."""
+        m = self._metrics(np.asarray(out, dtype=np.float64), y, reference)
+        if reference is not None:
+            m["fidelity"] = m["score"] if self.distill else self._fidelity(out, np.asarray(reference), y)
+        return m
+
+    def _fidelity(self, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None) -> float:
         out = np.asarray(out, dtype=np.float64)
+        ref = ref.astype(np.float64)
+        if self.name == "classification":
+            same = out.argmax(-1) == ref.argmax(-1)
+            keep = (y != IGNORE_INDEX) if y is not None and np.shape(y) == same.shape else np.ones_like(same)
+            return float(np.mean(same[keep]))
+        if self.name == "binary":
+            return float(np.mean((out.reshape(-1) > 0) == (ref.reshape(-1) > 0)))
+        return _r2(out.reshape(ref.shape), ref)
+
+    def _metrics(self, out: np.ndarray, y: np.ndarray | None, reference: np.ndarray | None) -> dict:
         if self.distill:
             if reference is None:
                 raise ValueError("distillation metrics need the original model's outputs")

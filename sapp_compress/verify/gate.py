@@ -1,5 +1,5 @@
-"""The accuracy gate (exit 4): the written artifact scored in ONNX Runtime on the evaluation rows, against the
-dense model's score."""
+"""The accuracy gate (exit 4): the written artifact scored in the job's runtime on the evaluation rows,
+against the dense model's score."""
 from __future__ import annotations
 
 from ..config import OutputConfig
@@ -8,8 +8,10 @@ from ..io.feeds import PREDICT_ROWS, onnx_feed
 
 
 def evaluate(res, onnx_bytes: bytes, out: OutputConfig, report: dict) -> None:
-    """Score ``onnx_bytes`` in ONNX Runtime on the evaluation shard of ``res`` (a
-    :class:`~sapp_compress.pruning.PruneResult`) into the report's ``metrics.onnx`` and ``accuracy.onnx``."""
+    """Score ``onnx_bytes`` in the job's runtime on the evaluation shard of ``res`` (a
+    :class:`~sapp_compress.pruning.PruneResult`) into the report's ``metrics.onnx`` and ``accuracy.onnx``, and
+    the fidelity to the original model (``fidelity``: its ``measure``, the pruned PyTorch model's and the
+    ONNX model's) next to the task's score."""
     import converters
 
     ev = res.eval_shard
@@ -18,6 +20,9 @@ def evaluate(res, onnx_bytes: bytes, out: OutputConfig, report: dict) -> None:
     metrics = res.task.metrics(onnx_out, ev.y, res.dense_eval_outputs)
     report["metrics"]["onnx"] = metrics
     report["accuracy"]["onnx"] = metrics["score"]
+    report["fidelity"] = {"measure": res.task.fidelity_name,
+                          "pruned_torch": report["metrics"].get("pruned_torch", {}).get("fidelity"),
+                          "onnx": metrics.get("fidelity")}
 
 
 def gate(res, out: OutputConfig, report: dict) -> None:
