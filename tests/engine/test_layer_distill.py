@@ -85,3 +85,21 @@ def test_through_the_cli(tmp_path, weight):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["config"]["train"]["layer_distill"] == weight and r["task"] == "classification"
     assert r["verification"]["passed"]
+
+
+def test_feature_distillation_loss_is_the_score_it_is_judged_by():
+    """A feature output is distilled by 1 - mean cosine + MSE / mean(teacher^2): zero for the teacher itself,
+    the same for any scale of the features, and exactly those two terms."""
+    import torch.nn.functional as F
+
+    from sapp_compress.io.tasks import Task
+
+    task = Task("distill_features", 4)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 5, 4, generator=g)
+    assert task.loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+    s = t + 0.1 * torch.randn(8, 5, 4, generator=g)
+    assert task.loss(100 * s, 100 * t).item() == pytest.approx(task.loss(s, t).item(), rel=1e-4)
+    cos = F.cosine_similarity(s, t, dim=-1).mean()
+    mse = F.mse_loss(s, t) / t.pow(2).mean()
+    assert task.loss(s, t).item() == pytest.approx((1 - cos + mse).item(), rel=1e-5)
