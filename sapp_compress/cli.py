@@ -83,6 +83,12 @@ def _formats() -> list[str]:
     return list(FORMATS)
 
 
+def _runtimes() -> list[str]:
+    from converters.runtimes import RUNTIMES
+
+    return list(RUNTIMES)
+
+
 class Progress:
     """What the run is doing, on stderr: a tqdm bar on a terminal (each stage with steps its own bar), plain
     lines otherwise (CI logs): one when a stage starts, one every ``every`` seconds while it runs, with the
@@ -223,7 +229,7 @@ class Progress:
 @click.option("--export-batch-size", default=1, type=int, show_default=True,
               help="Batch size auto times formulations at (your serving batch).")
 @click.option("--threads", type=int, help="Runtime threads for timing and checks.")
-@click.option("--runtime", default="ort", type=click.Choice(["ort", "openvino"]), show_default=True,
+@click.option("--runtime", default="ort", type=click.Choice(_runtimes()), show_default=True,
               help="Where the output is timed, verified and put in int8: ONNX Runtime, or OpenVINO (pip "
                    "install 'sapp-compress[openvino]': NNCF's int8, f32 precision set explicitly); -o "
                    "model.xml writes OpenVINO IR.")

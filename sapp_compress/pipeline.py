@@ -170,12 +170,14 @@ def _runtime(out: OutputConfig, report: dict):
     """The runtime the job measures and verifies in, checked installed (exit 2 in seconds otherwise); its
     name, version and precision go in the report's ``runtime``."""
     rt = runtimes.get(out.runtime)
-    why = rt.missing()
-    if why:
-        raise RuntimeUnavailable(f"--runtime {rt.name} needs {why}: pip install 'sapp-compress[{rt.extra}]'")
+    try:
+        rt.require()
+    except runtimes.RuntimeMissing as e:
+        raise RuntimeUnavailable(str(e)) from None
     report["runtime"] = rt.describe()
-    report["versions"].update({k: v for k, v in rt.describe().items() if k in ("nncf",)},
-                              **({rt.name: rt.version()} if rt.name != "ort" else {}))
+    if rt.name != "ort":  # onnxruntime's version is always there
+        report["versions"].update({rt.name: report["runtime"]["version"]},
+                                  **{k: report["runtime"][k] for k in ("nncf",) if k in report["runtime"]})
     return rt
 
 

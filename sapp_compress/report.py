@@ -130,8 +130,10 @@ def summary(r: dict) -> str:
         lines.append(f"onnx size {r['onnx_bytes'] / 1024:.1f} KiB vs dense "
                      f"{r['dense_onnx_bytes'] / 1024:.1f} KiB "
                      f"({r['onnx_bytes'] / r['dense_onnx_bytes']:.2f}x)")
+    from converters.runtimes import RUNTIMES
+
     rt = r.get("runtime") or {}
-    name = {"ort": "ORT", "openvino": "OpenVINO"}.get(rt.get("name"), "ORT")
+    name = RUNTIMES[rt.get("name", "ort")].title
     sp = rt.get("speedup")
     if sp:
         lines.append(f"speed in {name} {rt.get('version', '')} ({rt.get('precision', 'f32')}), batch "

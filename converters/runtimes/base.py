@@ -25,10 +25,8 @@ class Session(Protocol):
 
 
 class RuntimeMissing(ConverterError):
-    """The runtime's package is not installed (exit 2: the tool's entry point says which extra installs
-    it)."""
-
-    exit_code = 2
+    """The runtime's package is not installed; the message names the extra that installs it (the tool turns
+    it into its exit-2 ``RuntimeUnavailable``)."""
 
 
 class Runtime:

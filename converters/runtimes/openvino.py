@@ -15,13 +15,16 @@ rows, with NNCF's transformer scheme where the graph has attention (Softmax) and
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import logging
-import os
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -163,7 +166,7 @@ def nncf_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]] |
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
     items = [{k: np.ascontiguousarray(v) for k, v in batch.items()} for batch in calibration]
     try:
-        with open(os.devnull, "w") as null, _quiet_progress(null):
+        with _quiet_progress():
             q = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **kwargs)
     except Exception as e:  # noqa: BLE001 -- NNCF's own errors, in one line
         raise ConverterError(f"NNCF's int8 failed: {one_line(e)}") from None
@@ -172,24 +175,15 @@ def nncf_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]] |
     return q
 
 
-class _quiet_progress:
-    """NNCF draws progress bars on stderr; inside a job, the tool's own progress lines are the ones shown."""
-
-    def __init__(self, sink) -> None:
-        self.sink = sink
-
-    def __enter__(self):
-        import contextlib
-        import sys
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(self.sink))
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """NNCF draws progress bars (on stdout, and on stderr off a terminal); inside a job, the tool's own
+    progress lines are the ones shown."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         if not sys.stderr.isatty():
-            self._stack.enter_context(contextlib.redirect_stderr(self.sink))
-        return self
-
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        yield
 
 
 def save_ir(onnx_bytes: bytes, xml: Path) -> list[Path]:
